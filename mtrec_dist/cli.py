@@ -1,0 +1,67 @@
+"""The ``mtrec`` command line: one subcommand per module in :mod:`mtrec_dist.commands`.
+
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+Common options (``--config``, ``--set``) are added here so every command reads config the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mtrec_dist.config import ConfigError
+
+# Order = order in --help.  Modules are imported lazily so `mtrec --help` stays fast.
+COMMANDS = [
+    "simulate", "prepare", "inspect", "train_reward", "score_rewards", "train_rec", "evaluate",
+    "pipeline", "retrain", "plan",
+]
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"mtrec_dist.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"mtrec_dist.commands.{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtrec",
+        description="mtrec-dist: learn users' mental reward from behaviour logs (QR-IQL) and train "
+        "reward-guided recommenders, distributed on Ray + TorchRec.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        mod = _load(name)
+        if mod is None:
+            continue
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set reward.gamma=0.8 (repeatable)")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"mtrec {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtrec {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

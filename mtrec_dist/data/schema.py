@@ -1,0 +1,87 @@
+"""Arrow schemas of interaction events and of prepared transitions, and the training-column guard.
+
+Events carry three column groups:
+* required: ``user_id, item_id, ts`` (ts in unix seconds);
+* implicit feedback (optional): ``click, watch_ratio, dwell_s, session_id, slate_id``;
+* evaluation-only signals, all prefixed ``eval_``: ``eval_rating, eval_purchase, eval_like,
+  eval_long_view, eval_true_satisfaction``.  Training code must never read them (method.md section 1):
+  prepared transitions keep them in a separate ``eval/`` table, and :func:`assert_training_columns`
+  refuses any request that names one.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+REQUIRED_FIELDS = [
+    pa.field("user_id", pa.int64(), nullable=False),
+    pa.field("item_id", pa.int64(), nullable=False),
+    pa.field("ts", pa.int64(), nullable=False),
+]
+IMPLICIT_FIELDS = [
+    pa.field("click", pa.int8()),
+    pa.field("watch_ratio", pa.float32()),
+    pa.field("dwell_s", pa.float32()),
+    pa.field("session_id", pa.int64()),
+    pa.field("slate_id", pa.int64()),
+]
+EVAL_PREFIX = "eval_"
+EVAL_FIELDS = [
+    pa.field("eval_rating", pa.float32()),
+    pa.field("eval_purchase", pa.int8()),
+    pa.field("eval_like", pa.int8()),
+    pa.field("eval_long_view", pa.int8()),
+    pa.field("eval_true_satisfaction", pa.float32()),
+]
+
+REQUIRED_COLUMNS = [f.name for f in REQUIRED_FIELDS]
+IMPLICIT_COLUMNS = [f.name for f in IMPLICIT_FIELDS]
+EVAL_COLUMNS = [f.name for f in EVAL_FIELDS]
+
+EVENT_SCHEMA = pa.schema(REQUIRED_FIELDS + IMPLICIT_FIELDS + EVAL_FIELDS)
+
+
+def is_eval_column(name: str) -> bool:
+    return name.startswith(EVAL_PREFIX)
+
+
+class EvalLeakError(RuntimeError):
+    """Training code asked for an evaluation-only column."""
+
+
+def assert_training_columns(columns) -> None:
+    """Raise :class:`EvalLeakError` if any of ``columns`` is evaluation-only."""
+    leaked = [c for c in columns if is_eval_column(c)]
+    if leaked:
+        raise EvalLeakError(
+            f"evaluation-only column(s) {leaked} requested by training code; these signals are withheld "
+            "from the reward model and the recommenders (see method.md section 1)"
+        )
+
+
+# ---- prepared transitions ------------------------------------------------------------------------
+# Item indices: 0 is padding; real items are 1..num_items (vocab/items.parquet maps raw IDs).
+# User indices: 0..num_users-1 (vocab/users.parquet).
+
+TRANSITION_COLUMNS = [
+    "row_id",               # int64, unique over the prepared dataset
+    "user_idx",             # int64
+    "state_items",          # list<int64>, length L, left-padded with 0
+    "state_feedback",       # list<float32>, length L (watch ratio of each state item; 0 for padding)
+    "action",               # int64 item index
+    "action_feedback",      # float32 watch ratio of the action (1.0 where the source has none)
+    "next_state_items",     # list<int64>, length L  (= state_items[1:] + [action])
+    "next_state_feedback",  # list<float32>, length L
+    "done",                 # int8: 1 at the end of a session
+    "ts",                   # int64 unix seconds of the action
+    "pos_from_end",         # int32: 0 = the user's last transition (leave-last-out test), 1 = validation
+]
+for _c in TRANSITION_COLUMNS:
+    assert not is_eval_column(_c)
+
+# The torch batch every model and loss consumes (see mtrec_dist.data.pipeline.collate_transitions):
+#   state_items [B, L] long, state_feedback [B, L] float, action [B] long, action_feedback [B] float,
+#   next_state_items [B, L] long, next_state_feedback [B, L] float, done [B] float, row_id [B] long,
+#   user_idx [B] long, pos_from_end [B] long, mask [B] float (1 = real row, 0 = padding row added so
+#   that every worker runs the same number of steps).

@@ -1,0 +1,85 @@
+"""The item embedding table as a TorchRec ``EmbeddingCollection`` fed by ``KeyedJaggedTensor``s.
+
+One table (``item_table``; not ``items``, which collides with ``nn.ModuleDict.items``) serves several
+*features*: the state items, the action, the next state, sampled candidates, catalog chunks.  Each
+feature is a lookup into the same table, so sharding the table (row-wise / table-wise / column-wise,
+chosen by the TorchRec planner under ``DistributedModelParallel``) shards every lookup.
+
+Contract of :meth:`ItemEmbedding.forward`: ``ids`` maps each feature name to a LongTensor.  A 2-D tensor
+``[B, n]`` is ``n`` ids for each of the ``B`` samples; a 1-D tensor ``[n]`` is a flat list of ids (for
+example a chunk of the catalog), given to sample 0.  Features the module declares but ``ids`` omits are
+sent with zero length, because a sharded collection expects every declared feature on every call.
+Index 0 is the padding item; its vector is whatever the table holds and callers mask it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+ITEM_TABLE = "item_table"
+DEFAULT_FEATURES = ("state", "next_state", "action", "candidates", "catalog")
+
+
+class ItemEmbedding(nn.Module):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        feature_names: Sequence[str] = DEFAULT_FEATURES,
+        device: Optional[torch.device] = None,
+        table_name: str = ITEM_TABLE,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.feature_names = list(feature_names)
+        self.table_name = table_name
+        self.ec = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=table_name,
+                    embedding_dim=self.embedding_dim,
+                    num_embeddings=self.num_embeddings,
+                    feature_names=self.feature_names,
+                )
+            ],
+            device=device,
+        )
+
+    def forward(self, ids: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        unknown = set(ids) - set(self.feature_names)
+        if unknown:
+            raise KeyError(f"unknown embedding feature(s) {sorted(unknown)}; declared: {self.feature_names}")
+        batch = next((t.shape[0] for t in ids.values() if t.dim() == 2), 1)
+        device = next(iter(ids.values())).device
+        values, lengths = [], []
+        for name in self.feature_names:
+            t = ids.get(name)
+            if t is None:
+                lengths.append(torch.zeros(batch, dtype=torch.int32, device=device))
+                continue
+            if t.dim() == 2:
+                if t.shape[0] != batch:
+                    raise ValueError(f"feature {name!r} has batch {t.shape[0]}, expected {batch}")
+                lengths.append(torch.full((batch,), t.shape[1], dtype=torch.int32, device=device))
+            else:
+                ln = torch.zeros(batch, dtype=torch.int32, device=device)
+                ln[0] = t.numel()
+                lengths.append(ln)
+            values.append(t.reshape(-1).long())
+        kjt = KeyedJaggedTensor(
+            keys=self.feature_names,
+            values=torch.cat(values) if values else torch.zeros(0, dtype=torch.long, device=device),
+            lengths=torch.cat(lengths),
+        )
+        out = self.ec(kjt)
+        result = {}
+        for name, t in ids.items():
+            emb = out[name].values()
+            result[name] = emb.view(*t.shape, self.embedding_dim)
+        return result
