@@ -1,0 +1,36 @@
+"""The report writer produces the HTML table, the figures, metrics.json and TensorBoard events."""
+import json
+
+from mtrec_dist.evaluation.report import write_report
+
+
+def _results():
+    ci = lambda m: {"mean": m, "lo": m - 0.01, "hi": m + 0.01}  # noqa: E731
+    return {
+        "title": "test report",
+        "data": {"num_items": 10, "rows_in": 100},
+        "reward": {
+            "curve": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
+            "validity": {"spearman": 0.4, "auc": 0.7},
+            "groups": {"clickbait": {"taus": [0.25, 0.75], "quantiles": [-1.0, 0.0], "n": 3},
+                       "normal": {"taus": [0.25, 0.75], "quantiles": [0.5, 1.0], "n": 7}},
+            "scatter": {"learned": [0.1, 0.2, 0.3], "truth": [0.0, 0.5, 1.0]},
+        },
+        "recommenders": [
+            {"backbone": "sasrec", "guidance": g, "curve": [{"step": 1, "loss": 3.0}],
+             "offline": {"all": {"HR@10": 0.3, "NDCG@10": 0.2}, "satisfied": {"HR@10": 0.25}},
+             "online": {"ctr": ci(0.2), "satisfaction": ci(0.5), "watch_time": ci(3.0)}}
+            for g in ("none", "reweight")
+        ],
+    }
+
+
+def test_report_files_and_table(tmp_path):
+    report = write_report(_results(), tmp_path, ks=[10])
+    text = report.read_text()
+    assert "<table>" in text and "reweight" in text and "0.5000 [0.4900, 0.5100]" in text
+    for png in ("reward_fan.png", "reward_vs_truth.png", "training_curves.png", "online.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+        assert png in text
+    assert json.loads((tmp_path / "metrics.json").read_text())["reward"]["validity"]["auc"] == 0.7
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
