@@ -34,18 +34,25 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class SimulatorConfig:
-    """The built-in user simulator (the embedded default data set)."""
+    """The built-in user simulator (the embedded default data set); see mtrec_dist/data/simulator.py."""
 
     num_users: int = 2000
     num_items: int = 1000
     num_topics: int = 8
     days: int = 3
-    sessions_per_user_day: float = 1.0  # Poisson mean of sessions a user starts per day
+    start_ts: int = 1_767_225_600  # unix seconds of 00:00 UTC of the first log day (2026-01-01)
+    sessions_per_user_day: float = 2.0  # Poisson mean of sessions a user starts per day
     slate_size: int = 10
-    max_session_len: int = 30
+    max_session_len: int = 30  # slates shown per session at most
     clickbait_fraction: float = 0.2  # share of items with high appeal and low satisfaction
     click_satisfaction_weight: float = 0.3  # how much expected satisfaction drives clicks (rest: appeal)
-    satisfaction_noise: float = 0.5  # item-specific std of the stochastic satisfaction draw
+    satisfaction_noise: float = 0.8  # mean item-specific std of the stochastic satisfaction draw
+    taste_strength: float = 1.0  # scale of the user-taste x item-topic relevance term
+    no_click_utility: float = 2.0  # utility of clicking nothing on a slate (higher = lower CTR)
+    leave_after_no_click: float = 0.15  # chance a user leaves after a slate with no click
+    logging_noise: float = 1.0  # std of the noise on the logging policy's relevance estimate
+    logging_explore: float = 0.3  # share of the logging policy's candidates drawn uniformly from the catalog
+    write_exposures: bool = True  # also write truth/exposures (every slate shown and its click)
     chunk_users: int = 50_000  # users generated per chunk (bounds memory)
     seed: int = 0
 
@@ -55,27 +62,53 @@ class SimulatorConfig:
         _check(self.slate_size <= self.num_items, f"{key}.slate_size", "must be <= num_items")
         _check(0.0 <= self.clickbait_fraction <= 1.0, f"{key}.clickbait_fraction", "must be in [0, 1]")
         _check(0.0 <= self.click_satisfaction_weight <= 1.0, f"{key}.click_satisfaction_weight", "must be in [0, 1]")
-        _check(self.sessions_per_user_day > 0, f"{key}.sessions_per_user_day", "must be > 0")
+        _check(0 < self.sessions_per_user_day <= 8, f"{key}.sessions_per_user_day", "must be in (0, 8]")
         _check(self.satisfaction_noise >= 0, f"{key}.satisfaction_noise", "must be >= 0")
+        _check(self.taste_strength >= 0, f"{key}.taste_strength", "must be >= 0")
+        _check(0.0 <= self.leave_after_no_click <= 1.0, f"{key}.leave_after_no_click", "must be in [0, 1]")
+        _check(self.logging_noise >= 0, f"{key}.logging_noise", "must be >= 0")
+        _check(0.0 <= self.logging_explore <= 1.0, f"{key}.logging_explore", "must be in [0, 1]")
+        _check(self.seed >= 0, f"{key}.seed", "must be >= 0")
+        _check(self.start_ts >= 0 and self.start_ts % 86_400 == 0, f"{key}.start_ts",
+               "must be a non-negative multiple of 86400 (midnight UTC)")
 
 
 @dataclass
 class PrepareConfig:
-    """`mtrec prepare`: raw logs -> validated, sessionized, windowed transitions."""
+    """`mtrec prepare`: raw logs -> validated, sessionized, windowed transitions (mtrec_dist/data/prepare.py)."""
 
-    input: str = ""  # file/dir/URI of the raw logs ("" = the simulator output of the same run)
+    input: str = ""  # file/dir/URI of the raw logs ("" = <run_dir>/sim/logs, the simulator output)
     format: Literal["parquet", "csv", "movielens", "retailrocket", "kuairand"] = "parquet"
     column_map: dict = field(default_factory=dict)  # raw column -> schema column (generic parquet/csv)
+    delimiter: str = ","  # generic csv only
     state_len: int = 10  # L: items in a state
     session_gap_s: int = 1800  # a gap longer than this ends a session (done = 1)
     max_item_id: int = 2**62  # raw IDs above this are quarantined as out of range
+    max_ts: int = 4_102_444_800  # timestamps after 2100-01-01 are quarantined as out of range
     rows_per_shard: int = 250_000
+    rows_per_partition: int = 500_000  # per-user stage: rows per hash partition (bounds a block's memory)
+    max_partitions: int = 256
     output: str = ""  # directory/URI of the prepared dataset ("" = <run_dir>/prepared)
+    vocab_dir: str = ""  # existing vocab/ to extend (daily retraining keeps old indices); "" = fresh
+    overwrite: bool = False  # replace an existing prepared dataset at `output`
+    progress: bool = True  # Ray Data progress bars and stage lines on stderr
 
     def validate(self, key: str = "prepare") -> None:
         _check(self.state_len >= 1, f"{key}.state_len", "must be >= 1")
         _check(self.session_gap_s >= 1, f"{key}.session_gap_s", "must be >= 1")
         _check(self.rows_per_shard >= 1, f"{key}.rows_per_shard", "must be >= 1")
+        _check(self.rows_per_partition >= 1, f"{key}.rows_per_partition", "must be >= 1")
+        _check(self.max_partitions >= 1, f"{key}.max_partitions", "must be >= 1")
+        _check(self.max_item_id >= 0, f"{key}.max_item_id", "must be >= 0")
+        _check(0 <= self.max_ts <= 2**35, f"{key}.max_ts", "must be in [0, 2**35] (unix seconds)")
+        _check(len(self.delimiter) == 1, f"{key}.delimiter", "must be a single character")
+        names = {"user_id", "item_id", "ts", "click", "watch_ratio", "dwell_s", "session_id", "slate_id",
+                 "eval_rating", "eval_purchase", "eval_like", "eval_long_view", "eval_true_satisfaction"}
+        for raw, col in self.column_map.items():
+            _check(isinstance(raw, str) and col in names, f"{key}.column_map.{raw}",
+                   f"maps to {col!r}, which is not an event column; choose from {sorted(names)}")
+        _check(len(set(self.column_map.values())) == len(self.column_map), f"{key}.column_map",
+               "two raw columns map to the same event column")
 
 
 @dataclass
@@ -88,9 +121,19 @@ class ModelConfig:
     num_heads: int = 2
     dropout: float = 0.1
     feedback_features: bool = True  # feed each state item's implicit feedback (watch ratio) to the encoder
+    caser_h_filters: int = 16  # Caser: horizontal filters per height (heights 1..L)
+    caser_v_filters: int = 4  # Caser: vertical filters
+    nextitnet_dilations: list = field(default_factory=lambda: [1, 2, 4])  # one residual block per entry, x num_layers
+    nextitnet_kernel: int = 3  # NextItNet: causal convolution width
 
     def validate(self, key: str = "model") -> None:
         _check(self.embedding_dim >= 2, f"{key}.embedding_dim", "must be >= 2")
+        _check(self.caser_h_filters >= 1, f"{key}.caser_h_filters", "must be >= 1")
+        _check(self.caser_v_filters >= 1, f"{key}.caser_v_filters", "must be >= 1")
+        _check(len(self.nextitnet_dilations) > 0
+               and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.nextitnet_dilations),
+               f"{key}.nextitnet_dilations", "must be a non-empty list of positive ints")
+        _check(self.nextitnet_kernel >= 2, f"{key}.nextitnet_kernel", "must be >= 2")
         _check(self.num_layers >= 1, f"{key}.num_layers", "must be >= 1")
         _check(self.num_heads >= 1 and self.embedding_dim % self.num_heads == 0, f"{key}.num_heads",
                "must be >= 1 and divide embedding_dim")
@@ -113,6 +156,7 @@ class RewardConfig:
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
     catalog_chunk: int = 8192  # items per chunk when the soft value runs over the full catalog
     cvar_alpha: float = 0.25  # lower-tail level for CVaR
+    chi2_debias: bool = False  # chi-square term on E_s'[r] via the reward head's mean (docs/method.md)
 
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 2, f"{key}.num_quantiles", "must be >= 2")
@@ -136,12 +180,16 @@ class RecConfig:
     weight_min: float = 0.1
     weight_max: float = 3.0
     ac_gamma: float = 0.5  # discount of the actor-critic Q head
+    td_weight: float = 1.0  # weight of the actor-critic TD loss next to the weighted cross-entropy
+    negative_sampler: Literal["uniform", "popularity"] = "uniform"  # proposal q of sampled softmax negatives
     backbones: list = field(default_factory=lambda: ["sasrec"])  # pipeline: backbones to compare
     guidances: list = field(default_factory=lambda: ["none", "reweight"])  # pipeline: modes to compare
 
     def validate(self, key: str = "rec") -> None:
         _check(self.num_negatives >= 0, f"{key}.num_negatives", "must be >= 0")
         _check(self.weight_temperature > 0, f"{key}.weight_temperature", "must be > 0")
+        _check(0.0 <= self.ac_gamma < 1.0, f"{key}.ac_gamma", "must be in [0, 1)")
+        _check(self.td_weight >= 0, f"{key}.td_weight", "must be >= 0")
         _check(0 < self.weight_min <= 1.0 <= self.weight_max, f"{key}.weight_min/weight_max",
                "need 0 < weight_min <= 1 <= weight_max")
         allowed_b = {"sasrec", "gru4rec", "caser", "nextitnet"}
@@ -171,15 +219,28 @@ class TrainConfig:
     max_failures: int = 1
     collective_timeout_s: int = 300
     storage_path: str = ""  # local dir or cloud URI ("" = <run_dir>/ray_results)
+    checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
+    prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
+    shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
+    fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
+    score_batch_size: int = 512  # score-rewards: rows per map_batches call
+    score_concurrency: int = 1  # score-rewards: scoring actors (each loads the model once)
+    score_cpus: float = 1.0  # score-rewards: CPUs per scoring actor
+    score_full_catalog_max: int = 50_000  # score-rewards: catalogs up to this size get the exact policy baseline
+    score_candidates: int = 1024  # score-rewards: sampled candidates for the baseline on larger catalogs
     seed: int = 0
 
     def validate(self, key: str = "train") -> None:
-        for name in ("num_workers", "batch_size", "epochs", "report_every", "checkpoint_every", "collective_timeout_s"):
+        for name in ("num_workers", "batch_size", "epochs", "report_every", "checkpoint_every", "collective_timeout_s",
+                     "score_batch_size", "score_concurrency", "score_full_catalog_max", "score_candidates"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(self.max_steps >= 0, f"{key}.max_steps", "must be >= 0")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")
+        for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
 
 
 @dataclass

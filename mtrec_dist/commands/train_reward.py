@@ -1,0 +1,49 @@
+"""`mtrec train-reward`: learn the mental reward model (QR-IQL) with Ray Train + TorchRec."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+NAME = "train-reward"
+HELP = ("train the QR-IQL mental reward model on prepared transitions: Ray Train workers (gloo on CPU, "
+        "NCCL on GPU), item table sharded by TorchRec's planner, sharded checkpoints, --resume")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prepared", default=None, metavar="DIR",
+                   help="prepared dataset (default: prepare.output, else <run_dir>/prepared)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output dir for metrics, TensorBoard files and reward_model.json (default: <run_dir>/reward)")
+    p.add_argument("--resume", default=None, metavar="PATH|latest",
+                   help="continue from a checkpoint directory/URI, or 'latest' (newest under train.storage_path, "
+                        "default <out>/ray_results): same step, optimizer state and epoch position")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: train.num_workers)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: train.max_steps)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
+    p.add_argument("--quiet", action="store_true", help="no per-report progress lines")
+
+
+def run(args) -> int:
+    from mtrec_dist.config import load_config
+    from mtrec_dist.data.prepare import default_paths
+    from mtrec_dist.training.reward import train_reward_model
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workers is not None:
+        cfg.train.num_workers = args.workers
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.ray_address:
+        cfg.ray_address = args.ray_address
+    cfg.validate()
+    prepared = args.prepared or default_paths(cfg)[1]
+    out = args.out or os.path.join(cfg.run_dir, "reward")
+    summary = train_reward_model(cfg, prepared, out, resume=args.resume, progress=not args.quiet)
+    m = summary["metrics"]
+    print(f"reward model trained: step {m.get('step')}, loss {m.get('loss', float('nan')):.4g}, "
+          f"{m.get('samples_per_s', 0.0):.0f} samples/s")
+    print(f"  checkpoint: {summary['checkpoint_path']}")
+    print(f"  metrics:    {os.path.join(summary['output_dir'], 'metrics.jsonl')} (+ tensorboard/)")
+    print(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float))}, default=float))
+    return 0

@@ -1,0 +1,408 @@
+"""Ray Data -> Ray Train streaming of prepared transitions.
+
+* :func:`read_transitions` opens ``<prepared>/transitions`` as a :class:`ray.data.Dataset` holding only
+  training columns (never ``eval/``, never an ``eval_*`` column).
+* :class:`NoDropDataConfig` splits a dataset over the Train workers in equal shares without dropping
+  the remainder rows that Ray Train's default split truncates (our rule: no row is silently lost).
+* :func:`iter_train_batches` (runs inside a worker) turns a worker's shard into torch batch dicts (the
+  contract at the bottom of :mod:`mtrec_dist.data.schema`) and keeps the ranks in lock-step: shards can
+  differ by a row, and after a restore each rank skips different already-trained rows, so each step all
+  ranks agree whether anyone still has data; exhausted ranks yield fully masked batches until every rank
+  is done, so every rank runs the same number of steps (TorchRec's sharded lookups and DDP are
+  collectives that all ranks must enter together).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import torch
+
+from mtrec_dist.data.schema import TRANSITION_COLUMNS, EvalLeakError, assert_training_columns, is_eval_column
+
+# Columns whose values are fixed-length lists (length = state_len).
+LIST_COLUMNS = ("state_items", "state_feedback", "next_state_items", "next_state_feedback")
+# Dtypes of the batch contract (schema.py); any other numeric column passes through (float -> float32,
+# integer/bool -> int64), so joined-in columns such as reward_mean / reward_q reach the model too.
+_LONG_COLUMNS = {"state_items", "next_state_items", "action", "row_id", "user_idx", "pos_from_end", "ts"}
+_FLOAT_COLUMNS = {"state_feedback", "next_state_feedback", "action_feedback", "done"}
+MASK = "mask"
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths (local directories or cloud URIs)
+# --------------------------------------------------------------------------------------------------
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as ``s3://bucket/dir``."""
+    if "://" in str(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(str(path))
+
+
+def _uri(fs: pafs.FileSystem, fs_path: str, original: str) -> str:
+    return original if "://" in str(original) else fs_path
+
+
+def transitions_path(path: str) -> str:
+    """The Parquet folder of transitions for ``path`` (a prepared dataset dir or the folder itself)."""
+    fs, p = _filesystem(path)
+    p = p.rstrip("/")
+    if p.split("/")[-1] == "eval":
+        raise EvalLeakError(f"{path}: the eval/ table holds evaluation-only signals; training never reads it")
+    sub = f"{p}/transitions"
+    if fs.get_file_info(sub).type == pafs.FileType.Directory:
+        return _uri(fs, sub, f"{str(path).rstrip('/')}/transitions")
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"transitions not found: {path}")
+    return _uri(fs, p, str(path))
+
+
+def _parquet_dataset(path: str):
+    import pyarrow.dataset as pads
+
+    fs, p = _filesystem(transitions_path(path))
+    dataset = pads.dataset(p, filesystem=fs, format="parquet")
+    if not dataset.files:
+        raise FileNotFoundError(f"no Parquet files under {transitions_path(path)}")
+    return dataset
+
+
+def transition_schema(path: str) -> pa.Schema:
+    """Arrow schema of the transitions under ``path`` (reads Parquet footers only)."""
+    return _parquet_dataset(path).schema
+
+
+def transition_files(path: str) -> List[str]:
+    """The Parquet files of the transitions under ``path``."""
+    return list(_parquet_dataset(path).files)
+
+
+def read_transitions(path: str, columns: Optional[Sequence[str]] = None, *, override_num_blocks: Optional[int] = None):
+    """Open prepared transitions as a Ray Dataset with training columns only.
+
+    ``path``: the prepared dataset directory (its ``transitions/`` folder is read) or a folder/URI of
+    transition Parquet files.  ``columns``: the columns to read (default: every column of the files
+    except evaluation-only ones; requesting an ``eval_*`` column raises :class:`EvalLeakError`).
+    Every column of :data:`TRANSITION_COLUMNS` must be present; a missing one raises naming the file.
+    """
+    import ray.data
+
+    source = transitions_path(path)
+    schema = transition_schema(path)
+    if columns is None:
+        columns = [n for n in schema.names if not is_eval_column(n)]
+    columns = list(columns)
+    assert_training_columns(columns)
+    missing = [c for c in TRANSITION_COLUMNS if c not in schema.names]
+    if missing:
+        raise ValueError(f"{source}: transition column(s) {missing} missing; found {schema.names}")
+    absent = [c for c in columns if c not in schema.names]
+    if absent:
+        raise ValueError(f"{source}: requested column(s) {absent} not in the files; found {schema.names}")
+    kwargs = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
+    # select_columns is pushed down into the Parquet read: the other columns are never loaded.
+    return ray.data.read_parquet(source, **kwargs).select_columns(columns)
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting over Train workers without dropping rows
+# --------------------------------------------------------------------------------------------------
+
+try:  # ray.train is an optional import for the data layer (scoring jobs do not need it).
+    from ray.train import DataConfig as _DataConfig
+except Exception:  # pragma: no cover - ray[train] is a hard dependency; this only guards odd installs
+    _DataConfig = object  # type: ignore[misc,assignment]
+
+
+class NoDropDataConfig(_DataConfig):  # type: ignore[misc,valid-type]
+    """Ray Train DataConfig that splits every row to some worker, in equal shares.
+
+    Ray Train's default ``streaming_split(equal=True)`` truncates the ``N mod world_size`` remainder rows,
+    and ``equal=False`` hands out whole blocks (a small dataset read as one block feeds one worker only).
+    Here the dataset is first topped up with ``(-N) mod world_size`` *filler rows* (``row_id = -1``, every
+    other column null) so that the equal split has no remainder: each worker gets exactly
+    ``ceil(N / world_size)`` rows, split at row granularity, and nothing real is dropped.
+    :func:`iter_train_batches` discards the filler rows.  ``row_counts`` (dataset name -> rows, e.g. from
+    :func:`count_transitions`, read from Parquet footers) saves a ``Dataset.count()``.  A dataset without a
+    ``row_id`` column cannot carry filler rows and is split with ``equal=False`` instead.
+    """
+
+    def __init__(self, *args, row_counts: Optional[Dict[str, int]] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._row_counts = dict(row_counts or {})
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+        to_split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        locality_hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if name in to_split:
+                ds, equal = self._top_up(name, ds, world_size)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=equal, locality_hints=locality_hints)):
+                    output[i][name] = split
+            else:
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
+        return output
+
+    def _top_up(self, name: str, ds, world_size: int):
+        import ray.data
+
+        schema = ds.schema().base_schema
+        if "row_id" not in schema.names:
+            return ds, False
+        rows = self._row_counts.get(name)
+        if rows is None:
+            rows = ds.count()
+        missing = (-int(rows)) % world_size
+        if missing == 0:
+            return ds, True
+        return ds.union(ray.data.from_arrow(filler_rows(schema, missing))), True
+
+
+def filler_rows(schema: pa.Schema, n: int) -> pa.Table:
+    """``n`` rows of ``schema`` with ``row_id = -1`` and every other column null (split padding)."""
+    cols = [pa.array(np.full(n, -1), type=f.type) if f.name == "row_id" else pa.nulls(n, type=f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def count_transitions(path: str) -> int:
+    """Number of transitions under ``path``, from the Parquet footers (no data is read)."""
+    return int(_parquet_dataset(path).count_rows())
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+def _list_column_to_numpy(col: pa.ChunkedArray | pa.Array, name: str, expected_len: Optional[int]) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    if col.null_count:
+        raise ValueError(f"column {name!r}: {col.null_count} null list(s); prepared states must be padded, not null")
+    if n == 0:
+        return np.zeros((0, expected_len or 0))
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    width = int(lengths[0]) if expected_len is None else int(expected_len)
+    bad = np.nonzero(lengths != width)[0]
+    if bad.size:
+        raise ValueError(f"column {name!r}: row {int(bad[0])} has {int(lengths[bad[0]])} values, expected {width} "
+                         "(states are fixed-length, left-padded with 0)")
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(n, width)
+
+
+def collate_transitions(batch: pa.Table | Dict[str, Any], device: Optional[torch.device] = None,
+                        state_len: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Arrow table (or dict of numpy arrays) of transitions -> the torch batch dict of schema.py.
+
+    List columns become ``[B, L]`` tensors (all rows must have the same length; ``state_len`` checks
+    it), the contract columns get their contract dtypes, other numeric columns pass through (float ->
+    float32, int -> int64, list<float> -> ``[B, K]`` float32), and ``mask`` is all ones unless the input
+    carries one.  A column that is not numeric raises ``ValueError`` naming it.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    if isinstance(batch, pa.Table):
+        names = batch.column_names
+        get = batch.column
+    else:
+        names = list(batch)
+        get = batch.__getitem__
+    for name in names:
+        col = get(name)
+        if isinstance(col, (pa.ChunkedArray, pa.Array)):
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+                arr = _list_column_to_numpy(col, name, state_len if name in LIST_COLUMNS else None)
+            else:
+                if col.null_count:
+                    raise ValueError(f"column {name!r}: {col.null_count} null value(s)")
+                arr = col.to_numpy(zero_copy_only=False)
+        else:
+            arr = np.asarray(col)
+            if arr.dtype == object:
+                arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else arr.astype(np.float32)
+        if not arr.flags.writeable:  # Arrow buffers are read-only; torch wants writable memory
+            arr = arr.copy()
+        if name in _LONG_COLUMNS:
+            t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.int64))
+        elif name in _FLOAT_COLUMNS or name == MASK:
+            t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))
+        elif arr.dtype.kind == "f":
+            t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))
+        elif arr.dtype.kind in "iub":
+            t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.int64))
+        else:
+            raise ValueError(f"column {name!r} has non-numeric type {arr.dtype}; only numeric columns can enter a batch")
+        out[name] = t
+    if MASK not in out:
+        n = next(iter(out.values())).shape[0] if out else 0
+        out[MASK] = torch.ones(n, dtype=torch.float32)
+    if device is not None and device.type != "cpu":
+        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    return out
+
+
+def pad_batch(batch: Dict[str, torch.Tensor], batch_size: int) -> Dict[str, torch.Tensor]:
+    """Pad every tensor to ``batch_size`` rows by repeating row 0, with ``mask`` = 0 on the added rows.
+
+    Repeating a real row keeps every id a valid table index (padding rows still go through the sharded
+    lookups, which all ranks must run together); the mask removes them from every loss and metric.
+    """
+    n = batch[MASK].shape[0]
+    if n == batch_size:
+        return batch
+    if n > batch_size or n == 0:
+        raise ValueError(f"cannot pad a batch of {n} rows to {batch_size}")
+    out = {}
+    for k, v in batch.items():
+        fill = torch.zeros_like(v[:1]).expand(batch_size - n, *v.shape[1:]) if k == MASK else \
+            v[:1].expand(batch_size - n, *v.shape[1:])
+        out[k] = torch.cat([v, fill], dim=0)
+    return out
+
+
+def masked_like(template: Dict[str, torch.Tensor], batch_size: int) -> Dict[str, torch.Tensor]:
+    """A batch of ``batch_size`` copies of ``template``'s first row, all masked out."""
+    out = {k: v[:1].expand(batch_size, *v.shape[1:]).clone() for k, v in template.items()}
+    out[MASK] = torch.zeros(batch_size, dtype=torch.float32, device=template[MASK].device)
+    return out
+
+
+def _filter_and_rebatch(tables: Iterable[pa.Table], batch_size: int, skip_row_ids: Optional[np.ndarray]) -> Iterator[pa.Table]:
+    """Drop split-filler rows (``row_id < 0``) and rows whose ``row_id`` is in ``skip_row_ids`` (sorted),
+    and re-form full batches."""
+    buffer: List[pa.Table] = []
+    buffered = 0
+    for table in tables:
+        if "row_id" in table.column_names:
+            ids = table.column("row_id").to_numpy(zero_copy_only=False)
+            drop = ids < 0
+            if skip_row_ids is not None and skip_row_ids.size:
+                pos = np.searchsorted(skip_row_ids, ids)
+                drop |= (pos < skip_row_ids.size) & (skip_row_ids[np.minimum(pos, skip_row_ids.size - 1)] == ids)
+            if drop.any():
+                table = table.filter(pa.array(~drop))
+        if table.num_rows == 0:
+            continue
+        buffer.append(table)
+        buffered += table.num_rows
+        while buffered >= batch_size:
+            merged = pa.concat_tables(buffer)
+            yield merged.slice(0, batch_size)
+            rest = merged.slice(batch_size)
+            buffer, buffered = ([rest] if rest.num_rows else []), rest.num_rows
+    if buffered:
+        yield pa.concat_tables(buffer)
+
+
+def _all_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``flags`` over all ranks (identity without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def _share_template(mine: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Get a one-row batch template from any rank that has one (for a rank whose shard is empty)."""
+    import torch.distributed as dist
+
+    local = None if mine is None else {k: v[:1].cpu() for k, v in mine.items()}
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if local is None:
+            raise RuntimeError("no data at all: cannot build a batch template")
+        return local
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    for t in gathered:
+        if t is not None:
+            return t
+    raise RuntimeError("no rank has data: cannot build a batch template")
+
+
+def iter_train_batches(
+    shard_iterator,
+    batch_size: int,
+    device: torch.device,
+    *,
+    state_len: Optional[int] = None,
+    skip_row_ids: Optional[np.ndarray] = None,
+    prefetch_batches: int = 1,
+    local_shuffle_buffer_size: Optional[int] = None,
+    local_shuffle_seed: Optional[int] = None,
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Yield one epoch of torch batches from this worker's shard, in lock-step with the other ranks.
+
+    Every yielded batch has exactly ``batch_size`` rows; the last local batch is padded with ``mask``=0
+    rows.  Each step all ranks all-reduce a "has data" flag: while any rank has data, exhausted ranks
+    yield fully masked batches; when none has, every rank stops at the same step.  ``skip_row_ids``
+    (sorted int64) are rows already consumed in this epoch before a restart: they are dropped so that a
+    resumed epoch sees each remaining row exactly once.  Must be called by all ranks (it runs
+    collectives).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tables = shard_iterator.iter_batches(
+        batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=local_shuffle_buffer_size or None, local_shuffle_seed=local_shuffle_seed,
+    )
+    if skip_row_ids is not None:
+        skip_row_ids = np.unique(np.asarray(skip_row_ids, dtype=np.int64))
+    local = iter(_filter_and_rebatch(tables, batch_size, skip_row_ids))
+    template: Optional[Dict[str, torch.Tensor]] = None
+    flag_device = device if device.type != "cpu" else torch.device("cpu")
+    while True:
+        table = next(local, None)
+        batch = None
+        if table is not None:
+            batch = pad_batch(collate_transitions(table, device, state_len), batch_size)
+            if template is None:
+                template = batch
+        # flags[0]: this rank has a batch; flags[1]: this rank needs a template (exhausted before any row)
+        flags = torch.tensor([batch is not None, batch is None and template is None], dtype=torch.int32,
+                             device=flag_device)
+        flags = _all_ranks(flags)
+        if int(flags[0]) == 0:
+            return
+        if int(flags[1]) == 1:
+            shared = _share_template(template)
+            if template is None:
+                template = {k: v.to(device) for k, v in shared.items()}
+        yield batch if batch is not None else masked_like(template, batch_size)
+
+
+def consumed_row_ids(batch: Dict[str, torch.Tensor]) -> np.ndarray:
+    """``row_id`` of the real (mask = 1) rows of a batch."""
+    keep = batch[MASK] > 0
+    return batch["row_id"][keep].cpu().numpy()
+
+
+def skip_set(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """Sorted unique union of row-id arrays."""
+    parts = [np.asarray(p, dtype=np.int64) for p in parts]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+__all__ = [
+    "LIST_COLUMNS", "MASK", "NoDropDataConfig", "collate_transitions", "count_transitions", "filler_rows", "consumed_row_ids", "iter_train_batches",
+    "masked_like", "pad_batch", "read_transitions", "skip_set", "transition_files",
+    "transition_schema", "transitions_path",
+]

@@ -1,0 +1,230 @@
+"""`mtrec evaluate`: everything the report shows, measured from trained artefacts of one run.
+
+* the reward model: validity (Spearman / AUC of the learned mean reward against the withheld
+  satisfaction of every logged event, beside the click-trained recommender's score and the item's click
+  frequency), quantile fan per item group, learned-vs-truth scatter, training curve;
+* each recommender: offline ranking (full catalog and sampled 100-negative, all and satisfied targets),
+  training curve, and, on simulator data, online results in the simulator with paired gains over the
+  click-trained model of the same backbone.
+
+Inputs are paths (prepared dataset, scored transitions, the reward and recommender output directories),
+so the command can evaluate any finished run; nothing here trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+
+from mtrec_dist.config import PipelineConfig
+from mtrec_dist.evaluation import offline
+
+SCATTER_POINTS = 3000
+VALIDITY_MAX_ROWS = 2_000_000  # reward validity reads at most this many scored rows (driver memory)
+
+
+def _read(path: str, columns: List[str], max_rows: Optional[int] = None) -> pa.Table:
+    from mtrec_dist.data.readers import resolve_filesystem
+
+    fs, root = resolve_filesystem(path)
+    ds = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
+    return ds.head(max_rows, columns=columns) if max_rows else ds.to_table(columns=columns)
+
+
+def load_item_truth(sim_dir: str):
+    """The simulator's hidden item table, or None where the run has no simulator output."""
+    from mtrec_dist.data.simulator import ItemTruth
+
+    path = Path(sim_dir) / "truth" / "items.parquet"
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    return ItemTruth.from_table(pq.read_table(path))
+
+
+def item_groups(prepared_dir: str, actions: np.ndarray, item_truth=None) -> Dict[str, np.ndarray]:
+    """Boolean masks over ``actions`` (item indices): simulator groups (clickbait / high quality / other)
+    where the hidden truth is known, else popularity terciles of the logged items."""
+    from mtrec_dist.data.prepare import load_vocab
+
+    vocab = load_vocab(prepared_dir)
+    if item_truth is not None:
+        raw = np.concatenate([[-1], vocab.item_raw])[actions]
+        ok = (raw >= 0) & (raw < item_truth.num_items)
+        bait = np.zeros(actions.size, bool)
+        qual = np.full(actions.size, np.nan)
+        bait[ok] = item_truth.is_clickbait[raw[ok]]
+        qual[ok] = item_truth.quality[raw[ok]]
+        hi = np.nanquantile(item_truth.quality[~item_truth.is_clickbait], 0.75)
+        good = ~bait & (np.nan_to_num(qual, nan=-np.inf) >= hi)
+        return {"clickbait": bait, "high quality": good, "other": ~bait & ~good}
+    counts = np.concatenate([[0], np.asarray(vocab.item_count, np.float64)])[actions]
+    lo, hi = np.quantile(counts, [1 / 3, 2 / 3])
+    return {"popular (top third)": counts > hi, "mid": (counts > lo) & (counts <= hi), "tail": counts <= lo}
+
+
+def reward_section(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward_dir: str,
+                   baseline_scores: Optional[pa.Table] = None, item_truth=None) -> Dict[str, Any]:
+    """Validity, groups, scatter and training curve of the mental reward model."""
+    from mtrec_dist.training.loop import read_history
+
+    scored = _read(scored_dir, ["row_id", "action", "reward_mean", "reward_cvar", "reward_q"], VALIDITY_MAX_ROWS)
+    eval_table = offline.read_eval_table(prepared_dir)
+    row_ids = scored.column("row_id").to_numpy()
+    actions = scored.column("action").to_numpy()
+    scores = {"reward_mean": scored.column("reward_mean").to_numpy().astype(np.float64),
+              "reward_cvar": scored.column("reward_cvar").to_numpy().astype(np.float64),
+              "click_frequency": offline.click_frequency(prepared_dir, actions)}
+    if baseline_scores is not None:
+        by_row = dict(zip(baseline_scores.column("row_id").to_pylist(), baseline_scores.column("score").to_pylist()))
+        scores["click_model_score"] = np.array([by_row.get(r, np.nan) for r in row_ids.tolist()], np.float64)
+    validity = offline.reward_validity(scores, eval_table, row_ids)
+
+    q = np.stack(scored.column("reward_q").to_numpy(zero_copy_only=False)).astype(np.float64)
+    n_q = q.shape[1]
+    taus = ((np.arange(n_q) + 0.5) / n_q).tolist()
+    groups = {}
+    for name, mask in item_groups(prepared_dir, actions, item_truth).items():
+        if mask.any():
+            groups[name] = {"taus": taus, "quantiles": q[mask].mean(0).tolist(), "n": int(mask.sum()),
+                            "spread": float((q[mask, -1] - q[mask, 0]).mean())}
+
+    _, graded, signal = offline.satisfied_labels(eval_table)
+    order = {r: i for i, r in enumerate(eval_table.column("row_id").to_pylist())}
+    truth = graded[np.array([order[r] for r in row_ids.tolist()], dtype=np.int64)]
+    rng = np.random.default_rng(cfg.eval.seed)
+    pick = rng.choice(len(row_ids), size=min(SCATTER_POINTS, len(row_ids)), replace=False)
+    history = read_history(reward_dir)
+    return {
+        "validity": validity,
+        "groups": groups,
+        "scatter": {"learned": scores["reward_mean"][pick].tolist(), "truth": truth[pick].tolist(),
+                    "truth_label": signal},
+        "curve": [h for h in history if "loss" in h],
+    }
+
+
+def _load_recommender(summary: Dict[str, Any]):
+    from mtrec_dist.training.checkpoint import load_unsharded_model, read_checkpoint_meta
+    from mtrec_dist.training.recommender import recommender_factory
+
+    spec = read_checkpoint_meta(summary["checkpoint_path"])["model_spec"]
+    factory = recommender_factory(spec, for_inference=True)
+    return factory, load_unsharded_model(factory, summary["checkpoint_path"]), spec
+
+
+def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
+                    num_items: int) -> Dict[str, Any]:
+    factory, _, _ = _load_recommender(summary)
+    ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
+                                    cfg.eval.sampled_negatives, seed=cfg.eval.seed)
+    return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
+
+
+def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[str, Any]], item_truth
+                   ) -> Dict[str, Dict[str, Any]]:
+    """Each recommender acts in the simulator; per backbone the click-trained model comes first so that
+    ``paired_gain`` is the guided model's gain over it on the same users and seeds."""
+    from mtrec_dist.data.prepare import load_vocab
+    from mtrec_dist.evaluation.online import evaluate_online, recommender_policy, vocab_maps
+
+    vocab = load_vocab(prepared_dir)
+    idx = np.arange(1, len(vocab.item_raw) + 1)
+    raw_to_idx, idx_to_raw = vocab_maps(vocab.item_raw, idx, item_truth.num_items)
+    sim_cfg = dataclasses.replace(cfg.simulator, max_session_len=cfg.eval.online_session_len)
+    seeds = [cfg.eval.seed * 1000 + 7919 * (i + 1) for i in range(cfg.eval.online_seeds)]
+    out: Dict[str, Dict[str, Any]] = {}
+    by_backbone: Dict[str, List[Dict[str, Any]]] = {}
+    for s in summaries:
+        by_backbone.setdefault(s["backbone"], []).append(s)
+    for backbone, group in by_backbone.items():
+        group = sorted(group, key=lambda s: s["guidance"] != "none")  # the click-trained model first
+        policies = {}
+        for s in group:
+            _, model, spec = _load_recommender(s)
+            catalog = torch.arange(1, spec["num_items"] + 1)
+
+            def score_fn(items, fb, model=model, catalog=catalog):
+                scores = model.score_catalog(items, fb, catalog)
+                return torch.cat([torch.full((scores.shape[0], 1), -torch.inf), scores], dim=1)
+
+            policies[f"{backbone}/{s['guidance']}"] = recommender_policy(
+                score_fn, raw_to_idx, idx_to_raw, spec["state_len"], cfg.simulator.slate_size)
+        out.update(evaluate_online(policies, sim_cfg, item_truth, seeds, cfg.eval.online_users))
+    return out
+
+
+def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward_dir: str,
+                 rec_summaries: List[Dict[str, Any]], sim_dir: Optional[str] = None,
+                 progress=print) -> Dict[str, Any]:
+    """The ``results`` dict of :func:`mtrec_dist.evaluation.report.write_report` for one run."""
+    from mtrec_dist.data.prepare import load_manifest
+    from mtrec_dist.training.loop import read_history
+
+    manifest = load_manifest(prepared_dir)
+    num_items = int(manifest["num_items"])
+    item_truth = load_item_truth(sim_dir) if sim_dir else None
+    eval_table = offline.read_eval_table(prepared_dir)
+
+    baseline = next((s for s in rec_summaries if s["guidance"] == "none"), None)
+    baseline_scores = None
+    if baseline is not None:
+        factory, _, _ = _load_recommender(baseline)
+        baseline_scores = offline.score_logged_actions(factory, baseline["checkpoint_path"], prepared_dir)
+    progress("[evaluate] reward model: validity, quantile groups")
+    reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, baseline_scores, item_truth)
+
+    recs = []
+    for s in rec_summaries:
+        progress(f"[evaluate] offline ranking: {s['backbone']}/{s['guidance']}")
+        recs.append({"backbone": s["backbone"], "guidance": s["guidance"],
+                     "checkpoint": s["checkpoint_path"],
+                     "curve": [h for h in read_history(s["output_dir"]) if "loss" in h],
+                     "offline": offline_section(cfg, prepared_dir, s, eval_table, num_items)})
+    notes = []
+    if item_truth is not None and rec_summaries:
+        progress(f"[evaluate] online: {len(rec_summaries)} recommenders x {cfg.eval.online_seeds} seeds x "
+                 f"{cfg.eval.online_users} simulated users")
+        online = online_section(cfg, prepared_dir, rec_summaries, item_truth)
+        for r in recs:
+            r["online"] = online.get(f"{r['backbone']}/{r['guidance']}")
+    else:
+        notes.append("Online evaluation needs the simulator's hidden item truth; this run's logs have none.")
+    data = {k: v for k, v in manifest.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return {"title": f"MTRec run: {os.path.abspath(cfg.run_dir)}", "config": cfg.to_dict(), "data": data,
+            "reward": reward, "recommenders": recs, "notes": notes}
+
+
+def headline(results: Dict[str, Any]) -> List[str]:
+    """Short human-readable lines: reward validity and each guided model's online gain."""
+    lines = []
+    v = results.get("reward", {}).get("validity", {})
+    if v:
+        parts = [f"{name.removesuffix('_spearman')} {v[name]:+.3f}" for name in v if name.endswith("_spearman")]
+        lines.append(f"reward validity (Spearman vs {v.get('signal')}): " + ", ".join(parts))
+    for r in results.get("recommenders", []):
+        off = r.get("offline", {})
+        line = (f"{r['backbone']}/{r['guidance']}: HR@10 {off.get('all', {}).get('HR@10', float('nan')):.4f} "
+                f"(satisfied {off.get('satisfied', {}).get('HR@10', float('nan')):.4f}, "
+                f"100-neg {off.get('sampled', {}).get('HR@10', float('nan')):.4f})")
+        on = r.get("online") or {}
+        if "satisfaction_per_session" in on:
+            m = on["satisfaction_per_session"]
+            line += f"; satisfaction/session {m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+            g = (on.get("paired_gain") or {}).get("satisfaction_per_session")
+            if g:
+                line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+        lines.append(line)
+    return lines
+
+
+def write_json(obj: Any, path: str) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1, default=float))

@@ -1,0 +1,215 @@
+"""Offline evaluation of trained recommenders and of the mental reward (method.md section 4).
+
+* **Ranking** on the temporal leave-last-out split: every user's last transition (``pos_from_end == 0``)
+  is the test case.  Full ranking over the whole catalog (padding excluded) gives HR@k / NDCG@k; the
+  sampled protocol ranks the target among ``sampled_negatives`` items drawn uniformly from the items the
+  user has not interacted with in the state (as in SASRec's evaluation).  Both on all targets
+  ("engaged") and on satisfied targets only (rating >= 4, purchase, like, long view, or simulator
+  satisfaction above its median over all logged events).
+* **Reward validity**: Spearman and AUC of a score against the withheld satisfaction signal of every
+  logged event: for the learned mean mental reward and, side by side, for the click-trained model's
+  score of the same events and the item's click frequency.
+
+Scoring runs as Ray Data ``map_batches`` over actors that each load the trained model once (the model is
+exported from its sharded DCP checkpoint into a plain module).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mtrec_dist.evaluation.metrics import ranking_report, roc_auc, spearman
+
+ModelFactory = Callable[[torch.device], torch.nn.Module]
+
+
+class RankingScorer:
+    """Ray Data callable: rank of each row's action under the recommender (full catalog and sampled)."""
+
+    def __init__(self, model_factory: ModelFactory, checkpoint_path: str, num_items: int,
+                 sampled_negatives: int, seed: int, chunk: int = 8192):
+        from mtrec_dist.training.checkpoint import load_unsharded_model
+
+        torch.set_num_threads(1)
+        self.model = load_unsharded_model(model_factory, checkpoint_path)
+        self.num_items = num_items
+        self.sampled_negatives = min(sampled_negatives, max(num_items - 1, 1))
+        self.seed = seed
+        self.chunk = chunk
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)
+        state_fb = torch.as_tensor(np.stack(batch["state_feedback"]), dtype=torch.float32)
+        action = torch.as_tensor(batch["action"], dtype=torch.long)
+        with torch.no_grad():
+            parts = []
+            for lo in range(1, self.num_items + 1, self.chunk):
+                ids = torch.arange(lo, min(lo + self.chunk, self.num_items + 1))
+                parts.append(self.model.score_catalog(state_items, state_fb, ids))
+            scores = torch.cat(parts, dim=1)  # [B, num_items], column j is item j + 1
+        target_score = scores.gather(1, (action - 1).unsqueeze(1)).squeeze(1)
+        # Pessimistic on ties: every other item scoring >= the target ranks above it.
+        rank_full = (scores >= target_score.unsqueeze(1)).sum(1) - 1
+        neg = self._negatives(batch["row_id"], state_items.numpy(), action.numpy())
+        neg_scores = scores.gather(1, torch.as_tensor(neg - 1))
+        rank_sampled = (neg_scores >= target_score.unsqueeze(1)).sum(1)
+        return {"row_id": np.asarray(batch["row_id"]), "rank_full": rank_full.numpy(),
+                "rank_sampled": rank_sampled.numpy(), "score_target": target_score.numpy()}
+
+    def _negatives(self, row_ids: np.ndarray, state_items: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """``sampled_negatives`` items per row, uniform over items not in the state and not the target.
+
+        Deterministic per row (seeded by row id), so every model is ranked against the same negatives.
+        """
+        n = self.sampled_negatives
+        out = np.empty((len(row_ids), n), dtype=np.int64)
+        for r, rid in enumerate(row_ids):
+            rng = np.random.default_rng([self.seed, int(rid)])
+            banned = set(state_items[r].tolist()) | {int(action[r]), 0}
+            picked: list[int] = []
+            while len(picked) < n:
+                cand = rng.integers(1, self.num_items + 1, size=2 * n)
+                picked.extend(int(c) for c in cand if c not in banned)
+                if len(banned) >= self.num_items:  # tiny catalogs: allow repeats of the allowed items
+                    break
+            if len(picked) < n:
+                picked = (picked or [1]) * n
+            out[r] = picked[:n]
+        return out
+
+
+class TargetScorer:
+    """Ray Data callable: the model's score of each row's logged action (``score_items`` on one candidate).
+
+    Used for reward validity: how well does the click-trained recommender's own score of a logged event
+    track the withheld satisfaction, next to the mental reward.
+    """
+
+    def __init__(self, model_factory: ModelFactory, checkpoint_path: str):
+        from mtrec_dist.training.checkpoint import load_unsharded_model
+
+        torch.set_num_threads(1)
+        self.model = load_unsharded_model(model_factory, checkpoint_path)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)
+        state_fb = torch.as_tensor(np.stack(batch["state_feedback"]), dtype=torch.float32)
+        action = torch.as_tensor(batch["action"], dtype=torch.long)
+        with torch.no_grad():
+            score = self.model.score_items(state_items, state_fb, action.view(-1, 1))[:, 0]
+        return {"row_id": np.asarray(batch["row_id"]), "score": score.numpy()}
+
+
+def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
+                         concurrency: int = 2) -> pa.Table:
+    """``row_id, score`` for every prepared transition under a trained recommender, on Ray Data."""
+    from mtrec_dist.data.pipeline import read_transitions
+
+    ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action"])
+    ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path), batch_size=1024,
+                        batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
+    return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+
+
+def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]:
+    """(satisfied bool [n], graded satisfaction [n], name of the signal) from an ``eval/`` table.
+
+    Satisfied = rating >= 4, or purchase, or like, or long view, or (simulator) true satisfaction above its
+    median; the graded signal used for Spearman is true satisfaction, else rating, else the satisfied label.
+    """
+    n = eval_table.num_rows
+    sat = np.zeros(n, dtype=bool)
+    graded, name = None, None
+
+    def col(c):
+        if c not in eval_table.column_names:
+            return None
+        a = eval_table.column(c)
+        if a.null_count == n:
+            return None
+        return a.to_numpy(zero_copy_only=False).astype(np.float64)
+
+    ts = col("eval_true_satisfaction")
+    if ts is not None:
+        sat |= np.nan_to_num(ts, nan=-np.inf) > np.nanmedian(ts)
+        graded, name = ts, "true satisfaction"
+    rating = col("eval_rating")
+    if rating is not None:
+        sat |= np.nan_to_num(rating) >= 4
+        if graded is None:
+            graded, name = rating, "rating"
+    for c in ("eval_purchase", "eval_like", "eval_long_view"):
+        v = col(c)
+        if v is not None:
+            sat |= np.nan_to_num(v) > 0
+    if graded is None:
+        graded, name = sat.astype(np.float64), "satisfied label"
+    return sat, graded, name
+
+
+def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
+                   sampled_negatives: int, seed: int = 0, concurrency: int = 2,
+                   pos_from_end: int = 0) -> pa.Table:
+    """Rank every test transition (``pos_from_end``) with the trained recommender, on Ray Data."""
+    from mtrec_dist.data.pipeline import read_transitions
+
+    ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action",
+                                                 "pos_from_end"])
+    ds = ds.filter(expr=f"pos_from_end == {int(pos_from_end)}")
+    ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
+                                                            sampled_negatives, seed),
+                        batch_size=256, batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
+    return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+
+
+def read_eval_table(prepared_dir: str) -> pa.Table:
+    """The evaluation-only signals of every prepared transition (never read by training code)."""
+    import pyarrow.dataset as pads
+
+    from mtrec_dist.data.readers import join_path, resolve_filesystem
+
+    fs, root = resolve_filesystem(prepared_dir)
+    return pads.dataset(join_path(root, "eval"), filesystem=fs, format="parquet").to_table()
+
+
+def ranking_metrics(ranked: pa.Table, eval_table: pa.Table, ks: Sequence[int]) -> dict:
+    """HR/NDCG on all targets and satisfied targets (full ranking), plus the sampled protocol."""
+    sat, _, _ = satisfied_labels(eval_table)
+    sat_by_row = dict(zip(eval_table.column("row_id").to_pylist(), sat.tolist()))
+    rows = ranked.column("row_id").to_pylist()
+    is_sat = np.array([sat_by_row.get(r, False) for r in rows], dtype=bool)
+    full = ranked.column("rank_full").to_numpy()
+    sampled = ranked.column("rank_sampled").to_numpy()
+    out = {"all": ranking_report(full, ks), "sampled": ranking_report(sampled, ks),
+           "n_test": int(len(rows)), "n_satisfied": int(is_sat.sum())}
+    out["satisfied"] = ranking_report(full[is_sat], ks) if is_sat.any() else {}
+    return out
+
+
+def reward_validity(scores: Dict[str, np.ndarray], eval_table: pa.Table, row_ids: np.ndarray) -> dict:
+    """Spearman (vs the graded signal) and AUC (vs the satisfied label) of each named score.
+
+    ``scores[name]`` is aligned with ``row_ids``; rows are matched to ``eval_table`` by row id.
+    """
+    sat, graded, signal = satisfied_labels(eval_table)
+    order = {r: i for i, r in enumerate(eval_table.column("row_id").to_pylist())}
+    idx = np.array([order[r] for r in row_ids.tolist()], dtype=np.int64)
+    out: dict = {"signal": signal, "n": int(len(idx)), "satisfied_share": float(sat[idx].mean())}
+    for name, s in scores.items():
+        ok = np.isfinite(graded[idx]) & np.isfinite(s)
+        out[f"{name}_spearman"] = spearman(s[ok], graded[idx][ok])
+        labels = sat[idx][ok]
+        out[f"{name}_auc"] = roc_auc(s[ok], labels) if 0 < labels.sum() < labels.size else float("nan")
+    return out
+
+
+def click_frequency(prepared_dir: str, actions: np.ndarray) -> np.ndarray:
+    """How often each row's item was engaged with in the logs (the click-label baseline score)."""
+    from mtrec_dist.data.prepare import load_vocab
+
+    vocab = load_vocab(prepared_dir)
+    counts = np.concatenate([[0], np.asarray(vocab.item_count, dtype=np.float64)])
+    return counts[actions]

@@ -1,0 +1,221 @@
+"""State encoders: (state item embeddings [B,L,D], state feedback [B,L], valid [B,L]) -> h [B,D].
+
+``valid`` is a bool mask, True where the state holds a real item (``state_items != 0``).  States are
+left-padded (schema.py), so the most recent item sits at position L-1.  An all-padding state (the first
+action of a session) is legal and maps to a learned "empty state" vector.
+
+Every encoder is dense (no lookups: the item vectors come from the shared TorchRec ``ItemEmbedding``),
+makes no data-dependent Python branches (identical graphs on every rank under DDP/DMP), takes a
+``device`` (``meta`` works), and every module that owns parameters directly has ``reset_parameters`` so
+that ``DistributedModelParallel`` can materialise a meta-built model correctly.
+
+Feedback features (``ModelConfig.feedback_features``): each real position gets
+``e_item + log1p(max(watch_ratio, 0)) * w_fb`` (a learned direction; log1p tames long-tailed watch ratios
+such as KuaiRand's).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+__all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
+
+ENCODER_NAMES = ("sasrec", "gru", "gru4rec", "caser", "nextitnet")
+
+
+class FeedbackInput(nn.Module):
+    """Input layer shared by the encoders: item vector plus (optionally) projected feedback, pads zeroed."""
+
+    def __init__(self, dim: int, use_feedback: bool, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.use_feedback = use_feedback
+        self.feedback_proj = nn.Linear(1, dim, bias=False, device=device) if use_feedback else None
+
+    def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = emb
+        if self.feedback_proj is not None:
+            fb = torch.log1p(feedback.to(emb.dtype).clamp_min(0.0)).unsqueeze(-1)
+            x = x + self.feedback_proj(fb)
+        return x * valid.unsqueeze(-1).to(x.dtype)
+
+
+# ---- SASRec (Kang & McAuley 2018) ----------------------------------------------------------------
+
+
+class SASRecBlock(nn.Module):
+    """Pre-LayerNorm causal self-attention block + point-wise feed-forward, both residual."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, device=None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.ln1 = nn.LayerNorm(dim, device=device)
+        self.qkv = nn.Linear(dim, 3 * dim, device=device)
+        self.out = nn.Linear(dim, dim, device=device)
+        self.ln2 = nn.LayerNorm(dim, device=device)
+        self.ff1 = nn.Linear(dim, dim, device=device)
+        self.ff2 = nn.Linear(dim, dim, device=device)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, l, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, l, d)))
+        return x + self.drop(self.ff2(self.drop(F.relu(self.ff1(self.ln2(x))))))
+
+
+class SASRecEncoder(nn.Module):
+    """Causal transformer over the state with learned positional embeddings; output at the last position."""
+
+    def __init__(self, cfg: ModelConfig, state_len: int, device=None) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.scale = math.sqrt(d)
+        self.inp = FeedbackInput(d, cfg.feedback_features, device)
+        self.pos = nn.Parameter(torch.empty(state_len, d, device=device))
+        self.blocks = nn.ModuleList([SASRecBlock(d, cfg.num_heads, cfg.dropout, device) for _ in range(cfg.num_layers)])
+        self.final_norm = nn.LayerNorm(d, device=device)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos, std=0.1)
+
+    def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        l = emb.shape[1]
+        keep = valid.unsqueeze(-1).to(emb.dtype)
+        x = self.drop(self.inp(emb, feedback, valid) * self.scale + self.pos[:l]) * keep
+        causal = torch.ones(l, l, dtype=torch.bool, device=emb.device).tril()
+        # Attend to earlier real items; every position may attend to itself so that no softmax row is empty
+        # (an all-padding state would otherwise produce NaN).
+        attn_mask = (causal & valid.unsqueeze(1)) | torch.eye(l, dtype=torch.bool, device=emb.device)
+        for block in self.blocks:
+            x = block(x, attn_mask) * keep
+        return self.final_norm(x[:, -1])
+
+
+# ---- GRU4Rec (Hidasi et al. 2016) ----------------------------------------------------------------
+
+
+class GRU4RecEncoder(nn.Module):
+    """GRU over the state; padding steps leave the hidden state unchanged (so left padding is inert)."""
+
+    def __init__(self, cfg: ModelConfig, state_len: int, device=None) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.num_layers = cfg.num_layers
+        self.inp = FeedbackInput(d, cfg.feedback_features, device)
+        self.gru = nn.GRU(d, d, num_layers=cfg.num_layers, batch_first=True,
+                          dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, device=device)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(d, d, device=device)  # its bias is the learned empty-state vector
+
+    def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b, l, d = emb.shape
+        x = self.drop(self.inp(emb, feedback, valid))
+        h = emb.new_zeros(self.num_layers, b, d)
+        for t in range(l):
+            _, h_new = self.gru(x[:, t : t + 1], h)
+            h = torch.where(valid[:, t].view(1, b, 1), h_new, h)
+        return self.out(self.drop(h[-1]))
+
+
+# ---- Caser (Tang & Wang 2018) --------------------------------------------------------------------
+
+
+class CaserEncoder(nn.Module):
+    """Horizontal convolutions (heights 1..L, max-pooled) and vertical convolutions over the L x D image.
+
+    Caser's user embedding and item-specific output layer are replaced by scoring ``<h, e_a>`` against the
+    shared item table (tied embeddings), so that all lookups stay in the one sharded table.
+    """
+
+    def __init__(self, cfg: ModelConfig, state_len: int, device=None) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.inp = FeedbackInput(d, cfg.feedback_features, device)
+        self.conv_v = nn.Conv2d(1, cfg.caser_v_filters, (state_len, 1), device=device)
+        self.conv_h = nn.ModuleList(
+            [nn.Conv2d(1, cfg.caser_h_filters, (h, d), device=device) for h in range(1, state_len + 1)]
+        )
+        self.fc = nn.Linear(cfg.caser_v_filters * d + cfg.caser_h_filters * state_len, d, device=device)
+        self.out = nn.Linear(d, d, device=device)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b = emb.shape[0]
+        img = self.inp(emb, feedback, valid).unsqueeze(1)  # [B, 1, L, D]
+        out_v = self.conv_v(img).reshape(b, -1)
+        out_h = [F.relu(conv(img).squeeze(3)).amax(dim=2) for conv in self.conv_h]
+        z = F.relu(self.fc(self.drop(torch.cat([out_v, *out_h], dim=1))))
+        return self.out(self.drop(z))
+
+
+# ---- NextItNet (Yuan et al. 2019) ----------------------------------------------------------------
+
+
+class NextItNetBlock(nn.Module):
+    """Residual block of two dilated causal 1-D convolutions (dilations d and 2d), each LayerNorm + ReLU."""
+
+    def __init__(self, dim: int, kernel: int, dilation: int, device=None) -> None:
+        super().__init__()
+        self.kernel, self.dilation = kernel, dilation
+        self.conv1 = nn.Conv1d(dim, dim, kernel, dilation=dilation, device=device)
+        self.ln1 = nn.LayerNorm(dim, device=device)
+        self.conv2 = nn.Conv1d(dim, dim, kernel, dilation=2 * dilation, device=device)
+        self.ln2 = nn.LayerNorm(dim, device=device)
+
+    def _causal(self, conv: nn.Conv1d, x: torch.Tensor, dilation: int) -> torch.Tensor:
+        y = F.pad(x.transpose(1, 2), ((self.kernel - 1) * dilation, 0))  # left padding only: causal
+        return conv(y).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # re-zero padding positions after each convolution, so that left padding acts exactly like the
+        # causal zero padding (the output does not depend on how many pads precede the sequence)
+        y = F.relu(self.ln1(self._causal(self.conv1, x, self.dilation))) * keep
+        y = F.relu(self.ln2(self._causal(self.conv2, y, 2 * self.dilation))) * keep
+        return x + y
+
+
+class NextItNetEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, state_len: int, device=None) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.inp = FeedbackInput(d, cfg.feedback_features, device)
+        self.blocks = nn.ModuleList(
+            [NextItNetBlock(d, cfg.nextitnet_kernel, dil, device)
+             for _ in range(cfg.num_layers) for dil in cfg.nextitnet_dilations]
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(d, d, device=device)
+
+    def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        keep = valid.unsqueeze(-1).to(emb.dtype)
+        x = self.inp(emb, feedback, valid)
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.out(self.drop(x[:, -1]))
+
+
+def build_encoder(name: str, cfg: ModelConfig, state_len: int, device: Optional[torch.device] = None) -> nn.Module:
+    """Encoder by name: ``sasrec``, ``gru`` (= ``gru4rec``), ``caser`` or ``nextitnet``."""
+    if state_len < 1:
+        raise ValueError(f"state_len must be >= 1, got {state_len}")
+    if name == "sasrec":
+        return SASRecEncoder(cfg, state_len, device)
+    if name in ("gru", "gru4rec"):
+        return GRU4RecEncoder(cfg, state_len, device)
+    if name == "caser":
+        return CaserEncoder(cfg, state_len, device)
+    if name == "nextitnet":
+        return NextItNetEncoder(cfg, state_len, device)
+    raise ValueError(f"unknown encoder {name!r}; choose from {list(ENCODER_NAMES)}")

@@ -1,0 +1,150 @@
+"""`mtrec train-rec`: a sequential recommender (SASRec / GRU4Rec / Caser / NextItNet) trained with
+:func:`fit_distributed`, optionally guided by the mental reward (method.md section 3).
+
+Input is the *scored transitions* dataset written by `mtrec score-rewards` (every training column of a
+transition plus ``reward_mean``, ``reward_cvar``, ``reward_baseline``, ``reward_cvar_baseline``), so the
+guided losses need no join.  The click-trained baseline (``guidance: none``) reads the same rows and
+ignores the reward columns, so baseline and guided models see exactly the same examples.
+
+Rows with ``pos_from_end == 0`` (each user's last transition) are the leave-last-out test cases and are
+never trained on.  Each checkpoint carries a ``model_spec`` so evaluation rebuilds the exact model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from mtrec_dist.config import ModelConfig, PipelineConfig, RecConfig, from_dict
+from mtrec_dist.runtime import init_ray
+
+REC_RUN_PREFIX = "rec"
+POINTER_FILE = "recommender.json"  # <output_dir>/recommender.json -> the final checkpoint
+TEST_POSITION = 0  # pos_from_end of the held-out test transition
+REWARD_COLUMNS = ("reward_mean", "reward_cvar", "reward_baseline", "reward_cvar_baseline")
+
+
+def rec_model_spec(cfg: PipelineConfig, manifest: dict, backbone: str, guidance: str) -> Dict[str, Any]:
+    """JSON-able description of one recommender (stored in every checkpoint)."""
+    rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=guidance)
+    return {
+        "kind": "sequential_recommender",
+        "num_items": int(manifest["num_items"]),
+        "state_len": int(manifest["state_len"]),
+        "backbone": backbone,
+        "guidance": guidance,
+        "model": dataclasses.asdict(cfg.model),
+        "rec": dataclasses.asdict(rec),
+    }
+
+
+def recommender_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray] = None, *,
+                        for_inference: bool = False) -> Callable[[torch.device], torch.nn.Module]:
+    """Picklable ``device -> SequentialRecommender`` for a :func:`rec_model_spec`."""
+    from mtrec_dist.models.recommender import SequentialRecommender
+
+    if spec.get("kind") != "sequential_recommender":
+        raise ValueError(f"checkpoint holds a {spec.get('kind')!r}, not a sequential recommender")
+    model_cfg = from_dict(ModelConfig, spec["model"], "model_spec.model")
+    rec_cfg = from_dict(RecConfig, spec["rec"], "model_spec.rec")
+    model_cfg.validate("model_spec.model")
+    rec_cfg.validate("model_spec.rec")
+    if for_inference:  # scoring never samples negatives
+        rec_cfg = dataclasses.replace(rec_cfg, negative_sampler="uniform")
+        item_counts = None
+    counts = None if item_counts is None else [float(c) for c in item_counts]
+    return functools.partial(SequentialRecommender, spec["num_items"], spec["backbone"], model_cfg, rec_cfg,
+                             spec["state_len"], item_counts=counts)
+
+
+def _count_training_rows(scored_dir: str) -> tuple[int, int]:
+    """(rows with pos_from_end >= 1, all rows) of a scored-transitions directory, from Parquet metadata
+    and one column."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from mtrec_dist.data.readers import resolve_filesystem
+
+    fs, root = resolve_filesystem(scored_dir)
+    ds = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
+    total = int(ds.count_rows())
+    train = int(ds.count_rows(filter=pc.field("pos_from_end") != TEST_POSITION))
+    return train, total
+
+
+def read_training_rows(scored_dir: str, guidance: str):
+    """Ray Dataset of the scored transitions a recommender trains on (test rows filtered out)."""
+    import ray.data
+
+    from mtrec_dist.data.schema import TRANSITION_COLUMNS, assert_training_columns
+
+    ds = ray.data.read_parquet(scored_dir)
+    names = ds.schema().names
+    need = list(TRANSITION_COLUMNS) + (list(REWARD_COLUMNS) if guidance != "none" else [])
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise ValueError(f"{scored_dir}: column(s) {missing} missing; guidance {guidance!r} needs a scored-"
+                         "transitions dataset written by `mtrec score-rewards` (transitions mode)")
+    keep = [c for c in names if c in need]
+    assert_training_columns(keep)
+    return ds.select_columns(keep).filter(expr=f"pos_from_end != {TEST_POSITION}")
+
+
+def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,
+                      backbone: Optional[str] = None, guidance: Optional[str] = None,
+                      resume: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Train one recommender (``backbone`` x ``guidance``, default ``cfg.rec``) on Ray Train + TorchRec.
+
+    ``scored_dir``: output of `mtrec score-rewards` for ``prepared_dir``.  Writes metrics and TensorBoard
+    files under ``output_dir`` and ``<output_dir>/recommender.json`` naming the final checkpoint.
+    Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
+    "guidance", "train_rows"}``.
+    """
+    from mtrec_dist.training.loop import fit_distributed
+    from mtrec_dist.training.reward import item_counts_for, load_training_manifest
+
+    backbone = backbone or cfg.rec.backbone
+    guidance = guidance or cfg.rec.guidance
+    cfg.validate()
+    manifest = load_training_manifest(prepared_dir)
+    train_rows, total = _count_training_rows(scored_dir)
+    if total != manifest["num_transitions"]:
+        raise ValueError(f"{scored_dir} holds {total} scored rows but {prepared_dir} has "
+                         f"{manifest['num_transitions']} transitions: score-rewards output is stale or partial")
+    if train_rows == 0:
+        raise ValueError(f"{scored_dir}: no training rows (every transition is a test row)")
+    counts = item_counts_for(prepared_dir, manifest["num_items"]) \
+        if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
+    spec = rec_model_spec(cfg, manifest, backbone, guidance)
+    output_dir = os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
+    init_ray(cfg.ray_address)
+    run_name = f"{REC_RUN_PREFIX}-{backbone}-{guidance}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(cfg.train)}
+    result = fit_distributed(
+        recommender_factory(spec, counts), cfg.train, {"train": read_training_rows(scored_dir, guidance)},
+        run_name, storage, resume, output_dir=output_dir, state_len=manifest["state_len"],
+        fingerprint=fingerprint, row_counts={"train": train_rows}, extra_meta={"model_spec": spec},
+        label=f"train-rec {backbone}/{guidance}", progress=progress,
+    )
+    summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
+               "storage_path": result.storage_path, "output_dir": output_dir, "backbone": backbone,
+               "guidance": guidance, "train_rows": train_rows}
+    Path(output_dir, POINTER_FILE).write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def default_rec_checkpoint(output_dir: str) -> str:
+    """The final checkpoint named by ``<output_dir>/recommender.json`` (written by train-rec)."""
+    pointer = Path(output_dir) / POINTER_FILE
+    if not pointer.exists():
+        raise FileNotFoundError(f"{pointer} not found: run `mtrec train-rec` first or pass --checkpoint")
+    return json.loads(pointer.read_text())["checkpoint_path"]

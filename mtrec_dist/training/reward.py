@@ -1,0 +1,129 @@
+"""`mtrec train-reward`: the QR-IQL mental reward model trained with :func:`fit_distributed`.
+
+Each checkpoint carries a ``model_spec`` (catalog size, state length, model and reward config) so that
+scoring can rebuild the exact model from the checkpoint alone, whatever config it is run with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from mtrec_dist.config import ModelConfig, PipelineConfig, RewardConfig, from_dict
+from mtrec_dist.runtime import init_ray
+
+REWARD_RUN_PREFIX = "reward"
+LATEST_POINTER = "reward_model.json"  # <output_dir>/reward_model.json -> the final checkpoint
+MANIFEST_KEYS = ("num_items", "num_users", "state_len", "num_transitions")
+
+
+def load_training_manifest(prepared_dir: str) -> dict:
+    """The prepared dataset's manifest, checked for what training needs."""
+    from mtrec_dist.data.prepare import load_manifest
+
+    manifest = load_manifest(prepared_dir)
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest.get(k), int)]
+    if missing:
+        raise ValueError(f"{prepared_dir}/manifest.json: missing or non-integer key(s) {missing}")
+    if manifest["num_items"] < 1 or manifest["state_len"] < 1:
+        raise ValueError(f"{prepared_dir}/manifest.json: num_items and state_len must be >= 1")
+    return manifest
+
+
+def item_counts_for(prepared_dir: str, num_items: int) -> np.ndarray:
+    """Per-item engagement counts indexed by item index (entry 0 = padding), from ``vocab/items.parquet``."""
+    from mtrec_dist.data.prepare import load_vocab
+
+    vocab = load_vocab(prepared_dir)
+    if vocab.num_items != num_items:
+        raise ValueError(f"{prepared_dir}: vocab has {vocab.num_items} items, manifest says {num_items}")
+    return np.concatenate([[0], np.asarray(vocab.item_count, dtype=np.float64)])
+
+
+def model_spec(cfg: PipelineConfig, manifest: dict) -> Dict[str, Any]:
+    """JSON-able description of the reward model (stored in every checkpoint)."""
+    return {
+        "kind": "qr_iql_reward_model",
+        "num_items": int(manifest["num_items"]),
+        "state_len": int(manifest["state_len"]),
+        "model": dataclasses.asdict(cfg.model),
+        "reward": dataclasses.asdict(cfg.reward),
+    }
+
+
+def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray] = None, *,
+                         for_inference: bool = False) -> Callable[[torch.device], torch.nn.Module]:
+    """Picklable ``device -> QRIQLModel`` for a :func:`model_spec`.
+
+    ``item_counts`` feed the popularity negative sampler (training only).  ``for_inference`` builds the
+    model with the uniform sampler: scoring never samples negatives, so it needs no counts.
+    """
+    from mtrec_dist.models.reward_model import QRIQLModel
+
+    if spec.get("kind") != "qr_iql_reward_model":
+        raise ValueError(f"checkpoint holds a {spec.get('kind')!r}, not a reward model")
+    model_cfg = from_dict(ModelConfig, spec["model"], "model_spec.model")
+    reward_cfg = from_dict(RewardConfig, spec["reward"], "model_spec.reward")
+    model_cfg.validate("model_spec.model")
+    reward_cfg.validate("model_spec.reward")
+    if for_inference:
+        reward_cfg = dataclasses.replace(reward_cfg, negative_sampler="uniform")
+        item_counts = None
+    counts = None if item_counts is None else [float(c) for c in item_counts]
+    return functools.partial(QRIQLModel, spec["num_items"], model_cfg, reward_cfg, spec["state_len"],
+                             item_counts=counts)
+
+
+def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
+                       resume: Optional[str] = None, *, progress: bool = True) -> Dict[str, Any]:
+    """Train the QR-IQL reward model on ``<prepared_dir>/transitions`` with Ray Train + TorchRec.
+
+    Writes metrics (``metrics.jsonl``, ``tensorboard/``) under ``output_dir``, checkpoints under
+    ``cfg.train.storage_path`` (default ``<output_dir>/ray_results``), and ``<output_dir>/reward_model.json``
+    naming the final checkpoint.  ``resume``: ``"latest"`` or a checkpoint path.  Returns
+    ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir"}``.
+    """
+    from mtrec_dist.data.pipeline import count_transitions, read_transitions
+    from mtrec_dist.training.loop import fit_distributed
+
+    cfg.validate()
+    manifest = load_training_manifest(prepared_dir)
+    rows = count_transitions(prepared_dir)
+    if rows != manifest["num_transitions"]:
+        raise ValueError(f"{prepared_dir}: transitions/ holds {rows} rows but manifest.json says "
+                         f"{manifest['num_transitions']}; the dataset is incomplete or was modified")
+    if rows == 0:
+        raise ValueError(f"{prepared_dir}: no transitions to train on")
+    counts = item_counts_for(prepared_dir, manifest["num_items"]) if cfg.reward.negative_sampler == "popularity" \
+        and cfg.reward.num_negatives > 0 else None
+    spec = model_spec(cfg, manifest)
+    output_dir = os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
+    init_ray(cfg.ray_address)
+    run_name = f"{REWARD_RUN_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(cfg.train)}
+    result = fit_distributed(
+        reward_model_factory(spec, counts), cfg.train, {"train": read_transitions(prepared_dir)}, run_name, storage,
+        resume, output_dir=output_dir, state_len=manifest["state_len"], fingerprint=fingerprint,
+        row_counts={"train": rows}, extra_meta={"model_spec": spec}, label="train-reward", progress=progress,
+    )
+    summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
+               "storage_path": result.storage_path, "output_dir": output_dir}
+    Path(output_dir, LATEST_POINTER).write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def default_reward_checkpoint(output_dir: str) -> str:
+    """The final checkpoint named by ``<output_dir>/reward_model.json`` (written by train-reward)."""
+    pointer = Path(output_dir) / LATEST_POINTER
+    if not pointer.exists():
+        raise FileNotFoundError(f"{pointer} not found: run `mtrec train-reward` first or pass --checkpoint")
+    return json.loads(pointer.read_text())["checkpoint_path"]

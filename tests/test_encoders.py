@@ -1,0 +1,106 @@
+"""State encoders: shapes, padding behaviour, feedback features, meta-device construction."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtrec_dist.config import ModelConfig
+from mtrec_dist.models.encoders import build_encoder
+
+torch.set_num_threads(1)
+NAMES = ["sasrec", "gru", "caser", "nextitnet"]
+D = 8
+
+
+def cfg(**kw) -> ModelConfig:
+    base = dict(embedding_dim=D, num_layers=2, num_heads=2, dropout=0.0, caser_h_filters=3, caser_v_filters=2,
+                nextitnet_dilations=[1, 2])
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def inputs(b=5, L=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, 10, (b, L), generator=g)
+    items[0] = 0  # empty state
+    items[1, :2] = 0  # left padding
+    emb = torch.randn(b, L, D, generator=g) * (items != 0).unsqueeze(-1)
+    fb = torch.rand(b, L, generator=g) * (items != 0)
+    return emb, fb, items != 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_finite_and_gradients(name):
+    torch.manual_seed(0)
+    enc = build_encoder(name, cfg(), state_len=4)
+    emb, fb, valid = inputs()
+    emb.requires_grad_(True)
+    h = enc(emb, fb, valid)
+    assert h.shape == (5, D) and torch.isfinite(h).all()
+    h.pow(2).sum().backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in enc.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_positions_do_not_leak(name):
+    """What sits in the embedding of a padding position must not change the output."""
+    torch.manual_seed(0)
+    enc = build_encoder(name, cfg(), state_len=4).eval()
+    emb, fb, valid = inputs()
+    noisy = emb + torch.randn_like(emb) * (~valid).unsqueeze(-1)
+    noisy_fb = fb + torch.rand_like(fb) * (~valid)
+    assert torch.allclose(enc(emb, fb, valid), enc(noisy, noisy_fb, valid), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gru", "nextitnet"])
+def test_left_padding_is_inert(name):
+    """GRU (masked updates) and NextItNet (causal zero padding) give the same h for [0,0,x,y] and [x,y]."""
+    torch.manual_seed(0)
+    enc4 = build_encoder(name, cfg(), state_len=4).eval()
+    enc2 = build_encoder(name, cfg(), state_len=2).eval()
+    enc2.load_state_dict(enc4.state_dict())
+    emb = torch.randn(3, 2, D)
+    fb = torch.rand(3, 2)
+    padded = torch.cat([torch.zeros(3, 2, D), emb], 1)
+    pfb = torch.cat([torch.zeros(3, 2), fb], 1)
+    valid4 = torch.tensor([[False, False, True, True]]).expand(3, -1)
+    assert torch.allclose(enc4(padded, pfb, valid4), enc2(emb, fb, torch.ones(3, 2, dtype=torch.bool)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "nextitnet"])
+def test_sees_the_most_recent_item(name):
+    torch.manual_seed(0)
+    enc = build_encoder(name, cfg(), state_len=4).eval()
+    emb, fb, valid = inputs()
+    changed = emb.clone()
+    changed[:, -1] += torch.randn(D)  # (not a constant shift: LayerNorm would remove that)
+    assert not torch.allclose(enc(emb, fb, valid)[2:], enc(changed, fb, valid)[2:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_feedback_features_used_only_when_enabled(name):
+    torch.manual_seed(0)
+    emb, fb, valid = inputs()
+    on = build_encoder(name, cfg(feedback_features=True), state_len=4).eval()
+    off = build_encoder(name, cfg(feedback_features=False), state_len=4).eval()
+    fb2 = fb + 0.7 * valid
+    assert not torch.allclose(on(emb, fb, valid)[2:], on(emb, fb2, valid)[2:])
+    assert torch.allclose(off(emb, fb, valid), off(emb, fb2, valid))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_meta_construction_then_materialise(name):
+    enc = build_encoder(name, cfg(), state_len=4, device=torch.device("meta"))
+    assert all(p.is_meta for p in enc.parameters())
+    enc = enc.to_empty(device="cpu")
+    for m in enc.modules():  # what DistributedModelParallel does for meta-built modules
+        if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False)):
+            m.reset_parameters()
+    emb, fb, valid = inputs()
+    assert torch.isfinite(enc.eval()(emb, fb, valid)).all()
+
+
+def test_unknown_encoder_name():
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_encoder("lstm", cfg(), state_len=4)

@@ -1,0 +1,179 @@
+"""Ray Data -> Ray Train streaming: collation, padding, no dropped rows, lock-step ranks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from helpers_training import ship_by_value, write_prepared
+from mtrec_dist.data.pipeline import (
+    _filter_and_rebatch,
+    collate_transitions,
+    filler_rows,
+    iter_train_batches,
+    masked_like,
+    pad_batch,
+    read_transitions,
+    transitions_path,
+)
+from mtrec_dist.data.schema import TRANSITION_COLUMNS, EvalLeakError
+
+torch.set_num_threads(1)
+ship_by_value(__name__)  # the Ray Train workers run _stream_worker from this file
+
+
+def _table(n=5, L=3, extra=True):
+    cols = {
+        "row_id": pa.array(np.arange(n), pa.int64()),
+        "user_idx": pa.array(np.zeros(n), pa.int64()),
+        "state_items": pa.array([[0] * (L - 1) + [i + 1] for i in range(n)], pa.list_(pa.int64())),
+        "state_feedback": pa.array([[0.0] * (L - 1) + [0.5] for _ in range(n)], pa.list_(pa.float32())),
+        "action": pa.array(np.arange(n) + 2, pa.int64()),
+        "action_feedback": pa.array(np.full(n, 0.25), pa.float32()),
+        "next_state_items": pa.array([[0] * (L - 2) + [i + 1, i + 2] for i in range(n)], pa.list_(pa.int64())),
+        "next_state_feedback": pa.array([[0.0] * (L - 2) + [0.5, 0.25] for _ in range(n)], pa.list_(pa.float32())),
+        "done": pa.array(np.arange(n) % 2, pa.int8()),
+        "ts": pa.array(np.arange(n), pa.int64()),
+        "pos_from_end": pa.array(np.arange(n), pa.int32()),
+    }
+    if extra:
+        cols["reward_mean"] = pa.array(np.linspace(0, 1, n), pa.float64())
+        cols["reward_q"] = pa.array([[0.1, 0.2, 0.3, 0.4]] * n, pa.list_(pa.float32()))
+    return pa.table(cols)
+
+
+def test_collate_follows_the_batch_contract_and_passes_extra_columns():
+    b = collate_transitions(_table(), state_len=3)
+    assert b["state_items"].shape == (5, 3) and b["state_items"].dtype == torch.long
+    assert b["state_feedback"].dtype == torch.float32 and b["done"].dtype == torch.float32
+    assert b["pos_from_end"].dtype == torch.long and b["action"].tolist() == [2, 3, 4, 5, 6]
+    assert b["next_state_items"][4].tolist() == [0, 5, 6]
+    assert b["mask"].tolist() == [1.0] * 5
+    # joined-in columns pass through as tensors
+    assert b["reward_mean"].dtype == torch.float32 and b["reward_mean"].shape == (5,)
+    assert b["reward_q"].shape == (5, 4) and b["reward_q"].dtype == torch.float32
+
+
+def test_collate_rejects_ragged_states_and_non_numeric_columns():
+    t = _table(extra=False)
+    bad = t.set_column(t.column_names.index("state_items"), "state_items",
+                       pa.array([[1, 2, 3]] * 4 + [[1, 2]], pa.list_(pa.int64())))
+    with pytest.raises(ValueError, match="state_items.*row 4 has 2 values, expected 3"):
+        collate_transitions(bad, state_len=3)
+    with pytest.raises(ValueError, match="state_items.*expected 4"):
+        collate_transitions(t, state_len=4)
+    with pytest.raises(ValueError, match="'note'.*non-numeric"):
+        collate_transitions(t.append_column("note", pa.array(["x"] * 5)))
+
+
+def test_split_filler_rows_are_dropped():
+    t = _table(n=4, extra=False)
+    filler = filler_rows(t.schema, 2)
+    assert filler.column("row_id").to_pylist() == [-1, -1] and filler.column("action").null_count == 2
+    out = list(_filter_and_rebatch([pa.concat_tables([t, filler])], 3, None))
+    assert [c.column("row_id").to_pylist() for c in out] == [[0, 1, 2], [3]]
+
+
+def test_pad_and_masked_batches():
+    b = collate_transitions(_table(n=3), state_len=3)
+    p = pad_batch(b, 8)
+    assert all(v.shape[0] == 8 for v in p.values())
+    assert p["mask"].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert p["action"][3:].tolist() == [2] * 5  # padding repeats a real row: ids stay valid table indices
+    m = masked_like(b, 4)
+    assert m["mask"].sum() == 0 and m["state_items"].shape == (4, 3)
+
+
+def test_skip_rows_and_rebatch():
+    t = _table(n=10, extra=False)
+    chunks = [t.slice(0, 4), t.slice(4, 4), t.slice(8, 2)]
+    out = list(_filter_and_rebatch(chunks, 3, np.array([1, 2, 5, 9])))
+    ids = [r for c in out for r in c.column("row_id").to_pylist()]
+    assert ids == [0, 3, 4, 6, 7, 8]
+    assert [c.num_rows for c in out] == [3, 3]
+
+
+def test_single_process_iteration_pads_last_batch(ray_cluster, tmp_path):
+    root = write_prepared(tmp_path / "prep", rows=37, files=2)
+    ds = read_transitions(str(root))
+    batches = list(iter_train_batches(ds.iterator(), 16, torch.device("cpu"), state_len=4))
+    assert [int(b["mask"].sum()) for b in batches] == [16, 16, 5]
+    assert all(b["state_items"].shape == (16, 4) for b in batches)
+    ids = torch.cat([b["row_id"][b["mask"] > 0] for b in batches]).tolist()
+    assert sorted(ids) == list(range(1000, 1037))
+
+
+def test_training_never_reads_eval(ray_cluster, tmp_path):
+    root = write_prepared(tmp_path / "prep", rows=20, files=1)
+    with pytest.raises(EvalLeakError):
+        read_transitions(str(root), columns=["row_id", "eval_true_satisfaction"])
+    with pytest.raises(EvalLeakError):
+        transitions_path(str(root / "eval"))
+    ds = read_transitions(str(root))
+    assert ds.schema().names == TRANSITION_COLUMNS
+    with pytest.raises(FileNotFoundError):
+        read_transitions(str(tmp_path / "missing"))
+
+
+def _stream_worker(config):
+    import ray.train
+    import torch.distributed as dist
+
+    from mtrec_dist.data.pipeline import iter_train_batches
+
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    log = {"epochs": []}
+    for epoch in range(config["epochs"]):
+        # last epoch: pretend a restored checkpoint had trained on every row but the first, so one rank
+        # has one row and the other none (it needs a template from its peer and yields a masked batch)
+        skip = np.arange(1001, 1000 + config["rows"]) if epoch == config["epochs"] - 1 else None
+        ids, steps, masked_steps = [], 0, 0
+        for batch in iter_train_batches(shard, config["batch_size"], torch.device("cpu"), state_len=4,
+                                        skip_row_ids=skip):
+            assert batch["state_items"].shape[0] == config["batch_size"]
+            ids += batch["row_id"][batch["mask"] > 0].tolist()
+            steps += 1
+            masked_steps += int(batch["mask"].sum() == 0)
+            dist.barrier()  # a rank that ran more steps than another would hang here (timeout fails the test)
+        log["epochs"].append({"ids": ids, "steps": steps, "masked_steps": masked_steps})
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
+
+
+def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mtrec_dist.data.pipeline import NoDropDataConfig
+
+    rows = 333  # odd, and not a multiple of the batch size
+    root = write_prepared(tmp_path / "prep", rows=rows, files=5)
+    ds = read_transitions(str(root))
+    out = tmp_path / "out"
+    out.mkdir()
+    trainer = TorchTrainer(
+        _stream_worker,
+        train_loop_config={"epochs": 3, "batch_size": 32, "out": str(out), "rows": rows},
+        torch_config=TorchConfig(backend="gloo", timeout_s=120),
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray")),
+        datasets={"train": ds},
+        dataset_config=NoDropDataConfig(),
+    )
+    trainer.fit()
+    logs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in range(2):
+        a, b = logs[0]["epochs"][epoch], logs[1]["epochs"][epoch]
+        assert a["steps"] == b["steps"] > 0
+        all_ids = a["ids"] + b["ids"]
+        assert len(all_ids) == rows and sorted(all_ids) == list(range(1000, 1000 + rows))
+        # equal shares: ceil(333 / 2) = 167 rows and 166 rows (+ one filler row), 6 steps of 32 each
+        assert sorted([len(a["ids"]), len(b["ids"])]) == [166, 167]
+        assert a["steps"] == 6 and a["masked_steps"] == b["masked_steps"] == 0
+    a, b = logs[0]["epochs"][2], logs[1]["epochs"][2]
+    assert a["ids"] + b["ids"] == [1000]
+    assert a["steps"] == b["steps"] == 1 and a["masked_steps"] + b["masked_steps"] == 1
