@@ -157,6 +157,10 @@ class RewardConfig:
     catalog_chunk: int = 8192  # items per chunk when the soft value runs over the full catalog
     cvar_alpha: float = 0.25  # lower-tail level for CVaR
     chi2_debias: bool = False  # chi-square term on E_s'[r] via the reward head's mean (docs/method.md)
+    # What the reward-quantile head regresses (docs/method.md, "Grounding the reward in consumption"):
+    # choice_weight * r(s,a,s') [the spec] + consumption_weight * alpha * logit(watch ratio).
+    choice_weight: float = 1.0
+    consumption_weight: float = 0.0
 
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 2, f"{key}.num_quantiles", "must be >= 2")
@@ -167,6 +171,9 @@ class RewardConfig:
         _check(0.0 < self.polyak <= 1.0, f"{key}.polyak", "must be in (0, 1]")
         _check(self.num_negatives >= 0, f"{key}.num_negatives", "must be >= 0")
         _check(0.0 < self.cvar_alpha <= 1.0, f"{key}.cvar_alpha", "must be in (0, 1]")
+        _check(self.choice_weight >= 0 and self.consumption_weight >= 0
+               and self.choice_weight + self.consumption_weight > 0, f"{key}.choice_weight/consumption_weight",
+               "must be >= 0 and not both 0")
 
 
 @dataclass

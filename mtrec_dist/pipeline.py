@@ -32,8 +32,11 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, say: Callable[[str], None] = _say) -> Dict[str, Any]:
-    """Run every stage; return ``{"report": path, "results": ..., "timings": ..., "paths": ...}``."""
+def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, worker_logs: bool = False,
+                 say: Callable[[str], None] = _say) -> Dict[str, Any]:
+    """Run every stage; return ``{"report": path, "results": ..., "timings": ..., "paths": ...}``.
+
+    ``progress``: per-report training lines; ``worker_logs``: also Ray Data's per-dataset INFO lines."""
     from mtrec_dist.data.prepare import default_paths, prepare_dataset, summarize_manifest
     from mtrec_dist.data.simulator import default_sim_dir, simulate_logs
     from mtrec_dist.evaluation.evaluate import evaluate_run, headline
@@ -59,6 +62,10 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, say: Callable[[s
         timings[name] = round(time.time() - t0, 1)
         say(f"[pipeline] {name} done in {timings[name]}s")
 
+    if not worker_logs:  # stage lines and training progress only; Ray Data's per-dataset INFO lines go to its log
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     init_ray(cfg.ray_address)
     sim_dir = None
     if cfg.source == "simulator":

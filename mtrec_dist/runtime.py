@@ -29,8 +29,11 @@ def dist_backend(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def init_ray(address: str = "", num_cpus: Optional[int] = None, **kwargs) -> None:
-    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local cluster; no-op if already attached."""
+def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: bool = True, **kwargs) -> None:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local cluster; no-op if already attached.
+
+    ``log_to_driver=False`` keeps worker output (FBGEMM/TorchRec set-up dumps, per-report lines) in the
+    session's log files (``/tmp/ray/session_latest/logs``) instead of the console."""
     import ray
 
     if ray.is_initialized():
@@ -39,6 +42,6 @@ def init_ray(address: str = "", num_cpus: Optional[int] = None, **kwargs) -> Non
     # Quiet the progress bars' per-operator noise but keep the global one.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, **kwargs)

@@ -26,14 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 
-# The job the test submits.  Its command must exist in this checkout; switch it to the tiny pipeline
-# (python jobs/pipeline.py --config configs/tiny.yaml) once `mtrec pipeline` exists.
+# The job the test submits: the whole MTRec pipeline on the tiny config (a shorter training budget and
+# one guided mode, to keep the test near two minutes on 2 CPUs).
 JOB_ENTRYPOINT = [
-    "python", "jobs/plan.py", "--items", "2001", "--dim", "16", "--world-size", "2", "--device", "cpu",
-    "--batch-size", "32", "--ddr-gb", "1",
+    "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml", "--quiet",
+    "--set", "train.max_steps=8", "--set", "rec.guidances=[none,reweight]",
 ]
+JOB_TIMEOUT_S = 420
 # What the job must leave under --storage-path.
-JOB_OUTPUT = "plan.json"
+JOB_OUTPUT = "report/report.html"
 # A job that must fail with a clear message: inside a Ray job a relative --storage-path would land in the
 # job's temporary copy of the working dir, so jobs/_entry.py refuses it (only detectable in a real job).
 FAILING_ENTRYPOINT = ["python", "jobs/plan.py", "--items", "2001"]
@@ -182,12 +183,12 @@ def head():
         assert not _our_processes(h.home, h.tmp), "processes of the test's Ray head survived stop()"
 
 
-def _submit(head, job_id, entrypoint, storage, env=None, wait=True):
+def _submit(head, job_id, entrypoint, storage, env=None, wait=True, timeout=90):
     cmd = [RAY, "job", "submit", "--address", head.address, "--submission-id", job_id, "--working-dir", ".",
            "--runtime-env", "cluster/runtime_env.yaml"]
     if not wait:
         cmd.append("--no-wait")
-    return _run([*cmd, "--", *entrypoint, "--storage-path", storage], env or head.env, timeout=90)
+    return _run([*cmd, "--", *entrypoint, "--storage-path", storage], env or head.env, timeout=timeout)
 
 
 def _status(head, job_id) -> str:
@@ -208,7 +209,7 @@ def test_job_submit_with_token_succeeds_and_writes_outputs(head):
     storage = head.tmp / "storage"
     failing = _submit(head, "mtrec-fails", FAILING_ENTRYPOINT, FAILING_STORAGE, wait=False)
     assert failing.returncode == 0, failing.stderr
-    p = _submit(head, "mtrec-ok", JOB_ENTRYPOINT, str(storage))
+    p = _submit(head, "mtrec-ok", JOB_ENTRYPOINT, str(storage), timeout=JOB_TIMEOUT_S)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert _status(head, "mtrec-ok") == "SUCCEEDED"
@@ -216,11 +217,14 @@ def test_job_submit_with_token_succeeds_and_writes_outputs(head):
     line = next(ln for ln in out.splitlines() if "mtrec_dist from" in ln)
     used = Path(line.split("mtrec_dist from", 1)[1].strip())
     assert str(head.tmp) in str(used) and REPO not in used.parents, line
-    assert "[job plan] SUCCEEDED" in out
-    result = json.loads((storage / JOB_OUTPUT).read_text())
-    assert result["inputs"]["num_items"] == 2001 and result["inputs"]["world_size"] == 2
-    assert result["plan"]["sharding_type"] in ("row_wise", "table_wise", "column_wise")
-    assert sum(s["sizes"][0] for s in result["plan"]["shards"] if s["offsets"][1] == 0) == 2001
+    assert "[job pipeline] SUCCEEDED" in out and "report:" in out
+    report = (storage / JOB_OUTPUT).read_text()
+    assert "<td>sasrec</td><td>none</td>" in report and "<td>sasrec</td><td>reweight</td>" in report
+    summary = json.loads((storage / "pipeline.json").read_text())
+    assert summary["report"] == str(storage / JOB_OUTPUT)
+    metrics = json.loads((storage / "report" / "metrics.json").read_text())
+    assert metrics["data"]["rows_in"] == metrics["data"]["rows_ok"] + metrics["data"]["rows_rejected"]
+    assert all(r["curve"][-1]["step"] <= 8 for r in metrics["recommenders"])  # the --set overrides reached it
 
     # The failing job ends FAILED, with the reason in its logs and nothing written.
     assert _status(head, "mtrec-fails") == "FAILED"

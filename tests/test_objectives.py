@@ -305,3 +305,20 @@ def test_qriql_builds_on_meta_and_dmp_materialises_it(tmp_path):
         assert model.critic_weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_consumption_implied_reward_is_the_inverse_of_a_soft_binary_choice():
+    from mtrec_dist.objectives.qr_iql import consumption_implied_reward, realised_reward_target
+
+    y = torch.tensor([0.5, 0.75, 1.0, 0.0])
+    # alpha * logit(y): logit(0.5) = 0, logit(0.75) = ln 3, and y is clipped to [0.02, 0.98]: ln 49.
+    expected = 2.0 * torch.tensor([0.0, math.log(3.0), math.log(49.0), -math.log(49.0)])
+    torch.testing.assert_close(consumption_implied_reward(y, alpha=2.0), expected)
+    # sigmoid(r_c / alpha) recovers the watch ratio inside the clip range
+    torch.testing.assert_close(torch.sigmoid(consumption_implied_reward(y[:2], 2.0) / 2.0), y[:2])
+    implied = torch.tensor([1.0, -1.0, 0.5, 0.0], requires_grad=True)
+    spec = realised_reward_target(implied, y, 2.0, choice_weight=1.0, consumption_weight=0.0)
+    torch.testing.assert_close(spec, implied.detach())
+    mixed = realised_reward_target(implied, y, 2.0, choice_weight=0.5, consumption_weight=1.0)
+    torch.testing.assert_close(mixed, 0.5 * implied.detach() + expected)
+    assert not mixed.requires_grad  # a regression target: no gradient into the critic

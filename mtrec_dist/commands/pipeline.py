@@ -12,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, metavar="DIR", help="output directory (default: run_dir of the config)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
     p.add_argument("--quiet", action="store_true", help="stage lines only, no per-report progress")
+    p.add_argument("--worker-logs", action="store_true",
+                   help="also print Ray Data's per-dataset INFO lines (set MTREC_WORKER_LOG_LEVEL=INFO for "
+                        "FBGEMM/TorchRec set-up logs of the training workers)")
 
 
 def run(args) -> int:
@@ -24,7 +27,7 @@ def run(args) -> int:
     if args.ray_address:
         cfg.ray_address = args.ray_address
     cfg.validate()
-    out = run_pipeline(cfg, progress=not args.quiet)
+    out = run_pipeline(cfg, progress=not args.quiet, worker_logs=args.worker_logs)
     print("MTRec pipeline finished in {:.0f}s".format(out["timings_s"]["total"]))
     for line in out["headline"]:
         print("  " + line)

@@ -229,6 +229,81 @@ def load_manifest(path: str) -> dict:
     return manifest
 
 
+# ---- carry-over between daily inputs (daily retraining) ---------------------------------------------
+CARRY_FILE = "users.parquet"
+CARRY_SCHEMA = pa.schema([
+    pa.field("user_id", pa.int64(), nullable=False),  # raw user id
+    pa.field("state_raw", pa.list_(pa.int64())),  # the user's last state_len engaged items (raw ids), -1 = padding
+    pa.field("state_feedback", pa.list_(pa.float32())),  # their feedback (0 on padding)
+    pa.field("last_ts", pa.int64()),  # ts of the user's last engaged event
+])
+
+
+def load_carry(path: str, state_len: int) -> pa.Table:
+    """The carry-over table under ``path`` (a dir holding ``users.parquet``, or the file), sorted by user."""
+    fs, root = resolve_filesystem(path)
+    p = root if root.endswith(".parquet") else join_path(root, CARRY_FILE)
+    try:
+        with fs.open_input_file(p) as f:
+            t = pq.read_table(f)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"carry-over: cannot read {rd.display_path(fs, p)} ({e})") from e
+    missing = [c for c in CARRY_SCHEMA.names if c not in t.column_names]
+    if missing:
+        raise InputError(f"carry-over {rd.display_path(fs, p)} lacks column(s) {missing}")
+    t = t.select(CARRY_SCHEMA.names).cast(CARRY_SCHEMA).sort_by("user_id")
+    lens = pc.list_value_length(t.column("state_raw")).to_numpy(zero_copy_only=False)
+    if t.num_rows and not (lens == state_len).all():
+        raise InputError(f"carry-over {rd.display_path(fs, p)} holds states of length {sorted(set(lens.tolist()))}, "
+                         f"prepare.state_len is {state_len}")
+    return t
+
+
+def _carry_arrays(t: pa.Table, state_len: int) -> tuple:
+    """(sorted raw user ids, items [n, L], feedback [n, L]) of a carry table (what annotate_users reads)."""
+    n = t.num_rows
+    items = pc.list_flatten(t.column("state_raw")).to_numpy().reshape(n, state_len)
+    fb = pc.list_flatten(t.column("state_feedback")).to_numpy().astype(np.float32).reshape(n, state_len)
+    return t.column("user_id").to_numpy(), items, fb
+
+
+def update_carry(previous: Optional[pa.Table], prepared_dir: str, vocab: "Vocab", state_len: int) -> pa.Table:
+    """Carry-over after a prepared dataset: each user's last transition's next state (in raw ids), plus the
+    carried users of ``previous`` that this data did not see (unchanged)."""
+    import pyarrow.dataset as pads
+
+    fs, root = resolve_filesystem(prepared_dir)
+    tdir = join_path(root, TRANSITIONS_DIR)
+    if fs.get_file_info(tdir).type == pafs.FileType.Directory:
+        last = pads.dataset(tdir, filesystem=fs, format="parquet").to_table(
+            columns=["user_idx", "next_state_items", "next_state_feedback", "ts"],
+            filter=pc.field("pos_from_end") == 0)
+    else:
+        last = pa.table({"user_idx": pa.array([], pa.int64()), "next_state_items": pa.array([], pa.list_(pa.int64())),
+                         "next_state_feedback": pa.array([], pa.list_(pa.float32())), "ts": pa.array([], pa.int64())})
+    n = last.num_rows
+    idx = pc.list_flatten(last.column("next_state_items")).to_numpy().reshape(n, state_len)
+    raw = np.where(idx > 0, vocab.item_raw_id(idx), PAD_RAW).astype(np.int64)
+    users = vocab.user_raw[last.column("user_idx").to_numpy()]
+    today = pa.Table.from_arrays(
+        [pa.array(users, pa.int64()), _lists(raw, state_len, pa.int64()),
+         last.column("next_state_feedback").combine_chunks().cast(pa.list_(pa.float32())),
+         last.column("ts").combine_chunks()], schema=CARRY_SCHEMA)
+    if np.unique(users).size != n:
+        raise AccountingError("a user has more than one last transition (pos_from_end == 0)")
+    if previous is not None and previous.num_rows:
+        keep = pc.invert(pc.is_in(previous.column("user_id"), value_set=pa.array(users, pa.int64())))
+        today = pa.concat_tables([previous.filter(keep).cast(CARRY_SCHEMA), today])
+    return today.sort_by("user_id")
+
+
+def save_carry(t: pa.Table, path: str) -> None:
+    fs, root = resolve_filesystem(path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(join_path(root, CARRY_FILE)) as f:
+        pq.write_table(t.cast(CARRY_SCHEMA), f)
+
+
 # ---- stage 1: read + row-level validation ------------------------------------------------------------
 def validate_rows(t: pa.Table, partition_day: Optional[str], max_item_id: int, max_ts: int) -> pa.Table:
     """Fill ``reject_reason`` (where still null) with the first row-level problem found (see ROW_CHECKS)."""
@@ -358,13 +433,16 @@ def _get(ref):
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
-def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_base) -> pa.Table:
+def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_base, carry=None) -> pa.Table:
     """Ray Data UDF over a block holding whole users: per-user rejects, sessions and state windows.
 
     Returns one row per input row: the event columns, ``reject_reason`` (``duplicate_event`` /
     ``ts_out_of_order`` or null), and for engaged rows the transition fields (``_is_transition`` = 1)
     in *raw* ids (``state_raw`` padded with -1); :func:`index_transitions` maps them to indices once the
     vocab of the accepted rows is known.  ``row_base`` = (sorted raw user ids, first row_id of each).
+    ``carry`` (daily retraining) = (sorted raw user ids, their last ``state_len`` items in raw ids [n, L]
+    padded with -1, the items' feedback [n, L]): a carried user's first states start from those items
+    instead of padding (see :func:`load_carry`); ``None`` = every user starts empty.
     """
     user_sorted_raw, user_row_base = _get(row_base)
     n, L = block.num_rows, state_len
@@ -424,6 +502,19 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
         src = np.flatnonzero(k >= j)
         state[src, L - j] = action[src - j]
         state_fb[src, L - j] = fb[src - j]
+    if carry is not None and m:
+        # history before the first event of this input = the carried last L items: the item j steps back
+        # from event k (k < j) is carried item L - (j - k)
+        c_users, c_items, c_fb = _get(carry)
+        if c_items.shape[1] != L:
+            raise ValueError(f"carry-over state has {c_items.shape[1]} items per user, state_len is {L}")
+        if c_users.size:
+            pos = np.clip(np.searchsorted(c_users, eu), 0, c_users.size - 1)
+            has = c_users[pos] == eu
+            for j in range(1, L + 1):
+                src = np.flatnonzero((k < j) & has)
+                state[src, L - j] = c_items[pos[src], L - j + k[src]]
+                state_fb[src, L - j] = c_fb[pos[src], L - j + k[src]]
     row_id = _find(user_sorted_raw, eu, "user", user_row_base) + k
 
     # one output row per input row; transition fields only on engaged rows
@@ -628,11 +719,20 @@ def _prepare_output(fs, root: str, overwrite: bool, display: str) -> None:
 
 
 def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Optional[str] = None,
-                    vocab_dir: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
+                    vocab_dir: Optional[str] = None, progress: Optional[Callable[[str], None]] = None, *,
+                    carry_in: Optional[str] = None, carry_out: Optional[str] = None,
+                    row_id_offset: int = 0) -> dict:
     """Run the whole prepare pipeline on Ray Data; write the dataset under ``output``; return the manifest.
 
     ``input``/``output``/``vocab_dir`` default to ``cfg.input``/``cfg.output``/``cfg.vocab_dir``.
     Starts (or attaches to) a Ray cluster if none is running.
+
+    Daily retraining (:mod:`mtrec_dist.retrain`): ``carry_in`` = a carry-over dir written by an earlier
+    prepare (``carry_out``) whose users' first states start from their carried last ``state_len`` items
+    (needs ``vocab_dir``, the vocab those items are in); ``carry_out`` = where to write each user's last
+    ``state_len`` engaged items after this input (carried users absent from it are kept as they were);
+    ``row_id_offset`` is added to every ``row_id`` so that the row ids of successive inputs never collide
+    (this dataset's ids lie in ``[row_id_offset, row_id_offset + rows_in)``; manifest ``next_row_id``).
     """
     import ray
     from ray.data.expressions import col
@@ -657,6 +757,17 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
     fs_in, files = rd.list_input_files(input_uri, cfg.format)
     units, _ = _work_units(fs_in, files, cfg.format, cfg.column_map, cfg.delimiter, say)
     base_vocab = load_vocab(vocab_dir) if vocab_dir else None
+    if row_id_offset < 0:
+        raise ValueError(f"row_id_offset must be >= 0, got {row_id_offset}")
+    carried = load_carry(carry_in, cfg.state_len) if carry_in else None
+    if carried is not None and carried.num_rows:
+        if base_vocab is None:
+            raise InputError(f"carry-over {carry_in} needs the vocab its items are in (vocab_dir)")
+        c_items = pc.list_flatten(carried.column("state_raw")).to_numpy()
+        unknown = np.setdiff1d(c_items[c_items != PAD_RAW], base_vocab.item_raw)
+        if unknown.size:
+            raise InputError(f"carry-over {carry_in} holds item ids missing from vocab {vocab_dir}: "
+                             f"{unknown[:5].tolist()}")
     fs_out, out_root = resolve_filesystem(output_uri)
     out_display = rd.display_path(fs_out, out_root)
     _prepare_output(fs_out, out_root, cfg.overwrite, out_display)
@@ -686,7 +797,8 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         users = _sum_by(stats, "user", "id")
         user_counts = users.column("count_sum").to_numpy()
         row_base = ray.put((users.column("id").to_numpy(),
-                            np.concatenate([[0], np.cumsum(user_counts)[:-1]]).astype(np.int64)))
+                            np.concatenate([[0], np.cumsum(user_counts)[:-1]]).astype(np.int64) + row_id_offset))
+        carry_ref = ray.put(_carry_arrays(carried, cfg.state_len)) if carried is not None else None
         ok = staged.filter(expr=col(REASON_COLUMN).is_null())
         rows_ok_staged = rows_in - _total(stats, "reason")
         partitions = max(1, min(cfg.max_partitions, -(-rows_ok_staged // cfg.rows_per_partition)))
@@ -695,7 +807,8 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
                    else ok.repartition(partitions, keys=["user_id"], sort=True))
         annotated = grouped.map_batches(
             annotate_users, batch_size=None, batch_format="pyarrow",
-            fn_kwargs=dict(state_len=cfg.state_len, session_gap_s=cfg.session_gap_s, row_base=row_base),
+            fn_kwargs=dict(state_len=cfg.state_len, session_gap_s=cfg.session_gap_s, row_base=row_base,
+                           **(dict(carry=carry_ref) if carry_ref is not None else {})),
         ).materialize()
         ann_stats = _collect(annotated, _annotated_stats)
         t0 = lap("sessionize", t0)
@@ -773,6 +886,16 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         shards=shards, seconds=timings, total_seconds=round(time.time() - t_start, 3),
         events_per_s=round(rows_in / max(time.time() - t_start, 1e-9), 1),
     )
+    if row_id_offset or carry_in or carry_out:
+        manifest.update(row_id_offset=int(row_id_offset), next_row_id=int(row_id_offset + rows_in))
+    if carry_in or carry_out:
+        carry_stats = dict(input=carry_in or None, output=carry_out or None,
+                           users_in=int(carried.num_rows) if carried is not None else 0)
+        if carry_out:
+            new_carry = update_carry(carried, output_uri, vocab, cfg.state_len)
+            save_carry(new_carry, carry_out)
+            carry_stats["users_out"] = int(new_carry.num_rows)
+        manifest["carry"] = carry_stats
     with fs_out.open_output_stream(join_path(out_root, MANIFEST_FILE)) as f:
         f.write(json.dumps(manifest, indent=2).encode())
     say(f"[prepare] {rows_in:,} rows in = {rows_ok:,} ok + {rows_rejected:,} rejected; "

@@ -110,7 +110,7 @@ def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prep
 
     ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action"])
     ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path), batch_size=1024,
-                        batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
+                        batch_format="numpy", concurrency=(1, concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
 
 
@@ -158,10 +158,12 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
 
     ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action",
                                                  "pos_from_end"])
-    ds = ds.filter(expr=f"pos_from_end == {int(pos_from_end)}")
+    from ray.data.expressions import col
+
+    ds = ds.filter(expr=col("pos_from_end") == int(pos_from_end))
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
-                        batch_size=256, batch_format="numpy", concurrency=concurrency, num_cpus=0.5)
+                        batch_size=256, batch_format="numpy", concurrency=(1, concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
 
 
@@ -175,6 +177,16 @@ def read_eval_table(prepared_dir: str) -> pa.Table:
     return pads.dataset(join_path(root, "eval"), filesystem=fs, format="parquet").to_table()
 
 
+def _report(ranks: np.ndarray, ks: Sequence[int]) -> dict:
+    """:func:`ranking_report` with the names the report and the literature use (HR@k, NDCG@k, MRR)."""
+    names = {"mrr": "MRR", "n": "n"}
+    out = {}
+    for key, value in ranking_report(ranks, ks).items():
+        metric, _, k = key.partition("@")
+        out[f"{metric.upper()}@{k}" if k else names.get(key, key)] = value
+    return out
+
+
 def ranking_metrics(ranked: pa.Table, eval_table: pa.Table, ks: Sequence[int]) -> dict:
     """HR/NDCG on all targets and satisfied targets (full ranking), plus the sampled protocol."""
     sat, _, _ = satisfied_labels(eval_table)
@@ -183,9 +195,9 @@ def ranking_metrics(ranked: pa.Table, eval_table: pa.Table, ks: Sequence[int]) -
     is_sat = np.array([sat_by_row.get(r, False) for r in rows], dtype=bool)
     full = ranked.column("rank_full").to_numpy()
     sampled = ranked.column("rank_sampled").to_numpy()
-    out = {"all": ranking_report(full, ks), "sampled": ranking_report(sampled, ks),
+    out = {"all": _report(full, ks), "sampled": _report(sampled, ks),
            "n_test": int(len(rows)), "n_satisfied": int(is_sat.sum())}
-    out["satisfied"] = ranking_report(full[is_sat], ks) if is_sat.any() else {}
+    out["satisfied"] = _report(full[is_sat], ks) if is_sat.any() else {}
     return out
 
 

@@ -149,11 +149,16 @@ def write_tensorboard(results: dict, logdir: Path) -> None:
         for r in results.get("recommenders", []):
             tag = f"{r['backbone']}_{r['guidance']}"
             for split, m in (r.get("offline") or {}).items():
+                if not isinstance(m, dict):  # counts such as n_test
+                    continue
                 for k, v in m.items():
                     if isinstance(v, (int, float)):
                         w.add_scalar(f"offline/{tag}/{split}/{k}", v, 0)
             for k, v in (r.get("online") or {}).items():
-                w.add_scalar(f"online/{tag}/{k}", v["mean"], 0)
+                if isinstance(v, dict) and "mean" in v:
+                    w.add_scalar(f"online/{tag}/{k}", v["mean"], 0)
+            for k, v in ((r.get("online") or {}).get("paired_gain") or {}).items():
+                w.add_scalar(f"online_gain/{tag}/{k}", v["mean"], 0)
 
 
 def write_report(results: dict, out_dir: str | Path, ks: list[int] = (5, 10, 20)) -> Path:

@@ -32,6 +32,7 @@ from ..objectives.qr_iql import (
     cvar,
     distributional_soft_target,
     qr_iql_loss,
+    realised_reward_target,
     quantile_midpoints,
     soft_value,
 )
@@ -279,8 +280,10 @@ class QRIQLModel(nn.Module):
         p_r = self._project(h_both[:b], self.reward_weight, self.reward_item_bias)
         r_q = torch.einsum("bnd,bd->bn", p_r, e_a)  # [B, N]
 
+        watch = batch["action_feedback"].float() if "action_feedback" in batch else torch.ones_like(done)
+        r_target = realised_reward_target(r, watch, cfg.alpha, cfg.choice_weight, cfg.consumption_weight)
         out = qr_iql_loss(
-            q_sa, v_s, v_s2, done, z_sa, targets, r_q, r.detach(), self.taus(dev),
+            q_sa, v_s, v_s2, done, z_sa, targets, r_q, r_target, self.taus(dev),
             cfg.gamma, cfg.chi2_c, cfg.kappa, cfg.lambda_qr, cfg.lambda_r, mask, debias_chi2=cfg.chi2_debias,
         )
         with torch.no_grad():

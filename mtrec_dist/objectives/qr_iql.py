@@ -69,6 +69,34 @@ def implied_reward(q_sa: torch.Tensor, v_next: torch.Tensor, done: torch.Tensor,
     return q_sa - gamma * (1.0 - done.to(q_sa.dtype)) * v_next
 
 
+def consumption_implied_reward(watch_ratio: torch.Tensor, alpha: float, eps: float = 0.02) -> torch.Tensor:
+    """Implied reward of the consumption choice: ``r_c = alpha * logit(clip(y, eps, 1 - eps))``.
+
+    After engaging with an item the user keeps consuming it (reward ``r``) or stops (outside option,
+    reward 0).  A soft-optimal (Boltzmann, temperature ``alpha``) binary choice continues with probability
+    ``sigmoid(r / alpha)``; reading the watch ratio ``y`` as that probability and inverting gives ``r_c``.
+    ``eps`` bounds the logit (``y`` of exactly 0 or 1 would be infinite).  Sources without a watch signal
+    carry ``y = 1`` for every row, so ``r_c`` is the same constant everywhere and ranks nothing.
+    """
+    y = watch_ratio.clamp(eps, 1.0 - eps)
+    return alpha * (torch.log(y) - torch.log1p(-y))
+
+
+def realised_reward_target(implied: torch.Tensor, watch_ratio: torch.Tensor, alpha: float,
+                           choice_weight: float, consumption_weight: float) -> torch.Tensor:
+    """What the reward-quantile head regresses:
+    ``r_real = choice_weight * sg(r(s,a,s')) + consumption_weight * consumption_implied_reward(y)``.
+
+    ``choice_weight=1, consumption_weight=0`` is the spec (the item choice's implied reward only).  See
+    docs/method.md ("Grounding the reward in consumption") for why the consumption term is needed when
+    clicks follow appeal rather than satisfaction.
+    """
+    out = choice_weight * implied.detach()
+    if consumption_weight:
+        out = out + consumption_weight * consumption_implied_reward(watch_ratio.to(out.dtype), alpha)
+    return out
+
+
 def iq_chi2_loss(
     q_sa: torch.Tensor,
     v_s: torch.Tensor,

@@ -113,6 +113,7 @@ def fit_distributed(
     extra_meta: Optional[Dict[str, Any]] = None,
     label: str = "train",
     progress: bool = True,
+    warm_start: Optional[str] = None,
 ) -> FitResult:
     """Train ``model_factory(device)`` (a module with ``losses(batch) -> {"loss": ..., ...}``) on Ray Train.
 
@@ -125,6 +126,12 @@ def fit_distributed(
     ``row_counts``: rows per dataset if known (saves a ``Dataset.count()`` when splitting).
     ``extra_meta``: JSON-able fields stored in every checkpoint's meta (e.g. what is needed to rebuild the
     model for inference).
+    ``warm_start``: a checkpoint path/URI of an earlier run (e.g. yesterday's model) whose weights
+    initialise this run's model when it starts fresh (no checkpoint of its own to restore and no
+    ``resume``): see :func:`~mtrec_dist.training.checkpoint.warm_start_module` (the item table may have
+    grown: old rows copied, new rows freshly initialised).  Step, epoch and the optimizer state start
+    fresh (Adam moments and the sparse Adagrad accumulators are not carried over).  A restart after a
+    failure restores this run's own checkpoint, never the warm-start weights again.
     The factory must be picklable (e.g. ``functools.partial`` of a class).
     """
     import ray
@@ -146,6 +153,12 @@ def fit_distributed(
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     resume_path = resolve_resume(resume, storage)
+    warm_path = None
+    if warm_start:
+        from mtrec_dist.training.checkpoint import read_checkpoint_meta
+
+        read_checkpoint_meta(warm_start)  # a clear error if it is not an mtrec checkpoint
+        warm_path = warm_start if "://" in warm_start else os.path.abspath(warm_start)
     use_gpu = resolve_use_gpu(train_cfg.use_gpu)
     fingerprint = fingerprint if fingerprint is not None else {"train": dataclasses.asdict(train_cfg)}
 
@@ -157,6 +170,7 @@ def fit_distributed(
         "train_cfg": train_cfg,
         "use_gpu": use_gpu,
         "resume_path": resume_path,
+        "warm_start": warm_path,
         "output_dir": output_dir,
         "run_name": run_name,
         "state_len": state_len,
@@ -305,16 +319,28 @@ def _row_checksum(parts: List[np.ndarray], device: torch.device, world_size: int
     return {"rows": int(vec[0]), "row_id_sum": float(vec[1]), "row_id_sqsum": float(vec[2])}
 
 
+def _quiet_library_loggers() -> None:
+    """FBGEMM/TorchRec log every kernel's full argument list at INFO and Ray Train logs every report: on a
+    console that buries the progress lines.  ``MTREC_WORKER_LOG_LEVEL=INFO`` brings them back."""
+    import logging
+
+    level = getattr(logging, os.environ.get("MTREC_WORKER_LOG_LEVEL", "WARNING").upper(), logging.WARNING)
+    for name in ("", "fbgemm_gpu", "torchrec", "ray.train"):
+        logging.getLogger(name).setLevel(level)
+
+
 def _train_worker(config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
     from mtrec_dist.data.pipeline import consumed_row_ids, iter_train_batches
-    from mtrec_dist.training.checkpoint import load_checkpoint, local_checkpoint_dir, save_checkpoint
+    from mtrec_dist.training.checkpoint import (load_checkpoint, local_checkpoint_dir, save_checkpoint,
+                                                warm_start_module)
     from mtrec_dist.training.sharding import local_shard_sizes, plan_summary, shard_model
 
     t_enter = time.time()
+    _quiet_library_loggers()
     cfg: TrainConfig = config["train_cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -350,11 +376,17 @@ def _train_worker(config: Dict[str, Any]) -> None:
         if meta.get("config_hash") != config["config_hash"]:
             writer.event("warning", message=f"config hash {config['config_hash']} differs from the checkpoint's "
                          f"{meta.get('config_hash')}: the run continues with the new config")
+    warm_report = None
+    if source is None and config.get("warm_start"):
+        warm_report = warm_start_module(dmp, config["warm_start"])  # every rank fills its own shards
+        if warm_report["max_abs_diff"] != 0.0:
+            raise RuntimeError(f"warm start from {config['warm_start']} did not copy the weights exactly "
+                               f"(max |diff| {warm_report['max_abs_diff']})")
     shard_sizes: List[Any] = [local_shard_sizes(dmp)]
     if world > 1:
         shard_sizes = [None] * world
         dist.all_gather_object(shard_sizes, local_shard_sizes(dmp))
-    writer.event("start", step=step, epoch=epoch, restored_from=restored_from, world_size=world,
+    writer.event("start", step=step, epoch=epoch, restored_from=restored_from, warm_start=warm_report, world_size=world,
                  device=str(device), plan=plan_summary(sharded.plan), shard_sizes_by_rank=shard_sizes,
                  worker_entered=t_enter, setup_s=time.time() - t_enter)
 

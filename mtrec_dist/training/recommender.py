@@ -94,16 +94,21 @@ def read_training_rows(scored_dir: str, guidance: str):
                          "transitions dataset written by `mtrec score-rewards` (transitions mode)")
     keep = [c for c in names if c in need]
     assert_training_columns(keep)
-    return ds.select_columns(keep).filter(expr=f"pos_from_end != {TEST_POSITION}")
+    from ray.data.expressions import col
+
+    return ds.select_columns(keep).filter(expr=col("pos_from_end") != TEST_POSITION)
 
 
 def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,
                       backbone: Optional[str] = None, guidance: Optional[str] = None,
-                      resume: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+                      resume: Optional[str] = None, progress: bool = True,
+                      warm_start: Optional[str] = None) -> Dict[str, Any]:
     """Train one recommender (``backbone`` x ``guidance``, default ``cfg.rec``) on Ray Train + TorchRec.
 
     ``scored_dir``: output of `mtrec score-rewards` for ``prepared_dir``.  Writes metrics and TensorBoard
     files under ``output_dir`` and ``<output_dir>/recommender.json`` naming the final checkpoint.
+    ``warm_start``: an earlier checkpoint of the same backbone whose weights initialise a fresh run (daily
+    retraining; the catalog may have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
     "guidance", "train_rows"}``.
     """
@@ -133,11 +138,13 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
         recommender_factory(spec, counts), cfg.train, {"train": read_training_rows(scored_dir, guidance)},
         run_name, storage, resume, output_dir=output_dir, state_len=manifest["state_len"],
         fingerprint=fingerprint, row_counts={"train": train_rows}, extra_meta={"model_spec": spec},
-        label=f"train-rec {backbone}/{guidance}", progress=progress,
+        label=f"train-rec {backbone}/{guidance}", progress=progress, warm_start=warm_start,
     )
     summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
                "storage_path": result.storage_path, "output_dir": output_dir, "backbone": backbone,
                "guidance": guidance, "train_rows": train_rows}
+    if warm_start:
+        summary["warm_start"] = warm_start
     Path(output_dir, POINTER_FILE).write_text(json.dumps(summary, indent=1, default=float))
     return summary
 

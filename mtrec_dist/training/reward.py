@@ -82,12 +82,15 @@ def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray]
 
 
 def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
-                       resume: Optional[str] = None, *, progress: bool = True) -> Dict[str, Any]:
+                       resume: Optional[str] = None, *, progress: bool = True,
+                       warm_start: Optional[str] = None) -> Dict[str, Any]:
     """Train the QR-IQL reward model on ``<prepared_dir>/transitions`` with Ray Train + TorchRec.
 
     Writes metrics (``metrics.jsonl``, ``tensorboard/``) under ``output_dir``, checkpoints under
     ``cfg.train.storage_path`` (default ``<output_dir>/ray_results``), and ``<output_dir>/reward_model.json``
-    naming the final checkpoint.  ``resume``: ``"latest"`` or a checkpoint path.  Returns
+    naming the final checkpoint.  ``resume``: ``"latest"`` or a checkpoint path.  ``warm_start``: an
+    earlier reward-model checkpoint whose weights initialise a fresh run (daily retraining; the catalog may
+    have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).  Returns
     ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir"}``.
     """
     from mtrec_dist.data.pipeline import count_transitions, read_transitions
@@ -114,9 +117,12 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
         reward_model_factory(spec, counts), cfg.train, {"train": read_transitions(prepared_dir)}, run_name, storage,
         resume, output_dir=output_dir, state_len=manifest["state_len"], fingerprint=fingerprint,
         row_counts={"train": rows}, extra_meta={"model_spec": spec}, label="train-reward", progress=progress,
+        warm_start=warm_start,
     )
     summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
                "storage_path": result.storage_path, "output_dir": output_dir}
+    if warm_start:
+        summary["warm_start"] = warm_start
     Path(output_dir, LATEST_POINTER).write_text(json.dumps(summary, indent=1, default=float))
     return summary
 
