@@ -32,7 +32,7 @@ JOB_ENTRYPOINT = [
     "python", "jobs/pipeline.py", "--config", "configs/tiny.yaml", "--quiet",
     "--set", "train.max_steps=8", "--set", "rec.guidances=[none,reweight]",
 ]
-JOB_TIMEOUT_S = 420
+JOB_TIMEOUT_S = 900  # about 2 min on an idle 2-core box; generous for loaded CI machines
 # What the job must leave under --storage-path.
 JOB_OUTPUT = "report/report.html"
 # A job that must fail with a clear message: inside a Ray job a relative --storage-path would land in the

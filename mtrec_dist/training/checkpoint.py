@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -258,7 +259,9 @@ def load_unsharded_model(model_factory: Callable[[torch.device], nn.Module], che
     model = model_factory(device)
     module = TrainingModule(model)
     state = {"model": module.state_dict()}
-    with local_checkpoint_dir(checkpoint_path) as d:
+    with local_checkpoint_dir(checkpoint_path) as d, warnings.catch_warnings():
+        # a single-process load is the intent here, not a missing process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp_load(state, d)
     module.load_state_dict(state["model"], strict=True)
     model.eval()
