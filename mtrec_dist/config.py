@@ -226,6 +226,7 @@ class TrainConfig:
     max_failures: int = 1
     collective_timeout_s: int = 300
     storage_path: str = ""  # local dir or cloud URI ("" = <run_dir>/ray_results)
+    ray_report_min_interval_s: float = 3.0  # Ray gets a result at most this often (metrics.jsonl: every report_every)
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
@@ -243,6 +244,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(self.max_steps >= 0, f"{key}.max_steps", "must be >= 0")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _check(self.ray_report_min_interval_s >= 0, f"{key}.ray_report_min_interval_s", "must be >= 0")
         _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")

@@ -30,6 +30,12 @@ with 0; ``state_feedback`` is their watch ratio (1.0 where the source has none, 
 dataset (a per-user base offset plus the position in the user's sequence).
 
 Row accounting is checked in code: ``rows_in == rows_ok + rows_rejected`` or :class:`AccountingError`.
+
+Daily retraining (:mod:`mtrec_dist.retrain`) prepares one day at a time: ``carry_in`` starts each user's
+states from the last ``state_len`` items carried over from earlier days (``carry/users.parquet``, raw
+ids), ``carry_out`` writes the updated carry-over, and ``row_id_offset`` shifts the row ids past the
+previous days' (manifest ``row_id_offset`` / ``next_row_id``).  ``pos_from_end`` and ``done`` stay
+per input: a user's last transition of the day is ``done = 1`` and that day's test row.
 """
 from __future__ import annotations
 

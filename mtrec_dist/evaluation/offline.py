@@ -30,11 +30,17 @@ class RankingScorer:
     """Ray Data callable: rank of each row's action under the recommender (full catalog and sampled)."""
 
     def __init__(self, model_factory: ModelFactory, checkpoint_path: str, num_items: int,
-                 sampled_negatives: int, seed: int, chunk: int = 8192):
+                 sampled_negatives: int, seed: int, chunk: int = 8192, histories_ref=None):
         from mtrec_dist.training.checkpoint import load_unsharded_model
 
         torch.set_num_threads(1)
         self.model = load_unsharded_model(model_factory, checkpoint_path)
+        # user_idx -> every item the user engaged with (the sampled protocol never draws those as negatives)
+        self.histories: Dict[int, np.ndarray] = {}
+        if histories_ref is not None:
+            import ray
+
+            self.histories = ray.get(histories_ref[0])
         self.num_items = num_items
         self.sampled_negatives = min(sampled_negatives, max(num_items - 1, 1))
         self.seed = seed
@@ -53,22 +59,27 @@ class RankingScorer:
         target_score = scores.gather(1, (action - 1).unsqueeze(1)).squeeze(1)
         # Pessimistic on ties: every other item scoring >= the target ranks above it.
         rank_full = (scores >= target_score.unsqueeze(1)).sum(1) - 1
-        neg = self._negatives(batch["row_id"], state_items.numpy(), action.numpy())
+        users = batch["user_idx"] if "user_idx" in batch else np.full(len(batch["row_id"]), -1)
+        neg = self._negatives(batch["row_id"], state_items.numpy(), action.numpy(), users)
         neg_scores = scores.gather(1, torch.as_tensor(neg - 1))
         rank_sampled = (neg_scores >= target_score.unsqueeze(1)).sum(1)
         return {"row_id": np.asarray(batch["row_id"]), "rank_full": rank_full.numpy(),
                 "rank_sampled": rank_sampled.numpy(), "score_target": target_score.numpy()}
 
-    def _negatives(self, row_ids: np.ndarray, state_items: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """``sampled_negatives`` items per row, uniform over items not in the state and not the target.
+    def _negatives(self, row_ids: np.ndarray, state_items: np.ndarray, action: np.ndarray,
+                   users: np.ndarray) -> np.ndarray:
+        """``sampled_negatives`` items per row, uniform over items the user never engaged with (SASRec's
+        protocol: not in the user's history, not the target; the state where no history is given).
 
         Deterministic per row (seeded by row id), so every model is ranked against the same negatives.
         """
         n = self.sampled_negatives
         out = np.empty((len(row_ids), n), dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
         for r, rid in enumerate(row_ids):
             rng = np.random.default_rng([self.seed, int(rid)])
             banned = set(state_items[r].tolist()) | {int(action[r]), 0}
+            banned.update(self.histories.get(int(users[r]), empty).tolist())
             picked: list[int] = []
             while len(picked) < n:
                 cand = rng.integers(1, self.num_items + 1, size=2 * n)
@@ -156,15 +167,32 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     """Rank every test transition (``pos_from_end``) with the trained recommender, on Ray Data."""
     from mtrec_dist.data.pipeline import read_transitions
 
-    ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action",
-                                                 "pos_from_end"])
+    import ray
     from ray.data.expressions import col
 
+    ds = read_transitions(prepared_dir, columns=["row_id", "user_idx", "state_items", "state_feedback", "action",
+                                                 "pos_from_end"])
     ds = ds.filter(expr=col("pos_from_end") == int(pos_from_end))
+    histories_ref = [ray.put(user_histories(prepared_dir))]
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
+                        fn_constructor_kwargs={"histories_ref": histories_ref},
                         batch_size=256, batch_format="numpy", concurrency=(1, concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+
+
+def user_histories(prepared_dir: str) -> Dict[int, np.ndarray]:
+    """``user_idx -> unique item indices`` the user engaged with anywhere in the prepared dataset."""
+    import pyarrow.dataset as pads
+
+    from mtrec_dist.data.readers import join_path, resolve_filesystem
+
+    fs, root = resolve_filesystem(prepared_dir)
+    t = pads.dataset(join_path(root, "transitions"), filesystem=fs, format="parquet").to_table(
+        columns=["user_idx", "action"])
+    g = t.group_by("user_idx").aggregate([("action", "distinct")])
+    return {int(u): np.asarray(a, dtype=np.int64)
+            for u, a in zip(g.column("user_idx").to_pylist(), g.column("action_distinct").to_pylist())}
 
 
 def read_eval_table(prepared_dir: str) -> pa.Table:

@@ -319,6 +319,17 @@ def _row_checksum(parts: List[np.ndarray], device: torch.device, world_size: int
     return {"rows": int(vec[0]), "row_id_sum": float(vec[1]), "row_id_sqsum": float(vec[2])}
 
 
+def _agree_on_rank0(flag: bool, device: torch.device, world_size: int) -> bool:
+    """Rank 0's ``flag`` on every rank (one tiny broadcast), for decisions that must be identical."""
+    if world_size <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def _quiet_library_loggers() -> None:
     """FBGEMM/TorchRec log every kernel's full argument list at INFO and Ray Train logs every report: on a
     console that buries the progress lines.  ``MTREC_WORKER_LOG_LEVEL=INFO`` brings them back."""
@@ -424,6 +435,7 @@ def _train_worker(config: Dict[str, Any]) -> None:
         stats.reset()
         return m
 
+    last_ray_report = time.monotonic()
     stop = cfg.max_steps > 0 and step >= cfg.max_steps
     while not stop and epoch < cfg.epochs:
         batches = iter_train_batches(
@@ -453,8 +465,15 @@ def _train_worker(config: Dict[str, Any]) -> None:
                 last_metrics = interval_metrics()
                 if do_ckpt:
                     checkpoint_and_report(last_metrics)
-                else:
+                    last_ray_report = time.monotonic()
+                elif _agree_on_rank0(time.monotonic() - last_ray_report >= cfg.ray_report_min_interval_s,
+                                     device, world):
+                    # Ray Train V2 keeps one pending result per worker and drains it every ~2 s: reporting
+                    # more often blocks the step (measured 4-5x slower), so Ray gets at most one result per
+                    # interval while metrics.jsonl / TensorBoard get every one.  Rank 0 decides for all, so
+                    # every rank makes the same number of report() calls.
                     ray.train.report(last_metrics)
+                    last_ray_report = time.monotonic()
                 writer.metrics(last_metrics)
                 if do_ckpt and cfg.fail_at_step and step >= cfg.fail_at_step and rank == world - 1:
                     marker = Path(config["output_dir"]) / f"{FAULT_MARKER}_{config['run_name']}"
@@ -475,9 +494,12 @@ def _train_worker(config: Dict[str, Any]) -> None:
         consumed = []
 
     if last_ckpt != (step, epoch):  # unless the final state was just checkpointed, save it
-        final = interval_metrics() if stats.steps else dict(last_metrics, step=step, epoch=epoch, rows_seen=rows_seen)
+        if stats.steps:
+            final = interval_metrics()
+            writer.metrics(final)
+        else:  # the last interval was just written: report it again to Ray, but do not repeat it in metrics.jsonl
+            final = dict(last_metrics, step=step, epoch=epoch, rows_seen=rows_seen)
         checkpoint_and_report(final)
-        writer.metrics(final)
     writer.event("end", step=step, epoch=epoch, rows_seen=rows_seen)
     writer.close()
     if dist.is_initialized():
