@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # a 2-node cluster in a subprocess (about a minut
 
 HERE = Path(__file__).resolve().parent
 ROWS, BATCH, CKPT_EVERY, REPORT_EVERY, KILL_AFTER = 2400, 24, 10, 5, 20  # 50 steps per epoch and rank
+STEP_PAUSE_S = 0.1
 
 
 def _factory(num_items: int, dim: int, device):
@@ -42,7 +43,17 @@ def _factory(num_items: int, dim: int, device):
            "time": time.time()}
     with open(os.environ["MTREC_PLACEMENT_FILE"], "a") as f:
         f.write(json.dumps(rec) + "\n")
-    return tiny_factory(num_items, dim, device)
+    model = tiny_factory(num_items, dim, device)
+    # The tiny model's steps take milliseconds: without a pause the run could finish before the watcher
+    # (polling metrics.jsonl) gets to kill a worker.  0.1 s a step leaves a window of seconds.
+    losses = model.losses
+
+    def slow_losses(batch):
+        time.sleep(STEP_PAUSE_S)
+        return losses(batch)
+
+    model.losses = slow_losses
+    return model
 
 
 def _events(path: Path) -> list:

@@ -52,8 +52,11 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
     transitions = pds.dataset(str(run / "prepared" / "transitions"), format="parquet").to_table()
     # every logged transition scored exactly once, keyed by row_id, candidate = the logged action
     assert sorted(scores.column("row_id").to_pylist()) == sorted(transitions.column("row_id").to_pylist())
-    assert scores.schema.names == ["row_id", "action", "reward_mean", "reward_cvar", "reward_q",
-                                   "reward_baseline", "reward_cvar_baseline"]
+    # a "scored transitions" dataset: every transition column passes through, then the scores (what
+    # guided recommender training reads without a join); nothing evaluation-only
+    assert scores.schema.names == transitions.schema.names + ["reward_mean", "reward_cvar", "reward_q",
+                                                              "reward_baseline", "reward_cvar_baseline"]
+    assert not any(n.startswith("eval_") for n in scores.schema.names)
     by_row = dict(zip(transitions.column("row_id").to_pylist(), transitions.column("action").to_pylist()))
     assert all(by_row[r] == a for r, a in zip(scores.column("row_id").to_pylist(), scores.column("action").to_pylist()))
     q = np.stack(scores.column("reward_q").to_numpy(zero_copy_only=False))

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags
+
 NAME = "retrain"
 HELP = ("daily retraining: prepare one new day's log partition (states carried over from the previous run, "
         "ID dictionaries extended), warm-start the reward model and the recommenders from the previous "
@@ -24,10 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="root of the versioned runs (default: <run_dir>/retrain; a path every node can reach)")
     p.add_argument("--force", action="store_true",
                    help="rebuild the day's version even if an identical complete one exists")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: train.num_workers)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each training after this many steps")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
-    p.add_argument("--quiet", action="store_true", help="no per-report progress lines")
+    add_training_flags(p, resume=False)
 
 
 def run(args) -> int:
@@ -35,13 +34,7 @@ def run(args) -> int:
     from mtrec_dist.retrain import RetrainError, retrain_day
 
     cfg = load_config(args.config, args.overrides)
-    if args.workers is not None:
-        cfg.train.num_workers = args.workers
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.ray_address:
-        cfg.ray_address = args.ray_address
-    cfg.validate()
+    apply_training_flags(cfg, args)
     out = args.out or os.path.join(cfg.run_dir, "retrain")
     try:
         s = retrain_day(cfg, args.logs, out, args.previous, day=args.day, force=args.force,

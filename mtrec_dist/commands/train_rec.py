@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags
+
 NAME = "train-rec"
 HELP = ("train a sequential recommender (SASRec, GRU4Rec, Caser, NextItNet) on scored transitions with "
         "Ray Train + TorchRec; --guidance none|reweight|actor_critic|risk_averse")
@@ -21,12 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prepared dataset they were scored from (default: prepare.output, else <run_dir>/prepared)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output dir (default: <run_dir>/rec/<backbone>-<guidance>)")
-    p.add_argument("--resume", default=None, metavar="PATH|latest",
-                   help="continue from a checkpoint directory/URI, or 'latest' under train.storage_path")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: train.num_workers)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: train.max_steps)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
-    p.add_argument("--quiet", action="store_true", help="no per-report progress lines")
+    add_training_flags(p)
 
 
 def run(args) -> int:
@@ -39,13 +36,7 @@ def run(args) -> int:
         cfg.rec.backbone = args.backbone
     if args.guidance:
         cfg.rec.guidance = args.guidance
-    if args.workers is not None:
-        cfg.train.num_workers = args.workers
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.ray_address:
-        cfg.ray_address = args.ray_address
-    cfg.validate()
+    apply_training_flags(cfg, args)
     prepared = args.prepared or default_paths(cfg)[1]
     scores = args.scores or os.path.join(cfg.run_dir, "rewards")
     out = args.out or os.path.join(cfg.run_dir, "rec", f"{cfg.rec.backbone}-{cfg.rec.guidance}")

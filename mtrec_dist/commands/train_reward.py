@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags
+
 NAME = "train-reward"
 HELP = ("train the QR-IQL mental reward model on prepared transitions: Ray Train workers (gloo on CPU, "
         "NCCL on GPU), item table sharded by TorchRec's planner, sharded checkpoints, --resume")
@@ -15,13 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prepared dataset (default: prepare.output, else <run_dir>/prepared)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output dir for metrics, TensorBoard files and reward_model.json (default: <run_dir>/reward)")
-    p.add_argument("--resume", default=None, metavar="PATH|latest",
-                   help="continue from a checkpoint directory/URI, or 'latest' (newest under train.storage_path, "
-                        "default <out>/ray_results): same step, optimizer state and epoch position")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: train.num_workers)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: train.max_steps)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
-    p.add_argument("--quiet", action="store_true", help="no per-report progress lines")
+    add_training_flags(p)
 
 
 def run(args) -> int:
@@ -30,13 +26,7 @@ def run(args) -> int:
     from mtrec_dist.training.reward import train_reward_model
 
     cfg = load_config(args.config, args.overrides)
-    if args.workers is not None:
-        cfg.train.num_workers = args.workers
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.ray_address:
-        cfg.ray_address = args.ray_address
-    cfg.validate()
+    apply_training_flags(cfg, args)
     prepared = args.prepared or default_paths(cfg)[1]
     out = args.out or os.path.join(cfg.run_dir, "reward")
     summary = train_reward_model(cfg, prepared, out, resume=args.resume, progress=not args.quiet)

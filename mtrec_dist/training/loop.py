@@ -436,6 +436,7 @@ def _train_worker(config: Dict[str, Any]) -> None:
         return m
 
     last_ray_report = time.monotonic()
+    confirm_checkpoint = False  # identical on every rank: set at the same checkpoint steps
     stop = cfg.max_steps > 0 and step >= cfg.max_steps
     while not stop and epoch < cfg.epochs:
         batches = iter_train_batches(
@@ -466,14 +467,19 @@ def _train_worker(config: Dict[str, Any]) -> None:
                 if do_ckpt:
                     checkpoint_and_report(last_metrics)
                     last_ray_report = time.monotonic()
-                elif _agree_on_rank0(time.monotonic() - last_ray_report >= cfg.ray_report_min_interval_s,
-                                     device, world):
+                    confirm_checkpoint = True
+                elif confirm_checkpoint or _agree_on_rank0(
+                        time.monotonic() - last_ray_report >= cfg.ray_report_min_interval_s, device, world):
                     # Ray Train V2 keeps one pending result per worker and drains it every ~2 s: reporting
                     # more often blocks the step (measured 4-5x slower), so Ray gets at most one result per
                     # interval while metrics.jsonl / TensorBoard get every one.  Rank 0 decides for all, so
                     # every rank makes the same number of report() calls.
+                    # The first report after a checkpoint always goes out: it waits until the controller
+                    # has taken the checkpoint's result, so a failure from here on restores at least that
+                    # checkpoint (steps redone stay within one checkpoint interval).
                     ray.train.report(last_metrics)
                     last_ray_report = time.monotonic()
+                    confirm_checkpoint = False
                 writer.metrics(last_metrics)
                 if do_ckpt and cfg.fail_at_step and step >= cfg.fail_at_step and rank == world - 1:
                     marker = Path(config["output_dir"]) / f"{FAULT_MARKER}_{config['run_name']}"
