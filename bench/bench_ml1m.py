@@ -167,7 +167,7 @@ def main() -> int:
     sasrec = None
 
     if not args.skip_rec:
-        from mtrec_dist.evaluation.evaluate import _load_recommender
+        from mtrec_dist.evaluation.evaluate import _recommender_factory
         from mtrec_dist.training.recommender import train_recommender
 
         out = work / "sasrec"
@@ -179,7 +179,7 @@ def main() -> int:
         train_s = time.time() - t
         log(f"SASRec trained in {train_s:.0f}s; ranking test rows")
         t = time.time()
-        factory, _, spec = _load_recommender(sasrec)
+        factory, spec = _recommender_factory(sasrec)
         ranked = offline.rank_test_rows(factory, sasrec["checkpoint_path"], prepared, manifest["num_items"],
                                         args.sampled_negatives, seed=args.seed)
         metrics = offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
@@ -228,10 +228,10 @@ def main() -> int:
                   "click_frequency": offline.click_frequency(prepared, actions)}
         click_s = None
         if sasrec is not None and not args.no_click_model_score:
-            from mtrec_dist.evaluation.evaluate import _load_recommender
+            from mtrec_dist.evaluation.evaluate import _recommender_factory
 
             t2 = time.time()
-            factory, _, _ = _load_recommender(sasrec)
+            factory, _ = _recommender_factory(sasrec)
             base = offline.score_logged_actions(factory, sasrec["checkpoint_path"], prepared)
             by_row = dict(zip(base.column("row_id").to_pylist(), base.column("score").to_pylist()))
             scores["sasrec_score"] = np.array([by_row.get(r, np.nan) for r in row_ids.tolist()], np.float64)

@@ -71,13 +71,12 @@ def item_groups(prepared_dir: str, actions: np.ndarray, item_truth=None) -> Dict
     return {"popular (top third)": counts > hi, "mid": (counts > lo) & (counts <= hi), "tail": counts <= lo}
 
 
-def reward_section(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward_dir: str,
+def reward_section(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward_dir: str, eval_table: pa.Table,
                    baseline_scores: Optional[pa.Table] = None, item_truth=None) -> Dict[str, Any]:
     """Validity, groups, scatter and training curve of the mental reward model."""
     from mtrec_dist.training.loop import read_history
 
     scored = _read(scored_dir, ["row_id", "action", "reward_mean", "reward_cvar", "reward_q"], VALIDITY_MAX_ROWS)
-    eval_table = offline.read_eval_table(prepared_dir)
     row_ids = scored.column("row_id").to_numpy()
     actions = scored.column("action").to_numpy()
     scores = {"reward_mean": scored.column("reward_mean").to_numpy().astype(np.float64),
@@ -98,8 +97,7 @@ def reward_section(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, rewa
                             "spread": float((q[mask, -1] - q[mask, 0]).mean())}
 
     _, graded, signal = offline.satisfied_labels(eval_table)
-    order = {r: i for i, r in enumerate(eval_table.column("row_id").to_pylist())}
-    truth = graded[np.array([order[r] for r in row_ids.tolist()], dtype=np.int64)]
+    truth = graded[offline.eval_rows(eval_table, row_ids)]
     rng = np.random.default_rng(cfg.eval.seed)
     pick = rng.choice(len(row_ids), size=min(SCATTER_POINTS, len(row_ids)), replace=False)
     history = read_history(reward_dir)
@@ -112,18 +110,18 @@ def reward_section(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, rewa
     }
 
 
-def _load_recommender(summary: Dict[str, Any]):
-    from mtrec_dist.training.checkpoint import load_unsharded_model, read_checkpoint_meta
+def _recommender_factory(summary: Dict[str, Any]):
+    """(inference factory, model_spec) of a trained recommender, from its checkpoint's meta (no weights)."""
+    from mtrec_dist.training.checkpoint import read_checkpoint_meta
     from mtrec_dist.training.recommender import recommender_factory
 
     spec = read_checkpoint_meta(summary["checkpoint_path"])["model_spec"]
-    factory = recommender_factory(spec, for_inference=True)
-    return factory, load_unsharded_model(factory, summary["checkpoint_path"]), spec
+    return recommender_factory(spec, for_inference=True), spec
 
 
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
                     num_items: int) -> Dict[str, Any]:
-    factory, _, _ = _load_recommender(summary)
+    factory, _ = _recommender_factory(summary)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, seed=cfg.eval.seed)
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
@@ -135,6 +133,7 @@ def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[
     ``paired_gain`` is the guided model's gain over it on the same users and seeds."""
     from mtrec_dist.data.prepare import load_vocab
     from mtrec_dist.evaluation.online import evaluate_online, recommender_policy, vocab_maps
+    from mtrec_dist.training.checkpoint import load_unsharded_model
 
     vocab = load_vocab(prepared_dir)
     idx = np.arange(1, len(vocab.item_raw) + 1)
@@ -149,7 +148,8 @@ def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[
         group = sorted(group, key=lambda s: s["guidance"] != "none")  # the click-trained model first
         policies = {}
         for s in group:
-            _, model, spec = _load_recommender(s)
+            factory, spec = _recommender_factory(s)
+            model = load_unsharded_model(factory, s["checkpoint_path"])
             catalog = torch.arange(1, spec["num_items"] + 1)
 
             def score_fn(items, fb, model=model, catalog=catalog):
@@ -177,10 +177,10 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     baseline = next((s for s in rec_summaries if s["guidance"] == "none"), None)
     baseline_scores = None
     if baseline is not None:
-        factory, _, _ = _load_recommender(baseline)
+        factory, _ = _recommender_factory(baseline)
         baseline_scores = offline.score_logged_actions(factory, baseline["checkpoint_path"], prepared_dir)
     progress("[evaluate] reward model: validity, quantile groups")
-    reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, baseline_scores, item_truth)
+    reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
 
     recs = []
     for s in rec_summaries:

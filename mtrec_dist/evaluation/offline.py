@@ -229,14 +229,19 @@ def ranking_metrics(ranked: pa.Table, eval_table: pa.Table, ks: Sequence[int]) -
     return out
 
 
+def eval_rows(eval_table: pa.Table, row_ids: np.ndarray) -> np.ndarray:
+    """Positions in ``eval_table`` of ``row_ids`` (each must be there: every transition has an eval row)."""
+    order = {r: i for i, r in enumerate(eval_table.column("row_id").to_pylist())}
+    return np.array([order[r] for r in np.asarray(row_ids).tolist()], dtype=np.int64)
+
+
 def reward_validity(scores: Dict[str, np.ndarray], eval_table: pa.Table, row_ids: np.ndarray) -> dict:
     """Spearman (vs the graded signal) and AUC (vs the satisfied label) of each named score.
 
     ``scores[name]`` is aligned with ``row_ids``; rows are matched to ``eval_table`` by row id.
     """
     sat, graded, signal = satisfied_labels(eval_table)
-    order = {r: i for i, r in enumerate(eval_table.column("row_id").to_pylist())}
-    idx = np.array([order[r] for r in row_ids.tolist()], dtype=np.int64)
+    idx = eval_rows(eval_table, row_ids)
     out: dict = {"signal": signal, "n": int(len(idx)), "satisfied_share": float(sat[idx].mean())}
     for name, s in scores.items():
         ok = np.isfinite(graded[idx]) & np.isfinite(s)
