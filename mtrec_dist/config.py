@@ -52,7 +52,17 @@ class SimulatorConfig:
     leave_after_no_click: float = 0.15  # chance a user leaves after a slate with no click
     logging_noise: float = 1.0  # std of the noise on the logging policy's relevance estimate
     logging_explore: float = 0.3  # share of the logging policy's candidates drawn uniformly from the catalog
-    write_exposures: bool = True  # also write truth/exposures (every slate shown and its click)
+    compulsive_fraction: float = 0.1  # share of items watched long and then regretted (low satisfaction)
+    # Watch ratio: logit(wr) = watch_satisfaction * s + user finish bias - duration bias + item pull + noise.
+    watch_satisfaction: float = 0.4  # beta_s: how strongly the watch ratio reveals the realised satisfaction s
+    watch_noise: float = 1.0  # std of the noise on logit(watch ratio)
+    watch_duration_bias: float = 0.8  # logit(wr) lost per unit of log(duration / 60 s): long items are abandoned
+    user_finish_sd: float = 0.8  # std across users of the finish propensity (some users finish everything)
+    mood_carry: float = 0.6  # session mood = carry * mood + (1 - carry) * s; mood drives continuation
+    return_bias: float = 0.3  # logit of returning the next day after an average (s = 0) day
+    return_slope: float = 1.0  # logit of returning gained per unit of the day's mean satisfaction
+    reactivation: float = 0.3  # chance an inactive user comes back on a given day
+    write_exposures: bool = True  # also write impressions/ (every slate shown and its click; observable)
     chunk_users: int = 50_000  # users generated per chunk (bounds memory)
     seed: int = 0
 
@@ -61,6 +71,12 @@ class SimulatorConfig:
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(self.slate_size <= self.num_items, f"{key}.slate_size", "must be <= num_items")
         _check(0.0 <= self.clickbait_fraction <= 1.0, f"{key}.clickbait_fraction", "must be in [0, 1]")
+        _check(0.0 <= self.compulsive_fraction <= 1.0 - self.clickbait_fraction, f"{key}.compulsive_fraction",
+               "must be in [0, 1 - clickbait_fraction]")
+        for name in ("watch_satisfaction", "watch_noise", "watch_duration_bias", "user_finish_sd", "return_slope"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+        _check(0.0 <= self.mood_carry < 1.0, f"{key}.mood_carry", "must be in [0, 1)")
+        _check(0.0 <= self.reactivation <= 1.0, f"{key}.reactivation", "must be in [0, 1]")
         _check(0.0 <= self.click_satisfaction_weight <= 1.0, f"{key}.click_satisfaction_weight", "must be in [0, 1]")
         _check(0 < self.sessions_per_user_day <= 8, f"{key}.sessions_per_user_day", "must be in (0, 8]")
         _check(self.satisfaction_noise >= 0, f"{key}.satisfaction_noise", "must be >= 0")

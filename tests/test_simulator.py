@@ -64,7 +64,7 @@ def test_clickbait_has_higher_ctr_and_lower_satisfaction(demo):
     cfg, out, _ = demo
     truth = pq.read_table(out / "truth" / "items.parquet")
     cb = truth.column("is_clickbait").to_numpy(zero_copy_only=False)
-    exposures = _read(out, "truth/exposures")
+    exposures = _read(out, "impressions")
     shown = pc.list_flatten(exposures.column("items")).to_numpy()
     impressions = np.bincount(shown, minlength=cfg.num_items)
     logs = _read(out, "logs")
@@ -84,7 +84,8 @@ def test_satisfaction_drives_watch_ratio_leaving_and_varies_by_item(demo):
     logs = _read(out, "logs")
     sat = logs.column("eval_true_satisfaction").to_numpy()
     wr = logs.column("watch_ratio").to_numpy()
-    assert np.corrcoef(sat, wr)[0, 1] > 0.6
+    # v2 world: the watch ratio is a partial, biased signal of satisfaction (method.md section 5)
+    assert 0.3 <= sim.spearman(wr, sat) <= 0.5
     sess = logs.column("session_id").to_numpy()
     last_in_session = np.append(sess[1:] != sess[:-1], True)  # logs are sorted by (user, ts)
     assert sat[last_in_session].mean() < sat[~last_in_session].mean() - 0.3
@@ -112,7 +113,7 @@ def test_chunked_generation_equals_one_shot(tmp_path):
     s1 = sim.simulate_logs(_small(chunk_users=10_000), str(one), progress=lambda m: None)
     s2 = sim.simulate_logs(_small(chunk_users=96), str(chunked), progress=lambda m: None)
     assert len(list((chunked / "logs" / "day=2026-01-01").glob("*.parquet"))) == 4  # ceil(300 / 96)
-    for sub in ("logs", "truth/exposures"):
+    for sub in ("logs", "impressions"):
         a = pds.dataset(one / sub, partitioning="hive").to_table().sort_by([("user_id", "ascending"), ("ts", "ascending")])
         b = pds.dataset(chunked / sub, partitioning="hive").to_table().sort_by([("user_id", "ascending"), ("ts", "ascending")])
         assert a.num_rows > 0 and a.equals(b), sub
@@ -192,3 +193,27 @@ def test_simulator_config_is_validated():
         load_config(overrides=["simulator.num_items=5"])
     with pytest.raises(ConfigError, match="simulator.logging_explore"):
         load_config(overrides=["simulator.logging_explore=1.5"])
+
+
+def test_bad_items_show_in_watch_ratio_or_only_later(demo):
+    """Clickbait is abandoned early (the watch ratio exposes it); compulsive items are watched long but
+    regretted: their satisfaction is as low as clickbait's, and that shows only as leaving."""
+    cfg, out, summary = demo
+    other, cb, comp = summary["other"], summary["clickbait"], summary["compulsive"]
+    assert cb["mean_watch_ratio"] < other["mean_watch_ratio"] - 0.15
+    assert comp["mean_watch_ratio"] > other["mean_watch_ratio"]
+    assert comp["mean_satisfaction"] < other["mean_satisfaction"] - 0.8
+    assert cb["mean_satisfaction"] < other["mean_satisfaction"] - 0.8
+
+
+def test_retention_follows_satisfaction(tmp_path):
+    """Users come back the next day more often after satisfying days; the return rate is reported."""
+    cfg = SimulatorConfig(num_users=1500, num_items=400, days=3, seed=2)
+    summary = sim.simulate_logs(cfg, str(tmp_path), progress=lambda m: None)
+    assert 0.5 < summary["next_day_return_rate"] < 0.95
+    users = np.arange(cfg.num_users)
+    sat_sum = np.linspace(-3, 3, cfg.num_users)
+    back = sim.next_day_active(cfg, users, 0, sat_sum, np.ones(cfg.num_users))
+    assert back[users >= 1000].mean() > back[users < 500].mean() + 0.3
+    idle = sim.next_day_active(cfg, users, 0, np.zeros(cfg.num_users), np.zeros(cfg.num_users))
+    assert abs(idle.mean() - cfg.reactivation) < 0.05

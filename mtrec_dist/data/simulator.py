@@ -2,9 +2,12 @@
 
 World model (one set of functions drives both the offline logger and the online :class:`SimulatorEnv`):
 
-* **Items** have a topic (and a unit topic vector), a hidden ``quality``, a visible ``appeal`` and an
-  item-specific satisfaction noise std.  A ``clickbait_fraction`` of items has high appeal but low
-  quality.  Noise stds are Gamma-distributed, so some items are reliably OK and some are a gamble.
+* **Items** have a topic (and a unit topic vector), a hidden ``quality``, a visible ``appeal``, an
+  item-specific satisfaction noise std, a duration and a ``watch_pull``.  Two kinds of bad items:
+  *clickbait* (``clickbait_fraction``: high appeal, low quality, abandoned early: negative watch pull, so
+  the watch ratio exposes it) and *compulsive* items (``compulsive_fraction``: fair appeal, low quality,
+  positive watch pull: watched long, then regretted; the regret shows only later, as leaving and not
+  returning).  Noise stds are Gamma-distributed, so some items are reliably OK and some are a gamble.
 * **Users** have a latent taste vector ``z_u ~ N(0, I_K)``; relevance ``rel(u, i) = taste_strength *
   <z_u, v_i>``.
 * **Expected satisfaction** ``mu(u, i) = rel(u, i) + quality_i``.
@@ -12,10 +15,15 @@ World model (one set of functions drives both the offline logger and the online 
   ``util_i = rel + (1 - w) * appeal_i + w * quality_i - position_bias * pos`` (``w`` =
   ``click_satisfaction_weight``) against a no-click option.  Clicks follow appeal and only partly the
   expected satisfaction, so clickbait has a high CTR and a low satisfaction.
-* **Consumption**: ``s = mu + sigma_i * eps`` (the realised, stochastic satisfaction);
-  ``watch_ratio = sigmoid(1.2 s + 0.3 + 0.3 eps')``; the user continues the session with probability
-  ``sigmoid(1.0 + 1.2 s)`` (low satisfaction -> short watch and leaving); ``long_view = s > 0.5``,
+* **Consumption**: ``s = mu + sigma_i * eps`` (the realised, stochastic satisfaction).  The watch ratio
+  is a biased, partial signal of it (v2 world, method.md section 5):
+  ``logit(wr) = beta_s s + 0.3 + f_u - duration_bias log(duration / 60) + pull_i + watch_noise eps'``
+  with ``beta_s = watch_satisfaction`` and ``f_u`` the user's finish propensity.  ``long_view = s > 0.5``,
   ``like = s > 1.5`` (evaluation-only labels).
+* **Later behaviour carries the satisfaction**: a session mood ``m <- carry m + (1 - carry) s`` drives
+  continuation, ``P(continue) = sigmoid(1.0 + 1.2 m)``; after a day with consumption the user returns the
+  next day with probability ``sigmoid(return_bias + return_slope * mean s of the day)`` (retention,
+  KuaiSim-style); an inactive user comes back on a day with probability ``reactivation``.
 * **Logging policy** (offline only): candidates from the user's favourite topics (softmax of the
   taste) mixed with a ``logging_explore`` share drawn uniformly from the catalog; the slate is a
   sample without replacement from ``softmax(rel + logging_noise * N(0, 1))`` over the candidates
@@ -27,8 +35,9 @@ generation writes the same events as one-shot generation, and the same seed give
 
 Output layout of :func:`simulate_logs` (``out`` may be a local path or a pyarrow filesystem URI):
 ``logs/day=YYYY-MM-DD/part-NNNNN.parquet`` (engaged events only, ``EVENT_SCHEMA``),
-``truth/items.parquet``, ``truth/users.parquet``, ``truth/exposures/day=.../part-NNNNN.parquet``
-(optional: every slate shown and its click index) and ``truth/summary.json``.
+``impressions/day=.../part-NNNNN.parquet`` (optional but on by default: every slate shown and its click
+index; observable, as in real feeds), ``truth/items.parquet``, ``truth/users.parquet`` and
+``truth/summary.json`` (hidden: satisfaction, quality and appeal stay in ``truth/``).
 """
 from __future__ import annotations
 
@@ -51,7 +60,9 @@ from mtrec_dist.data.readers import join_path, resolve_filesystem
 
 # ---- behaviour constants (the shape of the world; the knobs users tune are in SimulatorConfig) ------
 POSITION_BIAS = 0.1  # utility lost per slate position
-WATCH_SLOPE, WATCH_BIAS, WATCH_NOISE = 1.2, 0.3, 0.3
+WATCH_BIAS = 0.3
+CLICKBAIT_PULL, COMPULSIVE_PULL = -1.0, 1.5  # logit(watch ratio) added by the item kind
+REFERENCE_DURATION_S = 60.0
 CONTINUE_BIAS, CONTINUE_SLOPE = 1.0, 1.2
 LONG_VIEW_SATISFACTION = 0.5
 LIKE_SATISFACTION = 1.5
@@ -70,6 +81,8 @@ ITEM_TRUTH_SCHEMA = pa.schema([
     pa.field("quality", pa.float32()),
     pa.field("appeal", pa.float32()),
     pa.field("is_clickbait", pa.bool_()),
+    pa.field("is_compulsive", pa.bool_()),
+    pa.field("watch_pull", pa.float32()),
     pa.field("mean_satisfaction", pa.float32()),
     pa.field("satisfaction_noise_std", pa.float32()),
     pa.field("duration_s", pa.float32()),
@@ -90,7 +103,7 @@ EXPOSURE_SCHEMA = pa.schema([
 
 # Random streams: one id per random quantity, so draws never alias.
 (S_TASTE, S_SESSIONS, S_FIRST_START, S_SESSION_GAP, S_CAND_TOPIC, S_CAND_ITEM, S_CAND_EXPLORE,
- S_LOG_NOISE, S_LOG_GUMBEL, S_CLICK, S_SAT, S_WATCH, S_CONTINUE, S_BROWSE) = range(1, 15)
+ S_LOG_NOISE, S_LOG_GUMBEL, S_CLICK, S_SAT, S_WATCH, S_CONTINUE, S_BROWSE, S_FINISH, S_RETURN) = range(1, 17)
 
 
 # ---- counter-based random numbers --------------------------------------------------------------------
@@ -168,6 +181,8 @@ class ItemTruth:
     is_clickbait: np.ndarray  # bool [I]
     noise_std: np.ndarray  # float32 [I]
     duration_s: np.ndarray  # float32 [I]
+    is_compulsive: np.ndarray  # bool [I]
+    watch_pull: np.ndarray  # float32 [I]: logit(watch ratio) added by the item kind
 
     @property
     def num_items(self) -> int:
@@ -180,6 +195,7 @@ class ItemTruth:
         return pa.Table.from_arrays([
             pa.array(np.arange(self.num_items, dtype=np.int64)), pa.array(self.topic), vec,
             pa.array(self.quality), pa.array(self.appeal), pa.array(self.is_clickbait),
+            pa.array(self.is_compulsive), pa.array(self.watch_pull),
             pa.array(self.quality),  # an average user's taste term has mean 0, so E[s] = quality
             pa.array(self.noise_std), pa.array(self.duration_s),
         ], schema=ITEM_TRUTH_SCHEMA)
@@ -193,7 +209,7 @@ class ItemTruth:
         col = lambda n, t: table.column(n).to_numpy(zero_copy_only=False).astype(t)  # noqa: E731
         return cls(col("topic", np.int32), vecs, col("quality", np.float32), col("appeal", np.float32),
                    col("is_clickbait", bool), col("satisfaction_noise_std", np.float32),
-                   col("duration_s", np.float32))
+                   col("duration_s", np.float32), col("is_compulsive", bool), col("watch_pull", np.float32))
 
 
 def make_item_truth(cfg: SimulatorConfig) -> ItemTruth:
@@ -204,13 +220,22 @@ def make_item_truth(cfg: SimulatorConfig) -> ItemTruth:
     vec = np.eye(k, dtype=np.float64)[topic] + 0.35 * rng.standard_normal((n, k))
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
     is_cb = np.zeros(n, dtype=bool)
-    is_cb[rng.permutation(n)[: int(round(cfg.clickbait_fraction * n))]] = True
+    order = rng.permutation(n)
+    n_cb = int(round(cfg.clickbait_fraction * n))
+    is_cb[order[:n_cb]] = True
     quality = np.where(is_cb, rng.normal(-1.0, 0.3, n), rng.normal(0.3, 0.6, n))
     appeal = np.where(is_cb, rng.normal(2.0, 0.4, n), rng.normal(0.0, 0.5, n))
     noise_std = cfg.satisfaction_noise * rng.gamma(2.0, 0.5, n)  # mean = satisfaction_noise, wide spread
     duration = np.clip(rng.lognormal(math.log(60.0), 0.6, n), 10.0, 600.0)
+    # Drawn after the v1 quantities so that the v1 items keep their values.
+    is_comp = np.zeros(n, dtype=bool)
+    is_comp[order[n_cb: n_cb + int(round(cfg.compulsive_fraction * n))]] = True
+    quality = np.where(is_comp, rng.normal(-0.8, 0.3, n), quality)
+    appeal = np.where(is_comp, rng.normal(1.0, 0.4, n), appeal)
+    pull = np.where(is_cb, CLICKBAIT_PULL, np.where(is_comp, COMPULSIVE_PULL, 0.0))
     f32 = lambda a: a.astype(np.float32)  # noqa: E731
-    return ItemTruth(topic, f32(vec), f32(quality), f32(appeal), is_cb, f32(noise_std), f32(duration))
+    return ItemTruth(topic, f32(vec), f32(quality), f32(appeal), is_cb, f32(noise_std), f32(duration),
+                     is_comp, f32(pull))
 
 
 def user_tastes(cfg: SimulatorConfig, user_ids: np.ndarray) -> np.ndarray:
@@ -219,6 +244,28 @@ def user_tastes(cfg: SimulatorConfig, user_ids: np.ndarray) -> np.ndarray:
     topics = np.arange(cfg.num_topics)[None, :]
     return _box_muller(hash_uniform(cfg.seed, S_TASTE, u[:, None], topics),
                        hash_uniform(cfg.seed, S_TASTE + 1000, u[:, None], topics)).astype(np.float32)
+
+
+def user_finish_bias(cfg: SimulatorConfig, user_ids: np.ndarray) -> np.ndarray:
+    """Each user's finish propensity ``f_u ~ N(0, user_finish_sd^2)`` (logit of the watch ratio)."""
+    u = np.asarray(user_ids, dtype=np.int64)
+    return cfg.user_finish_sd * _box_muller(hash_uniform(cfg.seed, S_FINISH, u), hash_uniform(cfg.seed, S_FINISH + 1000, u))
+
+
+def return_probability(cfg: SimulatorConfig, day_satisfaction: np.ndarray, consumed: np.ndarray) -> np.ndarray:
+    """Chance of a session the next day: ``sigmoid(return_bias + return_slope * mean s of the day)`` after a
+    day with consumption, ``reactivation`` otherwise."""
+    p = 1.0 / (1.0 + np.exp(-(cfg.return_bias + cfg.return_slope * np.nan_to_num(day_satisfaction))))
+    return np.where(consumed, p, cfg.reactivation)
+
+
+def watch_ratio(cfg: SimulatorConfig, items: ItemTruth, item_ids: np.ndarray, satisfaction: np.ndarray,
+                finish_bias: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """The watch ratio: a biased, partial, noisy signal of the realised satisfaction (module docstring)."""
+    logit = (cfg.watch_satisfaction * satisfaction + WATCH_BIAS + finish_bias
+             - cfg.watch_duration_bias * np.log(items.duration_s[item_ids] / REFERENCE_DURATION_S)
+             + items.watch_pull[item_ids] + cfg.watch_noise * noise)
+    return 1.0 / (1.0 + np.exp(-logit))
 
 
 # ---- the behaviour model (shared by the logger and the environment) -----------------------------------
@@ -249,11 +296,13 @@ class SlateResponse:
     watch_ratio: np.ndarray  # float64 [n], 0 = no click
     dwell_s: np.ndarray  # float64 [n], 0 = no click
     leaves: np.ndarray  # bool [n]: the user ends the session after this slate
+    mood: np.ndarray  # float64 [n]: the session mood after this slate
 
 
 def respond_to_slates(cfg: SimulatorConfig, taste: np.ndarray, items: ItemTruth, slates: np.ndarray,
-                      draws) -> SlateResponse:
-    """One slate per user: choose a click, draw the satisfaction, the watch ratio and whether to leave."""
+                      draws, finish_bias: np.ndarray, mood: np.ndarray) -> SlateResponse:
+    """One slate per user: choose a click, draw the satisfaction, the watch ratio, the new session mood
+    and whether to leave (which depends on the mood, not on this item alone)."""
     n, size = slates.shape
     rel = relevance(cfg, taste, items, slates)
     util = np.concatenate([np.full((n, 1), cfg.no_click_utility), click_utility(cfg, rel, items, slates)], 1)
@@ -264,14 +313,16 @@ def respond_to_slates(cfg: SimulatorConfig, taste: np.ndarray, items: ItemTruth,
     col = np.maximum(choice, 0)
     item = np.where(clicked, slates[rows, col], -1)
     mu = rel[rows, col] + items.quality[slates[rows, col]]
-    sat = mu + items.noise_std[slates[rows, col]] * draws.normal(S_SAT)
-    wr = 1.0 / (1.0 + np.exp(-(WATCH_SLOPE * sat + WATCH_BIAS + WATCH_NOISE * draws.normal(S_WATCH))))
-    p_continue = np.where(clicked, 1.0 / (1.0 + np.exp(-(CONTINUE_BIAS + CONTINUE_SLOPE * sat))),
+    picked = slates[rows, col]
+    sat = mu + items.noise_std[picked] * draws.normal(S_SAT)
+    wr = watch_ratio(cfg, items, picked, sat, finish_bias, draws.normal(S_WATCH))
+    new_mood = np.where(clicked, cfg.mood_carry * mood + (1.0 - cfg.mood_carry) * sat, mood)
+    p_continue = np.where(clicked, 1.0 / (1.0 + np.exp(-(CONTINUE_BIAS + CONTINUE_SLOPE * new_mood))),
                           1.0 - cfg.leave_after_no_click)
     leaves = draws.uniform(S_CONTINUE) >= p_continue
-    dwell = wr * items.duration_s[slates[rows, col]]
+    dwell = wr * items.duration_s[picked]
     return SlateResponse(choice.astype(np.int64), item.astype(np.int64), np.where(clicked, sat, np.nan),
-                         np.where(clicked, wr, 0.0), np.where(clicked, dwell, 0.0), leaves)
+                         np.where(clicked, wr, 0.0), np.where(clicked, dwell, 0.0), leaves, new_mood)
 
 
 class TopicIndex:
@@ -349,15 +400,36 @@ class _Stats:
     watch_sum: np.ndarray
     sessions: int = 0
     slates: int = 0
+    return_chances: int = 0  # user-days after a day with consumption (that could be followed by a return)
+    returns: int = 0  # ... of which the user came back the next day
+
+
+def next_day_active(cfg: SimulatorConfig, users: np.ndarray, day: int, day_sat_sum: np.ndarray,
+                    day_clicks: np.ndarray, stats: Optional[_Stats] = None) -> np.ndarray:
+    """Which users have sessions on ``day + 1`` (retention: satisfied days bring users back)."""
+    consumed = day_clicks > 0
+    p = return_probability(cfg, day_sat_sum / np.maximum(day_clicks, 1), consumed)
+    back = hash_uniform(cfg.seed, S_RETURN, users, day) < p
+    if stats is not None:
+        stats.return_chances += int(consumed.sum())
+        stats.returns += int((back & consumed).sum())
+    return back
 
 
 def _simulate_user_day(cfg: SimulatorConfig, items: ItemTruth, index: TopicIndex, users: np.ndarray,
-                       taste: np.ndarray, day: int, stats: _Stats):
-    """All sessions of ``users`` on ``day``.  Returns (events table, exposures table or None)."""
+                       taste: np.ndarray, day: int, stats: _Stats, active: np.ndarray):
+    """All sessions of the ``active`` ``users`` on ``day``.
+
+    Returns (events table, exposures table or None, the day's satisfaction sum and click count per user).
+    """
     seed, size = cfg.seed, cfg.slate_size
     t0, t_end = day_start_ts(cfg, day), day_start_ts(cfg, day) + DAY_S
+    finish = user_finish_bias(cfg, users)
+    day_sat, day_clicks = np.zeros(len(users)), np.zeros(len(users))
     n_sessions = _poisson_from_uniform(hash_uniform(seed, S_SESSIONS, users, day),
                                        cfg.sessions_per_user_day, MAX_SESSIONS_PER_DAY)
+    # an active user has at least one session; an inactive one none
+    n_sessions = np.where(active, np.maximum(n_sessions, 1), 0)
     start = t0 + hash_uniform(seed, S_FIRST_START, users, day) * FIRST_SESSION_WINDOW_S
     ev: dict[str, list] = {k: [] for k in ("user", "item", "ts", "wr", "dwell", "sess", "slate", "sat")}
     ex: dict[str, list] = {k: [] for k in ("user", "sess", "slate", "ts", "items", "click")}
@@ -369,6 +441,7 @@ def _simulate_user_day(cfg: SimulatorConfig, items: ItemTruth, index: TopicIndex
         sess = (day * cfg.num_users + u) * MAX_SESSIONS_PER_DAY + j
         stats.sessions += sel.size
         alive = np.ones(sel.size, dtype=bool)
+        mood = np.zeros(sel.size)
         for t in range(cfg.max_session_len):
             a = np.flatnonzero(alive)
             if a.size == 0:
@@ -376,7 +449,8 @@ def _simulate_user_day(cfg: SimulatorConfig, items: ItemTruth, index: TopicIndex
             keys = hash_keys(seed, 0, u[a], day, j, t)
             draws = HashDraws(seed, keys)
             slates = logging_policy_slates(cfg, tz[a], items, index, draws)
-            resp = respond_to_slates(cfg, tz[a], items, slates, draws)
+            resp = respond_to_slates(cfg, tz[a], items, slates, draws, finish[sel[a]], mood[a])
+            mood[a] = resp.mood
             browse = MIN_BROWSE_S - MEAN_BROWSE_S * np.log(draws.uniform(S_BROWSE))
             ts = np.floor(now[a] + browse)
             in_day = ts < t_end
@@ -387,6 +461,8 @@ def _simulate_user_day(cfg: SimulatorConfig, items: ItemTruth, index: TopicIndex
             n_items = items.num_items
             stats.impressions += np.bincount(slates[shown].ravel(), minlength=n_items)
             c = np.flatnonzero(clicked)
+            np.add.at(day_sat, sel[a][c], resp.satisfaction[c])
+            np.add.at(day_clicks, sel[a][c], 1.0)
             stats.clicks += np.bincount(resp.item_id[c], minlength=n_items)
             stats.sat_sum += np.bincount(resp.item_id[c], resp.satisfaction[c], minlength=n_items)
             stats.watch_sum += np.bincount(resp.item_id[c], resp.watch_ratio[c], minlength=n_items)
@@ -431,7 +507,15 @@ def _simulate_user_day(cfg: SimulatorConfig, items: ItemTruth, index: TopicIndex
                                      pa.array(flat.reshape(-1).astype(np.int64))),
             pa.array(cat("click", ex).astype(np.int8)[eorder]),
         ], schema=EXPOSURE_SCHEMA)
-    return events, exposures
+    return events, exposures, day_sat, day_clicks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (ties broken by order; fine for continuous draws)."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _write_table(fs, path: str, table: pa.Table) -> None:
@@ -452,7 +536,7 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
     t_start = time.time()
     fs, root = resolve_filesystem(out_dir)
     fs.create_dir(root, recursive=True)
-    for sub in ("logs", "truth"):  # a re-run replaces the previous output instead of mixing with it
+    for sub in ("logs", "impressions", "truth"):  # a re-run replaces the previous output instead of mixing with it
         if fs.get_file_info(join_path(root, sub)).type == pafs.FileType.Directory:
             fs.delete_dir(join_path(root, sub))
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -462,6 +546,8 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
     zeros = lambda dt_: np.zeros(cfg.num_items, dtype=dt_)  # noqa: E731
     stats = _Stats(zeros(np.int64), zeros(np.int64), zeros(np.float64), zeros(np.float64))
     n_events, users_with_events, sizes = 0, 0, {}
+    wr_sample: list = []
+    sat_sample: list = []
     n_chunks = math.ceil(cfg.num_users / cfg.chunk_users)
     users_path = join_path(root, "truth", "users.parquet")
     fs.create_dir(join_path(root, "truth"), recursive=True)
@@ -478,22 +564,31 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
                 pa.array(taste.argmax(1).astype(np.int32)),
             ], schema=USER_TRUTH_SCHEMA))
             active = np.zeros(len(users), dtype=bool)
+            today = np.ones(len(users), dtype=bool)  # everybody is active on the first day
             for day in range(cfg.days):
-                events, exposures = _simulate_user_day(cfg, items, index, users, taste, day, stats)
+                events, exposures, day_sat, day_clicks = _simulate_user_day(
+                    cfg, items, index, users, taste, day, stats, today)
+                today = next_day_active(cfg, users, day, day_sat, day_clicks,
+                                        stats if day + 1 < cfg.days else None)
                 part = f"part-{chunk:05d}.parquet"
                 day_dir = f"day={day_label(cfg, day)}"
                 path = join_path(root, "logs", day_dir, part)
                 _write_table(fs, path, events)
                 sizes[path] = events.num_rows
                 if exposures is not None:
-                    _write_table(fs, join_path(root, "truth", "exposures", day_dir, part), exposures)
+                    _write_table(fs, join_path(root, "impressions", day_dir, part), exposures)
                 n_events += events.num_rows
+                if len(wr_sample) < 50:  # Spearman(watch ratio, satisfaction) over (a bounded share of) the logs
+                    wr_sample.append(events.column("watch_ratio").to_numpy(zero_copy_only=False))
+                    sat_sample.append(events.column("eval_true_satisfaction").to_numpy(zero_copy_only=False))
                 active[np.searchsorted(users, events.column("user_id").to_numpy())] = True
             users_with_events += int(active.sum())
             say(f"[simulate] chunk {chunk + 1}/{n_chunks}: users {users[0]}..{users[-1]}, "
                 f"{n_events:,} events so far ({time.time() - t_start:.1f}s)")
     summary = _summarise(cfg, items, stats, n_events, users_with_events)
     summary.update(out_dir=out_dir, files=len(sizes), seconds=round(time.time() - t_start, 3))
+    if wr_sample:
+        summary["watch_ratio_vs_satisfaction_spearman"] = spearman(np.concatenate(wr_sample), np.concatenate(sat_sample))
     with fs.open_output_stream(join_path(root, "truth", "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return summary
@@ -518,8 +613,10 @@ def _summarise(cfg: SimulatorConfig, items: ItemTruth, st: _Stats, n_events: int
         items_engaged=int(clicked.sum()), items_shown=int(shown.sum()), days=cfg.days,
         sessions=int(st.sessions), slates=int(st.slates),
         ctr=float(st.clicks.sum() / max(st.impressions.sum(), 1)),
-        clickbait=group(items.is_clickbait), other=group(~items.is_clickbait),
+        clickbait=group(items.is_clickbait), compulsive=group(items.is_compulsive),
+        other=group(~items.is_clickbait & ~items.is_compulsive),
         item_ctr_vs_satisfaction_corr=corr, seed=cfg.seed,
+        next_day_return_rate=float(st.returns / st.return_chances) if st.return_chances else float("nan"),
     )
 
 
@@ -559,21 +656,40 @@ class SimulatorEnv:
             raise ValueError("reset: user ids must be a non-empty array of non-negative ints")
         n = self.user_ids.size
         self.taste = user_tastes(self.cfg, self.user_ids)
+        self.finish = user_finish_bias(self.cfg, self.user_ids)
         self.history_items = [[] for _ in range(n)]
         self.history_watch = [[] for _ in range(n)]
         self.steps = np.zeros(n, dtype=np.int64)
         self.done = np.zeros(n, dtype=bool)
+        self.mood = np.zeros(n)
         for _ in range(10 * warmup_items):
             need = np.flatnonzero([len(h) < warmup_items for h in self.history_items])
             if need.size == 0:
                 break
             draws = GeneratorDraws(self.rng, need.size)
             slates = logging_policy_slates(self.cfg, self.taste[need], self.items, self.index, draws)
-            resp = respond_to_slates(self.cfg, self.taste[need], self.items, slates, draws)
+            resp = respond_to_slates(self.cfg, self.taste[need], self.items, slates, draws, self.finish[need],
+                                     np.zeros(need.size))
             for r in np.flatnonzero(resp.click_index >= 0):
                 self.history_items[need[r]].append(int(resp.item_id[r]))
                 self.history_watch[need[r]].append(float(resp.watch_ratio[r]))
         return self.observation()
+
+    def new_session(self, active: np.ndarray) -> dict:
+        """Start the next session (e.g. the next day) for the ``active`` users, keeping every history;
+        the others sit it out (done).  The mood starts afresh."""
+        active = np.asarray(active, dtype=bool)
+        if active.shape != self.user_ids.shape:
+            raise ValueError(f"new_session: active must have shape {self.user_ids.shape}, got {active.shape}")
+        self.steps[:] = 0
+        self.mood[:] = 0.0
+        self.done = ~active
+        return self.observation()
+
+    def next_day_returns(self, day_satisfaction_sum: np.ndarray, day_clicks: np.ndarray) -> np.ndarray:
+        """Which users come back the next day, by the same retention rule as the logger."""
+        p = return_probability(self.cfg, day_satisfaction_sum / np.maximum(day_clicks, 1), day_clicks > 0)
+        return self.rng.random(p.shape) < p
 
     def observation(self) -> dict:
         return dict(user_id=self.user_ids.copy(),
@@ -607,8 +723,10 @@ class SimulatorEnv:
             bad = slates[(slates < 0) | (slates >= self.num_items)][0]
             raise ValueError(f"step: item id {bad} is not in the catalog 0..{self.num_items - 1}")
         slates = slates.astype(np.int64)
-        resp = respond_to_slates(self.cfg, self.taste, self.items, slates, GeneratorDraws(self.rng, n))
+        resp = respond_to_slates(self.cfg, self.taste, self.items, slates, GeneratorDraws(self.rng, n),
+                                 self.finish, self.mood)
         was_done = self.done.copy()
+        self.mood = np.where(was_done, self.mood, resp.mood)
         for f in ("click_index", "item_id"):
             getattr(resp, f)[was_done] = -1
         resp.satisfaction[was_done] = np.nan
