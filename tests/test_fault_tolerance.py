@@ -16,8 +16,9 @@ from mtrec_dist.training.loop import FAULT_MARKER, fit_distributed
 
 torch.set_num_threads(1)
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a Ray Train run with a restart
 
-@pytest.mark.integration
+
 def test_run_recovers_from_a_killed_worker(ray_cluster, tmp_path):
     rows = 2400  # 1200 rows per rank = 50 steps of 24
     root = write_prepared(tmp_path / "prep", num_items=40, rows=rows, files=4)

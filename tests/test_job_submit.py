@@ -205,6 +205,7 @@ def _status(head, job_id) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_job_submit_with_token_succeeds_and_writes_outputs(head):
     storage = head.tmp / "storage"
     failing = _submit(head, "mtrec-fails", FAILING_ENTRYPOINT, FAILING_STORAGE, wait=False)
@@ -237,6 +238,7 @@ def test_job_submit_with_token_succeeds_and_writes_outputs(head):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_requests_without_or_with_a_wrong_token_are_refused(head):
     # The job API itself: 401 without a token, 403 with a wrong one, 200 with the right one.
     jobs_url = f"{head.address}/api/jobs/"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # a 2-node cluster in a subprocess (about a minute and a half)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a 2-node cluster in a subprocess (about a minute and a half)
 
 HERE = Path(__file__).resolve().parent
 ROWS, BATCH, CKPT_EVERY, REPORT_EVERY, KILL_AFTER = 2400, 24, 10, 5, 20  # 50 steps per epoch and rank
@@ -147,7 +147,6 @@ def main(out_dir: str) -> None:
         cluster.shutdown()
 
 
-@pytest.mark.integration
 def test_two_node_run_recovers_from_a_killed_worker(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE),

@@ -11,7 +11,7 @@ from mtrec_dist.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the whole tiny pipeline on Ray (minutes)
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,7 @@ def _reference(logs: pa.Table, vocab: prep.Vocab, L: int, gap: int) -> dict:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_simulate_prepare_inspect_end_to_end(ray_cluster, tmp_path, capsys):
     sim_dir, out = tmp_path / "sim", tmp_path / "prepared"
     sets = ["--set", "simulator.num_users=250", "--set", "simulator.num_items=150", "--set", "simulator.days=2",
@@ -321,6 +322,7 @@ def test_corrupt_data_pages_error_names_the_file(ray_cluster, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_movielens_1m_real_data(ray_cluster, ml1m_dir, tmp_path):
     m = prep.prepare_dataset(_cfg(format="movielens", rows_per_shard=250_000),
                              str(ml1m_dir / "ratings_users0001-2999.dat"), str(tmp_path / "ml"))

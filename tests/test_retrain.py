@@ -32,7 +32,7 @@ from mtrec_dist.training.sharding import TrainingModule
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.slow  # several Ray Train runs (minutes on 2 CPUs)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # several Ray Train runs (minutes on 2 CPUs)
 
 NUM_ITEMS, NEW_ITEMS, L = 120, 20, 5
 TABLE = "model.item_embedding.ec.embeddings.item_table.weight"
@@ -76,7 +76,6 @@ def _version_dir(chain, k: int) -> Path:
     return chain["out"] / chain["runs"][k]["name"]
 
 
-@pytest.mark.integration
 def test_versions_are_chained_and_every_event_is_used_once(chain):
     runs, days = chain["runs"], chain["days"]
     assert [r["name"] for r in runs] == [f"v000{k + 1}-{d}" for k, d in enumerate(days)]
@@ -118,7 +117,6 @@ def test_versions_are_chained_and_every_event_is_used_once(chain):
     assert len(set(seen_events)) == len(seen_events)  # no event used twice across versions
 
 
-@pytest.mark.integration
 def test_states_carry_over_the_day_boundary(chain):
     vocab = load_vocab(str(_version_dir(chain, 2) / "prepared"))
     carry: dict = {}  # raw user -> (last L raw items, feedback), as it should be after each day
@@ -149,7 +147,6 @@ def test_states_carry_over_the_day_boundary(chain):
     assert checked > 100  # most users' day-2/3 sequences really started from carried items
 
 
-@pytest.mark.integration
 def test_new_items_get_embedding_rows_and_old_rows_are_warm_started(chain):
     runs = chain["runs"]
     v = [r["vocab"] for r in runs]
@@ -197,7 +194,6 @@ def test_new_items_get_embedding_rows_and_old_rows_are_warm_started(chain):
             assert torch.equal(sd_new[key], value), key
 
 
-@pytest.mark.integration
 def test_rerunning_a_day_is_idempotent_and_old_days_are_refused(chain):
     cfg, logs, days, out = chain["cfg"], chain["logs"], chain["days"], chain["out"]
     before = sorted(p.name for p in out.iterdir())
@@ -237,7 +233,6 @@ def _progressive_loss(output_dir: Path) -> float:
     return float((np.array([e["loss"] for e in ev]) * rows).sum() / rows.sum())
 
 
-@pytest.mark.integration
 def test_warm_start_beats_cold_training_with_the_same_budget(chain, tmp_path):
     cfg, run = chain["cfg"], chain["runs"][2]
     vdir = _version_dir(chain, 2)

@@ -21,8 +21,9 @@ torch.set_num_threads(1)
 
 N_QUANTILES = 8
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a Ray Train run, then Ray Data scoring
 
-@pytest.mark.integration
+
 def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys):
     run = tmp_path / "run"
     sets = []

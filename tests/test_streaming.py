@@ -97,6 +97,7 @@ def test_skip_rows_and_rebatch():
     assert [c.num_rows for c in out] == [3, 3]
 
 
+@pytest.mark.integration
 def test_single_process_iteration_pads_last_batch(ray_cluster, tmp_path):
     root = write_prepared(tmp_path / "prep", rows=37, files=2)
     ds = read_transitions(str(root))
@@ -107,6 +108,7 @@ def test_single_process_iteration_pads_last_batch(ray_cluster, tmp_path):
     assert sorted(ids) == list(range(1000, 1037))
 
 
+@pytest.mark.integration
 def test_training_never_reads_eval(ray_cluster, tmp_path):
     root = write_prepared(tmp_path / "prep", rows=20, files=1)
     with pytest.raises(EvalLeakError):
@@ -144,6 +146,8 @@ def _stream_worker(config):
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -37,6 +37,7 @@ def _plain_loss(model, root: Path) -> tuple[float, float]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_two_worker_training_shards_lowers_the_loss_checkpoints_and_resumes(ray_cluster, tmp_path):
     """One run of 200 steps (stopped mid-epoch), then a second run resumed from its latest checkpoint."""
     root = write_prepared(tmp_path / "prep", num_items=NUM_ITEMS, rows=ROWS, files=8)
@@ -129,6 +130,7 @@ def test_meta_materialisation_initialises_dense_modules():
         materialize_dense(NoReset(), torch.device("cpu"))
 
 
+@pytest.mark.integration
 def test_fit_requires_a_train_dataset(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="'train'"):
         fit_distributed(functools.partial(tiny_factory, 4, 4), TrainConfig(), {}, "x", str(tmp_path))
