@@ -1,0 +1,120 @@
+"""QR-IQL v2 objectives (method.md section 5; docs/method.md "QR-IQL v2"): pure tensor functions.
+
+v2 separates two utilities (R2): a *decision utility* ``U(s,a)`` that explains the click, and a *mental
+reward* ``M(s,a)`` (quantiles ``M_i``, mean ``Mbar``) that explains what the user did after consuming (R4):
+
+* consumption depth: ``z = logit(clip(y))  ~  Normal(k_y Mbar + d(s), sigma_y^2)``;
+* continuation: staying is worth ``Mbar + W(s)``, leaving is the outside option worth 0 (R1):
+  ``P(stay) = sigmoid(Mbar + W(s))``;
+* return after a session ends: coming back is worth ``Mbar + W_r(s)``, staying away 0:
+  ``P(return | done) = sigmoid(Mbar + W_r(s))`` (rows whose return is unknown are skipped).
+
+``d``, ``W``, ``W_r`` are state-only offsets (a user who finishes everything, a good mood), so ``Mbar``
+ranks items within a state by what all consequences agree on.  The realised mental reward of one event is
+the posterior mean of ``m`` after seeing its outcome ``o`` (one Newton step from the prior ``N(Mbar,
+tau^2)``), so every distributional target contains an observed outcome (R3):
+``T_j = m(s,a,o) + gamma (1-done) Z'_j(s',a')``.
+
+Shapes: B rows, N quantiles; ``mask`` [B] is 1 for real rows.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ranking import masked_mean
+
+__all__ = [
+    "watch_logit",
+    "consequence_nll",
+    "realised_mental_reward",
+    "mental_return_target",
+    "choice_nll",
+]
+
+
+def watch_logit(watch_ratio: torch.Tensor, eps: float = 0.02) -> torch.Tensor:
+    """``z = log(y / (1 - y))`` with ``y`` clipped to ``[eps, 1 - eps]`` (0 and 1 would be infinite)."""
+    y = watch_ratio.clamp(eps, 1.0 - eps)
+    return torch.log(y) - torch.log1p(-y)
+
+
+def consequence_nll(
+    mbar: torch.Tensor,
+    offsets: Dict[str, torch.Tensor],
+    outcomes: Dict[str, torch.Tensor],
+    k_y: torch.Tensor,
+    sigma_y: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    """Negative log-likelihood of the post-consumption outcomes given the mean mental reward.
+
+    ``L_y = E[ (z - k_y Mbar - d)^2 / (2 sigma_y^2) + log sigma_y ]`` over rows with a watch signal;
+    ``L_c = E[ BCE(stay, sigmoid(Mbar + W)) ]``;
+    ``L_r = E_{done, known}[ BCE(returned, sigmoid(Mbar + W_r)) ]`` (sum over known rows / real rows).
+
+    offsets: "d", "W", "W_r" [B]; outcomes: "z" [B] (watch logit), "has_watch" [B] (0 where the source
+    has no watch signal), "stay" [B] (1 - done), "returned" [B], "return_known" [B] (1 where the row ends a
+    session and the log shows whether the user came back).  Returns {"y", "continue", "return", "total"}.
+    """
+    m = torch.ones_like(mbar) if mask is None else mask.to(mbar.dtype)
+    n = m.sum().clamp_min(1.0)
+    wy = m * outcomes["has_watch"].to(mbar.dtype)
+    resid = outcomes["z"] - k_y * mbar - offsets["d"]
+    l_y = ((resid.pow(2) / (2 * sigma_y.pow(2)) + torch.log(sigma_y)) * wy).sum() / wy.sum().clamp_min(1.0)
+    l_c = (F.binary_cross_entropy_with_logits(mbar + offsets["W"], outcomes["stay"].to(mbar.dtype),
+                                              reduction="none") * m).sum() / n
+    known = m * outcomes["return_known"].to(mbar.dtype)
+    l_r = (F.binary_cross_entropy_with_logits(mbar + offsets["W_r"], outcomes["returned"].to(mbar.dtype),
+                                              reduction="none") * known).sum() / n
+    return {"y": l_y, "continue": l_c, "return": l_r, "total": l_y + l_c + l_r}
+
+
+@torch.no_grad()
+def realised_mental_reward(
+    mbar: torch.Tensor,
+    offsets: Dict[str, torch.Tensor],
+    outcomes: Dict[str, torch.Tensor],
+    k_y: torch.Tensor,
+    sigma_y: torch.Tensor,
+    prior_sd: float,
+) -> torch.Tensor:
+    """Posterior mean of one event's mental reward given its outcome: a Newton step from the prior.
+
+    With prior ``m ~ N(Mbar, tau^2)`` and the outcome log-likelihood ``ell(m)`` of
+    :func:`consequence_nll`, ``m = Mbar + ell'(Mbar) / (1/tau^2 - ell''(Mbar))`` where
+    ``ell' = has_watch k_y (z - k_y Mbar - d) / sigma_y^2 + (stay - p_c) + known (returned - p_r)`` and
+    ``-ell'' = has_watch k_y^2 / sigma_y^2 + p_c (1 - p_c) + known p_r (1 - p_r)``.
+    Exact for the Gaussian term; a Laplace step for the two choices.  [B] -> [B] (constants).
+    """
+    hw = outcomes["has_watch"].to(mbar.dtype)
+    known = outcomes["return_known"].to(mbar.dtype)
+    p_c = torch.sigmoid(mbar + offsets["W"])
+    p_r = torch.sigmoid(mbar + offsets["W_r"])
+    grad = (hw * k_y * (outcomes["z"] - k_y * mbar - offsets["d"]) / sigma_y.pow(2)
+            + (outcomes["stay"].to(mbar.dtype) - p_c) + known * (outcomes["returned"].to(mbar.dtype) - p_r))
+    curv = hw * k_y.pow(2) / sigma_y.pow(2) + p_c * (1 - p_c) + known * p_r * (1 - p_r)
+    return (mbar + grad / (1.0 / prior_sd ** 2 + curv)).detach()
+
+
+def mental_return_target(realised: torch.Tensor, next_quantiles: torch.Tensor, done: torch.Tensor,
+                         gamma: float) -> torch.Tensor:
+    """Distributional target over mental returns: ``T_j = m + gamma (1-done) Z'_j(s',a')`` (constants).
+
+    ``m`` is observed through the outcome (:func:`realised_mental_reward`), so the spread of ``T`` is the
+    spread of what actually followed, unlike v1's circular ``Q + gamma (Z' - Qbar')``.
+    realised [B], next_quantiles [B, M], done [B] -> [B, M].
+    """
+    not_done = (1.0 - done.to(next_quantiles.dtype)).unsqueeze(1)
+    return (realised.unsqueeze(1) + gamma * not_done * next_quantiles).detach()
+
+
+def choice_nll(utility_logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decision utility fitted to choices: ``L_U = E[ -log softmax_a U(s,a) [logged a] ]``.
+
+    utility_logits [B, C] over the choice set (the catalog, or a shown slate plus the no-click option);
+    target [B] column of the chosen item.
+    """
+    return masked_mean(F.cross_entropy(utility_logits, target, reduction="none"), mask)

@@ -1,0 +1,196 @@
+"""QR-IQL v2 objectives: hand-computed references and a tabular truth test (method.md section 5).
+
+The tabular world: states 0..S-1, actions 0..A-1, ``s' = a mod S``.  Consuming ``a`` in ``s`` gives a
+private, stochastic mental reward ``m ~ N(mu(s,a), sd(s,a)^2)`` that is never logged; it shows only in
+its consequences: the watch logit ``z = K_Y m + d_s + N(0, 1)``, staying ``P = sigmoid(m + W_s)``, and,
+after leaving, returning ``P = sigmoid(m + WR_s)``.  Logged actions are uniform (the choice carries no
+information about ``m``: everything must come from the consequences).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtrec_dist.evaluation.metrics import spearman
+from mtrec_dist.objectives.mental_reward import (
+    choice_nll, consequence_nll, mental_return_target, realised_mental_reward, watch_logit,
+)
+from mtrec_dist.objectives.qr_iql import distributional_soft_target, quantile_huber_loss, quantile_midpoints
+
+S, A, K_Y, GAMMA, N = 3, 6, 0.8, 0.6, 8
+
+
+def _world(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return dict(mu=rng.normal(0, 1, (S, A)), sd=rng.uniform(0.05, 2.0, (S, A)),
+                d=rng.normal(0, 0.5, S), W=rng.normal(1.0, 0.3, S), WR=rng.normal(0.0, 0.3, S))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _log(world: dict, n: int, seed: int = 1) -> dict:
+    """``n`` logged transitions from episodes of uniform choices."""
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("s", "a", "s2", "m", "z", "stay", "ret", "known")}
+    s = 0
+    for _ in range(n):
+        a = int(rng.integers(A))
+        m = world["mu"][s, a] + world["sd"][s, a] * rng.standard_normal()
+        stay = rng.random() < _sigmoid(m + world["W"][s])
+        ret = rng.random() < _sigmoid(m + world["WR"][s])
+        for k, v in zip(cols, (s, a, a % S, m, K_Y * m + world["d"][s] + rng.standard_normal(), stay, ret, not stay)):
+            cols[k].append(v)
+        s = a % S if stay else 0
+    out = {k: torch.tensor(np.asarray(v), dtype=torch.float32) for k, v in cols.items()}
+    for k in ("s", "a", "s2"):
+        out[k] = out[k].long()
+    return out
+
+
+def _true_return_sd(world: dict, n: int = 4000, horizon: int = 12, seed: int = 2) -> np.ndarray:
+    """Monte Carlo std of the mental return ``G = m + gamma (1 - done) G'`` of each (s, a), a' uniform."""
+    rng = np.random.default_rng(seed)
+    sd = np.zeros((S, A))
+    for s0 in range(S):
+        for a0 in range(A):
+            g = np.zeros(n)
+            disc = np.ones(n)
+            s, a, alive = np.full(n, s0), np.full(n, a0), np.ones(n, bool)
+            for _ in range(horizon):
+                m = world["mu"][s, a] + world["sd"][s, a] * rng.standard_normal(n)
+                g += np.where(alive, disc * m, 0.0)
+                alive &= rng.random(n) < _sigmoid(m + world["W"][s])
+                disc *= GAMMA
+                s, a = a % S, rng.integers(A, size=n)
+            sd[s0, a0] = g.std()
+    return sd
+
+
+def _outcomes(log: dict) -> dict:
+    return dict(z=log["z"], has_watch=torch.ones_like(log["z"]), stay=log["stay"], returned=log["ret"],
+                return_known=log["known"])
+
+
+def _fit_consequences(log: dict, steps: int = 600) -> dict:
+    """Tabular Mbar[s, a] and state offsets fitted by :func:`consequence_nll` alone."""
+    torch.manual_seed(0)
+    p = {k: torch.zeros(shape, requires_grad=True) for k, shape in
+         (("M", (S, A)), ("d", (S,)), ("W", (S,)), ("WR", (S,)), ("log_k", ()), ("log_sig", ()))}
+    opt = torch.optim.Adam(p.values(), lr=0.05)
+    out = _outcomes(log)
+    for _ in range(steps):
+        mbar = p["M"][log["s"], log["a"]]
+        offs = dict(d=p["d"][log["s"]], W=p["W"][log["s"]], W_r=p["WR"][log["s"]])
+        loss = consequence_nll(mbar, offs, out, p["log_k"].exp(), p["log_sig"].exp())["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in p.items()}
+
+
+# ---- hand-computed references ---------------------------------------------------------------------------
+def test_watch_logit_clips_and_inverts_the_sigmoid():
+    y = torch.tensor([0.0, 0.5, 0.880797, 1.0])
+    z = watch_logit(y)
+    assert torch.allclose(z[1:3], torch.tensor([0.0, 2.0]), atol=1e-4)
+    assert torch.allclose(z[[0, 3]], torch.tensor([math.log(0.02 / 0.98), math.log(0.98 / 0.02)]))
+
+
+def test_consequence_nll_matches_a_hand_computed_value():
+    mbar = torch.tensor([0.5, -1.0])
+    offs = dict(d=torch.tensor([0.0, 1.0]), W=torch.tensor([0.0, 0.5]), W_r=torch.tensor([1.0, 0.0]))
+    out = dict(z=torch.tensor([1.0, 0.0]), has_watch=torch.tensor([1.0, 1.0]), stay=torch.tensor([1.0, 0.0]),
+               returned=torch.tensor([0.0, 1.0]), return_known=torch.tensor([0.0, 1.0]))
+    k, sig = torch.tensor(2.0), torch.tensor(1.0)
+    res = consequence_nll(mbar, offs, out, k, sig)
+    # y: residuals 1 - 1 - 0 = 0 and 0 + 2 - 1 = 1 -> (0 + 0.5) / 2
+    assert res["y"].item() == pytest.approx(0.25)
+    # continue: -log sigmoid(0.5) and -log(1 - sigmoid(-0.5)), mean
+    ref_c = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 - 1 / (1 + math.exp(0.5)))) / 2
+    assert res["continue"].item() == pytest.approx(ref_c, rel=1e-5)
+    # return: only row 2 is known: -log sigmoid(-1.0), divided by 2 real rows
+    assert res["return"].item() == pytest.approx(-math.log(1 / (1 + math.exp(1.0))) / 2, rel=1e-5)
+
+
+def test_realised_reward_is_the_gaussian_posterior_mean_when_only_watch_is_seen():
+    mbar = torch.tensor([0.0])
+    offs = dict(d=torch.zeros(1), W=torch.full((1,), -50.0), W_r=torch.zeros(1))  # p_c ~ 0: no continue info
+    out = dict(z=torch.tensor([2.0]), has_watch=torch.ones(1), stay=torch.zeros(1), returned=torch.zeros(1),
+               return_known=torch.zeros(1))
+    m = realised_mental_reward(mbar, offs, out, torch.tensor(1.0), torch.tensor(1.0), prior_sd=1.0)
+    # prior N(0, 1), z = m + N(0, 1) observed at 2 -> posterior mean 1
+    assert m.item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_mental_return_target_and_choice_nll_by_hand():
+    t = mental_return_target(torch.tensor([1.0, 2.0]), torch.tensor([[0.0, 10.0], [5.0, 6.0]]),
+                             torch.tensor([0.0, 1.0]), gamma=0.5)
+    assert torch.equal(t, torch.tensor([[1.0, 6.0], [2.0, 2.0]]))
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    assert choice_nll(logits, torch.tensor([1])).item() == pytest.approx(-math.log(0.75), rel=1e-6)
+
+
+# ---- tabular truth --------------------------------------------------------------------------------------
+def test_consequences_identify_the_mean_mental_reward():
+    """Mbar fitted to consequences alone (uniform choices) ranks actions like the true mu within states,
+    and the realised reward of an event tracks its hidden draw."""
+    world = _world()
+    log = _log(world, 20_000)
+    p = _fit_consequences(log)
+    rho = np.mean([spearman(p["M"][s].numpy(), world["mu"][s]) for s in range(S)])
+    assert rho >= 0.8, rho
+    offs = dict(d=p["d"][log["s"]], W=p["W"][log["s"]], W_r=p["WR"][log["s"]])
+    m = realised_mental_reward(p["M"][log["s"], log["a"]], offs, _outcomes(log), p["log_k"].exp(),
+                               p["log_sig"].exp(), prior_sd=1.0)
+    assert np.corrcoef(m.numpy(), log["m"].numpy())[0, 1] > 0.6
+
+
+def _fit_critic(log: dict, realised: torch.Tensor, target: str, steps: int = 1500, batch: int = 512) -> torch.Tensor:
+    """Tabular quantile critic Z[s, a, :] trained with the v1 (circular) or v2 target."""
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(S, A, N, generator=gen) + torch.linspace(-1, 1, N)).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    taus = quantile_midpoints(N)
+    n = log["s"].shape[0]
+    for _ in range(steps):
+        i = torch.randint(0, n, (batch,), generator=gen)
+        s, a, s2, done = log["s"][i], log["a"][i], log["s2"][i], 1.0 - log["stay"][i]
+        with torch.no_grad():
+            a2 = torch.randint(0, A, (batch,), generator=gen)
+            z_next = z[s2, a2]
+            if target == "v2":
+                t = mental_return_target(realised[i], z_next, done, GAMMA)
+            else:  # v1: r = Q - gamma (1-d) V(s'), a' ~ pi, alpha log pi = Qbar' - V'
+                q = z.mean(-1)
+                v2 = torch.logsumexp(q[s2], dim=1)
+                pi = torch.softmax(q[s2], dim=1)
+                a2 = torch.multinomial(pi, 1).squeeze(1)
+                z_next = z[s2, a2]
+                r = q[s, a] - GAMMA * (1 - done) * v2
+                t = distributional_soft_target(r, z_next, q[s2, a2] - v2, done, GAMMA, 1.0)
+        loss = quantile_huber_loss(z[s, a], t, taus)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return z.detach()
+
+
+def test_v2_critic_spread_tracks_the_true_return_spread_and_v1_collapses():
+    world = _world()
+    log = _log(world, 20_000)
+    p = _fit_consequences(log)
+    offs = dict(d=p["d"][log["s"]], W=p["W"][log["s"]], W_r=p["WR"][log["s"]])
+    realised = realised_mental_reward(p["M"][log["s"], log["a"]], offs, _outcomes(log), p["log_k"].exp(),
+                                      p["log_sig"].exp(), prior_sd=1.0)
+    true_sd = _true_return_sd(world).ravel()
+    spread = lambda z: (z[..., -2] - z[..., 1]).ravel().numpy()  # noqa: E731  (inner quantile range)
+    z2 = _fit_critic(log, realised, "v2")
+    z1 = _fit_critic(log, realised, "v1")
+    assert spearman(spread(z2), true_sd) >= 0.7, (spread(z2), true_sd)
+    # v1's target contains nothing observed: its only fixed point has every quantile equal
+    assert spread(z1).mean() < 0.2 * spread(z2).mean(), (spread(z1).mean(), spread(z2).mean())
