@@ -177,9 +177,15 @@ class RewardConfig:
     # choice_weight * r(s,a,s') [the spec] + consumption_weight * alpha * logit(watch ratio).
     choice_weight: float = 1.0
     consumption_weight: float = 0.0
+    # "v2" (method.md section 5, docs/method.md "QR-IQL v2"): decision utility fitted to choices, mental
+    # reward fitted to consequences (watch, continue vs leave, return) with the outside option at 0, and a
+    # critic whose targets contain the observed outcome.  "v1": the IQ-Learn form of sections 2 (ablation D).
+    objective: Literal["v1", "v2"] = "v2"
+    prior_sd: float = 1.0  # v2: prior std of one event's mental reward around its mean (realised-reward step)
 
     def validate(self, key: str = "reward") -> None:
-        _check(self.num_quantiles >= 2, f"{key}.num_quantiles", "must be >= 2")
+        _check(self.num_quantiles >= 1, f"{key}.num_quantiles", "must be >= 1")
+        _check(self.prior_sd > 0, f"{key}.prior_sd", "must be > 0")
         _check(self.alpha > 0, f"{key}.alpha", "must be > 0")
         _check(0.0 <= self.gamma < 1.0, f"{key}.gamma", "must be in [0, 1)")
         _check(self.chi2_c > 0, f"{key}.chi2_c", "must be > 0")
@@ -269,6 +275,32 @@ class TrainConfig:
 
 
 @dataclass
+class StageBudget:
+    """Training budget of one stage (sections ``reward_train`` and ``rec_train``).
+
+    A field left unset (null) takes its value from the shared ``train`` section; read the effective settings
+    with :meth:`PipelineConfig.stage_train`, never these fields directly.
+    """
+
+    epochs: Optional[int] = None  # passes over the stage's training rows (>= 1); null = train.epochs
+    max_steps: Optional[int] = None  # stop after this many steps (0 = run all epochs); null = train.max_steps
+    batch_size: Optional[int] = None  # samples per worker per step (>= 1); null = train.batch_size
+    lr: Optional[float] = None  # dense-parameter learning rate (> 0); null = train.lr
+
+    def validate(self, key: str) -> None:
+        for name in ("epochs", "batch_size"):
+            _check(getattr(self, name) is None or getattr(self, name) >= 1, f"{key}.{name}",
+                   "must be >= 1 (or null: use the train section)")
+        _check(self.max_steps is None or self.max_steps >= 0, f"{key}.max_steps",
+               "must be >= 0 (or null: use the train section)")
+        _check(self.lr is None or self.lr > 0, f"{key}.lr", "must be > 0 (or null: use the train section)")
+
+    def overrides(self) -> dict:
+        """The fields that are set, as TrainConfig keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class EvalConfig:
     """Offline ranking, reward validity and online simulator evaluation (method.md section 4)."""
 
@@ -299,6 +331,8 @@ class PipelineConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rec: RecConfig = field(default_factory=RecConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward_train: StageBudget = field(default_factory=StageBudget)  # reward model's budget (unset = train)
+    rec_train: StageBudget = field(default_factory=StageBudget)  # every recommender's budget (unset = train)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, key: str = "") -> None:
@@ -307,6 +341,13 @@ class PipelineConfig:
             if dataclasses.is_dataclass(v):
                 v.validate(f.name)
         _check(bool(self.run_dir), "run_dir", "must not be empty")
+
+    def stage_train(self, stage: Literal["reward", "rec"]) -> TrainConfig:
+        """The effective training settings of ``stage``: ``train`` with the stage's budget fields that are set."""
+        budgets = {"reward": self.reward_train, "rec": self.rec_train}
+        if stage not in budgets:
+            raise ValueError(f"unknown training stage {stage!r}; choose from {sorted(budgets)}")
+        return dataclasses.replace(self.train, **budgets[stage].overrides())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -185,13 +185,16 @@ def _batch(num_items: int, b: int = 6, L: int = 3, seed: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("num_negatives,sampler", [(0, "uniform"), (5, "uniform"), (5, "popularity")])
-def test_qriql_model_losses_finite_and_backprop(num_negatives, sampler):
+@pytest.mark.parametrize("objective", ["v1", "v2"])
+def test_qriql_model_losses_finite_and_backprop(num_negatives, sampler, objective):
     torch.manual_seed(0)
     counts = torch.arange(21.0) if sampler == "popularity" else None
-    rc = RewardConfig(num_quantiles=4, num_negatives=num_negatives, negative_sampler=sampler, catalog_chunk=7)
+    rc = RewardConfig(num_quantiles=4, num_negatives=num_negatives, negative_sampler=sampler, catalog_chunk=7,
+                      objective=objective)
     model = QRIQLModel(20, MODEL_CFG, rc, state_len=3, item_counts=counts)
     out = model(_batch(20))
-    for k in ("loss", "iq", "qr", "r", "reward_mean", "reward_spread", "value", "expert_logp"):
+    keys = (("iq", "value", "expert_logp") if objective == "v1" else ("choice", "consequence", "critic_spread"))
+    for k in ("loss", "qr", "r", "reward_mean", "reward_spread") + keys:
         assert torch.isfinite(out[k]), k
     out["loss"].backward()
     assert model.critic_weight.grad is not None and model.reward_weight.grad is not None
@@ -200,9 +203,10 @@ def test_qriql_model_losses_finite_and_backprop(num_negatives, sampler):
     assert table.grad is not None and torch.isfinite(table.grad).all()
 
 
-def test_qriql_padding_rows_contribute_nothing():
+@pytest.mark.parametrize("objective", ["v1", "v2"])
+def test_qriql_padding_rows_contribute_nothing(objective):
     torch.manual_seed(0)
-    model = QRIQLModel(20, MODEL_CFG, RewardConfig(num_quantiles=4), state_len=3)
+    model = QRIQLModel(20, MODEL_CFG, RewardConfig(num_quantiles=4, objective=objective), state_len=3)
     batch = _batch(20, b=4)
     padded = {k: torch.cat([v, v[:2]]) for k, v in batch.items()}
     padded["mask"] = T([1.0, 1, 1, 1, 0, 0])
@@ -210,7 +214,7 @@ def test_qriql_padding_rows_contribute_nothing():
     a = model(batch)
     torch.manual_seed(1)
     b = model(padded)
-    for k in ("iq", "r", "reward_mean"):
+    for k in ("iq" if objective == "v1" else "consequence", "r", "reward_mean"):
         assert close(a[k], b[k], tol=1e-5), k
 
 
@@ -228,9 +232,10 @@ def test_qriql_target_polyak_and_sync():
     assert model.encoder.training and not model.target_encoder.training
 
 
-def test_qriql_scoring_shapes_and_baseline_consistency():
+@pytest.mark.parametrize("objective", ["v1", "v2"])
+def test_qriql_scoring_shapes_and_baseline_consistency(objective):
     torch.manual_seed(0)
-    rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7)
+    rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective)
     model = QRIQLModel(9, MODEL_CFG, rc, state_len=3).eval()
     b = _batch(9, b=3)
     s, fb = b["state_items"], b["state_feedback"]

@@ -84,7 +84,7 @@ def test_qr_iql_recovers_tabular_reward_ranking_and_spread():
     data = torch.as_tensor(rollout(mdp, 6000, seed=1))
     model_cfg = ModelConfig(embedding_dim=16, encoder="gru", num_layers=1, num_heads=1, dropout=0.0,
                             feedback_features=False)
-    reward_cfg = RewardConfig(num_quantiles=8, alpha=ALPHA, gamma=GAMMA, polyak=0.05)
+    reward_cfg = RewardConfig(num_quantiles=8, alpha=ALPHA, gamma=GAMMA, polyak=0.05, objective="v1")  # v1 IQ-Learn form (v2: test_mental_reward.py)
     model = QRIQLModel(K, model_cfg, reward_cfg, state_len=1)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)

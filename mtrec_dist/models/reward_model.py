@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig, RewardConfig
 from ..objectives.qr_iql import (
+    quantile_huber_loss,
     catalog_soft_value,
     cvar,
     distributional_soft_target,
@@ -36,6 +37,10 @@ from ..objectives.qr_iql import (
     quantile_midpoints,
     soft_value,
 )
+from ..objectives.mental_reward import (
+    choice_nll, consequence_nll, mental_return_target, realised_mental_reward, watch_logit,
+)
+from ..objectives.ranking import masked_mean
 from .embeddings import ItemEmbedding
 from .encoders import build_encoder
 
@@ -140,6 +145,12 @@ class QRIQLModel(nn.Module):
         self.reward_item_bias = nn.Parameter(torch.empty(n, d, device=device))
         self.target_critic_weight = nn.Parameter(torch.empty(n, d, d, device=device), requires_grad=False)
         self.target_critic_item_bias = nn.Parameter(torch.empty(n, d, device=device), requires_grad=False)
+        self.v2 = reward_cfg.objective == "v2"
+        if self.v2:  # decision utility U(s,a) = <A h + c, e_a>; state offsets (d, W, W_r); watch link k_y, sigma_y
+            self.utility_weight = nn.Parameter(torch.empty(d, d, device=device))
+            self.utility_item_bias = nn.Parameter(torch.empty(d, device=device))
+            self.state_offsets = nn.Linear(d, 3, device=device)
+            self.log_watch_link = nn.Parameter(torch.zeros(2, device=device))  # log k_y, log sigma_y
         self.sampler = (
             NegativeSampler(num_items, reward_cfg.negative_sampler, item_counts)
             if reward_cfg.num_negatives > 0 else None
@@ -156,6 +167,11 @@ class QRIQLModel(nn.Module):
                 nn.init.normal_(w, std=1.0 / math.sqrt(d))
             for b in (self.critic_item_bias, self.reward_item_bias):
                 nn.init.zeros_(b)
+            if self.v2:
+                nn.init.normal_(self.utility_weight, std=1.0 / math.sqrt(d))
+                nn.init.zeros_(self.utility_item_bias)
+                self.state_offsets.reset_parameters()
+                self.log_watch_link.zero_()
         self.sync_target()
 
     def _critic_pairs(self):
@@ -211,7 +227,100 @@ class QRIQLModel(nn.Module):
         return self.losses(batch)
 
     def losses(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """QR-IQL losses on a batch of logged transitions (schema.py's torch batch contract).
+        """The training losses of the configured objective (``reward.objective``)."""
+        return self.losses_v2(batch) if self.v2 else self.losses_v1(batch)
+
+    def policy_projection(self, h: torch.Tensor) -> torch.Tensor:
+        """The projection whose dot with ``e_a`` drives choices: ``U`` in v2, the critic mean ``Q`` in v1."""
+        if self.v2:
+            return h @ self.utility_weight.T + self.utility_item_bias
+        return self._project(h, self.critic_weight, self.critic_item_bias).mean(1)
+
+    @staticmethod
+    def outcomes(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The observed consequences of each logged action (objectives.mental_reward.consequence_nll).
+
+        ``returned`` / ``return_known`` are optional batch columns (absent: no return term); a source
+        without a watch signal carries ``action_feedback`` 1.0 on every row and gets no watch term."""
+        done = batch["done"].float()
+        fb = batch["action_feedback"].float() if "action_feedback" in batch else torch.ones_like(done)
+        has_watch = (fb < 1.0).any().float().expand_as(done)  # a constant 1.0 column carries no signal
+        zeros = torch.zeros_like(done)
+        return dict(z=watch_logit(fb), has_watch=has_watch, stay=1.0 - done,
+                    returned=batch["returned"].float() if "returned" in batch else zeros,
+                    return_known=batch["return_known"].float() if "return_known" in batch else zeros)
+
+    def losses_v2(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """QR-IQL v2 (docs/method.md "QR-IQL v2"):
+        ``L = L_U + L_cons + lambda_r * QH(M_i; m) + lambda_qr * QH(Z_i; m + gamma (1-d) Z'_j)``.
+
+        ``L_U`` fits the decision utility to the logged choice over the catalog (or sampled candidates);
+        ``L_cons`` fits the mean mental reward to the consequences; ``m`` is the realised mental reward
+        (posterior mean given the outcome); ``a' ~ softmax U(s', .)``.
+        """
+        cfg = self.reward_cfg
+        s, fb = batch["state_items"].long(), batch["state_feedback"].float()
+        s2, fb2 = batch["next_state_items"].long(), batch["next_state_feedback"].float()
+        action, done = batch["action"].long(), batch["done"].float()
+        mask = batch["mask"].float() if "mask" in batch else torch.ones_like(done)
+        b, dev = s.shape[0], s.device
+        ids = {"state": s, "next_state": s2, "action": action.view(-1, 1)}
+        if self.sampler is None:
+            ids["catalog"] = self.catalog_ids(dev)
+        else:
+            negatives = self.sampler.sample(cfg.num_negatives, dev)
+            ids["candidates"] = negatives
+        emb = self.item_embedding(ids)
+        h_both = self._encode(self.encoder, torch.cat([emb["state"], emb["next_state"]]),
+                              torch.cat([s, s2]), torch.cat([fb, fb2]))
+        h, h2 = h_both[:b], h_both[b:]
+        e_a = emb["action"][:, 0]
+        items = emb["catalog"] if self.sampler is None else emb["candidates"]
+        u_proj = self.policy_projection(h_both)
+        if self.sampler is None:
+            l_u = choice_nll(u_proj[:b] @ items.T / cfg.alpha, (action - 1).clamp_min(0), mask)
+        else:  # sampled softmax with log-q correction; the logged item is column 0
+            log_q = self.sampler.log_expected_count(negatives, cfg.num_negatives)
+            log_q_pos = self.sampler.log_expected_count(action, cfg.num_negatives).unsqueeze(1)
+            pos = (u_proj[:b] * e_a).sum(-1, keepdim=True) / cfg.alpha - log_q_pos
+            neg = (u_proj[:b] @ items.T / cfg.alpha - log_q).masked_fill(negatives.view(1, -1) == action.view(-1, 1), float("-inf"))
+            l_u = choice_nll(torch.cat([pos, neg], 1), torch.zeros(b, dtype=torch.long, device=dev), mask)
+
+        r_q = torch.einsum("bnd,bd->bn", self._project(h, self.reward_weight, self.reward_item_bias), e_a)
+        mbar = r_q.mean(dim=1)
+        d_w_wr = self.state_offsets(h)
+        offsets = dict(d=d_w_wr[:, 0], W=d_w_wr[:, 1], W_r=d_w_wr[:, 2])
+        k_y, sigma_y = self.log_watch_link.exp().unbind(0)
+        obs = self.outcomes(batch)
+        cons = consequence_nll(mbar, offsets, obs, k_y, sigma_y, mask)
+        realised = realised_mental_reward(mbar.detach(), {k: v.detach() for k, v in offsets.items()}, obs,
+                                          k_y.detach(), sigma_y.detach(), cfg.prior_sd)
+        taus = self.taus(dev)
+        l_r = quantile_huber_loss(r_q, realised.unsqueeze(1), taus, cfg.kappa, mask)
+
+        z_sa = torch.einsum("bnd,bd->bn", self._project(h, self.critic_weight, self.critic_item_bias), e_a)
+        with torch.no_grad():
+            logits2 = u_proj[b:].detach() @ items.detach().T / cfg.alpha
+            nxt = torch.multinomial(torch.softmax(logits2, dim=1), 1).squeeze(1)
+            h_t = self._encode(self.target_encoder, emb["next_state"].detach(), s2, fb2)
+            p_t = self._project(h_t, self.target_critic_weight, self.target_critic_item_bias)
+            z_next = torch.einsum("bnd,bd->bn", p_t, items.detach()[nxt])
+            targets = mental_return_target(realised, z_next, done, cfg.gamma)
+        l_qr = quantile_huber_loss(z_sa, targets, taus, cfg.kappa, mask)
+        loss = l_u + cons["total"] + cfg.lambda_r * l_r + cfg.lambda_qr * l_qr
+        with torch.no_grad():
+            out = {"loss": loss, "choice": l_u.detach(), "consequence": cons["total"].detach(),
+                   "cons_watch": cons["y"].detach(), "cons_continue": cons["continue"].detach(),
+                   "cons_return": cons["return"].detach(), "r": l_r.detach(), "qr": l_qr.detach(),
+                   "watch_link": k_y.detach(), "reward_mean": masked_mean(mbar, mask),
+                   "reward_spread": masked_mean(r_q.amax(dim=1) - r_q.amin(dim=1), mask),
+                   "critic_spread": masked_mean(z_sa.amax(dim=1) - z_sa.amin(dim=1), mask),
+                   "realised_reward": masked_mean(realised, mask), "real_rows": mask.sum()}
+        out["loss"] = loss
+        return out
+
+    def losses_v1(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """QR-IQL v1 losses on a batch of logged transitions (schema.py's torch batch contract).
 
         Returns "loss" (total, with gradient), the terms "iq", "qr", "r", and detached diagnostics:
         "reward_mean" (mean of R over real rows), "reward_spread" (mean q_max - q_min of R),
@@ -305,7 +414,7 @@ class QRIQLModel(nn.Module):
         emb = self.item_embedding({"state": state_items.long(), "candidates": candidate_items.long()})
         h = self._encode(self.encoder, emb["state"], state_items.long(), state_feedback.float())
         e = emb["candidates"]  # [B, C, D]
-        q = torch.einsum("bd,bcd->bc", self._project(h, self.critic_weight, self.critic_item_bias).mean(1), e)
+        q = torch.einsum("bd,bcd->bc", self.policy_projection(h), e)
         reward_q = torch.einsum("bnd,bcd->bcn", self._project(h, self.reward_weight, self.reward_item_bias), e)
         return {"q": q, "reward_q": reward_q}
 
@@ -325,15 +434,16 @@ class QRIQLModel(nn.Module):
         s = state_items.long()
         emb = self.item_embedding({"state": s, "catalog": self.catalog_ids(s.device)})
         h = self._encode(self.encoder, emb["state"], s, state_feedback.float())
-        qbar = self._project(h, self.critic_weight, self.critic_item_bias).mean(1)
+        qbar = self.policy_projection(h)
         p_r = self._project(h, self.reward_weight, self.reward_item_bias)
         items = emb["catalog"]
-        v = catalog_soft_value(qbar, items, cfg.alpha, chunk)
+        alpha = cfg.alpha
+        v = catalog_soft_value(qbar, items, alpha, chunk)
         base = torch.zeros_like(v)
         cvar_base = torch.zeros_like(v)
         for start in range(0, items.shape[0], chunk):
             e = items[start : start + chunk]
-            pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / cfg.alpha)  # [B, c]
+            pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / alpha)  # [B, c]
             rq = torch.einsum("bnd,cd->bcn", p_r, e)
             base += (pi * rq.mean(-1)).sum(1)
             cvar_base += (pi * cvar(rq, cfg.cvar_alpha)).sum(1)
