@@ -121,6 +121,40 @@ def test_vocab_extension_keeps_old_indices(tmp_path):
         prep.load_vocab(str(tmp_path / "nowhere"))
 
 
+def test_uint64_ids_beyond_int64_are_rejected_as_out_of_range(tmp_path):
+    ids = pa.array([2**63, 2**64 - 1, 2**62, 2**62 + 1, 5], pa.uint64())
+    pq.write_table(pa.table({"user_id": pa.array([1] * 5, pa.uint64()), "item_id": ids,
+                             "ts": [DAY1] * 5}), tmp_path / "u.parquet")
+    out = prep.validate_local(_cfg(), str(tmp_path / "u.parquet"))
+    assert out.column("reject_reason").to_pylist() == ["item_id_out_of_range"] * 2 + [None, "item_id_out_of_range",
+                                                                                       None]
+    assert out.column("item_id").to_pylist()[2:] == [2**62, 2**62 + 1, 5]  # exact, no float64 on the way
+    assert 0 not in out.column("item_id").to_pylist()  # 2^63 never becomes item 0
+    wide = prep.validate_local(_cfg(max_item_id=2**63 - 1), str(tmp_path / "u.parquet"))
+    assert wide.column("reject_reason").to_pylist() == ["item_id_out_of_range"] * 2 + [None] * 3
+
+
+def test_millisecond_timestamps_get_a_hint_and_the_manifest_counts_codes():
+    t = _events([dict(user_id=1, item_id=1, ts=ts) for ts in
+                 (DAY1, DAY1 * 1000 + 5, DAY1 * 10**6, DAY1 * 10**9, 5_000_000_000, 2**62)])
+    t = t.append_column("reject_reason", pa.nulls(t.num_rows, pa.string()))
+    reasons = prep.validate_rows(t, None, max_item_id=100, max_ts=4_102_444_800).column("reject_reason").to_pylist()
+    assert reasons == [None, "ts_out_of_range: looks like milliseconds", "ts_out_of_range: looks like microseconds",
+                       "ts_out_of_range: looks like nanoseconds", "ts_out_of_range", "ts_out_of_range"]
+    assert {prep.reason_code(r) for r in reasons[1:]} == {"ts_out_of_range"}
+    codes, hints = prep.count_reasons({"ts_out_of_range: looks like milliseconds": 3, "ts_out_of_range": 1,
+                                       "invalid_click": 2})
+    assert codes == {"invalid_click": 2, "ts_out_of_range": 4}
+    assert hints == {"ts_out_of_range: looks like milliseconds": 3}
+
+
+def test_a_zero_row_parquet_input_names_the_file(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(EVENT_SCHEMA.empty_table(), tmp_path / "in" / "empty-day.parquet")
+    with pytest.raises(InputError, match=r"0 rows: .*empty-day\.parquet"):
+        prep.prepare_dataset(_cfg(), str(tmp_path / "in"), str(tmp_path / "out"))
+
+
 def test_unreadable_inputs_fail_before_any_work(tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(InputError, match="input is empty"):
@@ -332,3 +366,17 @@ def test_movielens_1m_real_data(ray_cluster, ml1m_dir, tmp_path):
     rating = ev.column("eval_rating").to_numpy()
     assert np.isclose((rating >= 4).mean(), 0.572, atol=0.001)  # the README's 57.2%
     assert (ev.column("pos_from_end").to_numpy() == 0).sum() == 2999  # one leave-last-out target per user
+
+
+@pytest.mark.integration
+def test_movielens_bad_bytes_and_millisecond_rows_are_quarantined_by_prepare(ray_cluster, tmp_path):
+    lines = [f"{u % 50}::{u % 97}::4::{978300000 + u}".encode() for u in range(1000)]
+    lines[300:300] = [b"7::8::5::97830\xff0760", b"1::2::3", b"3::4::5::978300000123"]
+    (tmp_path / "ratings.dat").write_bytes(b"\n".join(lines) + b"\n")
+    m = prep.prepare_dataset(_cfg(format="movielens"), str(tmp_path / "ratings.dat"), str(tmp_path / "out"))
+    assert (m["rows_in"], m["rows_ok"], m["rows_rejected"]) == (1003, 1000, 3)
+    assert m["rejects_by_reason"] == {"malformed_row": 1, "ts_out_of_range": 1, "undecodable_row": 1}
+    assert m["reject_hints"] == {"ts_out_of_range: looks like milliseconds": 1}
+    rej = {r["reject_reason"]: r["raw_line"] for r in _table(tmp_path / "out" / "rejects").to_pylist()}
+    assert rej["undecodable_row"] == "7::8::5::97830\\xff0760" and rej["malformed_row"] == "1::2::3"
+    assert "hints: ts_out_of_range: looks like milliseconds (1)" in prep.summarize_manifest(m)

@@ -149,3 +149,110 @@ def test_partition_day_and_listing_order(tmp_path):
     assert all(f.size > 0 for f in files)
     assert rd.partition_day("s3://b/logs/day=2026-03-04/x.parquet") == "2026-03-04"
     assert rd.partition_day("/logs/x.parquet") is None
+
+
+# ---- exact integers, text values, undecodable lines (issue 11) -----------------------------------------
+def _coerced(values, typ=None, target=pa.int64()):
+    c = rd.coerce_checked(pa.array(values, typ), target)
+    flags = lambda m: [False] * len(values) if m is None else m.tolist()  # noqa: E731
+    return c.values.to_pylist(), flags(c.invalid), flags(c.out_of_range)
+
+
+def test_integers_are_exact_over_the_whole_int64_range_from_every_source_type():
+    top, bottom = 2**63 - 1, -(2**63)
+    values, invalid, oor = _coerced([2**63, 2**64 - 1, top, 0, 5, None], pa.uint64())
+    assert values == [None, None, top, 0, 5, None]  # 2^63 is not item 0, 2^64-1 is not a null id
+    assert oor == [True, True, False, False, False, False] and not any(invalid)
+    texts = [str(top), str(bottom), str(2**63), str(bottom - 1), str(2**62 - 1), str(10**18 + 7), "1000.0",
+             "+42", "0042", " 7 ", "-0", "1e+18", "12.5e1", "0" * 30 + "9", "9" * 40, "1e999999999"]
+    values, invalid, oor = _coerced(texts)
+    assert values == [top, bottom, None, None, 2**62 - 1, 10**18 + 7, 1000, 42, 42, 7, 0, 10**18, 125, 9,
+                      None, None]
+    assert oor == [False, False, True, True] + [False] * 10 + [True, True] and not any(invalid)
+    values, invalid, oor = _coerced([1000.0, 2.0**62, -(2.0**63), 2.0**63, 1e300, None])
+    assert values == [1000, 2**62, bottom, None, None, None] and oor == [False] * 3 + [True, True, False]
+
+
+def test_what_is_not_an_integer_is_invalid_and_narrow_types_say_out_of_range():
+    bad = ["1000.5", "NaN", "", "abc", "inf", "0x10", "1_000", "1e-3", "--1"]
+    values, invalid, oor = _coerced(bad)
+    assert values == [None] * len(bad) and all(invalid) and not any(oor)
+    values, invalid, oor = _coerced([1000.5, float("nan"), float("inf")])
+    assert values == [None] * 3 and all(invalid) and not any(oor)
+    values, invalid, oor = _coerced(["1", "1.0", "300", "x"], target=pa.int8())
+    assert values == [1, 1, None, None] and invalid == [False, False, False, True]
+    assert oor == [False, False, True, False]
+    values, invalid, oor = _coerced([1, 300, None], pa.int64(), pa.int8())
+    assert values == [1, None, None] and oor == [False, True, False]
+    values, invalid, oor = _coerced(["0.25", "NaN", "", "abc", "1e300"], target=pa.float32())
+    assert values[0] == 0.25 and np.isnan(values[1]) and values[2:4] == [None, None] and values[4] == float("inf")
+    assert invalid == [False, False, True, True, False]
+
+
+def _csv(tmp_path, text: str, name="events.csv"):
+    p = tmp_path / name
+    p.write_bytes(text.encode() if isinstance(text, str) else text)
+    return rd.read_csv_events(str(p))
+
+
+def test_csv_nan_empty_and_text_are_rejected_naming_the_column_like_parquet_strings(tmp_path):
+    header = "user_id,item_id,ts,click,watch_ratio"
+    rows = ["1,2,3,NaN,0.5", "1,2,3,,0.5", "1,2,3,abc,0.5", "1,2,3,1,", "1,2,3,1,abc", ",2,3,1,0.5",
+            "1,NaN,3,1,0.5", "1,2,abc,1,0.5", "1,2,3,1,0.5"]
+    r = _csv(tmp_path, "\n".join([header] + rows) + "\n")
+    expected = ["invalid_click", "invalid_click", "invalid_click", "invalid_watch_ratio", "invalid_watch_ratio",
+                "invalid_user_id", "invalid_item_id", "invalid_ts"]
+    assert _by(r.rejects, "reject_reason") == expected
+    assert r.events.num_rows == 1 and r.rows_in == len(rows)
+    cols = list(zip(*[row.split(",") for row in rows]))
+    pq.write_table(pa.table({name: pa.array(list(v)) for name, v in zip(header.split(","), cols)}),
+                   tmp_path / "s.parquet")
+    p = rd.read_parquet_events(str(tmp_path / "s.parquet"))
+    assert _by(p.rejects, "reject_reason") == expected and p.events.to_pylist() == r.events.to_pylist()
+
+
+def test_csv_long_ids_and_integral_floats_agree_with_parquet(tmp_path):
+    r = _csv(tmp_path, f"user_id,item_id,ts\n{2**62 - 1},{10**18 + 7},5\n1000.0,1000.0,6.0\n7,1000.5,7\n")
+    assert _by(r.events, "user_id") == [2**62 - 1, 1000] and _by(r.events, "item_id") == [10**18 + 7, 1000]
+    assert _by(r.rejects, "reject_reason") == ["invalid_item_id"]  # a fraction is not an id
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([2**62 - 1, 1000]), "item_id": pa.array([10**18 + 7, 1000]),
+                             "ts": [5, 6]}), ints)
+    floats = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"user_id": [1000.0, 7.0], "item_id": [1000.0, 1000.5], "ts": [6.0, 7.0]}), floats)
+    assert rd.read_parquet_events(str(ints)).events.to_pylist() == r.events.to_pylist()
+    f = rd.read_parquet_events(str(floats))
+    assert f.events.to_pylist() == r.events.slice(1).to_pylist()
+    assert _by(f.rejects, "reject_reason") == ["invalid_item_id"]
+
+
+def test_one_undecodable_or_malformed_line_is_quarantined_and_the_rest_kept(tmp_path):
+    good = [f"{u}::{100 + u}::4::{978300000 + u}".encode() for u in range(1000)]
+    bad = [b"7::8::5::97830\xff0760",  # one byte that is not UTF-8
+           b"1::2::3::\xfe::4",  # wrong field count *and* a bad byte
+           b"2::3::4"]  # wrong field count
+    p = tmp_path / "ratings.dat"
+    p.write_bytes(b"\n".join(good[:500] + bad + good[500:]) + b"\n")
+    r = rd.read_movielens(str(p))
+    assert r.events.num_rows == 1000 and _by(r.events, "user_id") == list(range(1000))
+    rejects = {(row["reject_reason"], row["raw_line"]) for row in r.rejects.to_pylist()}
+    assert rejects == {("undecodable_row", "7::8::5::97830\\xff0760"), ("undecodable_row", "1::2::3::\\xfe::4"),
+                       ("malformed_row", "2::3::4")}
+    assert r.rows_in == 1003
+    c = _csv(tmp_path, b"user_id,item_id,ts\n1,2,3\n1,\xff,3\n1,2\n1,\xc3\xa9x,4\n1,5,6\n")
+    assert _by(c.events, "item_id") == [2, 5]
+    assert sorted(_by(c.rejects, "reject_reason")) == ["invalid_item_id", "malformed_row", "undecodable_row"]
+    assert "1,\\xff,3" in _by(c.rejects, "raw_line") and '"\\u00e9x"' in " ".join(_by(c.rejects, "raw_line"))
+
+
+def test_escaped_stream_keeps_valid_utf8_split_across_chunks():
+    import io
+
+    text = "user_id,title\n1,é ∑ 😀\n".encode()
+    for chunk in (1, 2, 3, 7):
+        s = rd._EscapedUtf8Stream(io.BytesIO(text + b"\xff"), chunk=chunk)
+        out = b"".join(iter(lambda: s.read(5), b""))
+        assert out.decode()[:-1] == text.decode() and out.decode()[-1] == chr(0x10FFFF)
+        assert s.escaped
+    clean = rd._EscapedUtf8Stream(io.BytesIO(text), chunk=4)
+    assert clean.read() == text and not clean.escaped

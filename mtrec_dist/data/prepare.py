@@ -86,13 +86,27 @@ VOCAB_SCHEMA = pa.schema([pa.field("raw_id", pa.int64(), nullable=False), pa.fie
 
 ROW_CHECKS = (
     "null_<col> (required column)", "negative_user_id / negative_item_id / negative_ts",
-    "item_id_out_of_range (> max_item_id)", "ts_out_of_range (> max_ts)",
+    "item_id_out_of_range (> max_item_id)",
+    "ts_out_of_range (> max_ts; 'ts_out_of_range: looks like milliseconds' where ts / 1000 would fit)",
     "ts_outside_partition (ts not inside the day of a day=YYYY-MM-DD partition)",
     "click_out_of_range (not 0/1)", "nan_watch_ratio / watch_ratio_out_of_range (outside [0, 1])",
     "nan_dwell_s / negative_dwell_s / dwell_s_out_of_range (inf)", "negative_session_id / negative_slate_id",
     "nan_<eval col> / negative_eval_rating / <eval col>_out_of_range",
 )
 USER_CHECKS = ("duplicate_event", "ts_out_of_order")
+# A reason is a machine-readable code, optionally followed by ": " and a hint for the reader
+# ("ts_out_of_range: looks like milliseconds"); the manifest counts codes (rejects_by_reason) and
+# hinted reasons (reject_hints) separately.
+HINT_SEPARATOR = ": "
+# ts in a finer unit than seconds: (units per second, name); a hint is given when the value divided
+# by the unit lands between MIN_PLAUSIBLE_TS (1973-03-03) and max_ts.
+TS_UNITS = ((1_000, "milliseconds"), (1_000_000, "microseconds"), (1_000_000_000, "nanoseconds"))
+MIN_PLAUSIBLE_TS = 100_000_000
+
+
+def reason_code(reason: str) -> str:
+    """The code of a reject reason, without its hint (``ts_out_of_range: looks like ms`` -> ``ts_out_of_range``)."""
+    return reason.split(HINT_SEPARATOR, 1)[0]
 
 
 class AccountingError(RuntimeError):
@@ -339,6 +353,10 @@ def validate_rows(t: pa.Table, partition_day: Optional[str], max_item_id: int, m
     flag(item < 0, "negative_item_id")
     flag(ts < 0, "negative_ts")
     flag(item > max_item_id, "item_id_out_of_range")
+    for per_second, unit in TS_UNITS:  # the likeliest mistake first: say so in the reason
+        scaled = ts // per_second
+        flag((ts > max_ts) & (scaled >= MIN_PLAUSIBLE_TS) & (scaled <= max_ts),
+             f"ts_out_of_range{HINT_SEPARATOR}looks like {unit}")
     flag(ts > max_ts, "ts_out_of_range")
     if partition_day:
         d = dt.date.fromisoformat(partition_day)
@@ -388,6 +406,32 @@ def _read_units(batch: pa.Table, *, fs, files: list[InputFile], fmt: str, column
             yield t.append_column(ORDER_COLUMN, pa.array(order))
 
 
+def count_reasons(by_reason: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """``(counts by reason code, counts of the hinted reasons)`` of reject counts keyed by full reason text."""
+    codes: dict[str, int] = {}
+    for reason, n in by_reason.items():
+        codes[reason_code(reason)] = codes.get(reason_code(reason), 0) + n
+    hints = {r: n for r, n in by_reason.items() if r != reason_code(r)}
+    return dict(sorted(codes.items())), dict(sorted(hints.items()))
+
+
+def validate_local(cfg: PrepareConfig, input: Optional[str] = None) -> pa.Table:
+    """Stage 1 (read + row-level validation) in this process, without Ray.
+
+    The same work units and the same UDF as the first operator of :func:`prepare_dataset`, so what it
+    accepts and rejects is what prepare accepts and rejects before the per-user checks; tests and the
+    fuzzing suite use it to check the readers in milliseconds instead of starting a cluster.
+    """
+    fs, files = rd.list_input_files(input or cfg.input, cfg.format)
+    units, _ = _work_units(fs, files, cfg.format, cfg.column_map, cfg.delimiter, lambda m: None)
+    tables = list(_read_units(pa.Table.from_pylist(units), fs=fs, files=files, fmt=cfg.format,
+                              column_map=cfg.column_map, delimiter=cfg.delimiter, max_item_id=cfg.max_item_id,
+                              max_ts=cfg.max_ts))
+    if not tables:
+        return rd.PARSED_SCHEMA.append(pa.field(ORDER_COLUMN, pa.int64())).empty_table()
+    return pa.concat_tables(tables)
+
+
 def _work_units(fs, files: list[InputFile], fmt: str, column_map: dict, delimiter: str,
                 say: Callable[[str], None], rows_per_unit: int = 1_000_000) -> tuple[list[dict], int]:
     """Check every file up front (clear errors naming it) and cut Parquet files into row-group units."""
@@ -406,7 +450,8 @@ def _work_units(fs, files: list[InputFile], fmt: str, column_map: dict, delimite
                 offset += acc
                 start, acc = g + 1, 0
     if fmt == "parquet" and known_rows == 0:
-        raise InputError(f"input is empty: {len(files)} Parquet file(s) with 0 rows")
+        names = ", ".join(f.display for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise InputError(f"input is empty: {len(files)} Parquet file(s) with 0 rows: {names}")
     say(f"[prepare] {len(files)} input file(s), {sum(f.size for f in files):,} bytes, {len(units)} read unit(s)")
     return units, known_rows
 
@@ -862,10 +907,11 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         raise
 
     # accounting
-    reasons: dict[str, int] = {}
+    full_reasons: dict[str, int] = {}
     for s in (stats, ann_stats):
         for r in _sum_by(s, "reason", "reason").to_pylist():
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + int(r["count_sum"])
+            full_reasons[r["reason"]] = full_reasons.get(r["reason"], 0) + int(r["count_sum"])
+    reasons, hints = count_reasons(full_reasons)
     rows_rejected = sum(reasons.values())
     rows_ok = _total(ann_stats, "rows") - rows_rejected_b
     if rows_in != rows_ok + rows_rejected:
@@ -880,7 +926,7 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         input=input_uri, format=cfg.format, column_map=cfg.column_map,
         rows_in=rows_in, rows_ok=rows_ok, rows_rejected=rows_rejected,
-        rejects_by_reason=dict(sorted(reasons.items())),
+        rejects_by_reason=reasons, reject_hints=hints,
         rows_engaged=num_transitions, rows_not_engaged=rows_ok - num_transitions,
         num_transitions=num_transitions, num_items=vocab.num_items, num_users=vocab.num_users,
         embedding_rows=vocab.num_items + 1, state_len=cfg.state_len, session_gap_s=cfg.session_gap_s,
@@ -908,7 +954,7 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         f"{num_transitions:,} transitions -> {out_display} ({manifest['total_seconds']:.1f}s)")
     if num_transitions == 0:
         raise EmptyDatasetError(f"no valid engaged events in {input_uri}: {rows_in:,} rows read, "
-                                f"{rows_rejected:,} rejected ({dict(sorted(reasons.items()))}); "
+                                f"{rows_rejected:,} rejected ({dict(sorted(full_reasons.items()))}); "
                                 f"see {join_path(out_display, REJECTS_DIR)}")
     return manifest
 
@@ -925,6 +971,8 @@ def summarize_manifest(m: dict) -> str:
     ]
     if m["rejects_by_reason"]:
         lines.append("  rejects by reason: " + ", ".join(f"{k}={v:,}" for k, v in m["rejects_by_reason"].items()))
+    if m.get("reject_hints"):
+        lines.append("  hints: " + ", ".join(f"{k} ({v:,})" for k, v in m["reject_hints"].items()))
     lines.append(f"  shards: " + ", ".join(f"{k} {len(v)} file(s)/{sum(s['rows'] for s in v):,} rows"
                                          for k, v in m["shards"].items()))
     lines.append(f"  time {m['total_seconds']}s ({m['events_per_s']:,} events/s): {m['seconds']}")

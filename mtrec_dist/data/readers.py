@@ -24,12 +24,20 @@ quarantined.
 
 Bad input: an unreadable file or a file without a required column raises :class:`InputError` naming the
 file (and the column).  Rows that cannot be parsed are *not* dropped: they come back with a
-``reject_reason`` (``malformed_row``, ``invalid_<column>``, ``invalid_event``) and the offending text in
-``raw_line``.  Value checks (negative ids, NaN, ranges, duplicates, order) belong to
-:mod:`mtrec_dist.data.prepare`.
+``reject_reason`` and the offending text in ``raw_line``: ``malformed_row`` (a line that does not split
+into the expected fields), ``undecodable_row`` (a line holding bytes that are not UTF-8, shown as
+``\\xNN``), ``invalid_<column>`` (not a value of the column's kind: ``abc``, an empty field, ``NaN`` or a
+fraction in an integer column), ``<column>_out_of_range`` (a number the column's type cannot hold, such
+as a uint64 id of 2^63), ``invalid_event``.  Text formats keep every field as text, so an empty field is
+refused like any other text, never read as "unknown" (leave the column out, or use Parquet nulls, for
+that); integers are parsed digit-exact over the whole int64 range (``1000.0`` and ``1e+18`` are the
+integers they spell) and floats through float64, so the same values give the same rows and the same
+reasons in CSV, Parquet (string, int64, uint64, float64 columns) and MovieLens.  Value checks (negative
+ids, NaN, ranges, duplicates, order) belong to :mod:`mtrec_dist.data.prepare`.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass, field
@@ -134,77 +142,184 @@ def _hidden(rel: str) -> bool:
 
 
 # ---- casting with per-row failure masks ---------------------------------------------------------------
-_INT_RE = r"^\s*[+-]?\d+\s*$"
-_FLOAT_RE = r"^\s*[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)\s*$"
+# Every source type goes through exact integer arithmetic: a float64 round trip would silently turn
+# ids above 2^53 into neighbours (and 2^63 into 0), so texts are parsed digit by digit and uint64 /
+# float64 values are range-checked in their own type before they become int64.
+_INT_TEXT_RE = r"^[+-]?\d+(\.0*)?$"  # integral decimals, as pandas writes them ("1000.0")
+_FLOAT_RE = r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)$"
+_INT64_MAX_DIGITS = str(2**63 - 1)
+_INT64_MIN_DIGITS = str(2**63)  # magnitude of int64's minimum
+
+
+@dataclass
+class Coerced:
+    """A column cast to its schema type, and why the values that did not make it were refused.
+
+    ``invalid``: not a value of the column's kind (text, NaN or a fraction in an integer column);
+    ``out_of_range``: a number the column's type cannot hold.  Both are bool masks or None (none);
+    the refused values are null in ``values``; nulls of the source stay null and are not flagged.
+    """
+
+    values: pa.Array
+    invalid: Optional[np.ndarray] = None
+    out_of_range: Optional[np.ndarray] = None
+
+    def bad(self) -> Optional[np.ndarray]:
+        masks = [m for m in (self.invalid, self.out_of_range) if m is not None]
+        return np.logical_or.reduce(masks) if masks else None
 
 
 def coerce_column(arr: pa.Array, target: pa.DataType) -> tuple[pa.Array, Optional[np.ndarray]]:
     """Cast ``arr`` to ``target``; values that cannot be represented become null and are flagged.
 
-    Returns ``(values, bad)`` where ``bad`` is a bool mask of unparsable values (None if all parsed).
+    Returns ``(values, bad)`` where ``bad`` is a bool mask of refused values (None if all fit);
+    :func:`coerce_checked` tells unparsable values from out-of-range ones.
     """
+    c = coerce_checked(arr, target)
+    return c.values, c.bad()
+
+
+def coerce_checked(arr: pa.Array, target: pa.DataType) -> Coerced:
+    """Cast ``arr`` to ``target`` exactly, keeping apart unparsable and out-of-range values."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    if arr.type == target:
-        return arr, None
     if pa.types.is_timestamp(arr.type) and pa.types.is_integer(target):
         arr = pc.cast(arr, pa.timestamp("s"), safe=False).cast(pa.int64())
+    if pa.types.is_decimal(arr.type):  # exact digits: the text path handles them like CSV
+        arr = pc.cast(arr, pa.string())
+    if arr.type == target:
+        return Coerced(arr)
     if pa.types.is_null(arr.type):
-        return pa.nulls(len(arr), target), None
-    try:
-        return pc.cast(arr, target), None
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        pattern = _INT_RE if pa.types.is_integer(target) else _FLOAT_RE
-        ok = pc.fill_null(pc.match_substring_regex(arr, pattern, ignore_case=True), True)
-        cleaned = pc.if_else(ok, pc.utf8_trim_whitespace(arr), pa.scalar(None, arr.type))
-        if pa.types.is_integer(target):  # digits that overflow the target type
-            as_int = pc.cast(pc.if_else(pc.less_equal(pc.utf8_length(cleaned), 18), cleaned,
-                                        pa.scalar(None, arr.type)), pa.int64())
-            ok = pc.and_(ok, pc.or_(pc.is_null(cleaned), pc.is_valid(as_int)))
-            values, more_bad = _int64_to(as_int, target)
-            bad = ~ok.to_numpy(zero_copy_only=False)
-            if more_bad is not None:
-                bad |= more_bad
-            return values, bad
-        return pc.cast(cleaned, target), ~ok.to_numpy(zero_copy_only=False)
-    if pa.types.is_floating(arr.type) and pa.types.is_integer(target):
-        x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            ok = np.isnan(x) & ~arr.is_valid().to_numpy(zero_copy_only=False)  # real nulls are fine
-            ok |= np.isfinite(x) & (np.floor(x) == x) & (np.abs(x) < 2**62)
-        ints = np.where(ok & ~np.isnan(x), x, 0).astype(np.int64)
-        values, more_bad = _int64_to(pa.array(ints, mask=~(ok & arr.is_valid().to_numpy(zero_copy_only=False))),
-                                     target)
-        bad = ~ok
-        if more_bad is not None:
-            bad |= more_bad
-        return values, bad
-    if pa.types.is_integer(arr.type) and pa.types.is_integer(target):
-        return _int64_to(pc.cast(arr, pa.int64(), safe=False) if arr.type != pa.uint64()
-                         else _uint64_to_int64(arr), target)
+        return Coerced(pa.nulls(len(arr), target))
+    if pa.types.is_large_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    if pa.types.is_string(arr.type):
+        text = pc.utf8_trim_whitespace(arr)
+        if pa.types.is_integer(target):
+            return _narrow(_text_to_int64(text), target)
+        if pa.types.is_floating(target):
+            return _text_to_float(text, target)
+    elif pa.types.is_integer(target):
+        if pa.types.is_floating(arr.type):
+            return _narrow(_float_to_int64(arr), target)
+        if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+            return _narrow(_int_to_int64(arr), target)
+    elif pa.types.is_floating(target) and (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+                                           or pa.types.is_boolean(arr.type)):
+        return Coerced(pc.cast(arr, target, safe=False))  # float32 precision is what the schema keeps
     raise InputError(f"cannot convert a column of type {arr.type} to {target}")
 
 
-def _uint64_to_int64(arr: pa.Array) -> pa.Array:
-    x = arr.to_numpy(zero_copy_only=False)
-    return pa.array(np.where(x > 2**63 - 1, 0, x).astype(np.int64), mask=~arr.is_valid().to_numpy(zero_copy_only=False)
-                    | (np.nan_to_num(x.astype(np.float64)) > 2**63 - 1))
+def _mask(arr: pa.Array) -> np.ndarray:
+    """Bool mask of the non-null values of ``arr``."""
+    return arr.is_valid().to_numpy(zero_copy_only=False)
 
 
-def _int64_to(arr: pa.Array, target: pa.DataType) -> tuple[pa.Array, Optional[np.ndarray]]:
-    if target == pa.int64():
-        return arr, None
-    info = np.iinfo(target.to_pandas_dtype())
+def _int_to_int64(arr: pa.Array) -> Coerced:
+    """Any integer (or bool) column as int64; uint64 values above 2^63 - 1 are out of range.
+
+    The comparison is done in uint64, never through float64 (where 2^63 - 1 rounds to 2^63)."""
+    if arr.type != pa.uint64():
+        return Coerced(pc.cast(arr, pa.int64()))
     x = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
-    bad = (x < info.min) | (x > info.max)
-    if not bad.any():
-        return arr.cast(target), None
-    valid = arr.is_valid().to_numpy(zero_copy_only=False) & ~bad
-    return pa.array(np.where(valid, x, 0).astype(target.to_pandas_dtype()), mask=~valid), bad
+    big = x > np.uint64(2**63 - 1)
+    if not big.any():
+        return Coerced(pc.cast(arr, pa.int64(), safe=False))
+    valid = _mask(arr)
+    return Coerced(pa.array(np.where(big, 0, x).astype(np.int64), mask=~valid | big), out_of_range=big & valid)
+
+
+def _float_to_int64(arr: pa.Array) -> Coerced:
+    """Integral floats as int64 (exact: |x| < 2^63 is compared against powers of two floats hold exactly)."""
+    valid = _mask(arr)
+    x = pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        integral = np.isfinite(x) & (np.floor(x) == x)
+        fits = integral & (x >= -(2.0**63)) & (x < 2.0**63)
+    ints = np.where(fits, x, 0).astype(np.int64)
+    return Coerced(pa.array(ints, mask=~(valid & fits)), invalid=valid & ~integral,
+                   out_of_range=valid & integral & ~fits)
+
+
+def _text_to_int64(text: pa.Array) -> Coerced:
+    """Trimmed texts as int64, digit-exact over the whole int64 range.
+
+    Integral decimals (``42``, ``+42``, ``0042``, ``42.000``) are parsed without any float; other
+    number texts (``4.2e1``, ``1e+18``, ``NaN``) go through :mod:`decimal` one by one (rare).
+    """
+    try:  # plain digits within int64 (the usual file): Arrow parses them exactly, or fails on anything else
+        return Coerced(pc.cast(text, pa.int64()))
+    except pa.ArrowInvalid:
+        pass
+    valid = _mask(text)
+    int_like = pc.fill_null(pc.match_substring_regex(text, _INT_TEXT_RE), False).to_numpy(zero_copy_only=False)
+    digits = pc.replace_substring_regex(text, r"\.0*$", "")
+    negative_arr = pc.fill_null(pc.starts_with(digits, "-"), False)
+    negative = negative_arr.to_numpy(zero_copy_only=False)
+    magnitude = pc.utf8_ltrim(pc.utf8_ltrim(digits, characters="+-"), characters="0")
+    length = pc.fill_null(pc.utf8_length(magnitude), 0).to_numpy(zero_copy_only=False)
+    # 19 digits may or may not fit: same-length digit strings compare like the numbers they spell
+    below = pc.if_else(negative_arr, pc.less_equal(magnitude, _INT64_MIN_DIGITS),
+                       pc.less_equal(magnitude, _INT64_MAX_DIGITS))
+    fits = int_like & ((length < 19) | ((length == 19) & pc.fill_null(below, False).to_numpy(zero_copy_only=False)))
+    out_of_range = int_like & ~fits
+    # the magnitude fits uint64 (<= 2^63); int64 arithmetic wraps -2^63 exactly onto itself
+    mag_text = pc.if_else(pa.array(fits), pc.if_else(pc.equal(magnitude, ""), "0", magnitude),
+                          pa.scalar(None, pa.string()))
+    mag = pc.fill_null(pc.cast(mag_text, pa.uint64()), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = np.where(negative, -mag, mag)
+    invalid = valid & ~int_like
+    other = np.flatnonzero(invalid & pc.fill_null(pc.match_substring_regex(text, _FLOAT_RE, ignore_case=True),
+                                                  False).to_numpy(zero_copy_only=False))
+    ok = fits.copy()
+    for i in other:  # exponents, fractions, NaN: exact decimal arithmetic, never a float
+        value, why = _decimal_to_int(text[int(i)].as_py())
+        if why is None:
+            values[i], ok[i], invalid[i] = value, True, False
+        elif why == "out_of_range":
+            out_of_range[i], invalid[i] = True, False
+    return Coerced(pa.array(values, mask=~ok), invalid=invalid, out_of_range=out_of_range)
+
+
+def _decimal_to_int(text: str) -> tuple[int, Optional[str]]:
+    """``(value, None)`` for an integral number text within int64, else ``(0, "invalid" | "out_of_range")``.
+
+    ``adjusted()`` bounds the magnitude before ``int()``, so ``1e999999999`` costs nothing."""
+    import decimal
+
+    try:
+        d = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return 0, "invalid"
+    if not d.is_finite() or d != d.to_integral_value():
+        return 0, "invalid"
+    if d.adjusted() > 19:
+        return 0, "out_of_range"
+    value = int(d)
+    return (value, None) if -(2**63) <= value < 2**63 else (0, "out_of_range")
+
+
+def _text_to_float(text: pa.Array, target: pa.DataType) -> Coerced:
+    """Number texts (``0.5``, ``1e-3``, ``NaN``, ``inf``) as float64 first, then ``target``, exactly as a
+    float64 Parquet column of the same values is cast; anything else (``""``, ``abc``) is invalid."""
+    ok = pc.fill_null(pc.match_substring_regex(text, _FLOAT_RE, ignore_case=True), True)
+    values = pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.float64(), safe=False)
+    return Coerced(pc.cast(values, target, safe=False), invalid=~ok.to_numpy(zero_copy_only=False))
+
+
+def _narrow(c: Coerced, target: pa.DataType) -> Coerced:
+    """An int64 :class:`Coerced` as ``target`` (int8 clicks...): values outside the type are out of range."""
+    if target == pa.int64():
+        return c
+    info = np.iinfo(target.to_pandas_dtype())
+    valid = _mask(c.values)
+    x = pc.fill_null(c.values, 0).to_numpy(zero_copy_only=False)
+    outside = valid & ((x < info.min) | (x > info.max))
+    oor = outside if c.out_of_range is None else (c.out_of_range | outside)
+    values = pa.array(np.where(outside, 0, x).astype(target.to_pandas_dtype()), mask=~valid | outside)
+    return Coerced(values, c.invalid, oor if oor.any() else None)
 
 
 def _describe_rows(raw: pa.Table, mask: np.ndarray) -> pa.Array:
@@ -222,7 +337,9 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
     """Build a ``PARSED_SCHEMA`` table from ``raw`` columns renamed by ``mapping`` (schema <- raw).
 
     ``fixed`` supplies ready columns (schema name -> array); ``reasons`` are extra (mask, reason)
-    pairs found by the caller.  Unparsable values become ``invalid_<column>``.
+    pairs found by the caller.  Unparsable values become ``invalid_<column>``, numbers the column's type
+    cannot hold (a uint64 id of 2^63, a click of 300) ``<column>_out_of_range``, the reason the value
+    checks of :mod:`mtrec_dist.data.prepare` give a number that fits the type but not the range.
     """
     n = raw.num_rows
     cols, reason_code = [], np.zeros(n, dtype=np.int16)
@@ -244,9 +361,10 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
         if src is None or src not in raw.column_names:
             cols.append(pa.nulls(n, f.type))
             continue
-        values, bad = coerce_column(raw.column(src), f.type)
-        flag(bad, f"invalid_{f.name}")
-        cols.append(values)
+        c = coerce_checked(raw.column(src), f.type)
+        flag(c.invalid, f"invalid_{f.name}")
+        flag(c.out_of_range, f"{f.name}_out_of_range")
+        cols.append(c.values)
     bad_any = reason_code > 0
     if labels:
         reason = pa.DictionaryArray.from_arrays(
@@ -254,14 +372,6 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
     else:
         reason = pa.nulls(n, pa.string())
     cols += [reason, _describe_rows(raw, bad_any) if bad_any.any() else pa.nulls(n, pa.string())]
-    return pa.Table.from_arrays(cols, schema=PARSED_SCHEMA)
-
-
-def malformed_rows(lines: list[str]) -> pa.Table:
-    """Rows that could not even be split into fields, kept as rejects with their text."""
-    n = len(lines)
-    cols = [pa.nulls(n, f.type) for f in EVENT_SCHEMA]
-    cols += [pa.array(["malformed_row"] * n, pa.string()), pa.array(lines, pa.string())]
     return pa.Table.from_arrays(cols, schema=PARSED_SCHEMA)
 
 
@@ -317,6 +427,82 @@ def iter_parquet(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] =
         raise InputError(f"{f.display}: cannot read Parquet file ({type(e).__name__}: {e})") from e
 
 
+def rejected_lines(lines: list[tuple[str, str]]) -> pa.Table:
+    """Lines that could not even be split into fields (``(reason, raw text)`` pairs), kept as rejects."""
+    n = len(lines)
+    cols = [pa.nulls(n, f.type) for f in EVENT_SCHEMA]
+    cols += [pa.array([r for r, _ in lines], pa.string()), pa.array([t for _, t in lines], pa.string())]
+    return pa.Table.from_arrays(cols, schema=PARSED_SCHEMA)
+
+
+# ---- text formats: every field read as text, every line accounted for ----------------------------------
+MALFORMED_ROW = "malformed_row"  # the line does not split into the expected number of fields
+UNDECODABLE_ROW = "undecodable_row"  # the line holds bytes that are not UTF-8
+
+# pyarrow's CSV reader fails a whole file at the first byte that is not UTF-8 (it cannot even hand such a
+# line to invalid_row_handler), so the bytes are escaped before it sees them: undecodable byte b becomes
+# the character U+10FF00 + b (the end of plane 16, private use, never in real logs), the line still splits
+# into fields, and the lines holding such characters are quarantined with the bytes shown as ``\xNN``.
+_ESCAPE_ERRORS = "mtrec-escape-bytes"
+_ESCAPE_BASE = 0x10FF00
+_ESCAPED_RE = "[\U0010FF00-\U0010FFFF]"
+_UNESCAPE = {_ESCAPE_BASE + b: f"\\x{b:02x}" for b in range(256)}
+_escapes_seen = [0]  # bumped by the error handler: lets a stream notice that it escaped something
+
+
+def _escape_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    _escapes_seen[0] += 1
+    return "".join(chr(_ESCAPE_BASE + b) for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error(_ESCAPE_ERRORS, _escape_bytes)
+
+
+def unescape_bytes(text: str) -> str:
+    """Text with escaped undecodable bytes shown as ``\\xNN`` (what a reject's ``raw_line`` keeps)."""
+    return text.translate(_UNESCAPE)
+
+
+class _EscapedUtf8Stream:
+    """A read-only byte stream over ``raw`` that is always valid UTF-8 (see ``_ESCAPE_BASE``).
+
+    Valid UTF-8 passes through unchanged (decoding and re-encoding it is a copy); ``escaped`` tells
+    whether any byte had to be escaped, so clean files skip the per-row search for escapes.
+    """
+
+    def __init__(self, raw, chunk: int = 1 << 20):
+        self._raw, self._chunk = raw, chunk
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_ESCAPE_ERRORS)
+        self._out = bytearray()
+        self._eof = False
+        self.escaped = False
+        self.closed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: Optional[int] = -1) -> bytes:
+        """Exactly ``n`` bytes unless the file ends first (a short read would mean EOF to pyarrow)."""
+        while not self._eof and (n is None or n < 0 or len(self._out) < n):
+            chunk = self._raw.read(self._chunk)
+            self._eof = not chunk
+            before = _escapes_seen[0]
+            text = self._decoder.decode(chunk, final=self._eof)
+            self.escaped |= _escapes_seen[0] != before
+            self._out += text.encode("utf-8")
+        n = len(self._out) if n is None or n < 0 else min(n, len(self._out))
+        data = bytes(self._out[:n])
+        del self._out[:n]
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        self._raw.close()
+
+
 def _open_text(fs: pafs.FileSystem, f: InputFile):
     compression = "gzip" if f.path.endswith(".gz") else None
     return fs.open_input_stream(f.path, compression=compression)
@@ -325,43 +511,76 @@ def _open_text(fs: pafs.FileSystem, f: InputFile):
 def _csv_header(fs: pafs.FileSystem, f: InputFile, delimiter: str) -> list[str]:
     try:
         with _open_text(fs, f) as stream:
-            first = stream.read(1 << 16).decode("utf-8", errors="replace").splitlines()
+            first = stream.read(1 << 16).decode("utf-8", errors=_ESCAPE_ERRORS).splitlines()
     except OSError as e:
         raise InputError(f"{f.display}: cannot read ({e})") from e
     return [c.strip().strip('"') for c in first[0].split(delimiter)] if first else []
 
 
-def _with_malformed(parsed: pa.Table, bad_lines: list[str]) -> pa.Table:
-    return pa.concat_tables([parsed, malformed_rows(bad_lines)]) if bad_lines else parsed
+def _with_rejected(parsed: pa.Table, lines: list[tuple[str, str]]) -> pa.Table:
+    return pa.concat_tables([parsed, rejected_lines(lines)]) if lines else parsed
 
 
-def _all_string_csv(fs: pafs.FileSystem, f: InputFile, delimiter: str) -> Iterator[tuple[pa.Table, list[str]]]:
-    """Stream a CSV file as all-text tables (bad values are flagged per row, not fatal) plus malformed lines."""
-    header = _csv_header(fs, f, delimiter)
-    if not header:
-        return
-    bad_lines: list[str] = []
+def _split_undecodable(table: pa.Table, delimiter: str, rejected: list[tuple[str, str]]) -> pa.Table:
+    """``table`` without its rows holding escaped bytes; those rows go to ``rejected`` as their line text
+    (the fields joined by ``delimiter``: quoting is not restored)."""
+    mask = np.zeros(table.num_rows, dtype=bool)
+    for column in table.columns:
+        mask |= pc.fill_null(pc.match_substring_regex(column, _ESCAPED_RE), False).to_numpy(zero_copy_only=False)
+    if not mask.any():
+        return table
+    for row in table.filter(pa.array(mask)).to_pylist():
+        line = delimiter.join("" if v is None else str(v) for v in row.values())
+        rejected.append((UNDECODABLE_ROW, unescape_bytes(line)))
+    return table.filter(pa.array(~mask))
+
+
+def _text_batches(fs: pafs.FileSystem, f: InputFile, what: str, delimiter: str, column_names: list[str],
+                  header: bool = True, quote_char="\"") -> Iterator[tuple[Optional[pa.Table], list[tuple[str, str]]]]:
+    """Stream a delimited text file as all-text tables plus its rejected lines, ``(reason, raw text)``.
+
+    Every field stays text (an empty field is ``""``, never null: validation decides what it means), and
+    a line that does not split into ``column_names`` or holds bytes that are not UTF-8 becomes a rejected
+    line; only a file that cannot be read at all raises :class:`InputError`.
+    """
+    rejected: list[tuple[str, str]] = []
 
     def on_invalid(row) -> str:
-        bad_lines.append(row.text)
+        reason = UNDECODABLE_ROW if re.search(_ESCAPED_RE, row.text) else MALFORMED_ROW
+        rejected.append((reason, unescape_bytes(row.text)))
         return "skip"
 
     try:
-        with _open_text(fs, f) as stream:
+        with _open_text(fs, f) as raw:
+            stream = _EscapedUtf8Stream(raw)
             reader = pacsv.open_csv(
-                stream, read_options=pacsv.ReadOptions(block_size=8 << 20, use_threads=False),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
-                                                     strings_can_be_null=True))
+                stream,
+                read_options=pacsv.ReadOptions(block_size=8 << 20, use_threads=False,
+                                               column_names=None if header else column_names),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=quote_char,
+                                                 invalid_row_handler=on_invalid),
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in column_names},
+                                                     strings_can_be_null=False))
             for batch in reader:
-                yield pa.Table.from_batches([batch]), bad_lines[:]
-                bad_lines.clear()
-            if bad_lines:
-                yield None, bad_lines[:]
+                table = pa.Table.from_batches([batch])
+                if stream.escaped:
+                    table = _split_undecodable(table, delimiter, rejected)
+                yield table, rejected[:]
+                rejected.clear()
+            if rejected:
+                yield None, rejected[:]
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         if "Empty CSV file" in str(e):
             return
-        raise InputError(f"{f.display}: cannot read CSV ({type(e).__name__}: {e})") from e
+        raise InputError(f"{f.display}: cannot read {what} ({type(e).__name__}: {e})") from e
+
+
+def _all_string_csv(fs: pafs.FileSystem, f: InputFile, delimiter: str
+                    ) -> Iterator[tuple[Optional[pa.Table], list[tuple[str, str]]]]:
+    """A CSV file with a header line, through :func:`_text_batches`."""
+    header = _csv_header(fs, f, delimiter)
+    if header:
+        yield from _text_batches(fs, f, "CSV", delimiter, header)
 
 
 def iter_csv(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] = None,
@@ -370,46 +589,28 @@ def iter_csv(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] = Non
     header = _csv_header(fs, f, delimiter)
     if header:
         _check_columns(f, header, {c: m[c] for c in REQUIRED_COLUMNS})
-    for table, bad in _all_string_csv(fs, f, delimiter):
+    for table, rejected in _all_string_csv(fs, f, delimiter):
         parsed = to_parsed(table, m) if table is not None else PARSED_SCHEMA.empty_table()
-        yield _with_malformed(parsed, bad)
+        yield _with_rejected(parsed, rejected)
 
 
 def iter_movielens(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
     """``UserID::MovieID::Rating::Timestamp``: split on ':' so the empty fields between colons vanish."""
-    bad_lines: list[str] = []
-
-    def on_invalid(row) -> str:
-        bad_lines.append(row.text)
-        return "skip"
-
+    if f.size == 0:
+        return
     names = ["user", "_a", "movie", "_b", "rating", "_c", "ts"]
-    try:
-        with _open_text(fs, f) as stream:
-            if f.size == 0:
-                return
-            reader = pacsv.open_csv(
-                stream, read_options=pacsv.ReadOptions(block_size=8 << 20, use_threads=False, column_names=names),
-                parse_options=pacsv.ParseOptions(delimiter=":", quote_char=False, invalid_row_handler=on_invalid),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names},
-                                                     include_columns=names, strings_can_be_null=True))
-            mapping = {"user_id": "user", "item_id": "movie", "ts": "ts", "eval_rating": "rating"}
-            for batch in reader:
-                raw = pa.Table.from_batches([batch])
-                # "1:2::3::4" splits into 7 fields too; the separator fields must be empty.
-                seps = np.zeros(raw.num_rows, dtype=bool)
-                for c in ("_a", "_b", "_c"):
-                    seps |= pc.fill_null(pc.not_equal(raw.column(c), ""), False).to_numpy(zero_copy_only=False)
-                fixed = {"click": pa.array(np.ones(raw.num_rows, np.int8))}
-                yield _with_malformed(to_parsed(raw.select(["user", "movie", "rating", "ts"]), mapping, fixed,
-                                                [(seps, "malformed_row")]), bad_lines[:])
-                bad_lines.clear()
-            if bad_lines:
-                yield malformed_rows(bad_lines[:])
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        if "Empty CSV file" in str(e):
-            return
-        raise InputError(f"{f.display}: cannot read MovieLens ratings ({type(e).__name__}: {e})") from e
+    mapping = {"user_id": "user", "item_id": "movie", "ts": "ts", "eval_rating": "rating"}
+    for raw, rejected in _text_batches(fs, f, "MovieLens ratings", ":", names, header=False, quote_char=False):
+        if raw is None:
+            yield rejected_lines(rejected)
+            continue
+        # "1:2::3::4" splits into 7 fields too; the separator fields must be empty.
+        seps = np.zeros(raw.num_rows, dtype=bool)
+        for c in ("_a", "_b", "_c"):
+            seps |= pc.not_equal(raw.column(c), "").to_numpy(zero_copy_only=False)
+        fixed = {"click": pa.array(np.ones(raw.num_rows, np.int8))}
+        yield _with_rejected(to_parsed(raw.select(["user", "movie", "rating", "ts"]), mapping, fixed,
+                                       [(seps, MALFORMED_ROW)]), rejected)
 
 
 RETAILROCKET_ENGAGED = ("view", "addtocart")
@@ -431,7 +632,7 @@ def iter_retailrocket(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
     raw = pa.concat_tables(tables) if tables else None
     if raw is None or raw.num_rows == 0:
         if bad:
-            yield malformed_rows(bad)
+            yield rejected_lines(bad)
         return
     n = raw.num_rows
     event = pc.utf8_lower(pc.utf8_trim_whitespace(raw.column("event"))).combine_chunks()
@@ -459,7 +660,7 @@ def iter_retailrocket(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
     }
     mapping = {"user_id": "visitorid", "item_id": "itemid"}
     parsed = to_parsed(raw, mapping, fixed, [(bad_ts, "invalid_ts"), (unknown_event, "invalid_event")])
-    yield _with_malformed(parsed, bad)
+    yield _with_rejected(parsed, bad)
 
 
 KUAIRAND_REQUIRED = {"user_id": "user_id", "item_id": "video_id", "ts": "time_ms", "click": "is_click"}
@@ -472,7 +673,7 @@ def iter_kuairand(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
     _check_columns(f, header, KUAIRAND_REQUIRED)
     for raw, bad in _all_string_csv(fs, f, ","):
         if raw is None:
-            yield malformed_rows(bad)
+            yield rejected_lines(bad)
             continue
         reasons = []
         ts_ms, bad_ts = coerce_column(raw.column("time_ms"), pa.int64())
@@ -495,7 +696,7 @@ def iter_kuairand(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
             mapping["eval_like"] = "is_like"
         if "long_view" in raw.column_names:
             mapping["eval_long_view"] = "long_view"
-        yield _with_malformed(to_parsed(raw, mapping, fixed, reasons), bad)
+        yield _with_rejected(to_parsed(raw, mapping, fixed, reasons), bad)
 
 
 def check_input_file(fs: pafs.FileSystem, f: InputFile, fmt: str, column_map: Optional[dict] = None,
