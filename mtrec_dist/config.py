@@ -300,6 +300,47 @@ class StageBudget:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
+ABLATION_ROWS = ("A", "B", "C", "D", "E", "F", "G", "H", "I")
+
+
+@dataclass
+class AblationConfig:
+    """`mtrec ablate` (mtrec_dist/ablation.py): one SASRec, one budget, guided by each reward in turn.
+
+    Rows: A none (clicks) · B watch-ratio regressor · C leave/return classifier · D QR-IQL v1 (choices
+    only) · E QR-IQL v2 with one quantile · F QR-IQL v2, mean guidance · G F with CVaR guidance · H oracle
+    expected satisfaction · I shuffled F reward (control).
+    """
+
+    rows: list = field(default_factory=lambda: list(ABLATION_ROWS))  # rows to run (A is always run: gains are vs A)
+    worlds: int = 3  # simulated worlds (item truths): simulator seeds seed, seed+1, ...
+    train_seeds: int = 2  # training seeds per world (the CIs include their variation)
+    online_seeds: int = 5  # simulator seeds per trained model for online evaluation
+    online_users: int = 300  # held-out users (never in the logs) per online seed
+    online_days: int = 7  # days each online user is followed (return rate, cumulative satisfaction)
+    heldout_user_share: float = 0.2  # logged users whose rows are kept out of training (reward validity, offline)
+    return_window_s: int = 129_600  # a session end is "returned" if the user's next event is within 36 h
+    reward_epochs: int = 2
+    rec_epochs: int = 2
+    batch_size: int = 256
+    lr: float = 1e-3
+    beta_sweep: list = field(default_factory=list)  # watch_satisfaction values for the sweep ([] = none)
+    sweep_rows: list = field(default_factory=lambda: ["A", "B", "F", "G"])
+    out: str = ""  # output directory ("" = <run_dir>/ablation)
+
+    def validate(self, key: str = "ablation") -> None:
+        for name in ("rows", "sweep_rows"):
+            bad = [r for r in getattr(self, name) if r not in ABLATION_ROWS]
+            _check(not bad, f"{key}.{name}", f"unknown rows {bad}; choose from {list(ABLATION_ROWS)}")
+        for name in ("worlds", "train_seeds", "online_seeds", "online_users", "online_days", "reward_epochs",
+                     "rec_epochs", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(0.0 < self.heldout_user_share < 1.0, f"{key}.heldout_user_share", "must be in (0, 1)")
+        _check(self.return_window_s > 0 and self.lr > 0, f"{key}.return_window_s/lr", "must be > 0")
+        _check(all(isinstance(b, (int, float)) and b >= 0 for b in self.beta_sweep), f"{key}.beta_sweep",
+               "must be a list of numbers >= 0")
+
+
 @dataclass
 class EvalConfig:
     """Offline ranking, reward validity and online simulator evaluation (method.md section 4)."""
@@ -334,6 +375,7 @@ class PipelineConfig:
     reward_train: StageBudget = field(default_factory=StageBudget)  # reward model's budget (unset = train)
     rec_train: StageBudget = field(default_factory=StageBudget)  # every recommender's budget (unset = train)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
