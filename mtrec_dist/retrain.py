@@ -174,6 +174,9 @@ def _fingerprint(cfg: PipelineConfig, files: list, prev: Optional[Dict[str, Any]
     conf.pop("run_dir", None)
     for k in ("progress",):
         conf["prepare"].pop(k, None)
+    for k in ("reward_train", "rec_train"):  # unset budgets leave the fingerprints of older versions unchanged
+        if not any(v is not None for v in conf[k].values()):
+            conf.pop(k)
     return config_hash({"input": [[f.display, f.size] for f in files],
                         "previous": [prev["run_dir"], prev["completed_at"]] if prev else None, "config": conf})
 

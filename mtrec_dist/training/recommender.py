@@ -133,9 +133,10 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
     init_ray(cfg.ray_address)
     run_name = f"{REC_RUN_PREFIX}-{backbone}-{guidance}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(cfg.train)}
+    train_cfg = cfg.stage_train("rec")  # train, with rec_train's budget
+    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg)}
     result = fit_distributed(
-        recommender_factory(spec, counts), cfg.train, {"train": read_training_rows(scored_dir, guidance)},
+        recommender_factory(spec, counts), train_cfg, {"train": read_training_rows(scored_dir, guidance)},
         run_name, storage, resume, output_dir=output_dir, state_len=manifest["state_len"],
         fingerprint=fingerprint, row_counts={"train": train_rows}, extra_meta={"model_spec": spec},
         label=f"train-rec {backbone}/{guidance}", progress=progress, warm_start=warm_start,

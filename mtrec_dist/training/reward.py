@@ -112,9 +112,10 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
     init_ray(cfg.ray_address)
     run_name = f"{REWARD_RUN_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(cfg.train)}
+    train_cfg = cfg.stage_train("reward")  # train, with reward_train's budget
+    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg)}
     result = fit_distributed(
-        reward_model_factory(spec, counts), cfg.train, {"train": read_transitions(prepared_dir)}, run_name, storage,
+        reward_model_factory(spec, counts), train_cfg, {"train": read_transitions(prepared_dir)}, run_name, storage,
         resume, output_dir=output_dir, state_len=manifest["state_len"], fingerprint=fingerprint,
         row_counts={"train": rows}, extra_meta={"model_spec": spec}, label="train-reward", progress=progress,
         warm_start=warm_start,
