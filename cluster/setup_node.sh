@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs mtrec-dist into the Python of a cluster node (the rayproject/ray:2.60.0-py311-* image's), in the
-# same order and with the same pins as scripts/bootstrap.sh: torch, then fbgemm (CUDA build on GPU nodes,
+# same order and with the same pins as scripts/bootstrap.sh (plus exact versions of pyarrow, pyyaml,
+# matplotlib and tensorboard, below): torch, then fbgemm (CUDA build on GPU nodes,
 # CPU build elsewhere), then the project's dependencies, then torchrec with --no-deps (its declared
 # dependency on the CUDA fbgemm-gpu would otherwise replace the CPU build), then the project itself.
 #
@@ -15,6 +16,12 @@ RAY_VERSION="2.60.0"
 TORCH_VERSION="2.13.0"
 FBGEMM_VERSION="1.8.0"
 TORCHREC_VERSION="1.8.0"
+# The versions of the tested environment (.venv: `pip show pyarrow pyyaml matplotlib tensorboard`), so a
+# node never resolves a newer release than the one the tests ran with (Parquet files, configs, plots).
+PYARROW_VERSION="26.0.1"
+PYYAML_VERSION="6.0.4"
+MATPLOTLIB_VERSION="3.11.2"
+TENSORBOARD_VERSION="2.21.0"
 
 have="$("$PY" -c 'import ray; print(ray.__version__)' 2>/dev/null || echo none)"
 if [[ "$have" != "$RAY_VERSION" ]]; then
@@ -35,8 +42,9 @@ else
   "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"
   FBGEMM="fbgemm-gpu-cpu==$FBGEMM_VERSION"
 fi
-"${pip[@]}" "$FBGEMM" "ray[default,train,data]==$RAY_VERSION" pyarrow tensordict "torchmetrics==1.0.3" \
-  tqdm pyre-extensions pyyaml matplotlib tensorboard
+"${pip[@]}" "$FBGEMM" "ray[default,train,data]==$RAY_VERSION" "pyarrow==$PYARROW_VERSION" tensordict \
+  "torchmetrics==1.0.3" tqdm pyre-extensions "pyyaml==$PYYAML_VERSION" "matplotlib==$MATPLOTLIB_VERSION" \
+  "tensorboard==$TENSORBOARD_VERSION"
 "${pip[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
 "${pip[@]}" --no-deps -e "$ROOT"
 "$PY" -c "import torch, torchrec, fbgemm_gpu, ray, mtrec_dist; print('[setup_node] torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'torchrec', torchrec.__version__, 'ray', ray.__version__)" >&2

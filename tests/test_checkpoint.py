@@ -90,7 +90,7 @@ def _step(sharded, batch) -> float:
 def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
     import torch.distributed as dist
 
-    from mtrec_dist.training.checkpoint import load_checkpoint, save_checkpoint
+    from mtrec_dist.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from mtrec_dist.training.sharding import plan_summary, shard_model
 
     torch.set_num_threads(1)
@@ -119,7 +119,16 @@ def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
     loss_a, loss_c = _step(a, _batch(999 + rank)), _step(c, _batch(999 + rank))
     after = _identical(a.dmp.state_dict(), c.dmp.state_dict()) + \
         _identical(a.optimizer.state_dict(), c.optimizer.state_dict())
+    # a sharded model of another catalog size is refused before DCP reads anything (same error on every rank)
+    bigger = shard_model(tiny_factory(NUM_ITEMS + 8, DIM, torch.device("meta")), row, torch.device("cpu"),
+                         world, world)
+    try:
+        load_checkpoint(ck1, bigger.dmp, bigger.optimizer)
+        refused = ""
+    except CheckpointError as e:
+        refused = str(e)
     Path(root, f"rank{rank}.json").write_text(json.dumps({
+        "refused": refused,
         "before": before, "after": after, "loss_a": loss_a, "loss_c": loss_c,
         "skip": meta["skip_row_ids"].tolist(), "step": meta["step"],
         "plan_b": plan_summary(b.plan)["item_table"]["sharding_type"],
@@ -136,6 +145,7 @@ def test_checkpoint_round_trip_is_bit_exact_across_layouts(tmp_path):
         assert r["loss_a"] == r["loss_c"]
         assert r["skip"] == [0, 1, 7] and r["step"] == 3
         assert r["plan_b"] == "table_wise"
+        assert f"[{NUM_ITEMS + 1}, {DIM}] there, [{NUM_ITEMS + 9}, {DIM}] in the model" in r["refused"]
         # the fused sparse optimizer state (row-wise Adagrad) and Adam's state are in the checkpoint
         assert any("item_table.momentum1" in k for k in r["optim_keys"])
         assert any("proj.weight/exp_avg_sq" in k for k in r["optim_keys"])
