@@ -27,7 +27,7 @@ else
   "${pip[@]}" "torch==2.13.0" 2>/dev/null || \
     "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 fi
-"${pip[@]}" "$FBGEMM" "ray[default,train,data]==2.60.0" pyarrow pytest tensordict "torchmetrics==1.0.3" \
+"${pip[@]}" "$FBGEMM" "ray[default,train,data]==2.60.0" pyarrow pytest "hypothesis==6.170.17" tensordict "torchmetrics==1.0.3" \
   tqdm pyre-extensions pyyaml matplotlib tensorboard
 "${pip[@]}" --no-deps "torchrec==1.8.0"
 "${pip[@]}" --no-deps -e "$ROOT"

@@ -305,7 +305,11 @@ def _text_to_float(text: pa.Array, target: pa.DataType) -> Coerced:
     """Number texts (``0.5``, ``1e-3``, ``NaN``, ``inf``) as float64 first, then ``target``, exactly as a
     float64 Parquet column of the same values is cast; anything else (``""``, ``abc``) is invalid."""
     ok = pc.fill_null(pc.match_substring_regex(text, _FLOAT_RE, ignore_case=True), True)
-    values = pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.float64(), safe=False)
+    numbers = pc.if_else(ok, text, pa.scalar(None, pa.string()))
+    try:
+        values = pc.cast(numbers, pa.float64(), safe=False)
+    except pa.ArrowInvalid:  # a spelling Arrow does not know: Python's parser, one value at a time
+        values = pa.array([None if v is None else float(v) for v in numbers.to_pylist()], pa.float64())
     return Coerced(pc.cast(values, target, safe=False), invalid=~ok.to_numpy(zero_copy_only=False))
 
 
