@@ -36,12 +36,13 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, worker_logs: boo
                  say: Callable[[str], None] = _say) -> Dict[str, Any]:
     """Run every stage; return ``{"report": path, "results": ..., "timings": ..., "paths": ...}``.
 
-    ``progress``: per-report training lines; ``worker_logs``: also Ray Data's per-dataset INFO lines."""
+    ``progress``: per-report training lines; ``worker_logs``: also Ray's own output (workers, actors, Ray
+    Data's INFO lines) on the console, which otherwise stays in Ray's session logs (see ``init_ray``)."""
     from mtrec_dist.data.prepare import default_paths, prepare_dataset, summarize_manifest
     from mtrec_dist.data.simulator import default_sim_dir, simulate_logs
     from mtrec_dist.evaluation.evaluate import evaluate_run, headline
     from mtrec_dist.evaluation.report import write_report
-    from mtrec_dist.runtime import init_ray
+    from mtrec_dist.runtime import init_ray, ray_log_dir
     from mtrec_dist.training.recommender import train_recommender
     from mtrec_dist.training.reward import train_reward_model
     from mtrec_dist.training.scoring import score_rewards
@@ -62,11 +63,10 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, worker_logs: boo
         timings[name] = round(time.time() - t0, 1)
         say(f"[pipeline] {name} done in {timings[name]}s")
 
-    if not worker_logs:  # stage lines and training progress only; Ray Data's per-dataset INFO lines go to its log
-        import logging
-
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, log_to_driver=worker_logs)
+    log_dir = ray_log_dir()
+    if not worker_logs and log_dir:
+        say(f"[pipeline] Ray's own logs: {log_dir} (--verbose prints them here)")
     sim_dir = None
     if cfg.source == "simulator":
         sim_dir = default_sim_dir(run_dir)

@@ -4,6 +4,7 @@ Sits beside config at the bottom of the layering: data, training and CLI code ma
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -29,11 +30,14 @@ def dist_backend(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: bool = True, **kwargs) -> None:
+def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: bool = False, **kwargs) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local cluster; no-op if already attached.
 
-    ``log_to_driver=False`` keeps worker output (FBGEMM/TorchRec set-up dumps, per-report lines) in the
-    session's log files (``/tmp/ray/session_latest/logs``) instead of the console."""
+    By default Ray's own output stays in the session's log files (:func:`ray_log_dir`), not the console: what
+    workers and actors print (FBGEMM/TorchRec set-up dumps, Ray Train's controller, Ray Data's split
+    coordinators) and Ray Data's INFO lines (execution plans, "Data sink finished").  Errors stay loud: a
+    failed task or training run raises on the driver, and warnings still print.  ``log_to_driver=True``
+    (``mtrec pipeline --verbose``) streams all of it to the console as Ray does by default."""
     import ray
 
     if ray.is_initialized():
@@ -41,7 +45,28 @@ def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: b
     address = address or os.environ.get("RAY_ADDRESS", "")
     # Quiet the progress bars' per-operator noise but keep the global one.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not log_to_driver:
+        kwargs.setdefault("logging_level", logging.WARNING)  # the driver's "ray" logger ("Started a local Ray...")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
+    if not log_to_driver:
+        _ray_data_console_level(logging.WARNING)
+
+
+def _ray_data_console_level(level: int) -> None:
+    """Ray Data logs to the session's ``ray-data`` log file and to the console; raise only the console's level."""
+    import ray.data  # noqa: F401  (importing it configures the "ray.data" logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(level)
+
+
+def ray_log_dir() -> Optional[str]:
+    """The Ray session's log folder on this machine (``None`` if Ray is not initialised)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
+    return os.path.join(node.get_session_dir_path(), "logs") if node is not None else None

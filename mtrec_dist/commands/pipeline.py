@@ -12,9 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, metavar="DIR", help="output directory (default: run_dir of the config)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
     p.add_argument("--quiet", action="store_true", help="stage lines only, no per-report progress")
-    p.add_argument("--worker-logs", action="store_true",
-                   help="also print Ray Data's per-dataset INFO lines (set MTREC_WORKER_LOG_LEVEL=INFO for "
-                        "FBGEMM/TorchRec set-up logs of the training workers)")
+    p.add_argument("--verbose", "--worker-logs", dest="worker_logs", action="store_true",
+                   help="also print Ray's own output (workers, actors, Ray Data's INFO lines), which otherwise "
+                        "stays in Ray's session logs (set MTREC_WORKER_LOG_LEVEL=INFO for FBGEMM/TorchRec set-up "
+                        "logs of the training workers)")
 
 
 def run(args) -> int:

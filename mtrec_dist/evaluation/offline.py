@@ -117,11 +117,14 @@ class TargetScorer:
 def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
                          concurrency: int = 2) -> pa.Table:
     """``row_id, score`` for every prepared transition under a trained recommender, on Ray Data."""
+    from ray.data import ActorPoolStrategy
+
     from mtrec_dist.data.pipeline import read_transitions
 
     ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action"])
     ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path), batch_size=1024,
-                        batch_format="numpy", concurrency=(1, concurrency), num_cpus=0.5)
+                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
+                        num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
 
 
@@ -168,6 +171,7 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     from mtrec_dist.data.pipeline import read_transitions
 
     import ray
+    from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
     ds = read_transitions(prepared_dir, columns=["row_id", "user_idx", "state_items", "state_feedback", "action",
@@ -177,7 +181,8 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
                         fn_constructor_kwargs={"histories_ref": histories_ref},
-                        batch_size=256, batch_format="numpy", concurrency=(1, concurrency), num_cpus=0.5)
+                        batch_size=256, batch_format="numpy",
+                        compute=ActorPoolStrategy(min_size=1, max_size=concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
 
 

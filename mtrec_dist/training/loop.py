@@ -23,11 +23,13 @@ and rank 0 logs them (``event: epoch_end``), so tests can check that each row wa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +63,13 @@ class FitResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def _progress_callback(label: str):
+def _progress_callback(label: str, lines):
+    """A callback that puts one line per report into ``lines`` (a ``ray.util.queue.Queue``) for the driver
+    to print: it runs in the Ray Train controller, whose own output stays in Ray's logs (``init_ray``)."""
     from ray.train.v2.api.callback import UserCallback
 
     class ProgressCallback(UserCallback):
-        """Prints one line per report on the driver/controller (runs in the Ray Train controller)."""
+        """One line per report (step, epoch, loss, throughput, checkpoint), sent to the driver."""
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
@@ -77,9 +81,42 @@ def _progress_callback(label: str):
                     parts.append(f"{k} {m[k]:.4g}")
             if checkpoint is not None:
                 parts.append(f"checkpoint {checkpoint.path}")
-            print(" | ".join(parts), flush=True)
+            try:
+                lines.put_nowait(" | ".join(parts))
+            except Exception:  # a full or closed queue costs a progress line, never the run
+                pass
 
     return ProgressCallback()
+
+
+@contextlib.contextmanager
+def _printing_progress(progress: bool):
+    """Yield a queue whose lines the driver prints while the block runs (``None`` when not ``progress``)."""
+    if not progress:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    lines, stop = Queue(maxsize=1000, actor_options={"num_cpus": 0}), threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                print(lines.get(timeout=0.5), flush=True)
+            except Empty:
+                if stop.is_set():  # drained after the run ended
+                    return
+            except Exception:  # the queue is gone: nothing more to print
+                return
+
+    thread = threading.Thread(target=pump, name="mtrec-progress", daemon=True)
+    thread.start()
+    try:
+        yield lines
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        lines.shutdown()
 
 
 def _storage_uri(storage_path: str) -> str:
@@ -177,23 +214,24 @@ def fit_distributed(
         "config_hash": config_hash(fingerprint),
         "extra_meta": dict(extra_meta or {}),
     }
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config=worker_config,
-        torch_config=TorchConfig(backend=dist_backend(use_gpu), timeout_s=train_cfg.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep or None),
-            callbacks=[_progress_callback(label)] if progress else [],
-        ),
-        datasets=datasets,
-        dataset_config=NoDropDataConfig(row_counts=row_counts),
-    )
-    result = trainer.fit()
+    with _printing_progress(progress) as lines:  # the controller's report lines, printed here
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config=worker_config,
+            torch_config=TorchConfig(backend=dist_backend(use_gpu), timeout_s=train_cfg.collective_timeout_s),
+            scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep or None),
+                callbacks=[_progress_callback(label, lines)] if progress else [],
+            ),
+            datasets=datasets,
+            dataset_config=NoDropDataConfig(row_counts=row_counts),
+        )
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run {run_name!r} failed: {result.error}") from result.error
     if result.checkpoint is None:

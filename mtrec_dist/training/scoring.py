@@ -174,7 +174,8 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
         fn_constructor_kwargs={"checkpoint_path": checkpoint_path, "spec": spec, "candidate_column": candidate,
                                "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates,
                                "seed": tc.seed, "threads": max(1, int(tc.score_cpus)), "drop_columns": drop},
-        batch_size=tc.score_batch_size, batch_format="pyarrow", concurrency=tc.score_concurrency,
+        batch_size=tc.score_batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency),
         num_cpus=tc.score_cpus,
     )
     import pyarrow.dataset as pads
