@@ -182,6 +182,10 @@ class RewardConfig:
     # critic whose targets contain the observed outcome.  "v1": the IQ-Learn form of sections 2 (ablation D).
     objective: Literal["v1", "v2"] = "v2"
     prior_sd: float = 1.0  # v2: prior std of one event's mental reward around its mean (realised-reward step)
+    # v2: give each item its own watch offset b_y(a) (duration, "can't stop watching"), so the watch ratio
+    # informs the mental reward only through its variation within an item; item-level satisfaction then
+    # comes from continuation and return, which no item property biases.
+    watch_item_offset: bool = True
 
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 1, f"{key}.num_quantiles", "must be >= 1")

@@ -46,7 +46,7 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
     events = [json.loads(line) for line in (run / "reward" / "metrics.jsonl").read_text().splitlines()]
     reported = [e for e in events if e["event"] == "metrics"]
     assert [e["step"] for e in reported] == [10, 20, 30, 40]
-    assert all(np.isfinite(e["loss"]) and "reward_spread" in e and "iq" in e for e in reported)
+    assert all(np.isfinite(e["loss"]) and "reward_spread" in e and "consequence" in e for e in reported)  # v2 terms
 
     assert cli(["score-rewards"] + sets) == 0
     scores = read_scores(str(run / "rewards"))

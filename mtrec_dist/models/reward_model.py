@@ -151,6 +151,7 @@ class QRIQLModel(nn.Module):
             self.utility_item_bias = nn.Parameter(torch.empty(d, device=device))
             self.state_offsets = nn.Linear(d, 3, device=device)
             self.log_watch_link = nn.Parameter(torch.zeros(2, device=device))  # log k_y, log sigma_y
+            self.watch_item_offset = nn.Parameter(torch.zeros(d, device=device))  # b_y(a) = <v, e_a>
         self.sampler = (
             NegativeSampler(num_items, reward_cfg.negative_sampler, item_counts)
             if reward_cfg.num_negatives > 0 else None
@@ -172,6 +173,7 @@ class QRIQLModel(nn.Module):
                 nn.init.zeros_(self.utility_item_bias)
                 self.state_offsets.reset_parameters()
                 self.log_watch_link.zero_()
+                self.watch_item_offset.zero_()
         self.sync_target()
 
     def _critic_pairs(self):
@@ -289,7 +291,10 @@ class QRIQLModel(nn.Module):
         r_q = torch.einsum("bnd,bd->bn", self._project(h, self.reward_weight, self.reward_item_bias), e_a)
         mbar = r_q.mean(dim=1)
         d_w_wr = self.state_offsets(h)
-        offsets = dict(d=d_w_wr[:, 0], W=d_w_wr[:, 1], W_r=d_w_wr[:, 2])
+        d_y = d_w_wr[:, 0]
+        if cfg.watch_item_offset:
+            d_y = d_y + e_a @ self.watch_item_offset
+        offsets = dict(d=d_y, W=d_w_wr[:, 1], W_r=d_w_wr[:, 2])
         k_y, sigma_y = self.log_watch_link.exp().unbind(0)
         obs = self.outcomes(batch)
         cons = consequence_nll(mbar, offsets, obs, k_y, sigma_y, mask)
