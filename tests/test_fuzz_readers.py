@@ -51,8 +51,12 @@ GARBAGE = st.text(alphabet="abcxyzXYZ_#?!-.", min_size=1, max_size=6)
 
 
 # ---- the oracle: what the rules say a value gives ----------------------------------------------------
-def int_reason(col: str, v: int) -> Optional[str]:
-    """The reason an integer ``v`` in ``col`` is rejected for (None: accepted)."""
+def int_reason(col: str, v: int, as_float: bool = False) -> Optional[str]:
+    """The reason an integer ``v`` in ``col`` is rejected for (None: accepted); ``as_float``: written
+    as a float (a float column, or a text with a point or an exponent), which holds every integer only
+    up to 2^53."""
+    if as_float and abs(v) > 2**53:
+        return f"{col}_out_of_range: beyond 2^53 as a float (write integers)"
     if not INT64[0] <= v <= INT64[1]:
         return f"{col}_out_of_range"
     if col == "click":
@@ -99,14 +103,19 @@ INT_RANGES = {"user_id": (0, INT64[1]), "item_id": (0, MAX_ITEM), "ts": (0, MAX_
               "slate_id": (0, 10**6)}
 
 
-def spellings(v: int, family: str) -> st.SearchStrategy[str]:
-    """Texts that spell the integer ``v`` exactly, as people write it (and, for a float64 column, as
-    pandas writes the float: ``1000.0``, ``1e+18``)."""
+def spellings(v: int, family: str, floats_ok: bool = True) -> st.SearchStrategy[str]:
+    """Texts of the integer ``v``: as digits (what an int64 / uint64 column holds), or as a float
+    (what a float64 column holds, written the way pandas writes it: ``1000.0``, ``1e+18``)."""
     sign, a = ("-" if v < 0 else ""), abs(v)
-    texts = [str(v), f"{v}.0", f"{sign}00{a}", f" {v} ", f"{v}.000", f"{v}e0"] + ([f"+{a}"] if v >= 0 else [])
-    if family == "float64":
-        texts.append(repr(float(v)))
-    return st.sampled_from(texts)
+    digits = [str(v), f"{sign}00{a}", f" {v} "] + ([f"+{a}"] if v >= 0 else [])
+    floats = [f"{v}.0", f"{v}.000", f"{v}e0"] + ([repr(float(v))] if float(v) == v else [])
+    if family == "text" and not floats_ok:
+        return st.sampled_from(digits)
+    return st.sampled_from({"int64": digits, "uint64": digits, "float64": floats, "text": digits + floats}[family])
+
+
+def written_as_float(text: str) -> bool:
+    return any(c in text for c in ".eE")
 
 
 def int_corruptions(col: str, family: str) -> list[str]:
@@ -147,8 +156,8 @@ def not_a_number(draw, col: str, kind: str) -> Cell:
 def int_cell(draw, col: str, family: str, corrupt: bool) -> Cell:
     """An integer column's cell; ``family`` = how typed Parquet stores it (int64, uint64, float64, text)."""
     lo, hi = INT_RANGES[col]
-    if not corrupt:
-        v = draw(st.integers(lo, hi))
+    if not corrupt:  # a float64 column holds every integer only up to 2^53
+        v = draw(st.integers(lo, min(hi, 2**53) if family == "float64" else hi))
     else:
         kind = draw(st.sampled_from(int_corruptions(col, family)))
         if kind in ("nan", "inf", "fraction", "empty", "garbage"):
@@ -159,16 +168,15 @@ def int_cell(draw, col: str, family: str, corrupt: bool) -> Cell:
             v = draw(st.integers(2**63, 2**64 - 1) if family == "uint64" else
                      st.integers(2**63, 10**30) | st.integers(-(10**30), -(2**63) - 1))
         elif kind == "negative":
-            v = draw(st.integers(INT64[0], -1))
+            v = draw(st.integers(INT64[0], -1) | st.integers(-(2**53), -1))
         else:
             per_second = {"ms": 1000, "us": 10**6, "ns": 10**9}[kind]
             v = draw(st.integers(10**8, MAX_TS)) * per_second + draw(st.integers(0, per_second - 1))
     if family == "float64":  # the column holds floats: the integer is the one the float holds exactly
         v = int(float(v))
-        if not corrupt and v > hi:
-            v = lo
-    return Cell(draw(spellings(v, family)), float(v) if family == "float64" else v, int_reason(col, v),
-                None if int_reason(col, v) else v)
+    text = draw(spellings(v, family, floats_ok=corrupt or abs(v) <= 2**53))  # a valid cell stays valid
+    reason = int_reason(col, v, written_as_float(text))
+    return Cell(text, float(v) if family == "float64" else v, reason, None if reason else v)
 
 
 @st.composite

@@ -153,38 +153,48 @@ def test_partition_day_and_listing_order(tmp_path):
 
 # ---- exact integers, text values, undecodable lines (issue 11) -----------------------------------------
 def _coerced(values, typ=None, target=pa.int64()):
+    """(values, invalid, out_of_range, float_range) of a coercion, masks as lists."""
     c = rd.coerce_checked(pa.array(values, typ), target)
     flags = lambda m: [False] * len(values) if m is None else m.tolist()  # noqa: E731
-    return c.values.to_pylist(), flags(c.invalid), flags(c.out_of_range)
+    return c.values.to_pylist(), flags(c.invalid), flags(c.out_of_range), flags(c.float_range)
 
 
 def test_integers_are_exact_over_the_whole_int64_range_from_every_source_type():
     top, bottom = 2**63 - 1, -(2**63)
-    values, invalid, oor = _coerced([2**63, 2**64 - 1, top, 0, 5, None], pa.uint64())
+    values, invalid, oor, _ = _coerced([2**63, 2**64 - 1, top, 0, 5, None], pa.uint64())
     assert values == [None, None, top, 0, 5, None]  # 2^63 is not item 0, 2^64-1 is not a null id
     assert oor == [True, True, False, False, False, False] and not any(invalid)
-    texts = [str(top), str(bottom), str(2**63), str(bottom - 1), str(2**62 - 1), str(10**18 + 7), "1000.0",
-             "+42", "0042", " 7 ", "-0", "1e+18", "12.5e1", "0" * 30 + "9", "9" * 40, "1e999999999"]
-    values, invalid, oor = _coerced(texts)
-    assert values == [top, bottom, None, None, 2**62 - 1, 10**18 + 7, 1000, 42, 42, 7, 0, 10**18, 125, 9,
-                      None, None]
-    assert oor == [False, False, True, True] + [False] * 10 + [True, True] and not any(invalid)
-    values, invalid, oor = _coerced([1000.0, 2.0**62, -(2.0**63), 2.0**63, 1e300, None])
-    assert values == [1000, 2**62, bottom, None, None, None] and oor == [False] * 3 + [True, True, False]
+    texts = [str(top), str(bottom), str(2**63), str(bottom - 1), str(2**62 - 1), str(10**18 + 7), "+42", "0042",
+             " 7 ", "-0", "0" * 30 + "9", "9" * 40]
+    values, invalid, oor, _ = _coerced(texts)
+    assert values == [top, bottom, None, None, 2**62 - 1, 10**18 + 7, 42, 42, 7, 0, 9, None]
+    assert oor == [False, False, True, True] + [False] * 7 + [True] and not any(invalid)
+
+
+def test_integers_written_as_floats_are_exact_up_to_2_pow_53_in_every_format():
+    """Beyond 2^53 a float's text and value name different integers: refused alike, never another id."""
+    texts = ["1000.0", "12.5e1", "1e+3", f"{2**53}.0", "9007199254740992e0", f"{2**53 + 1}.0", "1e+18",
+             "4.611686018427388e+18", "-9.223372036854776e+18", "1e999999999"]
+    values, invalid, oor, far = _coerced(texts)
+    assert values == [1000, 125, 1000, 2**53, 2**53] + [None] * 5
+    assert far == [False] * 5 + [True] * 5 and not any(invalid) and not any(oor)
+    values, invalid, oor, far = _coerced([1000.0, 2.0**53, -(2.0**53), 2.0**62, -(2.0**63), 2.0**63, 1e300, None])
+    assert values == [1000, 2**53, -(2**53)] + [None] * 5
+    assert far == [False] * 3 + [True] * 4 + [False] and not any(invalid) and not any(oor)
 
 
 def test_what_is_not_an_integer_is_invalid_and_narrow_types_say_out_of_range():
     bad = ["1000.5", "NaN", "", "abc", "inf", "0x10", "1_000", "1e-3", "--1"]
-    values, invalid, oor = _coerced(bad)
-    assert values == [None] * len(bad) and all(invalid) and not any(oor)
-    values, invalid, oor = _coerced([1000.5, float("nan"), float("inf")])
+    values, invalid, oor, far = _coerced(bad)
+    assert values == [None] * len(bad) and all(invalid) and not any(oor) and not any(far)
+    values, invalid, oor, _ = _coerced([1000.5, float("nan"), float("inf")])
     assert values == [None] * 3 and all(invalid) and not any(oor)
-    values, invalid, oor = _coerced(["1", "1.0", "300", "x"], target=pa.int8())
+    values, invalid, oor, _ = _coerced(["1", "1.0", "300", "x"], target=pa.int8())
     assert values == [1, 1, None, None] and invalid == [False, False, False, True]
     assert oor == [False, False, True, False]
-    values, invalid, oor = _coerced([1, 300, None], pa.int64(), pa.int8())
+    values, invalid, oor, _ = _coerced([1, 300, None], pa.int64(), pa.int8())
     assert values == [1, None, None] and oor == [False, True, False]
-    values, invalid, oor = _coerced(["0.25", "NaN", "", "abc", "1e300"], target=pa.float32())
+    values, invalid, oor, _ = _coerced(["0.25", "NaN", "", "abc", "1e300"], target=pa.float32())
     assert values[0] == 0.25 and np.isnan(values[1]) and values[2:4] == [None, None] and values[4] == float("inf")
     assert invalid == [False, False, True, True, False]
 
@@ -224,6 +234,14 @@ def test_csv_long_ids_and_integral_floats_agree_with_parquet(tmp_path):
     f = rd.read_parquet_events(str(floats))
     assert f.events.to_pylist() == r.events.slice(1).to_pylist()
     assert _by(f.rejects, "reject_reason") == ["invalid_item_id"]
+
+
+def test_float_written_ids_beyond_2_pow_53_get_the_same_reason_in_csv_and_parquet(tmp_path):
+    r = _csv(tmp_path, f"user_id,item_id,ts\n1,4.611686018427388e+18,5\n1,{2**62}.0,5\n1,{2**62},5\n")
+    reason = "item_id_out_of_range: beyond 2^53 as a float (write integers)"
+    assert _by(r.rejects, "reject_reason") == [reason, reason] and _by(r.events, "item_id") == [2**62]
+    pq.write_table(pa.table({"user_id": [1.0], "item_id": [2.0**62], "ts": [5.0]}), tmp_path / "f.parquet")
+    assert _by(rd.read_parquet_events(str(tmp_path / "f.parquet")).rejects, "reject_reason") == [reason]
 
 
 def test_one_undecodable_or_malformed_line_is_quarantined_and_the_rest_kept(tmp_path):

@@ -97,7 +97,7 @@ USER_CHECKS = ("duplicate_event", "ts_out_of_order")
 # A reason is a machine-readable code, optionally followed by ": " and a hint for the reader
 # ("ts_out_of_range: looks like milliseconds"); the manifest counts codes (rejects_by_reason) and
 # hinted reasons (reject_hints) separately.
-HINT_SEPARATOR = ": "
+HINT_SEPARATOR = rd.HINT_SEPARATOR
 # ts in a finer unit than seconds: (units per second, name); a hint is given when the value divided
 # by the unit lands between MIN_PLAUSIBLE_TS (1973-03-03) and max_ts.
 TS_UNITS = ((1_000, "milliseconds"), (1_000_000, "microseconds"), (1_000_000_000, "nanoseconds"))

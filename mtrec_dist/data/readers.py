@@ -30,10 +30,11 @@ into the expected fields), ``undecodable_row`` (a line holding bytes that are no
 fraction in an integer column), ``<column>_out_of_range`` (a number the column's type cannot hold, such
 as a uint64 id of 2^63), ``invalid_event``.  Text formats keep every field as text, so an empty field is
 refused like any other text, never read as "unknown" (leave the column out, or use Parquet nulls, for
-that); integers are parsed digit-exact over the whole int64 range (``1000.0`` and ``1e+18`` are the
-integers they spell) and floats through float64, so the same values give the same rows and the same
-reasons in CSV, Parquet (string, int64, uint64, float64 columns) and MovieLens.  Value checks (negative
-ids, NaN, ranges, duplicates, order) belong to :mod:`mtrec_dist.data.prepare`.
+that).  Integers are exact: digits over the whole int64 range, integers written as floats (``1000.0``,
+``1e+3``, float columns) up to 2^53, where a float stops holding every integer (beyond, ``<column>_out_of_range:
+beyond 2^53 as a float``); floats go through float64.  So the same values give the same rows and the
+same reasons in CSV, Parquet (string, int64, uint64, float64 columns) and MovieLens.  Value checks
+(negative ids, NaN, ranges, duplicates, order) belong to :mod:`mtrec_dist.data.prepare`.
 """
 from __future__ import annotations
 
@@ -142,10 +143,17 @@ def _hidden(rel: str) -> bool:
 
 
 # ---- casting with per-row failure masks ---------------------------------------------------------------
-# Every source type goes through exact integer arithmetic: a float64 round trip would silently turn
-# ids above 2^53 into neighbours (and 2^63 into 0), so texts are parsed digit by digit and uint64 /
-# float64 values are range-checked in their own type before they become int64.
-_INT_TEXT_RE = r"^[+-]?\d+(\.0*)?$"  # integral decimals, as pandas writes them ("1000.0")
+# Integers are exact: a float64 round trip would silently turn ids above 2^53 into neighbours (and 2^63
+# into 0).  An integer written as an integer (int64 / uint64 columns, digit texts) is exact over the
+# whole int64 range.  An integer written as a float (float columns; texts with a point or an exponent,
+# such as pandas' "1000.0" or "1e+18") is accepted up to 2^53, below which a float holds every integer:
+# beyond, a float's text and its value name different integers ("4.611686018427388e+18" is not 2^62),
+# so such values are refused alike in every format, with a hint, rather than read as some other id.
+HINT_SEPARATOR = ": "  # a reason is "<code>" or "<code>: <hint for the reader>"
+FLOAT_EXACT_LIMIT = 2**53
+FLOAT_RANGE_HINT = "beyond 2^53 as a float (write integers)"
+_DIGITS_RE = r"^[+-]?\d+$"
+_POINT_ZEROS_RE = r"^[+-]?\d+\.0*$"  # integral decimals as pandas writes floats ("1000.0")
 _FLOAT_RE = r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)$"
 _INT64_MAX_DIGITS = str(2**63 - 1)
 _INT64_MIN_DIGITS = str(2**63)  # magnitude of int64's minimum
@@ -156,16 +164,18 @@ class Coerced:
     """A column cast to its schema type, and why the values that did not make it were refused.
 
     ``invalid``: not a value of the column's kind (text, NaN or a fraction in an integer column);
-    ``out_of_range``: a number the column's type cannot hold.  Both are bool masks or None (none);
-    the refused values are null in ``values``; nulls of the source stay null and are not flagged.
+    ``out_of_range``: a number the column's type cannot hold; ``float_range``: an integer written as a
+    float beyond 2^53 (see above).  Bool masks or None (none); the refused values are null in
+    ``values``; nulls of the source stay null and are not flagged.
     """
 
     values: pa.Array
     invalid: Optional[np.ndarray] = None
     out_of_range: Optional[np.ndarray] = None
+    float_range: Optional[np.ndarray] = None
 
     def bad(self) -> Optional[np.ndarray]:
-        masks = [m for m in (self.invalid, self.out_of_range) if m is not None]
+        masks = [m for m in (self.invalid, self.out_of_range, self.float_range) if m is not None]
         return np.logical_or.reduce(masks) if masks else None
 
 
@@ -217,6 +227,11 @@ def _mask(arr: pa.Array) -> np.ndarray:
     return arr.is_valid().to_numpy(zero_copy_only=False)
 
 
+def _matches(text: pa.Array, pattern: str) -> np.ndarray:
+    return pc.fill_null(pc.match_substring_regex(text, pattern, ignore_case=True), False).to_numpy(
+        zero_copy_only=False)
+
+
 def _int_to_int64(arr: pa.Array) -> Coerced:
     """Any integer (or bool) column as int64; uint64 values above 2^63 - 1 are out of range.
 
@@ -232,61 +247,59 @@ def _int_to_int64(arr: pa.Array) -> Coerced:
 
 
 def _float_to_int64(arr: pa.Array) -> Coerced:
-    """Integral floats as int64 (exact: |x| < 2^63 is compared against powers of two floats hold exactly)."""
+    """Integral floats up to 2^53 in magnitude as int64 (every such float is an exact integer)."""
     valid = _mask(arr)
     x = pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
     with np.errstate(invalid="ignore"):
         integral = np.isfinite(x) & (np.floor(x) == x)
-        fits = integral & (x >= -(2.0**63)) & (x < 2.0**63)
-    ints = np.where(fits, x, 0).astype(np.int64)
-    return Coerced(pa.array(ints, mask=~(valid & fits)), invalid=valid & ~integral,
-                   out_of_range=valid & integral & ~fits)
+        exact = integral & (np.abs(x) <= float(FLOAT_EXACT_LIMIT))
+    ints = np.where(exact, x, 0).astype(np.int64)
+    return Coerced(pa.array(ints, mask=~(valid & exact)), invalid=valid & ~integral,
+                   float_range=valid & integral & ~exact)
 
 
 def _text_to_int64(text: pa.Array) -> Coerced:
-    """Trimmed texts as int64, digit-exact over the whole int64 range.
+    """Trimmed texts as int64: digits exact over the whole int64 range, float spellings up to 2^53.
 
-    Integral decimals (``42``, ``+42``, ``0042``, ``42.000``) are parsed without any float; other
-    number texts (``4.2e1``, ``1e+18``, ``NaN``) go through :mod:`decimal` one by one (rare).
+    Digits (``42``, ``+42``, ``0042``) and point-zeros (``42.000``) are parsed without any float;
+    other number texts (``4.2e1``, ``1e+3``, ``NaN``) go through :mod:`decimal` one by one (rare).
     """
     try:  # plain digits within int64 (the usual file): Arrow parses them exactly, or fails on anything else
         return Coerced(pc.cast(text, pa.int64()))
     except pa.ArrowInvalid:
         pass
     valid = _mask(text)
-    int_like = pc.fill_null(pc.match_substring_regex(text, _INT_TEXT_RE), False).to_numpy(zero_copy_only=False)
+    is_digits, is_point = _matches(text, _DIGITS_RE), _matches(text, _POINT_ZEROS_RE)
+    integer = is_digits | is_point
     digits = pc.replace_substring_regex(text, r"\.0*$", "")
     negative_arr = pc.fill_null(pc.starts_with(digits, "-"), False)
-    negative = negative_arr.to_numpy(zero_copy_only=False)
     magnitude = pc.utf8_ltrim(pc.utf8_ltrim(digits, characters="+-"), characters="0")
     length = pc.fill_null(pc.utf8_length(magnitude), 0).to_numpy(zero_copy_only=False)
     # 19 digits may or may not fit: same-length digit strings compare like the numbers they spell
     below = pc.if_else(negative_arr, pc.less_equal(magnitude, _INT64_MIN_DIGITS),
                        pc.less_equal(magnitude, _INT64_MAX_DIGITS))
-    fits = int_like & ((length < 19) | ((length == 19) & pc.fill_null(below, False).to_numpy(zero_copy_only=False)))
-    out_of_range = int_like & ~fits
+    fits = integer & ((length < 19) | ((length == 19) & pc.fill_null(below, False).to_numpy(zero_copy_only=False)))
     # the magnitude fits uint64 (<= 2^63); int64 arithmetic wraps -2^63 exactly onto itself
     mag_text = pc.if_else(pa.array(fits), pc.if_else(pc.equal(magnitude, ""), "0", magnitude),
                           pa.scalar(None, pa.string()))
     mag = pc.fill_null(pc.cast(mag_text, pa.uint64()), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = np.where(negative, -mag, mag)
-    invalid = valid & ~int_like
-    other = np.flatnonzero(invalid & pc.fill_null(pc.match_substring_regex(text, _FLOAT_RE, ignore_case=True),
-                                                  False).to_numpy(zero_copy_only=False))
-    ok = fits.copy()
-    for i in other:  # exponents, fractions, NaN: exact decimal arithmetic, never a float
+    values = np.where(negative_arr.to_numpy(zero_copy_only=False), -mag, mag)
+    small = fits & (values >= -FLOAT_EXACT_LIMIT) & (values <= FLOAT_EXACT_LIMIT)
+    ok = (is_digits & fits) | (is_point & small)
+    out_of_range, float_range = is_digits & ~fits, is_point & ~small
+    invalid = valid & ~integer
+    for i in np.flatnonzero(invalid & _matches(text, _FLOAT_RE)):  # exact decimal arithmetic, never a float
         value, why = _decimal_to_int(text[int(i)].as_py())
-        if why is None:
-            values[i], ok[i], invalid[i] = value, True, False
-        elif why == "out_of_range":
-            out_of_range[i], invalid[i] = True, False
-    return Coerced(pa.array(values, mask=~ok), invalid=invalid, out_of_range=out_of_range)
+        if why != "invalid":
+            invalid[i] = False
+            values[i], ok[i], float_range[i] = value, why is None, why == "float_range"
+    return Coerced(pa.array(values, mask=~ok), invalid=invalid, out_of_range=out_of_range, float_range=float_range)
 
 
 def _decimal_to_int(text: str) -> tuple[int, Optional[str]]:
-    """``(value, None)`` for an integral number text within int64, else ``(0, "invalid" | "out_of_range")``.
-
-    ``adjusted()`` bounds the magnitude before ``int()``, so ``1e999999999`` costs nothing."""
+    """``(value, None)`` for a float spelling of an integer up to 2^53 in magnitude, else
+    ``(0, "invalid" | "float_range")``.  ``adjusted()`` bounds the magnitude before ``int()``, so
+    ``1e999999999`` costs nothing."""
     import decimal
 
     try:
@@ -295,10 +308,9 @@ def _decimal_to_int(text: str) -> tuple[int, Optional[str]]:
         return 0, "invalid"
     if not d.is_finite() or d != d.to_integral_value():
         return 0, "invalid"
-    if d.adjusted() > 19:
-        return 0, "out_of_range"
-    value = int(d)
-    return (value, None) if -(2**63) <= value < 2**63 else (0, "out_of_range")
+    if d.adjusted() > 16 or abs(int(d)) > FLOAT_EXACT_LIMIT:  # 10^17 > 2^53
+        return 0, "float_range"
+    return int(d), None
 
 
 def _text_to_float(text: pa.Array, target: pa.DataType) -> Coerced:
@@ -323,7 +335,7 @@ def _narrow(c: Coerced, target: pa.DataType) -> Coerced:
     outside = valid & ((x < info.min) | (x > info.max))
     oor = outside if c.out_of_range is None else (c.out_of_range | outside)
     values = pa.array(np.where(outside, 0, x).astype(target.to_pandas_dtype()), mask=~valid | outside)
-    return Coerced(values, c.invalid, oor if oor.any() else None)
+    return Coerced(values, c.invalid, oor if oor.any() else None, c.float_range)
 
 
 def _describe_rows(raw: pa.Table, mask: np.ndarray) -> pa.Array:
@@ -343,7 +355,8 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
     ``fixed`` supplies ready columns (schema name -> array); ``reasons`` are extra (mask, reason)
     pairs found by the caller.  Unparsable values become ``invalid_<column>``, numbers the column's type
     cannot hold (a uint64 id of 2^63, a click of 300) ``<column>_out_of_range``, the reason the value
-    checks of :mod:`mtrec_dist.data.prepare` give a number that fits the type but not the range.
+    checks of :mod:`mtrec_dist.data.prepare` give a number that fits the type but not the range, and
+    integers written as floats beyond 2^53 ``<column>_out_of_range: beyond 2^53 as a float...``.
     """
     n = raw.num_rows
     cols, reason_code = [], np.zeros(n, dtype=np.int16)
@@ -368,6 +381,7 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
         c = coerce_checked(raw.column(src), f.type)
         flag(c.invalid, f"invalid_{f.name}")
         flag(c.out_of_range, f"{f.name}_out_of_range")
+        flag(c.float_range, f"{f.name}_out_of_range{HINT_SEPARATOR}{FLOAT_RANGE_HINT}")
         cols.append(c.values)
     bad_any = reason_code > 0
     if labels:
