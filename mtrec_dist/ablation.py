@@ -31,6 +31,7 @@ from mtrec_dist.data.simulator import (
 )
 from mtrec_dist.evaluation.metrics import mean_ci95, ndcg_at_k, hit_rate_at_k, roc_auc, spearman
 from mtrec_dist.evaluation.online import recommender_policy
+from mtrec_dist.layout import RunLayout
 from mtrec_dist.models.feedback_regressor import FeedbackRegressor
 from mtrec_dist.models.recommender import SequentialRecommender
 from mtrec_dist.models.reward_model import QRIQLModel
@@ -60,16 +61,25 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
         same[k:] = user[k:] == user[:-k]
         s_items[k:, L - k] = np.where(same[k:], item[:-k], 0)
         s_fb[k:, L - k] = np.where(same[k:], wr[:-k], 0.0)
-    nxt_same = np.append(user[1:] == user[:-1], False)
-    done = ~nxt_same | np.append(sess[1:] != sess[:-1], True)
-    gap = np.append(ts[1:] - ts[:-1], np.iinfo(np.int64).max)
-    returned = done & nxt_same & (gap <= return_window_s)
-    known = done & (returned | (ts + return_window_s <= ts.max()))
+    done = ~np.append(user[1:] == user[:-1], False) | np.append(sess[1:] != sess[:-1], True)
+    returned, known = session_returns(user, ts, done, return_window_s)
     return dict(user=user, state_items=s_items, state_feedback=s_fb, action=item, action_feedback=wr,
                 next_state_items=np.concatenate([s_items[:, 1:], item[:, None]], 1),
                 next_state_feedback=np.concatenate([s_fb[:, 1:], wr[:, None]], 1),
-                done=done.astype(np.float32), returned=returned.astype(np.float32),
-                return_known=known.astype(np.float32), satisfaction=sat)
+                done=done.astype(np.float32), returned=returned, return_known=known, satisfaction=sat,
+                satisfied=sat > LONG_VIEW_SATISFACTION)
+
+
+def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s: int) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by (user, ts): ``returned`` = the row ends a session and the same user's next event
+    is within ``window_s``; ``return_known`` = the row ends a session and the log runs long enough after it
+    to tell (float32 0/1 columns)."""
+    same_next = np.append(user[1:] == user[:-1], False)
+    gap = np.append(ts[1:] - ts[:-1], np.iinfo(np.int64).max)
+    done = done.astype(bool)
+    returned = done & same_next & (gap <= window_s)
+    known = done & (returned | (ts + window_s <= ts.max()))
+    return returned.astype(np.float32), known.astype(np.float32)
 
 
 TRAIN_KEYS = ("state_items", "state_feedback", "action", "action_feedback", "next_state_items",
@@ -191,7 +201,7 @@ def offline_ranking(rec: SequentialRecommender, data, rows, num_items, k: int = 
         sc = rec.score_catalog(torch.from_numpy(data["state_items"][idx]), torch.from_numpy(data["state_feedback"][idx]), catalog)
         pos = sc.gather(1, torch.from_numpy(data["action"][idx] - 1).view(-1, 1))
         ranks[start:start + len(idx)] = (sc > pos).sum(1).numpy()
-    sat = data["satisfaction"][rows] > LONG_VIEW_SATISFACTION
+    sat = data["satisfied"][rows]
     return {f"hr@{k}": hit_rate_at_k(ranks, k), f"ndcg@{k}": ndcg_at_k(ranks, k),
             f"hr@{k}_satisfied": hit_rate_at_k(ranks[sat], k), f"ndcg@{k}_satisfied": ndcg_at_k(ranks[sat], k)}
 
@@ -332,7 +342,7 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
     """The whole ablation; writes ``results.json``, ``table.md`` (and ``gain_vs_beta.png`` with a sweep)."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     ab = cfg.ablation
-    out_dir = ab.out or os.path.join(cfg.run_dir, "ablation")
+    out_dir = ab.out or RunLayout(cfg.run_dir).ablation
     os.makedirs(out_dir, exist_ok=True)
     rows = ["A"] + [r for r in ab.rows if r != "A"]
     t0 = time.time()

@@ -331,9 +331,10 @@ class AblationConfig:
     beta_sweep: list = field(default_factory=list)  # watch_satisfaction values for the sweep ([] = none)
     sweep_rows: list = field(default_factory=lambda: ["A", "B", "F", "G"])
     out: str = ""  # output directory ("" = <run_dir>/ablation)
+    pipeline_rows: list = field(default_factory=list)  # rows `mtrec pipeline` runs after evaluate (simulator only)
 
     def validate(self, key: str = "ablation") -> None:
-        for name in ("rows", "sweep_rows"):
+        for name in ("rows", "sweep_rows", "pipeline_rows"):
             bad = [r for r in getattr(self, name) if r not in ABLATION_ROWS]
             _check(not bad, f"{key}.{name}", f"unknown rows {bad}; choose from {list(ABLATION_ROWS)}")
         for name in ("worlds", "train_seeds", "online_seeds", "online_users", "online_days", "reward_epochs",

@@ -223,6 +223,9 @@ def headline(results: Dict[str, Any]) -> List[str]:
             if g:
                 line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
         lines.append(line)
+    if results.get("ablation"):
+        lines.append("ablation (same SASRec guided by each reward; held-out users; mean ±95% CI):")
+        lines += results["ablation"]["table"].splitlines()
     return lines
 
 

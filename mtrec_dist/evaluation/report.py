@@ -203,8 +203,14 @@ def write_report(results: dict, out_dir: str | Path, ks: list[int] = (5, 10, 20)
         "<p class='cap'>Offline: temporal leave-last-out, full ranking (and the sampled 100-negative protocol). "
         "Online: simulator, mean [95% CI] over seeds.</p>",
         _table(headers, rows),
-        "<h2>Figures</h2>",
     ]
+    if results.get("ablation"):
+        parts += ["<h2>Ablation: which reward should guide the recommender?</h2>",
+                  "<p class='cap'>The same SASRec and budget guided by each reward; reward validity and offline "
+                  "ranking on held-out users' rows, online on users absent from the logs; paired gains with 95% "
+                  "CIs over training and online seeds (docs/method.md).</p>",
+                  f"<pre>{html.escape(results['ablation']['table'])}</pre>"]
+    parts.append("<h2>Figures</h2>")
     for fname, cap in figures:
         parts.append(f"<div><img src='{fname}' alt='{html.escape(cap)}'><div class='cap'>{html.escape(cap)}</div></div>")
     for note in results.get("notes", []):
