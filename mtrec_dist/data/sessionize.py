@@ -1,0 +1,266 @@
+"""Prepare's per-user stage: per-user rejects, sessions and state windows; then indexing for the writes.
+
+:func:`annotate_users` runs on blocks that hold whole users (the driver hash-partitions by ``user_id``)
+and is vectorised over all users of a block:
+
+* ``duplicate_event`` -- same user, item and ts; the first in input order is kept;
+* ``ts_out_of_order`` -- ts earlier than an earlier-in-file event of the same user and ``session_id``;
+* engaged events (``click == 1`` or ``click`` null: logs that record only consumption) become actions;
+  rows with ``click == 0`` are valid but are not transitions;
+* sessions are cut between consecutive engaged events of a user when the gap exceeds ``session_gap_s``
+  or when both carry a ``session_id`` and it changes; ``done = 1`` on a session's last transition and
+  on the user's last;
+* the state is the user's last ``state_len`` engaged items across sessions, left-padded (with the
+  carried-over items of earlier days where there are some); ``state_feedback`` is their watch ratio
+  (1.0 where the source has none, 0 for padding); ``pos_from_end`` counts back from the user's last
+  transition (0 = last); ``row_id`` = the user's base offset + the position in the user's sequence.
+
+The transition fields stay in *raw* ids until the vocabulary of the accepted rows is known;
+:func:`index_transitions` then maps them to indices and builds the ``transitions/`` and ``eval/`` rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mtrec_dist.data.dataset import EVAL_SCHEMA, TRANSITION_SCHEMA, AccountingError, list_array
+from mtrec_dist.data.readers import RAW_LINE_COLUMN, REASON_COLUMN
+from mtrec_dist.data.schema import TRANSITION_COLUMNS
+from mtrec_dist.data.validate import ORDER_COLUMN
+from mtrec_dist.data.vocab import PAD_RAW
+
+
+def _get(ref):
+    """A broadcast argument: ``ray.get`` of an object ref, or the value itself (tests pass plain values)."""
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def segment_starts(*keys: np.ndarray) -> np.ndarray:
+    """Bool mask: row k starts a new run of equal keys (keys already sorted)."""
+    n = keys[0].size
+    start = np.ones(n, dtype=bool)
+    if n > 1:
+        same = np.ones(n - 1, dtype=bool)
+        for k in keys:
+            same &= k[1:] == k[:-1]
+        start[1:] = ~same
+    return start
+
+
+def find_ids(sorted_raw: np.ndarray, ids: np.ndarray, what: str, values: np.ndarray) -> np.ndarray:
+    """``values[k]`` where ``sorted_raw[k] == ids``; every id must be present (they come from the same rows)."""
+    if ids.size == 0:
+        return np.zeros(0, dtype=values.dtype)
+    pos = np.clip(np.searchsorted(sorted_raw, ids), 0, max(sorted_raw.size - 1, 0))
+    if sorted_raw.size == 0 or not (sorted_raw[pos] == ids).all():
+        missing = ids[(sorted_raw.size == 0) | (sorted_raw[pos] != ids)][:5].tolist()
+        raise AccountingError(f"{what} raw id(s) {missing} missing from the map built from the same rows")
+    return values[pos]
+
+
+# ---- per-user rejects ------------------------------------------------------------------------------
+def _duplicates(u: np.ndarray, it: np.ndarray, ts: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Bool mask of ``duplicate_event`` rows: same (user, item, ts) as an earlier row in input order."""
+    p = np.lexsort((order, ts, it, u))
+    dup = np.zeros(u.size, dtype=bool)
+    dup[p] = ~segment_starts(u[p], it[p], ts[p])
+    return dup
+
+
+def _out_of_order(u, ts, order, sid, sid_null, skip: np.ndarray) -> np.ndarray:
+    """Bool mask of ``ts_out_of_order`` rows: ts earlier than an earlier-in-file event of the same
+    (user, session_id); rows without a session id and ``skip`` rows are never flagged."""
+    ooo = np.zeros(u.size, dtype=bool)
+    cand = np.flatnonzero(~sid_null & ~skip)
+    if cand.size:
+        q = cand[np.lexsort((order[cand], sid[cand], u[cand]))]
+        starts = segment_starts(u[q], sid[q])
+        seg = np.cumsum(starts) - 1
+        big = np.int64(1) << 36  # ts < 2^33 (max_ts); segment ids stay below 2^26 per block
+        running = np.maximum.accumulate(ts[q] + seg * big) - seg * big  # cummax within each segment
+        prev_max = np.concatenate([[np.iinfo(np.int64).min], running[:-1]])
+        prev_max[starts] = np.iinfo(np.int64).min
+        ooo[q] = ts[q] < prev_max
+    return ooo
+
+
+# ---- timelines of engaged events, sessions and windows -------------------------------------------------
+@dataclass
+class Timeline:
+    """A block's engaged events, sorted by (user, ts, input order): ``rows`` indexes the block."""
+
+    rows: np.ndarray  # block row of each event
+    users: np.ndarray  # raw user id of each event
+    k: np.ndarray  # position in the user's sequence (0 = first)
+    done: np.ndarray  # int8: 1 on a session's last event and on the user's last
+    pos_from_end: np.ndarray  # int32: 0 = the user's last event
+
+
+def _timeline(engaged: np.ndarray, u, ts, order, sid, sid_null, session_gap_s: int) -> Timeline:
+    """Order the engaged events per user and cut them into sessions (gap or session id change)."""
+    e = np.flatnonzero(engaged)
+    e = e[np.lexsort((order[e], ts[e], u[e]))]
+    m = e.size
+    eu, ets = u[e], ts[e]
+    new_user = segment_starts(eu)
+    if m == 0:
+        return Timeline(e, eu, np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int32))
+    user_first = np.maximum.accumulate(np.where(new_user, np.arange(m), 0))
+    k = np.arange(m) - user_first
+    last_of_user = np.ones(m, dtype=bool)
+    last_of_user[:-1] = new_user[1:]
+    gap_cut = np.ones(m, dtype=bool)
+    if m > 1:
+        esid, esnull = sid[e], sid_null[e]
+        sid_change = ~esnull[1:] & ~esnull[:-1] & (esid[1:] != esid[:-1])
+        gap_cut[:-1] = (ets[1:] - ets[:-1] > session_gap_s) | sid_change
+    user_of = np.cumsum(new_user) - 1
+    user_len = np.bincount(user_of, minlength=int(new_user.sum()))
+    pos_from_end = (user_len[user_of] - 1 - k).astype(np.int32)
+    return Timeline(e, eu, k, (last_of_user | gap_cut).astype(np.int8), pos_from_end)
+
+
+def _windows(tl: Timeline, action: np.ndarray, fb: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """States (raw item ids, PAD_RAW-padded, [m, L]) and their feedback: the user's previous L actions."""
+    m, k = tl.k.size, tl.k
+    state = np.full((m, L), PAD_RAW, dtype=np.int64)
+    state_fb = np.zeros((m, L), dtype=np.float32)
+    for j in range(1, L + 1):
+        src = np.flatnonzero(k >= j)
+        state[src, L - j] = action[src - j]
+        state_fb[src, L - j] = fb[src - j]
+    return state, state_fb
+
+
+def _apply_carry(tl: Timeline, state: np.ndarray, state_fb: np.ndarray, carry, L: int) -> None:
+    """Fill the padding of the first states of carried users from their carried last L items (in place).
+
+    History before the first event of this input = the carried items: the item j steps back from
+    event k (k < j) is carried item ``L - (j - k)``."""
+    if not tl.k.size:
+        return
+    c_users, c_items, c_fb = _get(carry)
+    if c_items.shape[1] != L:
+        raise ValueError(f"carry-over state has {c_items.shape[1]} items per user, state_len is {L}")
+    if not c_users.size:
+        return
+    k = tl.k
+    pos = np.clip(np.searchsorted(c_users, tl.users), 0, c_users.size - 1)
+    has = c_users[pos] == tl.users
+    for j in range(1, L + 1):
+        src = np.flatnonzero((k < j) & has)
+        state[src, L - j] = c_items[pos[src], L - j + k[src]]
+        state_fb[src, L - j] = c_fb[pos[src], L - j + k[src]]
+
+
+def _first_of_user(u: np.ndarray) -> np.ndarray:
+    """int8 1 on one row of each user of the block (the driver counts them to detect split users)."""
+    first = np.zeros(u.size, dtype=np.int8)
+    s = np.argsort(u, kind="stable")
+    first[s[segment_starts(u[s])]] = 1
+    return first
+
+
+def _spread(block: pa.Table, tl: Timeline, reason: np.ndarray, fields: dict, L: int) -> pa.Table:
+    """One output row per input row: the block's columns, the per-user reason, and ``fields`` (one value
+    per engaged event; 2-D arrays become state lists) on the engaged rows only."""
+    n, m = block.num_rows, tl.rows.size
+    pos_in_e = np.full(n, -1, dtype=np.int64)
+    pos_in_e[tl.rows] = np.arange(m)
+    is_tr = pos_in_e >= 0
+    take = np.where(is_tr, pos_in_e, 0)
+    out = block.drop_columns([c for c in (REASON_COLUMN, RAW_LINE_COLUMN) if c in block.column_names])
+    out = out.append_column(REASON_COLUMN, pa.array(reason, pa.string()))
+    out = out.append_column("_is_transition", pa.array(is_tr.astype(np.int8)))
+    out = out.append_column("_first_of_user", pa.array(_first_of_user(block.column("user_id").to_numpy())))
+    for name, (values, typ) in fields.items():
+        if values.ndim == 2:
+            full = np.full((n, L), PAD_RAW if values.dtype == np.int64 else 0, dtype=values.dtype)
+            if m:
+                full[is_tr] = values[take[is_tr]]
+            arr = list_array(full, L, typ)
+        else:
+            arr = pa.array(values[take], typ, mask=~is_tr) if m else pa.nulls(n, typ)
+        out = out.append_column(name, arr)
+    return out
+
+
+def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_base, carry=None) -> pa.Table:
+    """Ray Data UDF over a block holding whole users: per-user rejects, sessions and state windows.
+
+    Returns one row per input row: the event columns, ``reject_reason`` (``duplicate_event`` /
+    ``ts_out_of_order`` or null), and for engaged rows the transition fields (``_is_transition`` = 1)
+    in *raw* ids (``state_raw`` padded with -1); :func:`index_transitions` maps them to indices once the
+    vocab of the accepted rows is known.  ``row_base`` = (sorted raw user ids, first row_id of each).
+    ``carry`` (daily retraining) = (sorted raw user ids, their last ``state_len`` items in raw ids [n, L]
+    padded with -1, the items' feedback [n, L]): a carried user's first states start from those items
+    instead of padding (see :func:`mtrec_dist.data.vocab.load_carry`); ``None`` = every user starts empty.
+    """
+    user_sorted_raw, user_row_base = _get(row_base)
+    u = block.column("user_id").to_numpy()
+    it = block.column("item_id").to_numpy()
+    ts = block.column("ts").to_numpy()
+    order = block.column(ORDER_COLUMN).to_numpy()
+    click = pc.fill_null(block.column("click"), 1).to_numpy()  # null click = engaged
+    sid_null = block.column("session_id").is_null().to_numpy()
+    sid = pc.fill_null(block.column("session_id"), -1).to_numpy()
+    wr = block.column("watch_ratio").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
+
+    reason = np.full(block.num_rows, None, dtype=object)
+    dup = _duplicates(u, it, ts, order)
+    reason[dup] = "duplicate_event"
+    reason[_out_of_order(u, ts, order, sid, sid_null, skip=dup)] = "ts_out_of_order"
+    engaged = np.equal(reason, None) & (click == 1)
+
+    tl = _timeline(engaged, u, ts, order, sid, sid_null, session_gap_s)
+    action = it[tl.rows]
+    fb = np.where(np.isnan(wr[tl.rows]), np.float32(1.0), wr[tl.rows]).astype(np.float32)
+    state, state_fb = _windows(tl, action, fb, state_len)
+    if carry is not None:
+        _apply_carry(tl, state, state_fb, carry, state_len)
+    row_id = find_ids(user_sorted_raw, tl.users, "user", user_row_base) + tl.k
+    return _spread(block, tl, reason, {
+        "row_id": (row_id, pa.int64()),
+        "state_raw": (state, pa.int64()), "state_feedback": (state_fb, pa.float32()),
+        "action_feedback": (fb, pa.float32()),
+        "done": (tl.done, pa.int8()), "pos_from_end": (tl.pos_from_end, pa.int32()),
+    }, state_len)
+
+
+def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> pa.Table:
+    """Transition rows of annotated events in indices: the ``transitions/`` table (``part`` =
+    "transitions", with ``next_state = state[1:] + [action]``) or the ``eval/`` table (``part`` = "eval")."""
+    item_raw, item_idx, user_raw, user_idx = _get(lookup)
+    t = batch.filter(pc.equal(batch.column("_is_transition"), 1))
+    n = t.num_rows
+    schema = TRANSITION_SCHEMA if part == "transitions" else EVAL_SCHEMA
+    if n == 0:
+        return schema.empty_table()
+    uidx = pa.array(find_ids(user_raw, t.column("user_id").to_numpy(), "user", user_idx))
+    action = find_ids(item_raw, t.column("item_id").to_numpy(), "item", item_idx)
+    if part == "eval":
+        cols = {"row_id": t.column("row_id"), "user_idx": uidx, "pos_from_end": t.column("pos_from_end"),
+                "action": pa.array(action)}
+        return pa.Table.from_arrays([cols.get(c) if c in cols else t.column(c) for c in EVAL_SCHEMA.names],
+                                    schema=EVAL_SCHEMA)
+    raw_state = pc.list_flatten(t.column("state_raw")).to_numpy()
+    L = raw_state.size // n
+    pad = raw_state == PAD_RAW
+    state = np.where(pad, 0, find_ids(item_raw, np.where(pad, item_raw[0], raw_state), "item", item_idx)).reshape(n, L)
+    sfb = pc.list_flatten(t.column("state_feedback")).to_numpy().reshape(n, L)
+    afb = t.column("action_feedback").to_numpy()
+    nxt = np.concatenate([state[:, 1:], action[:, None]], 1)
+    nfb = np.concatenate([sfb[:, 1:], afb[:, None]], 1)
+    cols = {
+        "row_id": t.column("row_id"), "user_idx": uidx,
+        "state_items": list_array(state, L, pa.int64()), "state_feedback": t.column("state_feedback"),
+        "action": pa.array(action), "action_feedback": t.column("action_feedback"),
+        "next_state_items": list_array(nxt, L, pa.int64()), "next_state_feedback": list_array(nfb, L, pa.float32()),
+        "done": t.column("done"), "ts": t.column("ts"), "pos_from_end": t.column("pos_from_end"),
+    }
+    return pa.Table.from_arrays([cols[c] for c in TRANSITION_COLUMNS], schema=TRANSITION_SCHEMA)
