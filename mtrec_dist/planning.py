@@ -3,8 +3,10 @@
 :func:`plan_capacity` builds the real :class:`~mtrec_dist.models.embeddings.ItemEmbedding` on the ``meta``
 device (no memory is allocated, so a 10^9-row table costs nothing), describes the target machines with a
 TorchRec ``Topology`` in dry-run mode, and calls ``EmbeddingShardingPlanner.plan`` (the single-process
-planner, no process group) with the same ``EmbeddingCollectionSharder`` that training uses.  It returns a
-JSON-able dict with
+planner, no process group) with the sharders, constraints and topology built by the very functions
+training uses (:mod:`mtrec_dist.training.sharding`: fused-optimizer sharders, the configured sharding
+type, FUSED row/table/column-wise on CPU), so the plan for a training configuration is the plan training
+gets.  It returns a JSON-able dict with
 
 * the chosen sharding type and compute kernel of the item table and where each shard lives,
 * per-rank memory (HBM/DDR) from the planner's own storage estimates (weights + fused optimizer state +
@@ -15,7 +17,8 @@ JSON-able dict with
 :func:`format_plan` renders that dict as a readable report.  A table that does not fit raises
 :class:`CapacityError` (a ``ValueError``) with the sizes involved and what to change.
 
-Layering: imports config-free pieces only (torch, torchrec, our models package).
+Layering: above training (it plans with training's sharding functions); imported lazily, since torch and
+torchrec are slow to import and `mtrec plan --help` only needs the choices below.
 """
 from __future__ import annotations
 
@@ -32,7 +35,6 @@ LENGTH_BYTES = 4  # int32 lengths, one per sample per feature
 SHARDING_CHOICES = ("auto", "row_wise", "table_wise", "column_wise", "data_parallel")
 DEVICE_CHOICES = ("cuda", "cpu")
 OPTIMIZER_CHOICES = ("exact_rowwise_adagrad", "exact_adagrad", "exact_sgd")
-CPU_SHARDING_TYPES = ("row_wise", "table_wise", "column_wise")  # with the FUSED kernel, the only ones that run on CPU
 
 ALL_TO_ALL_FORMULA = (
     "Per training step and rank p, for every shard s of the item table that lives on another rank q and "
@@ -111,18 +113,13 @@ def plan_capacity(
     import torch
     import torchrec
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-    from torchrec.distributed.planner.types import (
-        KernelConfig,
-        ParameterConstraints,
-        PlannerError,
-        TopologyFactory,
-        TrainerConfig,
-    )
+    from torchrec.distributed.planner.types import PlannerError
     from torch.distributed.optim import _apply_optimizer_in_backward
 
+    from mtrec_dist.config import TrainConfig
     from mtrec_dist.models.embeddings import DEFAULT_FEATURES, ITEM_TABLE, ItemEmbedding
+    from mtrec_dist.training.sharding import CPU_SHARDING_TYPES, make_planner, make_sharders, make_topology
 
     num_items, embedding_dim, world_size = int(num_items), int(embedding_dim), int(world_size)
     if local_world_size is None:
@@ -143,41 +140,29 @@ def plan_capacity(
         ddr_usable = int(ddr_bytes * (1.0 - reserve_fraction))
     else:
         ddr_usable = ddr_bytes
-    topology = TopologyFactory.create_topology(
-        TrainerConfig(world_size=world_size, local_world_size=local_world_size, is_dry_run=True,
-                      dry_run_hbm_bytes=hbm_bytes, dry_run_ddr_bytes=ddr_usable),
-        kernel_config=KernelConfig(compute_device=compute_device),
-    )
-    if sharding != "auto":
-        sharding_types = [sharding]
-    elif compute_device == "cpu":  # what runs on gloo (stack notes; training/sharding.py restricts the same way)
-        sharding_types = list(CPU_SHARDING_TYPES)
-    else:
-        sharding_types = None
-    constraint = ParameterConstraints(
-        sharding_types=sharding_types,
-        compute_kernels=["fused"] if compute_device == "cpu" else None,
-        pooling_factors=[float(ids_per_sample)],
-    )
+    device = torch.device(compute_device)
+    # The training configuration being planned: training builds its sharders and constraints from it.
+    train_cfg = TrainConfig(sharding=sharding, sparse_optimizer=sparse_optimizer)
+    topology = make_topology(world_size, local_world_size, device, hbm_bytes=hbm_bytes, ddr_bytes=ddr_usable)
     captured: List[Any] = []
 
     def _capture(best):  # public planner hook: sees the winning ShardingOptions (with storage and perf)
         captured[:] = best
         return best
 
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
+    planner = make_planner(
+        [ITEM_TABLE], train_cfg, device, topology, pooling_factor=float(ids_per_sample),
         batch_size=int(batch_size_per_rank),
         storage_reservation=FixedPercentageStorageReservation(
             percentage=reserve_fraction if compute_device == "cuda" else 0.0),
-        constraints={ITEM_TABLE: constraint},
         debug=False,
         callbacks=[_capture],
     )
     table_bytes = num_items * embedding_dim * FP32_BYTES
     opt_mult = {"exact_rowwise_adagrad": 1.0 / embedding_dim, "exact_adagrad": 1.0, "exact_sgd": 0.0}
     optimizer_bytes = math.ceil(table_bytes * opt_mult[sparse_optimizer])
-    sharder = EmbeddingCollectionSharder()
+    sharders = make_sharders(train_cfg)
+    sharder = next(s for s in sharders if isinstance(s, EmbeddingCollectionSharder))
     if sharding != "auto" and sharding not in sharder.sharding_types(compute_device):
         raise CapacityError(f"--sharding {sharding} is not offered by TorchRec's EmbeddingCollectionSharder on "
                             f"{compute_device}; choose from {sharder.sharding_types(compute_device)} or auto")
@@ -185,7 +170,7 @@ def plan_capacity(
         raise CapacityError(f"--sharding {sharding} does not run on CPU ranks (gloo): training there uses the FUSED "
                             f"kernel with {', '.join(CPU_SHARDING_TYPES)} only")
     try:
-        plan = planner.plan(module, [sharder])
+        plan = planner.plan(module, sharders)
     except RuntimeError as e:
         if "No available sharding type" not in str(e):
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,38 @@ def test_sharding_choices_match_what_the_sharder_offers():
                       sharding="data_parallel")
     assert r["plan"]["sharding_type"] == "data_parallel" and not r["all_to_all"]["applies"]
     assert r["all_to_all"]["gradient_allreduce_bytes_per_rank"] == int(2 * 3 / 4 * 100 * 8 * 4)
+
+
+@pytest.mark.parametrize("config,sets", [
+    ("tiny.yaml", []),
+    ("tiny.yaml", ["train.num_workers=4", "train.sharding=column_wise"]),
+    ("demo.yaml", ["train.sharding=table_wise"]),
+    ("demo.yaml", ["train.num_workers=4"]),
+])
+def test_the_plan_for_the_training_configuration_is_the_plan_training_gets(config, sets, capsys):
+    """`mtrec plan` on a config's defaults (CPU ranks) against the plan training computes for the same
+    config: training's own planning step (training/sharding.plan_model, as shard_model calls it, in one
+    process instead of collectively) on the real reward model and recommender built on meta."""
+    import torch
+
+    from mtrec_dist.config import load_config
+    from mtrec_dist.models.embeddings import ITEM_TABLE
+    from mtrec_dist.training.recommender import rec_model_spec, recommender_factory
+    from mtrec_dist.training.reward import model_spec, reward_model_factory
+    from mtrec_dist.training.sharding import plan_model, plan_summary
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / config)
+    flags = [a for s in sets for a in ("--set", s)]
+    assert cli.main(["plan", "--config", path, *flags, "--device", "cpu", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["plan"]
+    planned = {"sharding_type": planned["sharding_type"], "compute_kernel": planned["compute_kernel"],
+               "ranks": [s["rank"] for s in planned["shards"]], "shard_sizes": [s["sizes"] for s in planned["shards"]]}
+
+    cfg = load_config(path, sets)
+    # the catalog `mtrec plan` assumes by default: every simulated item (+ the padding row)
+    manifest = {"num_items": cfg.simulator.num_items, "state_len": cfg.prepare.state_len}
+    W = cfg.train.num_workers
+    for factory in (reward_model_factory(model_spec(cfg, manifest)),
+                    recommender_factory(rec_model_spec(cfg, manifest, cfg.rec.backbones[0], "none"))):
+        _, plan, _ = plan_model(factory(torch.device("meta")), cfg.train, torch.device("cpu"), W, W)
+        assert plan_summary(plan)[ITEM_TABLE] == planned

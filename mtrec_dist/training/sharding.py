@@ -11,6 +11,10 @@ The planner chooses the sharding type and kernel from the topology; ``train.shar
 ``auto`` constrains the sharding type.  On CPU only the FUSED kernel with ROW_WISE / TABLE_WISE /
 COLUMN_WISE works (stack notes: DENSE and DATA_PARALLEL fail on gloo), so on CPU the choice is restricted
 to those.
+
+Capacity planning (:mod:`mtrec_dist.planning`, `mtrec plan`) builds its sharders, constraints and topology
+with the functions here (:func:`make_sharders`, :func:`make_constraints`, :func:`make_topology`), so the
+plan it reports for a training configuration is the plan training gets (tests/test_plan.py checks it).
 """
 from __future__ import annotations
 
@@ -118,8 +122,12 @@ def make_sharders(train_cfg: TrainConfig) -> list:
             EmbeddingBagCollectionSharder(fused_params=dict(fused_params))]
 
 
-def make_constraints(tables: List[str], train_cfg: TrainConfig, device: torch.device) -> dict:
-    """ParameterConstraints per table: the configured sharding type; on CPU the FUSED kernel."""
+def make_constraints(tables: List[str], train_cfg: TrainConfig, device: torch.device,
+                     pooling_factor: Optional[float] = None) -> dict:
+    """ParameterConstraints per table: the configured sharding type; on CPU the FUSED kernel.
+
+    ``pooling_factor`` (ids looked up per sample) is a workload hint for the planner's cost model; capacity
+    planning passes it, training leaves TorchRec's default."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
     if train_cfg.sharding != "auto":
@@ -127,16 +135,24 @@ def make_constraints(tables: List[str], train_cfg: TrainConfig, device: torch.de
     elif device.type == "cpu":
         types = list(CPU_SHARDING_TYPES)
     else:
-        return {}
+        types = None
     kernels = ["fused"] if device.type == "cpu" else None
-    return {t: ParameterConstraints(sharding_types=list(types), compute_kernels=kernels) for t in tables}
+    if types is None and pooling_factor is None:
+        return {}
+    hint = {} if pooling_factor is None else {"pooling_factors": [float(pooling_factor)]}
+    return {t: ParameterConstraints(sharding_types=types, compute_kernels=kernels, **hint) for t in tables}
 
 
-def make_topology(world_size: int, local_world_size: int, device: torch.device):
+def make_topology(world_size: int, local_world_size: int, device: torch.device, *,
+                  hbm_bytes: Optional[int] = None, ddr_bytes: Optional[int] = None):
+    """TorchRec's Topology of the ranks; with ``hbm_bytes``/``ddr_bytes`` per rank a dry run (capacity
+    planning for machines we do not have), else what TorchRec detects."""
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 
+    dry = {} if hbm_bytes is None and ddr_bytes is None else {
+        "is_dry_run": True, "dry_run_hbm_bytes": int(hbm_bytes or 0), "dry_run_ddr_bytes": int(ddr_bytes or 0)}
     return TopologyFactory.create_topology(
-        TrainerConfig(world_size=world_size, local_world_size=local_world_size),
+        TrainerConfig(world_size=world_size, local_world_size=local_world_size, **dry),
         kernel_config=KernelConfig(compute_device=device.type),
     )
 
@@ -163,26 +179,44 @@ def shard_model(model: nn.Module, train_cfg: TrainConfig, device: torch.device, 
     """
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
 
+    module, plan, sharders = plan_model(model, train_cfg, device, world_size, local_world_size,
+                                        pg=pg or dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
+    return ShardedModel(dmp=dmp, optimizer=build_optimizer(dmp, train_cfg), plan=plan, model=dmp.module.model)
+
+
+def plan_model(model: nn.Module, train_cfg: TrainConfig, device: torch.device, world_size: int,
+               local_world_size: int, pg=None) -> tuple:
+    """``(TrainingModule(model), ShardingPlan, sharders)``: what training hands to DMP.
+
+    With a process group every rank plans together (``collective_plan``: rank 0 plans, the others receive
+    it); without one the same planner runs in this process alone, which gives the same plan and lets
+    tests compare it with `mtrec plan` without starting Ray."""
     materialize_dense(model, device)
     module = TrainingModule(model)
     tables = embedding_tables(model)
     if not tables:
         raise ValueError(f"{type(model).__name__} has no TorchRec embedding table to shard")
     sharders = make_sharders(train_cfg)
-    planner = EmbeddingShardingPlanner(
-        topology=make_topology(world_size, local_world_size, device),
-        constraints=make_constraints(tables, train_cfg, device),
-    )
-    pg = pg or dist.GroupMember.WORLD
+    planner = make_planner(tables, train_cfg, device, make_topology(world_size, local_world_size, device))
     try:
-        plan = planner.collective_plan(module, sharders, pg)
+        plan = planner.collective_plan(module, sharders, pg) if pg is not None else planner.plan(module, sharders)
     except Exception as e:
         raise RuntimeError(f"sharding planner failed for tables {tables} with train.sharding="
                            f"{train_cfg.sharding!r} on {device.type}: {e}") from e
-    dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
-    return ShardedModel(dmp=dmp, optimizer=build_optimizer(dmp, train_cfg), plan=plan, model=dmp.module.model)
+    return module, plan, sharders
+
+
+def make_planner(tables: List[str], train_cfg: TrainConfig, device: torch.device, topology, *,
+                 pooling_factor: Optional[float] = None, **planner_kwargs):
+    """TorchRec's ``EmbeddingShardingPlanner`` with this module's constraints; ``planner_kwargs`` (batch size,
+    storage reservation, callbacks) are capacity planning's workload description."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    return EmbeddingShardingPlanner(topology=topology,
+                                    constraints=make_constraints(tables, train_cfg, device, pooling_factor),
+                                    **planner_kwargs)
 
 
 def build_optimizer(dmp: nn.Module, train_cfg: TrainConfig):
