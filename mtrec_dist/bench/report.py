@@ -1,0 +1,163 @@
+"""Every ratio of a benchmark run side by side: the rows (value, goal, what was measured), the Markdown
+section printed to the console and appended to ``bench/RESULTS.md`` on request, and the JSON file.
+
+A ratio above 1 means the library is faster.  Goals are issue 9's "done means" (speed goals live here,
+never in tests); a ratio without a goal is context (for example end-to-end figures that include start-up).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+MODEL_NAMES = {"qriql": "QR-IQL", "sasrec": "SASRec"}
+GOALS = {  # key -> (goal, what the goal says)
+    "prepare_library_vs_plain": (1.0, ">= 1.0 at 10^7 events"),
+    "one_worker_vs_plain": (1.0, ">= 1.0"),
+    "two_workers_vs_one": (1.3, ">= 1.3"),
+    "scoring_vs_training": (2.0, ">= 2.0"),
+    "scoring_vs_plain": (1.0, ">= 1.0"),
+}
+
+
+def _row(key: str, label: str, value: Optional[float], detail: str, goal_key: Optional[str] = None) -> Dict[str, Any]:
+    goal, goal_text = GOALS.get(goal_key or key, (None, ""))
+    return {"key": key, "label": label, "value": value, "goal": goal, "goal_text": goal_text,
+            "met": None if goal is None or value is None else value >= goal, "detail": detail}
+
+
+def _failed(key: str, label: str, stage: Dict[str, Any]) -> Dict[str, Any]:
+    return _row(key, label, None, f"not measured: {stage['error']}")
+
+
+def prepare_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """library / plain pandas (events/s)."""
+    label = "prepare: library / plain pandas+pyarrow"
+    if "error" in p:
+        return [_failed("prepare_library_vs_plain", label, p)]
+    c = p["check"]["library"]
+    return [_row("prepare_library_vs_plain", label, p["ratios"]["library_vs_plain"],
+                 f"{p['library']['wall_s']:.2f} s vs {p['ratios']['plain_s']:.2f} s on {p['events']:,} events; "
+                 f"same {c['transitions']:,} transitions (checksum {c['checksum']})")]
+
+
+def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """1 worker / plain and 2 workers / 1 worker, steady state; 1 worker / plain end to end."""
+    name = MODEL_NAMES[model]
+    if "error" in t:
+        return [_failed(f"{model}_one_worker_vs_plain", f"{name}: 1 Ray Train worker / plain PyTorch", t)]
+    r, runs, c = t["ratios"], t["runs"], t["check"]
+    rows = []
+    if "ray_1" in runs:
+        rows.append(_row(f"{model}_one_worker_vs_plain", f"{name}: 1 Ray Train worker / plain PyTorch",
+                         r["one_worker_vs_plain"],
+                         f"{runs['ray_1']['samples_per_s']:,.0f} vs {r['plain_samples_per_s']:,.0f} samples/s steady; "
+                         f"same loss on a batch ({c['plain_loss']:.5g}, max |diff| {c['max_abs_diff']:.2g})",
+                         "one_worker_vs_plain"))
+    if "ray_2" in runs and "ray_1" in runs:
+        rows.append(_row(f"{model}_two_workers_vs_one", f"{name}: 2 workers / 1 worker", r["two_workers_vs_one"],
+                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {runs['ray_1']['samples_per_s']:,.0f} samples/s steady",
+                         "two_workers_vs_one"))
+    if "ray_1" in runs:
+        plain_wall = (runs["plain_before"]["wall_s"] + runs["plain_after"]["wall_s"]) / 2
+        rows.append(_row(f"{model}_one_worker_vs_plain_end_to_end", f"{name}: 1 worker / plain, end to end",
+                         r["one_worker_vs_plain_end_to_end"],
+                         f"{runs['ray_1']['breakdown']['wall_s']:.1f} s vs {plain_wall:.1f} s wall for "
+                         f"{runs['ray_1']['rows']:,} rows (start-up included)"))
+    return rows
+
+
+def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """score-rewards / QR-IQL training (1 worker, steady) and score-rewards / the plain scoring loop."""
+    if "error" in s:
+        return [_failed("scoring_vs_training", "score-rewards rows/s / QR-IQL training samples/s (1 worker)", s)]
+    lib, plain = s["library"], s["plain"]
+    rows = []
+    train = (qriql or {}).get("runs", {}).get("ray_1")
+    if train:
+        rows.append(_row("scoring_vs_training", "score-rewards rows/s / QR-IQL training samples/s (1 worker)",
+                         lib["rows_per_s"] / train["samples_per_s"],
+                         f"{lib['rows_per_s']:,.0f} rows/s ({lib['actors']} actor, {lib['rows']:,} rows, "
+                         f"baseline {lib['baseline']}) vs {train['samples_per_s']:,.0f} samples/s"))
+    rows.append(_row("scoring_vs_plain", "score-rewards / plain scoring loop", lib["rows_per_s"] / plain["rows_per_s"],
+                     f"{lib['wall_s']:.1f} s vs {plain['seconds']:.1f} s; same scores (max |diff| "
+                     f"{max(s['check']['max_abs_diff'].values()):.2g})"))
+    return rows
+
+
+def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every ratio the run measured, in a fixed order."""
+    stages = result["stages"]
+    rows: List[Dict[str, Any]] = []
+    if "prepare" in stages:
+        rows += prepare_rows(stages["prepare"])
+    for model in ("qriql", "sasrec"):
+        if model in stages:
+            rows += training_rows(model, stages[model])
+    if "scoring" in stages:
+        rows += scoring_rows(stages["scoring"], stages.get("qriql"))
+    return rows
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"**{value:.2f}x**"
+
+
+def breakdown_lines(result: Dict[str, Any]) -> List[str]:
+    """Where the time goes: the 1-worker Ray run vs the plain run of each model (seconds unless noted)."""
+    lines = ["| model | run | wall s | start-up s | first interval s (data wait) | steady ms/step | data wait | "
+             "final checkpoint + shutdown s |", "|---|---|---|---|---|---|---|---|"]
+    for model in ("qriql", "sasrec"):
+        runs = result["stages"].get(model, {}).get("runs", {})
+        p, r = runs.get("plain_before"), runs.get("ray_1")
+        if p:
+            lines.append(f"| {MODEL_NAMES[model]} | plain | {p['wall_s']:.1f} | {p['read_s'] + p['build_s']:.1f} "
+                         f"(read + build) | | {p['step_time_s'] * 1e3:.1f} | {p['data_wait_frac']:.1%} | |")
+        if r:
+            b = r["breakdown"]
+            lines.append(f"| {MODEL_NAMES[model]} | 1 worker | {b['wall_s']:.1f} | {b['launch_s'] + b['setup_s']:.1f} "
+                         f"(launch {b['launch_s']:.1f} + setup {b['setup_s']:.1f}) | {b['first_interval_s']:.1f} "
+                         f"({b['first_data_wait_s']:.1f}) | {r['step_time_s'] * 1e3:.1f} | {r['data_wait_frac']:.1%} | "
+                         f"{b['final_s'] + b['shutdown_s']:.1f} |")
+    return lines if len(lines) > 2 else []
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The run as a Markdown section: machine and load, every ratio side by side, the time breakdown."""
+    m, s, lb, la = result["machine"], result["sizes"], result["load_before"], result["load_after"]
+    lines = [f"### `{result['command']}`: {result['started']}", "",
+             f"{m['cores']} cores, torch {m['torch']}, Ray {m['ray']}, Python {m['python']}"
+             f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}, commit {m.get('commit')}. "
+             f"**Load average before {lb['1m']} / {lb['5m']} / {lb['15m']}, after {la['1m']} / {la['5m']} / {la['15m']}** "
+             f"(1 / 5 / 15 min). {result['world']['events']:,} simulated events ({s['users']:,} users, "
+             f"{s['items']:,} items, {s['days']} day(s)); {s['steps']} training steps per run, the first "
+             f"{s['warmup_steps']} left out of steady state; plain runs on {s['threads']} torch thread(s). "
+             f"Whole run {result['total_s']:.0f} s.", "",
+             "| ratio (library / baseline) | value | goal | measured |", "|---|---|---|---|"]
+    for r in result["ratios"]:
+        met = "" if r["met"] is None else (" (met)" if r["met"] else " (not met)")
+        lines.append(f"| {r['label']} | {_fmt(r['value'])} | {r['goal_text']}{met} | {r['detail']} |")
+    breakdown = breakdown_lines(result)
+    if breakdown:
+        lines += ["", "Where the time goes (plain run before the Ray runs; Ray Train with 1 worker):", ""] + breakdown
+    return "\n".join(lines) + "\n"
+
+
+RESULTS_HEADING = "## `mtrec bench` runs"
+
+
+def append_results(text: str, path: Path) -> None:
+    """Append ``text`` to ``path`` (under a ``mtrec bench`` heading, added the first time)."""
+    existing = path.read_text() if path.exists() else ""
+    prefix = "" if RESULTS_HEADING in existing else ("\n" if existing.endswith("\n") else "\n\n") + RESULTS_HEADING + "\n"
+    with open(path, "a") as f:
+        f.write(prefix + "\n" + text)
+
+
+def write_json(result: Dict[str, Any], path: Path) -> None:
+    """The whole result (every run's figures, checks, breakdowns and ratios) as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float))
+
+
+DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md"  # the checkout's results file

@@ -1,0 +1,87 @@
+"""One benchmark run, in order: machine and load, the simulated world, prepare, QR-IQL, SASRec, scoring,
+the load again, every ratio side by side.
+
+A stage whose baseline does not compute the library's result (or that fails) is recorded with its error
+and the run goes on: the other ratios still count, and the command exits non-zero.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, Sequence
+
+import torch
+
+from mtrec_dist.config import PipelineConfig
+
+from .machine import load_average, machine_info
+from .prepare_bench import bench_prepare
+from .report import collect_ratios
+from .scoring_bench import bench_scoring
+from .sizes import BenchSizes
+from .train_bench import bench_model
+from .world import ensure_prepared, simulate_world
+
+STAGES = ("prepare", "qriql", "sasrec", "scoring")
+
+
+def _attempt(name: str, fn: Callable[[], Dict[str, Any]], say) -> Dict[str, Any]:
+    """``fn()``, or ``{"error": ...}`` when it raises (the traceback goes to the console)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - one stage's failure must not hide the others' figures
+        traceback.print_exc()
+        say(f"[bench] {name} FAILED: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def start_ray(base: PipelineConfig, threads: int) -> None:
+    """Attach to / start Ray with workers on ``threads`` torch threads, like the plain runs."""
+    from mtrec_dist.runtime import init_ray
+
+    init_ray(base.ray_address, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+
+
+def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
+              workers: Sequence[int] = (1, 2), command: str = "mtrec bench", say=print) -> Dict[str, Any]:
+    """Run the chosen stages; the whole result (see :mod:`.report` for its ratios)."""
+    from mtrec_dist.runtime import resolve_use_gpu
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown bench stage(s) {unknown}; choose from {list(STAGES)}")
+    t0 = time.time()
+    result: Dict[str, Any] = {"command": command, "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "load_before": load_average(), "machine": machine_info(),
+                              "sizes": {**sizes.__dict__, "warmup_steps": sizes.warmup_steps}, "workers": list(workers),
+                              "stages": {}}
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda") if resolve_use_gpu(base.train.use_gpu) else torch.device("cpu")
+    world = simulate_world(base, sizes, work, say)
+    start_ray(base, sizes.threads)
+    done = result["stages"]
+    if "prepare" in stages:
+        done["prepare"] = _attempt("prepare", lambda: bench_prepare(base, world, say), say)
+    manifest = ensure_prepared(base, world)
+    result["world"] = {"events": world.events, "transitions": manifest["num_transitions"],
+                       "items": manifest["num_items"], "users": manifest["num_users"], "state_len": manifest["state_len"]}
+    for model in ("qriql", "sasrec"):
+        if model in stages:
+            done[model] = _attempt(model, lambda m=model: bench_model(m, base, sizes, world.prepared, manifest, work,
+                                                                      workers, say, device), say)
+    if "scoring" in stages:
+        checkpoint = done.get("qriql", {}).get("runs", {}).get("ray_1", {}).get("checkpoint")
+        done["scoring"] = (_attempt("scoring", lambda: bench_scoring(base, checkpoint, world.prepared, work,
+                                                                     sizes.threads, say), say)
+                           if checkpoint else {"error": "needs the QR-IQL stage's 1-worker checkpoint"})
+    result["load_after"] = load_average()
+    result["total_s"] = time.time() - t0
+    result["ratios"] = collect_ratios(result)
+    return result
+
+
+def failed_stages(result: Dict[str, Any]) -> list:
+    """Names of the stages that recorded an error."""
+    return [name for name, stage in result["stages"].items() if "error" in stage]

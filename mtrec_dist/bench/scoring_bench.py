@@ -1,0 +1,113 @@
+"""Scoring: ``score-rewards`` (Ray Data, one scoring actor per ``train.score_concurrency``) vs the plain loop
+a user would write (load the model, score the transitions batch by batch in one process), with the same
+scores required, and vs the training throughput of the same model.
+
+Both score every transition of the prepared dataset with the checkpoint the 1-worker QR-IQL run wrote:
+the reward quantiles of the logged action, their mean and lower-tail CVaR, and the soft-policy baseline
+over the catalog (exact when the catalog has at most ``train.score_full_catalog_max`` items; above that
+the library samples candidates and only the mean and CVaR are compared).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+
+from mtrec_dist.config import PipelineConfig
+
+from .prepare_bench import OutputMismatch
+
+SCORE_TOLERANCE = 1e-4  # |library - plain| per score (the same model, batches cut differently)
+COMPARED = ("reward_mean", "reward_cvar", "reward_baseline", "reward_cvar_baseline")
+
+
+def _states(table: pa.Table, name: str, state_len: int, dtype) -> torch.Tensor:
+    flat = pc.list_flatten(table.column(name).combine_chunks()).to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.array(flat, dtype=dtype).reshape(table.num_rows, state_len))
+
+
+@torch.no_grad()
+def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_max: int,
+                threads: int = 1) -> Dict[str, Any]:
+    """Score every transition in this process; the scores by ``row_id`` and the seconds it took (model
+    load and read included, as ``score-rewards`` includes them)."""
+    from mtrec_dist.data.dataset import TRANSITIONS_DIR
+    from mtrec_dist.objectives.qr_iql import cvar
+    from mtrec_dist.training.checkpoint import load_unsharded_model, read_checkpoint_meta
+    from mtrec_dist.training.reward import reward_model_factory
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        spec = read_checkpoint_meta(checkpoint)["model_spec"]
+        model = load_unsharded_model(reward_model_factory(spec, for_inference=True), checkpoint)
+        level, L = float(spec["reward"]["cvar_alpha"]), int(spec["state_len"])
+        exact = int(spec["num_items"]) <= full_catalog_max
+        table = pads.dataset(str(prepared / TRANSITIONS_DIR), format="parquet", ignore_prefixes=["_", "."]).to_table(
+            columns=["row_id", "state_items", "state_feedback", "action"])
+        out: Dict[str, list] = {k: [] for k in ("row_id",) + COMPARED}
+        for start in range(0, table.num_rows, batch_size):
+            part = table.slice(start, batch_size)
+            s, fb = _states(part, "state_items", L, np.int64), _states(part, "state_feedback", L, np.float32)
+            action = torch.from_numpy(np.array(part.column("action").to_numpy(), dtype=np.int64))
+            rq = torch.sort(model.reward_quantiles(s, fb, action.view(-1, 1))[:, 0], dim=-1).values
+            out["row_id"].append(part.column("row_id").to_numpy())
+            out["reward_mean"].append(rq.mean(-1).numpy())
+            out["reward_cvar"].append(cvar(rq, level).numpy())
+            if exact:
+                base = model.catalog_reward_baseline(s, fb)
+                out["reward_baseline"].append(base["reward_baseline"].numpy())
+                out["reward_cvar_baseline"].append(base["reward_cvar_baseline"].numpy())
+    finally:
+        torch.set_num_threads(previous)
+    seconds = time.perf_counter() - t0
+    scores = {k: np.concatenate(v) for k, v in out.items() if v}
+    return {"scores": scores, "rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds}
+
+
+def same_scores(library_dir: Path, plain: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Largest |library - plain| of each compared score, matched by ``row_id``; raises
+    :class:`OutputMismatch` when rows differ or a score differs by more than :data:`SCORE_TOLERANCE`."""
+    from mtrec_dist.training.scoring import read_scores
+
+    lib = read_scores(str(library_dir))
+    lib_ids = lib.column("row_id").to_numpy()
+    order_lib, order_plain = np.argsort(lib_ids), np.argsort(plain["row_id"])
+    if not np.array_equal(lib_ids[order_lib], plain["row_id"][order_plain]):
+        raise OutputMismatch(f"score-rewards scored {lib_ids.size:,} rows, the plain loop {plain['row_id'].size:,}: "
+                             "not the same rows")
+    gaps = {}
+    for name in COMPARED:
+        if name in plain:
+            lib_values = lib.column(name).to_numpy()[order_lib].astype(np.float64)
+            gaps[name] = float(np.max(np.abs(lib_values - plain[name][order_plain]))) if lib_values.size else 0.0
+    worst = max(gaps, key=gaps.get)
+    if not gaps[worst] <= SCORE_TOLERANCE:
+        raise OutputMismatch(f"{worst}: score-rewards and the plain loop differ by up to {gaps[worst]:.3g}")
+    return gaps
+
+
+def bench_scoring(base: PipelineConfig, checkpoint: str, prepared: Path, work: Path, threads: int = 1,
+                  say=print) -> Dict[str, Any]:
+    """Time ``score-rewards`` and the plain loop on every transition; the scores compared."""
+    from mtrec_dist.training.scoring import score_rewards
+
+    out = work / "scores"
+    t0 = time.perf_counter()
+    summary = score_rewards(base, checkpoint, str(prepared), str(out), overwrite=True)
+    library_s = time.perf_counter() - t0
+    plain = plain_score(checkpoint, prepared, base.train.score_batch_size, base.train.score_full_catalog_max, threads)
+    gaps = same_scores(out, plain.pop("scores"))
+    say(f"[bench] scoring: score-rewards {summary['rows'] / library_s:,.0f} rows/s, plain loop "
+        f"{plain['rows_per_s']:,.0f} rows/s, same scores (max |diff| {max(gaps.values()):.2g})")
+    return {"library": {"rows": summary["rows"], "wall_s": library_s, "rows_per_s": summary["rows"] / library_s,
+                        "baseline": summary["baseline"], "actors": base.train.score_concurrency,
+                        "cpus_per_actor": base.train.score_cpus},
+            "plain": plain, "check": {"max_abs_diff": gaps}}

@@ -1,0 +1,105 @@
+"""One model's training throughput: the plain single-process loop vs the library on 1 and 2 Ray Train
+workers, after checking that the plain model computes the library's loss on a batch.
+
+The plain run goes once before and once after the Ray runs and the ratios use the mean of the two: the
+load of a shared machine drifts during a run, and bracketing spreads that drift over both sides.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtrec_dist.config import PipelineConfig
+
+from .plain_models import check_same_loss, plain_copy
+from .plain_train import iter_batches, load_transitions, train_plain
+from .ray_train import Model, run_library_training
+from .sizes import BenchSizes, bench_config, stage_of
+
+
+def library_model(model: Model, cfg: PipelineConfig, manifest: dict) -> nn.Module:
+    """The unsharded library model (TorchRec table on CPU) exactly as training builds it."""
+    if model == "qriql":
+        from mtrec_dist.training.reward import model_spec, reward_model_factory
+
+        return reward_model_factory(model_spec(cfg, manifest))(torch.device("cpu"))
+    from mtrec_dist.training.recommender import rec_model_spec, recommender_factory
+
+    return recommender_factory(rec_model_spec(cfg, manifest, "sasrec", "none"))(torch.device("cpu"))
+
+
+def _data(model: Model, prepared: Path, manifest: dict) -> Dict[str, torch.Tensor]:
+    """The rows ``model`` trains on (the recommender leaves each user's test row out, as train-rec does)."""
+    return load_transitions(prepared, manifest["state_len"], drop_test_rows=(model == "sasrec"))
+
+
+def check_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict) -> Dict[str, Any]:
+    """Same loss on one training batch: library model vs its plain copy with the same weights."""
+    cfg = bench_config(base, sizes)
+    torch.manual_seed(sizes.seed)
+    lib = library_model(model, cfg, manifest)
+    batch = next(iter_batches(_data(model, prepared, manifest), cfg.stage_train(stage_of(model)).batch_size, sizes.seed))
+    return check_same_loss(lib, plain_copy(lib), batch)
+
+
+def plain_run(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict,
+              device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """The plain loop's run: read + build + ``sizes.steps`` steps, with ``sizes.threads`` torch threads."""
+    cfg = bench_config(base, sizes)
+    tc = cfg.stage_train(stage_of(model))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(sizes.threads)
+    try:
+        t0 = time.perf_counter()
+        data = _data(model, prepared, manifest)
+        t_read = time.perf_counter()
+        torch.manual_seed(sizes.seed)
+        plain = plain_copy(library_model(model, cfg, manifest))
+        t_build = time.perf_counter()
+        res = train_plain(plain, data, steps=sizes.steps, batch_size=tc.batch_size, lr=tc.lr, sparse_lr=tc.sparse_lr,
+                          warmup_steps=sizes.warmup_steps, seed=sizes.seed, device=device)
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - t0
+    res.update(read_s=round(t_read - t0, 3), build_s=round(t_build - t_read, 3), wall_s=wall,
+               rows=sizes.steps * tc.batch_size, end_to_end_samples_per_s=sizes.steps * tc.batch_size / wall)
+    return res
+
+
+def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
+                workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Check, then time: plain, 1 and 2 workers, plain again; the runs and the ratios."""
+    check = check_model(model, base, sizes, prepared, manifest)
+    say(f"[bench] {model}: plain model's loss = library's ({check['plain_loss']:.6g}; max |diff| "
+        f"{check['max_abs_diff']:.2g} over {check['terms_compared']} terms)")
+    runs: Dict[str, Any] = {"plain_before": plain_run(model, base, sizes, prepared, manifest, device)}
+    say(f"[bench] {model}: plain {runs['plain_before']['samples_per_s']:,.0f} samples/s")
+    for w in workers:
+        runs[f"ray_{w}"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w{w}", w)
+        say(f"[bench] {model}: Ray Train {w} worker(s) {runs[f'ray_{w}']['samples_per_s']:,.0f} samples/s "
+            f"(wall {runs[f'ray_{w}']['breakdown']['wall_s']:.1f}s)")
+    runs["plain_after"] = plain_run(model, base, sizes, prepared, manifest, device)
+    say(f"[bench] {model}: plain again {runs['plain_after']['samples_per_s']:,.0f} samples/s")
+    return {"check": check, "runs": runs, "ratios": training_ratios(runs)}
+
+
+def _mean(runs: Dict[str, Any], key: str) -> float:
+    return float(np.mean([runs[k][key] for k in ("plain_before", "plain_after") if k in runs]))
+
+
+def training_ratios(runs: Dict[str, Any]) -> Dict[str, float]:
+    """``1 worker / plain`` and ``2 workers / 1 worker``, steady state and end to end (rows / wall time)."""
+    out: Dict[str, float] = {"plain_samples_per_s": _mean(runs, "samples_per_s")}
+    one, two = runs.get("ray_1"), runs.get("ray_2")
+    if one:
+        out["one_worker_vs_plain"] = one["samples_per_s"] / out["plain_samples_per_s"]
+        out["one_worker_vs_plain_end_to_end"] = one["end_to_end_samples_per_s"] / _mean(runs, "end_to_end_samples_per_s")
+    if one and two:
+        out["two_workers_vs_one"] = two["samples_per_s"] / one["samples_per_s"]
+        out["two_workers_vs_one_end_to_end"] = two["end_to_end_samples_per_s"] / one["end_to_end_samples_per_s"]
+    return out

@@ -1,0 +1,251 @@
+"""`mtrec bench`'s baselines compute the library's results (issue 9).  No timing assertions here: speed
+goals live in the benchmark's report, never in tests.
+
+Fast tier: the plain models give the library's losses (QR-IQL v2 by default, v1, sampled negatives;
+SASRec full and sampled softmax), the checksum, the steady-state / breakdown arithmetic, the report and
+the command's registration.  Integration (Ray): the pandas prepare writes the library's transitions
+and eval rows on logs with rejects in them, and a tiny whole `mtrec bench` run passes every check.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers_training import write_prepared
+from mtrec_dist.bench.checksum import transition_checksum
+from mtrec_dist.bench.plain_models import check_same_loss, plain_copy
+from mtrec_dist.bench.report import append_results, collect_ratios, markdown
+from mtrec_dist.bench.sizes import QUICK, BenchSizes, bench_config, choose_sizes
+from mtrec_dist.bench.steady import steady_state, time_breakdown
+from mtrec_dist.bench.train_bench import check_model, library_model
+from mtrec_dist.config import PipelineConfig
+from mtrec_dist.data.dataset import load_manifest
+
+TINY = BenchSizes(users=40, items=60, days=1, steps=6, report_every=2, warmup_intervals=1)
+
+
+def tiny_config(**sections) -> PipelineConfig:
+    """Small model and batch so each loss check takes milliseconds."""
+    cfg = PipelineConfig()
+    cfg.model = dataclasses.replace(cfg.model, embedding_dim=8, num_layers=1, num_heads=2)
+    cfg.train = dataclasses.replace(cfg.train, batch_size=32)
+    for name, fields in sections.items():
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **fields))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("bench") / "prepared", num_items=40, num_users=20, state_len=4,
+                          rows=300)
+
+
+# ---- same loss on one batch ----------------------------------------------------------------------------
+
+def test_default_reward_objective_is_the_one_benchmarked():
+    assert PipelineConfig().reward.objective == "v2"
+
+
+@pytest.mark.parametrize("reward", [{}, {"num_negatives": 16}, {"objective": "v1"}, {"objective": "v1", "num_negatives": 16}],
+                         ids=["v2-full", "v2-sampled", "v1-full", "v1-sampled"])
+def test_plain_qriql_gives_the_library_loss(prepared, reward):
+    cfg = tiny_config(reward=reward)
+    check = check_model("qriql", cfg, TINY, prepared, load_manifest(str(prepared)))
+    assert check["max_abs_diff"] == 0.0
+    assert check["terms_compared"] >= 8  # the total and every term, not just "loss"
+    assert check["library_loss"] == check["plain_loss"] and np.isfinite(check["plain_loss"])
+
+
+@pytest.mark.parametrize("rec", [{}, {"num_negatives": 16}], ids=["full-softmax", "sampled"])
+def test_plain_sasrec_gives_the_library_loss(prepared, rec):
+    cfg = tiny_config(rec=rec)
+    check = check_model("sasrec", cfg, TINY, prepared, load_manifest(str(prepared)))
+    assert check["max_abs_diff"] == 0.0 and check["terms_compared"] >= 3
+
+
+def test_plain_copy_has_no_torchrec_table_and_the_same_weights(prepared):
+    lib = library_model("qriql", bench_config(tiny_config(), TINY), load_manifest(str(prepared)))
+    plain = plain_copy(lib)
+    assert isinstance(plain.item_embedding.table, torch.nn.Embedding)
+    assert "ec" not in dict(plain.named_modules()).get("item_embedding")._modules
+    table = lib.item_embedding.ec.embeddings["item_table"].weight
+    assert torch.equal(plain.item_embedding.table.weight, table)
+    assert lib.item_embedding.ec.embeddings["item_table"].weight is table  # the library model is untouched
+
+
+def test_loss_check_catches_a_different_model(prepared):
+    manifest = load_manifest(str(prepared))
+    lib = library_model("sasrec", bench_config(tiny_config(), TINY), manifest)
+    plain = plain_copy(lib)
+    with torch.no_grad():
+        plain.item_embedding.table.weight.add_(0.01 * torch.randn_like(plain.item_embedding.table.weight))
+    from mtrec_dist.bench.plain_train import iter_batches, load_transitions
+
+    batch = next(iter_batches(load_transitions(prepared, manifest["state_len"]), 32))
+    with pytest.raises(AssertionError, match="plain model"):
+        check_same_loss(lib, plain, batch)
+
+
+# ---- checksum, steady state, report --------------------------------------------------------------------
+
+def _transitions(users, actions, states) -> pa.Table:
+    return pa.table({"user_idx": pa.array(users, pa.int64()), "action": pa.array(actions, pa.int64()),
+                     "state_items": pa.array(states, pa.list_(pa.int64()))})
+
+
+def test_checksum_ignores_row_order_and_sees_any_change():
+    t = _transitions([0, 0, 1], [3, 4, 5], [[0, 1], [1, 3], [0, 0]])
+    base = transition_checksum(t)
+    assert transition_checksum(t.take([2, 0, 1])) == base
+    assert transition_checksum(_transitions([0, 0, 1], [3, 4, 5], [[0, 1], [3, 1], [0, 0]])) != base  # state order
+    assert transition_checksum(_transitions([0, 1, 1], [3, 4, 5], [[0, 1], [1, 3], [0, 0]])) != base  # a user
+    assert transition_checksum(t.slice(0, 2)) != base
+
+
+def test_steady_state_pools_intervals_after_the_warm_up():
+    history = [{"event": "start", "time": 100.0, "worker_entered": 99.0, "setup_s": 1.0}]
+    for step, rate, wait in ((10, 100.0, 0.9), (20, 200.0, 0.1), (30, 400.0, 0.2), (30, 400.0, 0.2)):
+        history.append({"event": "metrics", "step": step, "interval_rows": 1000, "samples_per_s": rate,
+                        "data_wait_frac": wait, "time": 100.0 + step, "loss": 1.0})
+    history.append({"event": "end", "time": 135.0, "rows_seen": 3000})
+    s = steady_state(history, warmup_intervals=1)  # the repeated final interval counts once
+    assert s["samples_per_s"] == pytest.approx(2000 / 7.5)
+    assert s["step_time_s"] == pytest.approx(7.5 / 20)
+    assert s["data_wait_frac"] == pytest.approx((0.1 * 5 + 0.2 * 2.5) / 7.5)
+    b = time_breakdown(history, 90.0, 140.0)
+    assert (b["wall_s"], b["launch_s"], b["setup_s"], b["first_interval_s"]) == (50.0, 9.0, 1.0, 10.0)
+    assert (b["first_data_wait_s"], b["train_s"], b["final_s"], b["shutdown_s"]) == (9.0, 30.0, 5.0, 5.0)
+
+
+def test_sizes_refuse_a_run_without_steady_steps():
+    assert choose_sizes(True) == QUICK
+    assert choose_sizes(True, steps=500).steps == 500
+    with pytest.raises(ValueError, match="steady"):
+        choose_sizes(True, steps=QUICK.warmup_steps)
+
+
+def test_bench_config_overrides_the_stage_budgets():
+    cfg = PipelineConfig()
+    cfg.reward_train = dataclasses.replace(cfg.reward_train, max_steps=7, batch_size=64)
+    out = bench_config(cfg, QUICK, workers=2)
+    assert out.stage_train("reward").max_steps == QUICK.steps and out.stage_train("reward").batch_size == 64
+    assert out.stage_train("rec").num_workers == 2 and out.stage_train("rec").max_steps == QUICK.steps
+
+
+def _fake_result() -> dict:
+    run = {"samples_per_s": 900.0, "step_time_s": 0.3, "data_wait_frac": 0.25, "rows": 2400,
+           "end_to_end_samples_per_s": 100.0,
+           "breakdown": {"wall_s": 24.0, "launch_s": 10.0, "setup_s": 1.0, "first_interval_s": 3.0,
+                         "first_data_wait_s": 2.0, "train_s": 9.0, "final_s": 1.0, "shutdown_s": 2.0}}
+    plain = {"samples_per_s": 1000.0, "step_time_s": 0.25, "data_wait_frac": 0.01, "wall_s": 3.0, "read_s": 0.1,
+             "build_s": 0.1, "end_to_end_samples_per_s": 800.0}
+    model = {"check": {"plain_loss": 1.5, "max_abs_diff": 0.0},
+             "runs": {"plain_before": plain, "plain_after": plain, "ray_1": run, "ray_2": dict(run, samples_per_s=1350.0)},
+             "ratios": {"plain_samples_per_s": 1000.0, "one_worker_vs_plain": 0.9, "one_worker_vs_plain_end_to_end": 0.125,
+                        "two_workers_vs_one": 1.5}}
+    return {"command": "mtrec bench --quick", "started": "2026-01-01 00:00 UTC", "total_s": 100.0,
+            "load_before": {"1m": 1.0, "5m": 2.0, "15m": 3.0}, "load_after": {"1m": 4.0, "5m": 5.0, "15m": 6.0},
+            "machine": {"cores": 2, "torch": "t", "ray": "r", "python": "p", "commit": "abc"},
+            "sizes": {**QUICK.__dict__, "warmup_steps": QUICK.warmup_steps}, "world": {"events": 1000},
+            "stages": {"qriql": model, "sasrec": {"error": "OutputMismatch: x"},
+                       "scoring": {"library": {"rows": 1000, "wall_s": 2.0, "rows_per_s": 500.0, "baseline": "full_catalog",
+                                               "actors": 1},
+                                   "plain": {"seconds": 1.0, "rows_per_s": 1000.0},
+                                   "check": {"max_abs_diff": {"reward_mean": 0.0}}}}}
+
+
+def test_report_puts_every_ratio_side_by_side(tmp_path):
+    result = _fake_result()
+    result["ratios"] = collect_ratios(result)
+    keys = [r["key"] for r in result["ratios"]]
+    assert keys == ["qriql_one_worker_vs_plain", "qriql_two_workers_vs_one", "qriql_one_worker_vs_plain_end_to_end",
+                    "sasrec_one_worker_vs_plain", "scoring_vs_training", "scoring_vs_plain"]
+    by_key = {r["key"]: r for r in result["ratios"]}
+    assert by_key["qriql_two_workers_vs_one"]["met"] is True and by_key["qriql_one_worker_vs_plain"]["met"] is False
+    assert by_key["sasrec_one_worker_vs_plain"]["value"] is None  # a failed check has no ratio
+    assert by_key["scoring_vs_training"]["value"] == pytest.approx(500 / 900)
+    text = markdown(result)
+    assert "Load average before 1.0 / 2.0 / 3.0, after 4.0 / 5.0 / 6.0" in text and "**0.90x**" in text
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    append_results(text, results)
+    append_results(text, results)
+    assert results.read_text().count("## `mtrec bench` runs") == 1
+    assert results.read_text().count("### `mtrec bench --quick`") == 2
+
+
+def test_bench_is_a_registered_command():
+    from mtrec_dist import cli
+
+    args = cli.build_parser().parse_args(["bench", "--quick", "--steps", "80", "--stages", "prepare"])
+    assert args.command == "bench" and args.quick and args.steps == 80
+
+
+# ---- with Ray ---------------------------------------------------------------------------------------------
+
+def _add_rejects(logs: Path) -> None:
+    """One more day-partitioned file with what prepare must refuse or skip: a duplicate event, an event
+    earlier than its session's previous one, a not-engaged row, a negative item, a missing watch ratio."""
+    first = sorted(logs.rglob("*.parquet"))[0]
+    t = pq.read_table(first)
+    rows = t.slice(0, 5).to_pylist()
+    dup = dict(rows[0])
+    late = dict(rows[1], item_id=rows[1]["item_id"] + 1, ts=rows[0]["ts"] - 1)
+    skipped = dict(rows[2], item_id=rows[2]["item_id"] + 2, ts=rows[2]["ts"] + 1, click=0)
+    negative = dict(rows[3], item_id=-5)
+    no_watch = dict(rows[4], item_id=rows[4]["item_id"] + 3, ts=rows[4]["ts"] + 2, watch_ratio=None)
+    extra = pa.Table.from_pylist([dup, late, skipped, negative, no_watch], schema=t.schema)
+    pq.write_table(extra, first.parent / "part-99999.parquet")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_plain_prepare_writes_the_library_transitions(ray_cluster, tmp_path):
+    from mtrec_dist.bench.plain_prepare import plain_prepare
+    from mtrec_dist.bench.prepare_bench import same_transitions
+    from mtrec_dist.bench.checksum import summarize_transitions
+    from mtrec_dist.bench.world import prepare_config, simulate_world
+    from mtrec_dist.data.prepare import prepare_dataset
+    from mtrec_dist.data.schema import TRANSITION_COLUMNS
+
+    base = PipelineConfig()
+    world = simulate_world(base, dataclasses.replace(TINY, days=2), tmp_path, say=lambda m: None)
+    _add_rejects(world.logs)
+    cfg = prepare_config(base)
+    manifest = prepare_dataset(cfg, str(world.logs), str(world.prepared), progress=lambda m: None)
+    plain = plain_prepare(cfg, world.logs, world.plain_prepared)
+    assert manifest["rows_rejected"] >= 3 and plain["rows_rejected"] == manifest["rows_rejected"]
+    assert (plain["num_items"], plain["num_users"]) == (manifest["num_items"], manifest["num_users"])
+    same_transitions(summarize_transitions(world.prepared), summarize_transitions(world.plain_prepared))
+    for sub, cols in (("transitions", TRANSITION_COLUMNS), ("eval", None)):  # every column, not just the checksum's
+        lib, pln = (pads.dataset(str(d / sub), format="parquet", ignore_prefixes=["_", "."]).to_table(columns=cols)
+                    .sort_by("row_id") for d in (world.prepared, world.plain_prepared))
+        assert lib.num_rows == manifest["num_transitions"]
+        assert lib.equals(pln), sub
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tiny_bench_run_passes_every_check(ray_cluster, tmp_path):
+    """Every stage on tiny sizes with one Ray Train worker: each baseline computes the library's result,
+    the result holds every ratio (their values are not asserted) and the report renders."""
+    from mtrec_dist.bench.runner import failed_stages, run_bench
+
+    result = run_bench(tiny_config(), TINY, tmp_path / "work", workers=(1,), say=lambda m: None)
+    assert failed_stages(result) == []
+    assert result["stages"]["prepare"]["check"]["library"] == result["stages"]["prepare"]["check"]["plain"]
+    for model in ("qriql", "sasrec"):
+        assert result["stages"][model]["check"]["max_abs_diff"] == 0.0
+        assert set(result["stages"][model]["runs"]) == {"plain_before", "ray_1", "plain_after"}
+        assert result["stages"][model]["runs"]["ray_1"]["rows"] == TINY.steps * 32
+    assert max(result["stages"]["scoring"]["check"]["max_abs_diff"].values()) <= 1e-4
+    assert len(result["ratios"]) == 7 and all(r["value"] is not None for r in result["ratios"])
+    assert {"1m", "5m", "15m"} <= set(result["load_before"]) and result["machine"]["cores"] >= 1
+    assert "| prepare: library / plain pandas+pyarrow |" in markdown(result)
