@@ -14,7 +14,7 @@ from mtrec_dist.config import ConfigError
 # Order = order in --help.  Modules are imported lazily so `mtrec --help` stays fast.
 COMMANDS = [
     "simulate", "prepare", "inspect", "train_reward", "score_rewards", "train_rec", "evaluate",
-    "pipeline", "ablate", "retrain", "plan",
+    "pipeline", "ablate", "retrain", "plan", "bench",
 ]
 
 

@@ -1,0 +1,80 @@
+"""`mtrec bench`: every stage against what a user would write instead, ratios side by side (issue 9)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "bench"
+HELP = ("benchmark the library against single-process baselines written as a user would (pandas prepare, "
+        "plain PyTorch QR-IQL and SASRec, a plain scoring loop), each checked to compute the same result "
+        "first; prints every ratio with the machine's load average and writes JSON")
+
+SIZE_FLAGS = ("users", "items", "days", "steps", "report_every", "warmup_intervals", "threads")
+
+
+def _preset(name: str) -> str:
+    """``default D; --quick Q`` of a size field, read from the presets (their one definition)."""
+    from mtrec_dist.bench.sizes import DEFAULT, QUICK
+
+    d, q = getattr(DEFAULT, name), getattr(QUICK, name)
+    return f"default {d:,}" + (f"; --quick {q:,}" if q != d else "")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for CI-like machines: under 5 minutes on a quiet 2-core machine")
+    size_help = {"users": "simulated users", "items": "simulated catalog", "days": "simulated days",
+                 "steps": "training steps of every run", "report_every": "steps per metrics interval",
+                 "warmup_intervals": "leading intervals left out of steady-state figures",
+                 "threads": "torch threads of the plain runs and of each Ray worker"}
+    for name in SIZE_FLAGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"{size_help[name]} ({_preset(name)})")
+    p.add_argument("--stages", default="prepare,qriql,sasrec,scoring",
+                   help="comma-separated stages to run (scoring needs qriql; default: all)")
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="scratch folder; simulated logs are reused between runs (default: <run_dir>/bench)")
+    p.add_argument("--json", default=None, metavar="PATH", help="where the JSON result goes (default: <work>/bench.json)")
+    p.add_argument("--append-results", nargs="?", const="", default=None, metavar="PATH",
+                   help="append the Markdown table to bench/RESULTS.md (or PATH)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
+
+
+def _command_line(args) -> str:
+    """The command as a user would retype it (the flags that were given)."""
+    parts = ["mtrec bench"] + (["--quick"] if args.quick else [])
+    parts += [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if getattr(args, f) is not None]
+    return " ".join(parts)
+
+
+def run(args) -> int:
+    from mtrec_dist.bench.report import DEFAULT_RESULTS, append_results, markdown, write_json
+    from mtrec_dist.bench.runner import failed_stages, run_bench
+    from mtrec_dist.bench.sizes import choose_sizes
+    from mtrec_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.ray_address:
+        cfg.ray_address = args.ray_address
+    sizes = choose_sizes(args.quick, **{f: getattr(args, f) for f in SIZE_FLAGS})
+    work = Path(args.work or Path(cfg.run_dir) / "bench")
+    if "://" in str(work):
+        raise ValueError(f"--work {work}: the benchmark needs a local folder (the baselines read it directly)")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    result = run_bench(cfg, sizes, work, stages=stages, command=_command_line(args),
+                       say=lambda m: print(m, file=sys.stderr, flush=True))
+    text = markdown(result)
+    print(text)
+    json_path = Path(args.json) if args.json else work / "bench.json"
+    write_json(result, json_path)
+    print(f"JSON: {json_path}", file=sys.stderr)
+    if args.append_results is not None:
+        results = Path(args.append_results) if args.append_results else DEFAULT_RESULTS
+        append_results(text, results)
+        print(f"appended to {results}", file=sys.stderr)
+    failed = failed_stages(result)
+    if failed:
+        print(f"mtrec bench: stage(s) {failed} failed; their ratios are missing", file=sys.stderr)
+        return 1
+    return 0
