@@ -154,7 +154,11 @@ def _fake_result() -> dict:
             "load_before": {"1m": 1.0, "5m": 2.0, "15m": 3.0}, "load_after": {"1m": 4.0, "5m": 5.0, "15m": 6.0},
             "machine": {"cores": 2, "torch": "t", "ray": "r", "python": "p", "commit": "abc"},
             "sizes": {**QUICK.__dict__, "warmup_steps": QUICK.warmup_steps}, "world": {"events": 1000},
-            "stages": {"qriql": model, "sasrec": {"error": "OutputMismatch: x"},
+            "stages": {"prepare": {"events": 1000, "check": {"library": {"transitions": 990, "checksum": "00ff"}},
+                                   "library": {"wall_s": 4.0, "stages_s": {"read_validate": 1.0}},
+                                   "ratios": {"plain_s": 1.0, "library_vs_plain": 0.25, "plain_read_validate_s": 0.5,
+                                              "read_validate_vs_plain": 0.5}},
+                       "qriql": model, "sasrec": {"error": "OutputMismatch: x"},
                        "scoring": {"library": {"rows": 1000, "wall_s": 2.0, "rows_per_s": 500.0, "baseline": "full_catalog",
                                                "actors": 1},
                                    "plain": {"seconds": 1.0, "rows_per_s": 1000.0},
@@ -165,7 +169,7 @@ def test_report_puts_every_ratio_side_by_side(tmp_path):
     result = _fake_result()
     result["ratios"] = collect_ratios(result)
     keys = [r["key"] for r in result["ratios"]]
-    assert keys == ["qriql_one_worker_vs_plain", "qriql_two_workers_vs_one", "qriql_one_worker_vs_plain_end_to_end",
+    assert keys == ["prepare_library_vs_plain", "prepare_read_validate_vs_plain", "qriql_one_worker_vs_plain", "qriql_two_workers_vs_one", "qriql_one_worker_vs_plain_end_to_end",
                     "sasrec_one_worker_vs_plain", "scoring_vs_training", "scoring_vs_plain"]
     by_key = {r["key"]: r for r in result["ratios"]}
     assert by_key["qriql_two_workers_vs_one"]["met"] is True and by_key["qriql_one_worker_vs_plain"]["met"] is False
@@ -246,6 +250,23 @@ def test_tiny_bench_run_passes_every_check(ray_cluster, tmp_path):
         assert set(result["stages"][model]["runs"]) == {"plain_before", "ray_1", "plain_after"}
         assert result["stages"][model]["runs"]["ray_1"]["rows"] == TINY.steps * 32
     assert max(result["stages"]["scoring"]["check"]["max_abs_diff"].values()) <= 1e-4
-    assert len(result["ratios"]) == 7 and all(r["value"] is not None for r in result["ratios"])
+    assert len(result["ratios"]) == 8 and all(r["value"] is not None for r in result["ratios"])
     assert {"1m", "5m", "15m"} <= set(result["load_before"]) and result["machine"]["cores"] >= 1
     assert "| prepare: library / plain pandas+pyarrow |" in markdown(result)
+
+
+def test_catalog_step_times_cover_sampled_and_full_soft_values():
+    import torch.distributed as dist
+
+    from mtrec_dist.bench.catalog_steps import bench_catalog
+
+    try:
+        out = bench_catalog(tiny_config(), [50, 200], state_len=4, negatives=8, full_max=100, budget_s=0.05,
+                            say=lambda m: None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert [(r["items"], r["soft_value"]) for r in out["runs"]] == [
+        (50, "sampled 8"), (50, "full catalog"), (200, "sampled 8")]  # no full catalog above full_max
+    assert all(r["steps"] >= 3 and r["step_s_median"] > 0 for r in out["runs"])
+    assert (out["ratios"]["smallest"], out["ratios"]["largest"]) == (50, 200)

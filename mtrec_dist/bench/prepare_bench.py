@@ -52,10 +52,12 @@ def bench_prepare(base: PipelineConfig, world: World, say=print) -> Dict[str, An
     check = {"library": summarize_transitions(world.prepared), "plain": summarize_transitions(world.plain_prepared)}
     same_transitions(check["library"], check["plain"])
     plain_s = float(np.mean([plain_before["total_s"], plain_after["total_s"]]))
+    plain_rv_s = float(np.mean([p["seconds"]["read"] + p["seconds"]["validate"] for p in (plain_before, plain_after)]))
     say(f"[bench] prepare: {world.events:,} events, library {library_s:.2f}s, plain {plain_s:.2f}s, "
         f"same {check['library']['transitions']:,} transitions (checksum {check['library']['checksum']})")
     return {"events": world.events, "check": check,
             "library": {"wall_s": library_s, "events_per_s": world.events / library_s, "stages_s": manifest["seconds"],
                         "shuffle_partitions": manifest.get("shuffle_partitions")},
             "plain_before": plain_before, "plain_after": plain_after,
-            "ratios": {"plain_s": plain_s, "library_vs_plain": plain_s / library_s}}
+            "ratios": {"plain_s": plain_s, "library_vs_plain": plain_s / library_s, "plain_read_validate_s": plain_rv_s,
+                       "read_validate_vs_plain": plain_rv_s / manifest["seconds"]["read_validate"]}}

@@ -17,6 +17,7 @@ GOALS = {  # key -> (goal, what the goal says)
     "two_workers_vs_one": (1.3, ">= 1.3"),
     "scoring_vs_training": (2.0, ">= 2.0"),
     "scoring_vs_plain": (1.0, ">= 1.0"),
+    "catalog_sampled_speed": (1 / 1.3, ">= 0.77 (step time at 10^7 items <= 1.3x at 10^4)"),
 }
 
 
@@ -35,10 +36,13 @@ def prepare_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
     label = "prepare: library / plain pandas+pyarrow"
     if "error" in p:
         return [_failed("prepare_library_vs_plain", label, p)]
-    c = p["check"]["library"]
-    return [_row("prepare_library_vs_plain", label, p["ratios"]["library_vs_plain"],
-                 f"{p['library']['wall_s']:.2f} s vs {p['ratios']['plain_s']:.2f} s on {p['events']:,} events; "
-                 f"same {c['transitions']:,} transitions (checksum {c['checksum']})")]
+    c, r = p["check"]["library"], p["ratios"]
+    return [_row("prepare_library_vs_plain", label, r["library_vs_plain"],
+                 f"{p['library']['wall_s']:.2f} s vs {r['plain_s']:.2f} s on {p['events']:,} events; "
+                 f"same {c['transitions']:,} transitions (checksum {c['checksum']})"),
+            _row("prepare_read_validate_vs_plain", "prepare, read + validate only: library / plain",
+                 r["read_validate_vs_plain"], f"{p['library']['stages_s']['read_validate']:.2f} s vs "
+                 f"{r['plain_read_validate_s']:.2f} s")]
 
 
 def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -85,6 +89,18 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
     return rows
 
 
+def catalog_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """QR-IQL step speed at the largest catalog / at the smallest, sampled soft value (DMP, one rank)."""
+    label = "QR-IQL step (sampled soft value): speed at the largest / smallest catalog"
+    if "error" in c:
+        return [_failed("catalog_sampled_speed", label, c)]
+    r = c["ratios"]
+    times = {x["items"]: x["step_s_median"] for x in c["runs"] if x["soft_value"].startswith("sampled")}
+    return [_row("catalog_sampled_speed", label, r["sampled_speed_largest_vs_smallest"],
+                 f"{times[r['largest']] * 1e3:.1f} ms at {r['largest']:,} items vs {times[r['smallest']] * 1e3:.1f} "
+                 f"ms at {r['smallest']:,}")]
+
+
 def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every ratio the run measured, in a fixed order."""
     stages = result["stages"]
@@ -96,6 +112,8 @@ def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
             rows += training_rows(model, stages[model])
     if "scoring" in stages:
         rows += scoring_rows(stages["scoring"], stages.get("qriql"))
+    if "catalog" in stages:
+        rows += catalog_rows(stages["catalog"])
     return rows
 
 

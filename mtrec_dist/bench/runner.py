@@ -20,6 +20,7 @@ from .machine import load_average, machine_info
 from .prepare_bench import bench_prepare
 from .report import collect_ratios
 from .scoring_bench import bench_scoring
+from .catalog_steps import bench_catalog
 from .sizes import BenchSizes
 from .train_bench import bench_model
 from .world import ensure_prepared, simulate_world
@@ -37,6 +38,16 @@ def _attempt(name: str, fn: Callable[[], Dict[str, Any]], say) -> Dict[str, Any]
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _with_threads(threads: int, fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """``fn()`` on ``threads`` torch threads (as the plain runs and each Ray worker use)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def start_ray(base: PipelineConfig, threads: int) -> None:
     """Attach to / start Ray with workers on ``threads`` torch threads, like the plain runs."""
     from mtrec_dist.runtime import init_ray
@@ -45,8 +56,10 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
 
 
 def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
-              workers: Sequence[int] = (1, 2), command: str = "mtrec bench", say=print) -> Dict[str, Any]:
-    """Run the chosen stages; the whole result (see :mod:`.report` for its ratios)."""
+              workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), command: str = "mtrec bench",
+              say=print) -> Dict[str, Any]:
+    """Run the chosen stages (and the step time per catalog size when ``catalog_sizes`` are given); the
+    whole result (see :mod:`.report` for its ratios)."""
     from mtrec_dist.runtime import resolve_use_gpu
 
     unknown = sorted(set(stages) - set(STAGES))
@@ -76,6 +89,9 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
         done["scoring"] = (_attempt("scoring", lambda: bench_scoring(base, checkpoint, world.prepared, work,
                                                                      sizes.threads, say), say)
                            if checkpoint else {"error": "needs the QR-IQL stage's 1-worker checkpoint"})
+    if catalog_sizes:
+        done["catalog"] = _attempt("catalog", lambda: _with_threads(sizes.threads, lambda: bench_catalog(
+            base, catalog_sizes, manifest["state_len"], say=say)), say)
     result["load_after"] = load_average()
     result["total_s"] = time.time() - t0
     result["ratios"] = collect_ratios(result)

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{size_help[name]} ({_preset(name)})")
     p.add_argument("--stages", default="prepare,qriql,sasrec,scoring",
                    help="comma-separated stages to run (scoring needs qriql; default: all)")
+    p.add_argument("--catalog-sizes", default="", metavar="N,N,...",
+                   help="also time one QR-IQL step per catalog size (DMP, one rank, synthetic batches; sampled vs "
+                        "full-catalog soft value), e.g. 10000,100000,1000000 (default: skipped)")
     p.add_argument("--work", default=None, metavar="DIR",
                    help="scratch folder; simulated logs are reused between runs (default: <run_dir>/bench)")
     p.add_argument("--json", default=None, metavar="PATH", help="where the JSON result goes (default: <work>/bench.json)")
@@ -45,6 +48,7 @@ def _command_line(args) -> str:
     """The command as a user would retype it (the flags that were given)."""
     parts = ["mtrec bench"] + (["--quick"] if args.quick else [])
     parts += [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if getattr(args, f) is not None]
+    parts += [f"--catalog-sizes {args.catalog_sizes}"] if args.catalog_sizes else []
     return " ".join(parts)
 
 
@@ -62,7 +66,8 @@ def run(args) -> int:
     if "://" in str(work):
         raise ValueError(f"--work {work}: the benchmark needs a local folder (the baselines read it directly)")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    result = run_bench(cfg, sizes, work, stages=stages, command=_command_line(args),
+    catalog = [int(n) for n in args.catalog_sizes.split(",") if n.strip()]
+    result = run_bench(cfg, sizes, work, stages=stages, catalog_sizes=catalog, command=_command_line(args),
                        say=lambda m: print(m, file=sys.stderr, flush=True))
     text = markdown(result)
     print(text)
