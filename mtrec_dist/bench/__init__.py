@@ -14,6 +14,7 @@ One module per idea:
 * :mod:`.ray_train` -- the library's training entry points with N Ray Train workers, timed;
 * :mod:`.train_bench` -- one model: plain vs 1 vs 2 workers;
 * :mod:`.scoring_bench` -- ``score-rewards`` vs a plain scoring loop (same scores checked) and training;
+* :mod:`.catalog_steps` -- QR-IQL step time against catalog size (``--catalog-sizes``);
 * :mod:`.report` -- the ratios side by side: JSON, a console table, a Markdown section for bench/RESULTS.md;
 * :mod:`.runner` -- one whole run in order.
 
