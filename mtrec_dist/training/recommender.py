@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
 from mtrec_dist.config import ModelConfig, PipelineConfig, RecConfig, from_dict
-from mtrec_dist.runtime import init_ray
+from mtrec_dist.training.launch import launch_fit, read_pointer
 
 REC_RUN_PREFIX = "rec"
 POINTER_FILE = "recommender.json"  # <output_dir>/recommender.json -> the final checkpoint
@@ -112,7 +108,6 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
     "guidance", "train_rows"}``.
     """
-    from mtrec_dist.training.loop import fit_distributed
     from mtrec_dist.training.reward import item_counts_for, load_training_manifest
 
     backbone = backbone or cfg.rec.backbone
@@ -128,31 +123,14 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     counts = item_counts_for(prepared_dir, manifest["num_items"]) \
         if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
     spec = rec_model_spec(cfg, manifest, backbone, guidance)
-    output_dir = os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
-    init_ray(cfg.ray_address)
-    run_name = f"{REC_RUN_PREFIX}-{backbone}-{guidance}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    train_cfg = cfg.stage_train("rec")  # train, with rec_train's budget
-    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg)}
-    result = fit_distributed(
-        recommender_factory(spec, counts), train_cfg, {"train": read_training_rows(scored_dir, guidance)},
-        run_name, storage, resume, output_dir=output_dir, state_len=manifest["state_len"],
-        fingerprint=fingerprint, row_counts={"train": train_rows}, extra_meta={"model_spec": spec},
-        label=f"train-rec {backbone}/{guidance}", progress=progress, warm_start=warm_start,
-    )
-    summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
-               "storage_path": result.storage_path, "output_dir": output_dir, "backbone": backbone,
-               "guidance": guidance, "train_rows": train_rows}
-    if warm_start:
-        summary["warm_start"] = warm_start
-    Path(output_dir, POINTER_FILE).write_text(json.dumps(summary, indent=1, default=float))
-    return summary
+    return launch_fit(cfg, "rec", recommender_factory(spec, counts),
+                      lambda: {"train": read_training_rows(scored_dir, guidance)}, spec=spec, output_dir=output_dir,
+                      run_prefix=f"{REC_RUN_PREFIX}-{backbone}-{guidance}", pointer=POINTER_FILE,
+                      label=f"train-rec {backbone}/{guidance}", row_counts={"train": train_rows}, resume=resume,
+                      progress=progress, warm_start=warm_start,
+                      extra={"backbone": backbone, "guidance": guidance, "train_rows": train_rows})
 
 
 def default_rec_checkpoint(output_dir: str) -> str:
     """The final checkpoint named by ``<output_dir>/recommender.json`` (written by train-rec)."""
-    pointer = Path(output_dir) / POINTER_FILE
-    if not pointer.exists():
-        raise FileNotFoundError(f"{pointer} not found: run `mtrec train-rec` first or pass --checkpoint")
-    return json.loads(pointer.read_text())["checkpoint_path"]
+    return read_pointer(output_dir, POINTER_FILE, "train-rec")

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
 from mtrec_dist.config import ModelConfig, PipelineConfig, RewardConfig, from_dict
-from mtrec_dist.runtime import init_ray
+from mtrec_dist.training.launch import launch_fit, read_pointer
 
 REWARD_RUN_PREFIX = "reward"
 LATEST_POINTER = "reward_model.json"  # <output_dir>/reward_model.json -> the final checkpoint
@@ -94,7 +90,6 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir"}``.
     """
     from mtrec_dist.data.pipeline import count_transitions, read_transitions
-    from mtrec_dist.training.loop import fit_distributed
 
     cfg.validate()
     manifest = load_training_manifest(prepared_dir)
@@ -107,30 +102,12 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     counts = item_counts_for(prepared_dir, manifest["num_items"]) if cfg.reward.negative_sampler == "popularity" \
         and cfg.reward.num_negatives > 0 else None
     spec = model_spec(cfg, manifest)
-    output_dir = os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    storage = cfg.train.storage_path or os.path.join(output_dir, "ray_results")
-    init_ray(cfg.ray_address)
-    run_name = f"{REWARD_RUN_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    train_cfg = cfg.stage_train("reward")  # train, with reward_train's budget
-    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg)}
-    result = fit_distributed(
-        reward_model_factory(spec, counts), train_cfg, {"train": read_transitions(prepared_dir)}, run_name, storage,
-        resume, output_dir=output_dir, state_len=manifest["state_len"], fingerprint=fingerprint,
-        row_counts={"train": rows}, extra_meta={"model_spec": spec}, label="train-reward", progress=progress,
-        warm_start=warm_start,
-    )
-    summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
-               "storage_path": result.storage_path, "output_dir": output_dir}
-    if warm_start:
-        summary["warm_start"] = warm_start
-    Path(output_dir, LATEST_POINTER).write_text(json.dumps(summary, indent=1, default=float))
-    return summary
+    return launch_fit(cfg, "reward", reward_model_factory(spec, counts),
+                      lambda: {"train": read_transitions(prepared_dir)}, spec=spec, output_dir=output_dir,
+                      run_prefix=REWARD_RUN_PREFIX, pointer=LATEST_POINTER, label="train-reward",
+                      row_counts={"train": rows}, resume=resume, progress=progress, warm_start=warm_start)
 
 
 def default_reward_checkpoint(output_dir: str) -> str:
     """The final checkpoint named by ``<output_dir>/reward_model.json`` (written by train-reward)."""
-    pointer = Path(output_dir) / LATEST_POINTER
-    if not pointer.exists():
-        raise FileNotFoundError(f"{pointer} not found: run `mtrec train-reward` first or pass --checkpoint")
-    return json.loads(pointer.read_text())["checkpoint_path"]
+    return read_pointer(output_dir, LATEST_POINTER, "train-reward")
