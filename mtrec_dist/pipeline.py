@@ -1,124 +1,134 @@
 """The whole MTRec run, stage by stage (the README's main command, `mtrec pipeline`):
 
     simulate (or read real logs) -> prepare -> train-reward -> score-rewards
-        -> train-rec (every backbone x guidance mode of the config) -> evaluate -> report
+        -> train-rec (every backbone x guidance mode of the config) -> evaluate [-> ablate rows] -> report
 
-Every stage is the same library call the single-stage commands make, writing under ``cfg.run_dir``:
+Every stage is the same library call the single-stage commands make, writing under ``cfg.run_dir`` in the
+layout of :mod:`mtrec_dist.layout` (``sim/``, ``prepared/``, ``reward/``, ``rewards/``,
+``rec/<backbone>-<guidance>/``, ``report/``, ``ablation/``, ``stages/``, ``pipeline.json``, ``config.yaml``).
+The stages run through :class:`~mtrec_dist.stages.StageRunner`, which records each finished stage under
+``stages/``.
 
-    <run_dir>/sim/            simulator logs + hidden truth (source: simulator)
-    <run_dir>/prepared/       transitions, eval/, rejects/, vocab/, manifest.json
-    <run_dir>/reward/         reward model metrics, TensorBoard, reward_model.json (+ ray_results/)
-    <run_dir>/rewards/        scored transitions (reward quantiles, mean, CVaR, baselines)
-    <run_dir>/rec/<backbone>-<guidance>/   each recommender's metrics and checkpoints
-    <run_dir>/report/         report.html, PNG figures, metrics.json, tensorboard/
-    <run_dir>/pipeline.json   stage timings and where everything is
-
-The pipeline owns its run directory: a re-run replaces the previous outputs there.
+The pipeline owns its run directory: a re-run replaces the previous outputs there.  ``resume=True``
+(`mtrec pipeline --resume`) instead continues from the first stage that is not done with the same inputs
+(a stage whose config or inputs changed reruns, and so does everything after it).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from mtrec_dist.config import PipelineConfig, dump_config
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from mtrec_dist.layout import RunLayout, prepare_paths
+from mtrec_dist.stages import (Outputs, RunContext, Stage, StageRunner, config_sections, model_stages, prepare_stage,
+                               rec_stage_name, rec_variants, say_stderr, whole_config)
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, worker_logs: bool = False,
-                 say: Callable[[str], None] = _say) -> Dict[str, Any]:
-    """Run every stage; return ``{"report": path, "results": ..., "timings": ..., "paths": ...}``.
+                 say: Callable[[str], None] = say_stderr, resume: bool = False) -> Dict[str, Any]:
+    """Run every stage; return ``{"report": path, "results": ..., "timings_s": ..., "paths": ...}``.
 
     ``progress``: per-report training lines; ``worker_logs``: also Ray's own output (workers, actors, Ray
-    Data's INFO lines) on the console, which otherwise stays in Ray's session logs (see ``init_ray``)."""
-    from mtrec_dist.data.prepare import default_paths, prepare_dataset, summarize_manifest
-    from mtrec_dist.data.simulator import default_sim_dir, simulate_logs
-    from mtrec_dist.evaluation.evaluate import evaluate_run, headline
+    Data's INFO lines) on the console, which otherwise stays in Ray's session logs (see ``init_ray``).
+    ``resume``: skip the stages an earlier run of this folder finished with the same inputs."""
+    from mtrec_dist.evaluation.evaluate import headline
     from mtrec_dist.evaluation.report import write_report
     from mtrec_dist.runtime import init_ray, ray_log_dir
-    from mtrec_dist.training.recommender import train_recommender
-    from mtrec_dist.training.reward import train_reward_model
-    from mtrec_dist.training.scoring import score_rewards
 
     cfg.validate()
-    run_dir = os.path.abspath(cfg.run_dir)
-    cfg = dataclasses.replace(cfg, run_dir=run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    timings: Dict[str, float] = {}
+    cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
+    layout = RunLayout(cfg.run_dir)
+    os.makedirs(layout.root, exist_ok=True)
+    dump_config(cfg, layout.config_yaml)
+    ctx = RunContext(cfg, progress=progress, say=say)
+    runner = StageRunner(ctx, resume=resume)
     t_all = time.time()
-
-    def stage(name: str):
-        say(f"[pipeline] === {name} ===")
-        return time.time()
-
-    def done(name: str, t0: float) -> None:
-        timings[name] = round(time.time() - t0, 1)
-        say(f"[pipeline] {name} done in {timings[name]}s")
-
     init_ray(cfg.ray_address, log_to_driver=worker_logs)
     log_dir = ray_log_dir()
     if not worker_logs and log_dir:
-        say(f"[pipeline] Ray's own logs: {log_dir} (--verbose prints them here)")
-    sim_dir = None
-    if cfg.source == "simulator":
-        sim_dir = default_sim_dir(run_dir)
-        t0 = stage("simulate")
-        sim = simulate_logs(cfg.simulator, sim_dir, progress=None if progress else (lambda m: None))
-        say(f"[pipeline] {sim['events']:,} events, CTR {sim['ctr']:.3f}; clickbait items: CTR "
-            f"{sim['clickbait']['ctr']:.3f}, satisfaction {sim['clickbait']['mean_satisfaction']:.3f}; "
-            f"other items: CTR {sim['other']['ctr']:.3f}, satisfaction {sim['other']['mean_satisfaction']:.3f}")
-        done("simulate", t0)
-    elif not cfg.prepare.input:
-        raise ValueError("source: logs needs prepare.input (the raw logs to prepare)")
-
-    t0 = stage("prepare")
-    input_uri, prepared = default_paths(cfg)
-    prep_cfg = dataclasses.replace(cfg.prepare, overwrite=True, progress=cfg.prepare.progress and progress)
-    manifest = prepare_dataset(prep_cfg, input_uri, prepared)
-    say(summarize_manifest(manifest))
-    done("prepare", t0)
-
-    t0 = stage("train-reward")
-    reward_dir = os.path.join(run_dir, "reward")
-    reward = train_reward_model(cfg, prepared, reward_dir, progress=progress)
-    say(f"[pipeline] reward model: step {reward['metrics'].get('step')}, loss "
-        f"{reward['metrics'].get('loss', float('nan')):.4g}")
-    done("train-reward", t0)
-
-    t0 = stage("score-rewards")
-    scored_dir = os.path.join(run_dir, "rewards")
-    scores = score_rewards(cfg, reward["checkpoint_path"], prepared, scored_dir, overwrite=True)
-    say(f"[pipeline] scored {scores['rows']:,} transitions ({scores['rows_per_s']:,} rows/s)")
-    done("score-rewards", t0)
-
-    recs: List[Dict[str, Any]] = []
-    for backbone in cfg.rec.backbones:
-        for guidance in cfg.rec.guidances:
-            name = f"train-rec {backbone}/{guidance}"
-            t0 = stage(name)
-            out = os.path.join(run_dir, "rec", f"{backbone}-{guidance}")
-            recs.append(train_recommender(cfg, scored_dir, prepared, out, backbone=backbone, guidance=guidance,
-                                          progress=progress))
-            done(name, t0)
-
-    t0 = stage("evaluate")
-    results = evaluate_run(cfg, prepared, scored_dir, reward_dir, recs, sim_dir=sim_dir, progress=say)
-    done("evaluate", t0)
-    timings["total"] = round(time.time() - t_all, 1)
+        ctx.line(f"Ray's own logs: {log_dir} (--verbose prints them here)")
+    done = runner.run(pipeline_stages(ctx))
+    results = dict(done["evaluate"])
+    ablate = next((name for name in done if name.startswith("ablate ")), None)
+    if ablate:
+        results["ablation"] = done[ablate]
+    timings = {**runner.timings, "total": round(time.time() - t_all, 1)}
     results["timings_s"] = timings
-    report = write_report(results, os.path.join(run_dir, "report"), cfg.eval.ks)
-    lines = headline(results)
-    summary = {"report": str(report), "run_dir": run_dir, "timings_s": timings, "headline": lines,
-               "paths": {"sim": sim_dir, "prepared": prepared, "reward": reward_dir, "rewards": scored_dir,
-                         "recommenders": [r["output_dir"] for r in recs],
-                         "reward_checkpoint": reward["checkpoint_path"]}}
-    Path(run_dir, "pipeline.json").write_text(json.dumps(summary, indent=1))
+    report = write_report(results, layout.report, cfg.eval.ks)
+    recs = [done[rec_stage_name(b, g)] for b, g in rec_variants(cfg)]
+    summary = {"report": str(report), "run_dir": layout.root, "timings_s": timings, "skipped": runner.skipped,
+               "headline": headline(results),
+               "paths": {"sim": layout.sim if cfg.source == "simulator" else None,
+                         "prepared": done["prepare"]["prepared"], "reward": layout.reward,
+                         "rewards": layout.rewards, "recommenders": [r["output_dir"] for r in recs],
+                         "reward_checkpoint": done["train-reward"]["checkpoint_path"],
+                         "stages": layout.stages}}
+    Path(layout.pipeline_json).write_text(json.dumps(summary, indent=1))
     return {**summary, "results": results}
+
+
+def pipeline_stages(ctx: RunContext) -> List[Stage]:
+    """simulate (simulator runs) -> prepare -> the model stages -> evaluate [-> ablate rows]."""
+    cfg = ctx.cfg
+    simulated = cfg.source == "simulator"
+    if not simulated and not cfg.prepare.input:
+        raise ValueError("source: logs needs prepare.input (the raw logs to prepare)")
+    input_uri, prepared = prepare_paths(cfg)
+    stages = [_simulate_stage(ctx)] if simulated else []
+    stages.append(prepare_stage(ctx, input_uri, prepared, inputs=["simulate"] if simulated else []))
+    stages += model_stages(ctx, prepared)
+    stages.append(_evaluate_stage(ctx, prepared, [s.name for s in stages]))
+    if simulated and cfg.ablation.pipeline_rows:
+        stages.append(_ablation_stage(ctx))
+    return stages
+
+
+def _simulate_stage(ctx: RunContext) -> Stage:
+    """The simulator's logs and hidden truth under ``sim/``."""
+    cfg, layout = ctx.cfg, ctx.layout
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.data.simulator import simulate_logs
+
+        sim = simulate_logs(cfg.simulator, layout.sim, progress=None if ctx.progress else (lambda m: None))
+        ctx.line(f"{sim['events']:,} events, CTR {sim['ctr']:.3f}; clickbait items: CTR "
+                 f"{sim['clickbait']['ctr']:.3f}, satisfaction {sim['clickbait']['mean_satisfaction']:.3f}; "
+                 f"other items: CTR {sim['other']['ctr']:.3f}, satisfaction {sim['other']['mean_satisfaction']:.3f}")
+        return sim
+
+    return Stage("simulate", run, config=config_sections(cfg, "simulator"), paths=lambda out: [layout.sim])
+
+
+def _evaluate_stage(ctx: RunContext, prepared: str, inputs: List[str]) -> Stage:
+    """Offline ranking, reward validity and (simulator) online results: the report's ``results``."""
+    cfg, layout = ctx.cfg, ctx.layout
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.evaluation.evaluate import evaluate_run
+
+        recs = [done[rec_stage_name(b, g)] for b, g in rec_variants(cfg)]
+        return evaluate_run(cfg, prepared, layout.rewards, layout.reward, recs,
+                            sim_dir=layout.sim if cfg.source == "simulator" else None, progress=ctx.say)
+
+    return Stage("evaluate", run, config=whole_config(cfg, "ablation"), inputs=inputs)
+
+
+def _ablation_stage(ctx: RunContext) -> Stage:
+    """The ablation rows of ``ablation.pipeline_rows`` (e.g. A, B, F) on the configured world: the same
+    SASRec guided by clicks, by a supervised watch-ratio regressor and by the mental reward."""
+    cfg, layout = ctx.cfg, ctx.layout
+    rows = list(cfg.ablation.pipeline_rows)
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.ablation import run_ablation
+
+        ab = dataclasses.replace(cfg.ablation, rows=rows, worlds=1, beta_sweep=[], out=layout.ablation)
+        result = run_ablation(dataclasses.replace(cfg, ablation=ab), say=ctx.say if ctx.progress else (lambda m: None))
+        return {"rows": result["default"], "table": result["table"], "settings": result["settings"]}
+
+    return Stage("ablate " + "/".join(rows), run, config=whole_config(cfg), inputs=["evaluate"],
+                 paths=lambda out: [layout.ablation])

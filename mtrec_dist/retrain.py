@@ -50,10 +50,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from mtrec_dist.config import PipelineConfig, dump_config
+from mtrec_dist.layout import RETRAIN_FILE as RUN_FILE, VERSIONS_FILE as INDEX_FILE, RunLayout, rec_name
+from mtrec_dist.stages import RunContext, StageRunner, model_stages, prepare_stage, rec_stage_name, rec_variants
 
-RUN_FILE = "retrain.json"
-INDEX_FILE = "versions.json"
-CARRY_DIR = "carry"
 VERSION_RE = re.compile(r"^v(\d{4,})-(\d{4}-\d{2}-\d{2})$")
 
 
@@ -130,12 +129,15 @@ def describe_run(run_dir: str) -> Dict[str, Any]:
     """What a previous run provides: days covered, prepared data, carry-over, next row id, checkpoints.
 
     ``run_dir`` is a retrain version or a `mtrec pipeline` run directory."""
-    from mtrec_dist.data.prepare import load_manifest
+    from mtrec_dist.data.prepare import MANIFEST_FILE, load_manifest
+    from mtrec_dist.training.recommender import POINTER_FILE
+    from mtrec_dist.training.reward import LATEST_POINTER
 
     d = Path(run_dir).resolve()
-    prepared = d / "prepared"
-    if not (prepared / "manifest.json").exists():
-        raise RetrainError(f"previous run {d} has no prepared/manifest.json (not a pipeline or retrain run)")
+    layout = RunLayout(str(d))
+    prepared = Path(layout.prepared)
+    if not (prepared / MANIFEST_FILE).exists():
+        raise RetrainError(f"previous run {d} has no {prepared.name}/{MANIFEST_FILE} (not a pipeline or retrain run)")
     manifest = load_manifest(str(prepared))
     info = json.loads((d / RUN_FILE).read_text()) if (d / RUN_FILE).exists() else {}
     if info and info.get("status") != "complete":
@@ -147,16 +149,17 @@ def describe_run(run_dir: str) -> Dict[str, Any]:
         raise RetrainError(f"previous run {d}: its input has no day=YYYY-MM-DD partitions, so the day boundary "
                            "is unknown")
     m = VERSION_RE.match(d.name)
-    reward_ptr = d / "reward" / "reward_model.json"
+    reward_ptr = Path(layout.reward) / LATEST_POINTER
+    rec_root = Path(layout.rec_root)
     recs = {}
-    for p in sorted((d / "rec").glob("*/recommender.json")) if (d / "rec").is_dir() else []:
+    for p in sorted(rec_root.glob(f"*/{POINTER_FILE}")) if rec_root.is_dir() else []:
         recs[p.parent.name] = json.loads(p.read_text())["checkpoint_path"]
     return {
         "run_dir": str(d),
         "version": int(m.group(1)) if (m and info) else 0,
         "days": list(days),
         "prepared": str(prepared),
-        "carry": str(d / CARRY_DIR) if (d / CARRY_DIR).is_dir() else None,
+        "carry": layout.carry if Path(layout.carry).is_dir() else None,
         "state_len": int(manifest["state_len"]),
         "num_items": int(manifest["num_items"]),
         "num_users": int(manifest["num_users"]),
@@ -211,12 +214,8 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
     none = bootstrap), ``"none"`` (bootstrap: cold models, fresh vocab) or a run directory.  Returns the
     version's ``retrain.json`` content plus ``reused`` (True when an identical complete version existed).
     """
-    from mtrec_dist.data.prepare import (load_carry, load_vocab, prepare_dataset, save_carry, summarize_manifest,
-                                         update_carry)
+    from mtrec_dist.data.prepare import load_carry
     from mtrec_dist.runtime import init_ray
-    from mtrec_dist.training.recommender import rec_model_spec, train_recommender
-    from mtrec_dist.training.reward import model_spec, train_reward_model
-    from mtrec_dist.training.scoring import score_rewards
 
     cfg.validate()
     t_all = time.time()
@@ -264,7 +263,7 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
         cfg, run_dir=str(vdir),
         train=dataclasses.replace(cfg.train, storage_path=(cfg.train.storage_path.rstrip("/") + "/" + name)
                                   if cfg.train.storage_path else ""))
-    dump_config(run_cfg, vdir / "config.yaml")
+    dump_config(run_cfg, RunLayout(str(vdir)).config_yaml)
     summary: Dict[str, Any] = {
         "status": "running", "name": name, "version": number, "day": new_day,
         "days": (prev["days"] if prev else []) + [new_day], "input": input_uri,
@@ -273,63 +272,17 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     _write_json(vdir / RUN_FILE, summary)
-    timings: Dict[str, float] = {}
     init_ray(cfg.ray_address, log_to_driver=False)
     say(f"[retrain] {name}: day {new_day} on top of {prev['run_dir'] if prev else 'nothing (bootstrap)'}")
-
-    # ---- prepare only the new partition, carrying states, vocab and row ids over ----
-    t0 = time.time()
-    carry_in = None
-    if prev is not None:
-        carry_in = prev["carry"]
-        if carry_in is None:  # a pipeline run: derive its carry-over from its prepared data
-            carry_in = str(vdir / "carry_previous")
-            save_carry(update_carry(None, prev["prepared"], load_vocab(prev["prepared"]), prev["state_len"]), carry_in)
-    prepared = str(vdir / "prepared")
-    prep_cfg = dataclasses.replace(cfg.prepare, overwrite=True, progress=cfg.prepare.progress and progress,
-                                   input="", output="", vocab_dir="")
-    manifest = prepare_dataset(prep_cfg, input_uri, prepared,
-                               vocab_dir=(prev["prepared"] + "/vocab") if prev else None,
-                               carry_in=carry_in, carry_out=str(vdir / CARRY_DIR),
-                               row_id_offset=prev["next_row_id"] if prev else 0)
-    say(summarize_manifest(manifest))
-    timings["prepare"] = round(time.time() - t0, 1)
-    carried_users = 0
-    if carry_in:
-        carried_users = int(load_carry(carry_in, cfg.prepare.state_len).num_rows)
-
-    # ---- the reward model, warm-started ----
-    t0 = time.time()
-    spec = model_spec(run_cfg, manifest)
-    warm, why = _warm_source(prev["reward_checkpoint"] if prev else None, spec)
-    say(f"[retrain] reward model: {why}")
-    reward = train_reward_model(run_cfg, prepared, str(vdir / "reward"), progress=progress, warm_start=warm)
-    timings["train-reward"] = round(time.time() - t0, 1)
-
-    # ---- scores (only guided recommenders read them) ----
-    guided = any(g != "none" for g in cfg.rec.guidances)
-    scored_dir = str(vdir / "rewards") if guided else str(Path(prepared) / "transitions")
-    if guided:
-        t0 = time.time()
-        score_rewards(run_cfg, reward["checkpoint_path"], prepared, scored_dir, overwrite=True)
-        timings["score-rewards"] = round(time.time() - t0, 1)
-
-    # ---- recommenders, each warm-started from the previous version's same backbone x guidance ----
-    recs = []
-    for backbone in cfg.rec.backbones:
-        for guidance in cfg.rec.guidances:
-            key = f"{backbone}-{guidance}"
-            t0 = time.time()
-            rspec = rec_model_spec(run_cfg, manifest, backbone, guidance)
-            rwarm, rwhy = _warm_source(prev["rec_checkpoints"].get(key) if prev else None, rspec)
-            say(f"[retrain] recommender {key}: {rwhy}")
-            r = train_recommender(run_cfg, scored_dir, prepared, str(vdir / "rec" / key), backbone=backbone,
-                                  guidance=guidance, progress=progress, warm_start=rwarm)
-            recs.append({"name": key, "checkpoint_path": r["checkpoint_path"], "warm_start": rwarm,
-                         "warm_start_reason": rwhy, "train_rows": r["train_rows"],
-                         "metrics": {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}})
-            timings[f"train-rec {key}"] = round(time.time() - t0, 1)
-    timings["total"] = round(time.time() - t_all, 1)
+    ctx = RunContext(run_cfg, progress=progress, say=say, tag="retrain")
+    runner = StageRunner(ctx)
+    done = runner.run(_retrain_stages(ctx, cfg, input_uri, prev))
+    manifest = done["prepare"]["manifest"]
+    carry_in = done["prepare"]["setup"].get("carry_in")
+    carried_users = int(load_carry(carry_in, cfg.prepare.state_len).num_rows) if carry_in else 0
+    reward = done["train-reward"]
+    recs = [_rec_record(rec_name(b, g), done[rec_stage_name(b, g)]) for b, g in rec_variants(cfg)]
+    timings = {**runner.timings, "total": round(time.time() - t_all, 1)}
 
     old_items = prev["num_items"] if prev else 0
     old_users = prev["num_users"] if prev else 0
@@ -342,8 +295,8 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
         "vocab": {"items_before": old_items, "items": manifest["num_items"], "new_items": manifest["num_items"] - old_items,
                   "users_before": old_users, "users": manifest["num_users"], "new_users": manifest["num_users"] - old_users},
         "carry": {"input": carry_in, "users_in": carried_users, **(manifest.get("carry") or {})},
-        "reward": {"checkpoint_path": reward["checkpoint_path"], "warm_start": warm, "warm_start_reason": why,
-                   "metrics": {k: v for k, v in reward["metrics"].items() if isinstance(v, (int, float))}},
+        "reward": {"checkpoint_path": reward["checkpoint_path"], "warm_start": reward["warm_start"],
+                   "warm_start_reason": reward["warm_start_reason"], "metrics": _numbers(reward["metrics"])},
         "recommenders": recs,
         "timings_s": timings,
     })
@@ -355,3 +308,45 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
     say(f"[retrain] {name} complete in {timings['total']}s: {manifest['num_transitions']:,} transitions, "
         f"{summary['vocab']['new_items']} new items, {summary['vocab']['new_users']} new users")
     return {**summary, "reused": False}
+
+
+def _retrain_stages(ctx: RunContext, cfg: PipelineConfig, input_uri: str, prev: Optional[Dict[str, Any]]) -> list:
+    """prepare (the new partition alone, carrying states, vocab and row ids over) -> the model stages, each
+    model warm-started from the previous version's same model (:func:`_warm_source`)."""
+    from mtrec_dist.data.prepare import VOCAB_DIR
+
+    layout = ctx.layout
+
+    def setup() -> Dict[str, Any]:
+        carry_in = None
+        if prev is not None:
+            carry_in = prev["carry"] or _carry_from_pipeline_run(prev, layout.carry_previous)
+        return {"vocab_dir": str(Path(prev["prepared"]) / VOCAB_DIR) if prev else None, "carry_in": carry_in,
+                "carry_out": layout.carry, "row_id_offset": prev["next_row_id"] if prev else 0}
+
+    def warm(key: str, spec: Dict[str, Any]) -> tuple[Optional[str], str]:
+        old = (prev["reward_checkpoint"] if key == "reward" else prev["rec_checkpoints"].get(key)) if prev else None
+        return _warm_source(old, spec)
+
+    prep_cfg = dataclasses.replace(cfg.prepare, input="", output="", vocab_dir="")
+    return [prepare_stage(ctx, input_uri, layout.prepared, prepare_cfg=prep_cfg, setup=setup),
+            *model_stages(ctx, layout.prepared, warm=warm, always_score=False)]
+
+
+def _carry_from_pipeline_run(prev: Dict[str, Any], out: str) -> str:
+    """A `mtrec pipeline` run writes no carry-over: derive it from its prepared data into ``out``."""
+    from mtrec_dist.data.prepare import load_vocab, save_carry, update_carry
+
+    save_carry(update_carry(None, prev["prepared"], load_vocab(prev["prepared"]), prev["state_len"]), out)
+    return out
+
+
+def _numbers(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _rec_record(key: str, r: Dict[str, Any]) -> Dict[str, Any]:
+    """One recommender's entry in retrain.json."""
+    return {"name": key, "checkpoint_path": r["checkpoint_path"], "warm_start": r["warm_start"],
+            "warm_start_reason": r["warm_start_reason"], "train_rows": r["train_rows"],
+            "metrics": _numbers(r["metrics"])}

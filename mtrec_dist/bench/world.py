@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtrec_dist.config import PipelineConfig, PrepareConfig, SimulatorConfig
+from mtrec_dist.layout import RunLayout
 
 from .sizes import BenchSizes
 
@@ -30,8 +31,8 @@ class World:
 
     @property
     def prepared(self) -> Path:
-        """The library's prepared dataset (what every trainer reads)."""
-        return self.work / "prepared"
+        """The library's prepared dataset (what every trainer reads): the work folder is laid out as a run's."""
+        return Path(RunLayout(str(self.work)).prepared)
 
     @property
     def plain_prepared(self) -> Path:
@@ -57,12 +58,12 @@ def simulate_world(base: PipelineConfig, sizes: BenchSizes, work: Path, say=prin
 
     sim_cfg = simulator_config(base, sizes)
     key = dataclasses.asdict(sim_cfg)
-    sim = work / "sim"
+    sim = Path(RunLayout(str(work)).sim)
     stamp = work / KEY_FILE
     summary_file = sim / "truth" / "summary.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key and summary_file.exists():
         return World(work, sim / "logs", int(json.loads(summary_file.read_text())["events"]))
-    for old in (sim, work / "prepared", work / "plain_prepared"):  # made from other logs
+    for old in (sim, Path(RunLayout(str(work)).prepared), work / "plain_prepared"):  # made from other logs
         shutil.rmtree(old, ignore_errors=True)
     stamp.unlink(missing_ok=True)
     summary = simulate_logs(sim_cfg, str(sim), progress=lambda m: None)

@@ -31,16 +31,18 @@ def run(args) -> int:
     from mtrec_dist.data.simulator import default_sim_dir
     from mtrec_dist.evaluation.evaluate import evaluate_run, headline
     from mtrec_dist.evaluation.report import write_report
+    from mtrec_dist.layout import RunLayout
     from mtrec_dist.runtime import init_ray
     from mtrec_dist.training.recommender import POINTER_FILE
 
     cfg = load_config(args.config, args.overrides)
     if args.ray_address:
         cfg.ray_address = args.ray_address
+    layout = RunLayout(cfg.run_dir)
     prepared = args.prepared or default_paths(cfg)[1]
-    rec_dirs = args.rec or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(cfg.run_dir, "rec", "*", POINTER_FILE)))
+    rec_dirs = args.rec or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(layout.rec_root, "*", POINTER_FILE)))
     if not rec_dirs:
-        raise FileNotFoundError(f"no trained recommenders under {cfg.run_dir}/rec; run `mtrec train-rec` or pass --rec")
+        raise FileNotFoundError(f"no trained recommenders under {layout.rec_root}; run `mtrec train-rec` or pass --rec")
     summaries = []
     for d in rec_dirs:
         path = os.path.join(d, POINTER_FILE)
@@ -50,10 +52,9 @@ def run(args) -> int:
             summaries.append(json.load(f))
     sim = args.sim or default_sim_dir(cfg.run_dir)
     init_ray(cfg.ray_address)
-    results = evaluate_run(cfg, prepared, args.scores or os.path.join(cfg.run_dir, "rewards"),
-                           args.reward_dir or os.path.join(cfg.run_dir, "reward"), summaries,
+    results = evaluate_run(cfg, prepared, args.scores or layout.rewards, args.reward_dir or layout.reward, summaries,
                            sim_dir=sim if os.path.isdir(sim) else None)
-    report = write_report(results, args.out or os.path.join(cfg.run_dir, "report"), cfg.eval.ks)
+    report = write_report(results, args.out or layout.report, cfg.eval.ks)
     for line in headline(results):
         print(line)
     print(f"report: {report}")

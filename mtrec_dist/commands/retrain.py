@@ -31,18 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from mtrec_dist.config import load_config
+    from mtrec_dist.layout import RunLayout
     from mtrec_dist.retrain import RetrainError, retrain_day
 
     cfg = load_config(args.config, args.overrides)
     apply_training_flags(cfg, args)
-    out = args.out or os.path.join(cfg.run_dir, "retrain")
+    out = args.out or RunLayout(cfg.run_dir).retrain_root
     try:
         s = retrain_day(cfg, args.logs, out, args.previous, day=args.day, force=args.force,
                         progress=not args.quiet)
     except RetrainError as e:
         print(f"mtrec retrain: {e}", file=sys.stderr)
         return 2
-    vdir = os.path.join(os.path.abspath(out), s["name"])
+    vdir = RunLayout(os.path.join(os.path.abspath(out), s["name"]))
     print(f"{'reused' if s['reused'] else 'wrote'} {s['name']} (day {s['day']}; previous: {s['previous'] or 'none'})")
     print(f"  rows in {s['rows']['rows_in']:,} = ok {s['rows']['rows_ok']:,} + rejected {s['rows']['rows_rejected']:,};"
           f" transitions {s['rows']['num_transitions']:,}; row ids [{s['row_ids'][0]:,}, {s['row_ids'][1]:,})")
@@ -52,6 +53,6 @@ def run(args) -> int:
     print(f"  reward model: {s['reward']['warm_start_reason']} -> {s['reward']['checkpoint_path']}")
     for r in s["recommenders"]:
         print(f"  {r['name']}: {r['warm_start_reason']} -> {r['checkpoint_path']}")
-    print(f"  run: {vdir} ({os.path.join(vdir, 'retrain.json')})")
+    print(f"  run: {vdir.root} ({vdir.retrain_json})")
     print(json.dumps({"name": s["name"], "reused": s["reused"], "timings_s": s.get("timings_s")}))
     return 0

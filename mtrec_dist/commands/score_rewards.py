@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 NAME = "score-rewards"
 HELP = ("score every logged transition (or given state/candidate rows) with a trained reward model on Ray "
@@ -25,15 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from mtrec_dist.config import load_config
     from mtrec_dist.data.prepare import default_paths
+    from mtrec_dist.layout import RunLayout
     from mtrec_dist.training.reward import default_reward_checkpoint
     from mtrec_dist.training.scoring import score_rewards
 
     cfg = load_config(args.config, args.overrides)
     if args.ray_address:
         cfg.ray_address = args.ray_address
-    checkpoint = args.checkpoint or default_reward_checkpoint(os.path.join(cfg.run_dir, "reward"))
+    layout = RunLayout(cfg.run_dir)
+    checkpoint = args.checkpoint or default_reward_checkpoint(layout.reward)
     prepared = None if args.pairs else (args.prepared or default_paths(cfg)[1])
-    out = args.out or os.path.join(cfg.run_dir, "rewards")
+    out = args.out or layout.rewards
     summary = score_rewards(cfg, checkpoint, prepared, out, pairs_path=args.pairs, overwrite=args.overwrite)
     print(f"scored {summary['rows']:,} {summary['mode']} rows in {summary['seconds']}s "
           f"({summary['rows_per_s']:,} rows/s) -> {summary['out_dir']}")

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from mtrec_dist.config import load_config
     from mtrec_dist.data.prepare import default_paths
+    from mtrec_dist.layout import RunLayout
     from mtrec_dist.training.recommender import train_recommender
 
     cfg = load_config(args.config, args.overrides)
@@ -38,8 +39,9 @@ def run(args) -> int:
         cfg.rec.guidance = args.guidance
     apply_training_flags(cfg, args)
     prepared = args.prepared or default_paths(cfg)[1]
-    scores = args.scores or os.path.join(cfg.run_dir, "rewards")
-    out = args.out or os.path.join(cfg.run_dir, "rec", f"{cfg.rec.backbone}-{cfg.rec.guidance}")
+    layout = RunLayout(cfg.run_dir)
+    scores = args.scores or layout.rewards
+    out = args.out or layout.rec(cfg.rec.backbone, cfg.rec.guidance)
     s = train_recommender(cfg, scores, prepared, out, resume=args.resume, progress=not args.quiet)
     m = s["metrics"]
     print(f"{s['backbone']}/{s['guidance']} trained on {s['train_rows']:,} rows: step {m.get('step')}, "

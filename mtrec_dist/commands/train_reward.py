@@ -23,12 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from mtrec_dist.config import load_config
     from mtrec_dist.data.prepare import default_paths
+    from mtrec_dist.layout import RunLayout
     from mtrec_dist.training.reward import train_reward_model
 
     cfg = load_config(args.config, args.overrides)
     apply_training_flags(cfg, args)
     prepared = args.prepared or default_paths(cfg)[1]
-    out = args.out or os.path.join(cfg.run_dir, "reward")
+    out = args.out or RunLayout(cfg.run_dir).reward
     summary = train_reward_model(cfg, prepared, out, resume=args.resume, progress=not args.quiet)
     m = summary["metrics"]
     print(f"reward model trained: step {m.get('step')}, loss {m.get('loss', float('nan')):.4g}, "

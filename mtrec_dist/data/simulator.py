@@ -744,4 +744,6 @@ class SimulatorEnv:
 
 def default_sim_dir(run_dir: str) -> str:
     """Where `mtrec simulate` writes by default (and `mtrec prepare` reads ``logs/`` from)."""
-    return join_path(run_dir, "sim")
+    from mtrec_dist.layout import RunLayout
+
+    return RunLayout(run_dir).sim

@@ -1,0 +1,324 @@
+"""The stages of a run and the one runner that executes them (shared by `mtrec pipeline` and `mtrec retrain`).
+
+A :class:`Stage` names one step (``prepare``, ``train-rec sasrec/none``, ...), says what it reads (config
+sections, earlier stages, input files) and holds the function that does it.  :class:`StageRunner` runs
+stages in order, prints one line per stage, times each, and writes a record per finished stage to
+``<run_dir>/stages/<stage>.json``::
+
+    {"stage": "train-reward", "fingerprint": "9f3c...", "inputs": {"config": {...}, "stages": {"prepare":
+     "ab12..."}, "files": [...]}, "outputs": {...}, "paths": [...], "started_at": "...", "finished_at": "...",
+     "seconds": 12.3}
+
+The fingerprint hashes the stage's config sections, its input stages' fingerprints and (prepare) its input
+files' sizes and mtimes.  With ``resume``, the runner skips every stage whose record matches (same
+fingerprint, output paths still there), reading its outputs back from the record, up to the first stage
+that is not done; from there on every stage runs again, and the records from there on are dropped before
+it starts, so a run killed mid-stage never leaves a record that a later resume could trust.  Without
+``resume`` all records of an earlier run are dropped first: the run replaces the folder's outputs.
+
+The stage *sequence* both commands share (train-reward -> score-rewards -> train-rec for every backbone x
+guidance) is built by :func:`model_stages`; the pipeline puts simulate/prepare before it and evaluate/ablation
+after it, retrain puts its carry-over prepare before it and passes a warm-start rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mtrec_dist.config import PipelineConfig
+from mtrec_dist.layout import RunLayout, rec_name
+
+Outputs = Dict[str, Any]
+# (checkpoint to warm-start from or None, why) for a model: ("reward" | "<backbone>-<guidance>", model_spec)
+WarmRule = Callable[[str, Dict[str, Any]], Tuple[Optional[str], str]]
+
+
+def say_stderr(msg: str) -> None:
+    """Progress lines go to stderr, so a command's stdout stays its result."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunContext:
+    """What every stage function needs: the run's config (``run_dir`` absolute), its layout and the console."""
+
+    cfg: PipelineConfig
+    progress: bool = True
+    say: Callable[[str], None] = say_stderr
+    tag: str = "pipeline"
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.cfg.run_dir)
+
+    def line(self, msg: str) -> None:
+        self.say(f"[{self.tag}] {msg}")
+
+
+@dataclass
+class Stage:
+    """One step of a run.  ``run(done)`` gets the outputs of the stages before it (by name) and returns its
+    own (JSON-able: they are stored in the stage's record and handed back on resume)."""
+
+    name: str
+    run: Callable[[Dict[str, Outputs]], Outputs]
+    config: Any = None  # the config section(s) it reads: a change reruns it
+    inputs: Sequence[str] = ()  # earlier stages it reads: their fingerprints enter its own
+    files: Optional[Callable[[], list]] = None  # its input files as [path, size, mtime_ns] (prepare)
+    paths: Callable[[Outputs], List[str]] = field(default=lambda out: [])  # must still exist to skip it
+
+
+def _jsonable(o: Any) -> Any:
+    """``json.dumps`` default: numpy scalars and arrays as Python numbers and lists, anything else (paths) as text."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _slug(name: str) -> str:
+    """A stage's record file name: ``train-rec sasrec/none`` -> ``train-rec_sasrec-none``."""
+    return name.replace(" ", "_").replace("/", "-")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StageRunner:
+    """Runs stages in order with one line per stage, timings, records and (``resume``) skipping."""
+
+    def __init__(self, ctx: RunContext, *, resume: bool = False) -> None:
+        self.ctx = ctx
+        self.records = Path(ctx.layout.stages)
+        self.resume = resume
+        self.timings: Dict[str, float] = {}  # stages run by this call, seconds
+        self.skipped: List[str] = []  # stages done by an earlier run
+        self.outputs: Dict[str, Outputs] = {}
+        self.fingerprints: Dict[str, str] = {}
+        self._live = not resume  # once a stage runs, every later one runs too
+        if not resume and self.records.exists():
+            shutil.rmtree(self.records)
+
+    def run(self, stages: Sequence[Stage]) -> Dict[str, Outputs]:
+        """Run (or skip) each stage; returns every stage's outputs by name."""
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate stage names in {names}")
+        for i, stage in enumerate(stages):
+            self._run_one(stage, later=stages[i:])
+        return self.outputs
+
+    def _inputs(self, stage: Stage) -> Dict[str, Any]:
+        """What the stage's fingerprint hashes: its config, its input stages' fingerprints, its input files."""
+        missing = [n for n in stage.inputs if n not in self.fingerprints]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} reads {missing}, which did not run before it")
+        return {"config": stage.config, "stages": {n: self.fingerprints[n] for n in stage.inputs},
+                "files": stage.files() if stage.files else []}
+
+    def _record_path(self, name: str) -> Path:
+        return self.records / f"{_slug(name)}.json"
+
+    def _done_record(self, stage: Stage, fingerprint: str) -> Optional[Dict[str, Any]]:
+        """The stage's record if it finished in an earlier run with these inputs and its outputs remain."""
+        path = self._record_path(stage.name)
+        try:
+            rec = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if rec.get("fingerprint") != fingerprint:
+            return None
+        if any("://" not in p and not os.path.exists(p) for p in rec.get("paths", [])):
+            return None
+        return rec
+
+    def _run_one(self, stage: Stage, later: Sequence[Stage]) -> None:
+        from mtrec_dist.training.checkpoint import config_hash
+
+        inputs = self._inputs(stage)
+        fingerprint = config_hash(json.loads(json.dumps(inputs, default=_jsonable)))
+        self.fingerprints[stage.name] = fingerprint
+        rec = None if self._live else self._done_record(stage, fingerprint)
+        if rec is not None:
+            self.outputs[stage.name] = rec["outputs"]
+            self.skipped.append(stage.name)
+            self.ctx.line(f"{stage.name}: done by an earlier run in {rec.get('seconds')}s (finished "
+                          f"{rec.get('finished_at')}), skipped")
+            return
+        if not self._live and self.resume:
+            self.ctx.line(f"resuming at {stage.name}")
+        self._live = True
+        for s in later:  # this stage and every later one are redone: their old records are void now
+            self._record_path(s.name).unlink(missing_ok=True)
+        self.ctx.line(f"=== {stage.name} ===")
+        started, t0 = _now(), time.time()
+        out = stage.run(self.outputs)
+        seconds = round(time.time() - t0, 1)
+        self.outputs[stage.name] = out
+        self.timings[stage.name] = seconds
+        self._write_record(stage, fingerprint, inputs, out, started, seconds)
+        self.ctx.line(f"{stage.name} done in {seconds}s")
+
+    def _write_record(self, stage: Stage, fingerprint: str, inputs: Dict[str, Any], out: Outputs, started: str,
+                      seconds: float) -> None:
+        """Atomically (tmp + rename): a record exists only for a stage that finished."""
+        self.records.mkdir(parents=True, exist_ok=True)
+        rec = {"stage": stage.name, "fingerprint": fingerprint, "inputs": inputs, "outputs": out,
+               "paths": [str(p) for p in stage.paths(out)], "started_at": started, "finished_at": _now(),
+               "seconds": seconds}
+        path = self._record_path(stage.name)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rec, indent=1, default=_jsonable))
+        os.replace(tmp, path)
+
+
+# ---- config sections a stage reads (what its fingerprint hashes) ---------------------------------------
+
+
+def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
+    """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings.
+    Console switches (``prepare.progress``, ``prepare.overwrite``) do not change a stage's result."""
+    out: Dict[str, Any] = {}
+    for name in names:
+        if name.startswith("train:"):
+            out[name] = dataclasses.asdict(cfg.stage_train(name.split(":", 1)[1]))
+        else:
+            value = getattr(cfg, name)
+            out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if "prepare" in out:
+        for k in ("progress", "overwrite"):
+            out["prepare"].pop(k, None)
+    return out
+
+
+def whole_config(cfg: PipelineConfig, *drop: str) -> Dict[str, Any]:
+    """Every section but where the run lives (``run_dir``, ``ray_address``) and ``drop``."""
+    names = [f.name for f in dataclasses.fields(cfg) if f.name not in ("run_dir", "ray_address", *drop)]
+    return config_sections(cfg, *names)
+
+
+def input_files(uri: str, fmt: str) -> list:
+    """``[[path, size, mtime_ns], ...]`` of prepare's input files: a changed or touched file reruns prepare."""
+    from mtrec_dist.data import readers as rd
+
+    fs, files = rd.list_input_files(uri, fmt)
+    infos = fs.get_file_info([f.path for f in files])
+    return [[f.display, f.size, i.mtime_ns] for f, i in zip(files, infos)]
+
+
+# ---- stages --------------------------------------------------------------------------------------------
+
+
+def prepare_stage(ctx: RunContext, input_uri: str, output: str, *, inputs: Sequence[str] = (),
+                  prepare_cfg=None, setup: Optional[Callable[[], Dict[str, Any]]] = None) -> Stage:
+    """``prepare``: raw logs -> ``output``.  ``setup()`` (run inside the stage) returns extra keyword
+    arguments of :func:`prepare_dataset` (retrain: the previous vocab, carry-over and row-id offset)."""
+    cfg = ctx.cfg
+    pcfg = prepare_cfg or cfg.prepare
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.data.prepare import prepare_dataset, summarize_manifest
+
+        prep = dataclasses.replace(pcfg, overwrite=True, progress=pcfg.progress and ctx.progress)
+        kwargs = setup() if setup else {}
+        manifest = prepare_dataset(prep, input_uri, output, **kwargs)
+        ctx.say(summarize_manifest(manifest))
+        return {"prepared": output, "manifest": manifest, "setup": kwargs}
+
+    sections = config_sections(dataclasses.replace(cfg, prepare=pcfg), "source", "prepare")
+    return Stage("prepare", run, config=sections, inputs=inputs,
+                 files=lambda: input_files(input_uri, pcfg.format), paths=lambda out: [out["prepared"]])
+
+
+def rec_variants(cfg: PipelineConfig) -> List[Tuple[str, str]]:
+    """Every (backbone, guidance) the run trains, in order."""
+    return [(b, g) for b in cfg.rec.backbones for g in cfg.rec.guidances]
+
+
+def rec_stage_name(backbone: str, guidance: str) -> str:
+    return f"train-rec {backbone}/{guidance}"
+
+
+def model_stages(ctx: RunContext, prepared: str, *, after: Sequence[str] = ("prepare",),
+                 warm: Optional[WarmRule] = None, always_score: bool = True) -> List[Stage]:
+    """train-reward -> score-rewards -> train-rec for every backbone x guidance.
+
+    ``warm``: how retrain picks each model's warm start (none: cold, as the pipeline trains).
+    ``always_score``: False skips scoring when no recommender is guided (retrain: then they train on the
+    prepared transitions directly)."""
+    cfg, layout = ctx.cfg, ctx.layout
+    stages = [_train_reward_stage(ctx, prepared, after, warm)]
+    guided = any(g != "none" for g in cfg.rec.guidances)
+    if always_score or guided:
+        stages.append(_score_stage(ctx, prepared, after))
+        scored, rec_inputs = layout.rewards, [*after, "score-rewards"]
+    else:
+        from mtrec_dist.data.prepare import TRANSITIONS_DIR
+
+        scored, rec_inputs = str(Path(prepared) / TRANSITIONS_DIR), [*after, "train-reward"]
+    stages += [_train_rec_stage(ctx, prepared, scored, b, g, rec_inputs, warm) for b, g in rec_variants(cfg)]
+    return stages
+
+
+def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], warm: Optional[WarmRule]) -> Stage:
+    cfg, layout = ctx.cfg, ctx.layout
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.training.reward import load_training_manifest, model_spec, train_reward_model
+
+        ws = why = None
+        if warm is not None:
+            ws, why = warm("reward", model_spec(cfg, load_training_manifest(prepared)))
+            ctx.line(f"reward model: {why}")
+        out = train_reward_model(cfg, prepared, layout.reward, progress=ctx.progress, warm_start=ws)
+        m = out["metrics"]
+        ctx.line(f"reward model: step {m.get('step')}, loss {m.get('loss', float('nan')):.4g}")
+        return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
+
+    return Stage("train-reward", run, config=config_sections(cfg, "model", "reward", "train:reward"),
+                 inputs=after, paths=lambda out: [out["checkpoint_path"]])
+
+
+def _score_stage(ctx: RunContext, prepared: str, after: Sequence[str]) -> Stage:
+    cfg, layout = ctx.cfg, ctx.layout
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.training.scoring import score_rewards
+
+        out = score_rewards(cfg, done["train-reward"]["checkpoint_path"], prepared, layout.rewards, overwrite=True)
+        ctx.line(f"scored {out['rows']:,} transitions ({out['rows_per_s']:,} rows/s)")
+        return out
+
+    return Stage("score-rewards", run, config=config_sections(cfg, "train"), inputs=[*after, "train-reward"],
+                 paths=lambda out: [layout.rewards])
+
+
+def _train_rec_stage(ctx: RunContext, prepared: str, scored: str, backbone: str, guidance: str,
+                     inputs: Sequence[str], warm: Optional[WarmRule]) -> Stage:
+    cfg, layout = ctx.cfg, ctx.layout
+    key = rec_name(backbone, guidance)
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        from mtrec_dist.training.recommender import rec_model_spec, train_recommender
+        from mtrec_dist.training.reward import load_training_manifest
+
+        ws = why = None
+        if warm is not None:
+            ws, why = warm(key, rec_model_spec(cfg, load_training_manifest(prepared), backbone, guidance))
+            ctx.line(f"recommender {key}: {why}")
+        out = train_recommender(cfg, scored, prepared, layout.rec(backbone, guidance), backbone=backbone,
+                                guidance=guidance, progress=ctx.progress, warm_start=ws)
+        return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
+
+    rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=guidance)
+    sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec")
+    return Stage(rec_stage_name(backbone, guidance), run, config=sections, inputs=inputs,
+                 paths=lambda out: [out["checkpoint_path"]])

@@ -1,0 +1,139 @@
+"""The stage runner (mtrec_dist/stages.py) on toy stages: records, skipping on resume, reruns on change.
+
+No Ray here: the runner only sequences functions; tests/test_pipeline_resume.py kills a real pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mtrec_dist.config import PipelineConfig
+from mtrec_dist.stages import RunContext, Stage, StageRunner, input_files
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _ctx(tmp_path, lines):
+    return RunContext(PipelineConfig(run_dir=str(tmp_path / "run")), progress=False, say=lines.append)
+
+
+def _stages(calls, conf=None, fail=None, files=None):
+    """a -> b -> c; each appends its name to ``calls`` and returns its input's value + 1."""
+    conf = conf or {}
+
+    def make(name, prev):
+        def run(done):
+            calls.append(name)
+            if fail == name:
+                raise Boom(name)
+            return {"value": (done[prev]["value"] if prev else 0) + 1}
+        return run
+
+    return [Stage("a", make("a", None), config=conf.get("a"), files=files),
+            Stage("b", make("b", "a"), config=conf.get("b"), inputs=["a"]),
+            Stage("c", make("c", "b"), config=conf.get("c"), inputs=["b"])]
+
+
+def test_records_are_written_and_a_resume_skips_everything_done(tmp_path):
+    lines, calls = [], []
+    ctx = _ctx(tmp_path, lines)
+    out = StageRunner(ctx).run(_stages(calls))
+    assert calls == ["a", "b", "c"] and out["c"] == {"value": 3}
+    recs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "stages").iterdir()}
+    assert sorted(recs) == ["a.json", "b.json", "c.json"]
+    assert recs["b.json"]["inputs"]["stages"] == {"a": recs["a.json"]["fingerprint"]}
+    assert all(r["seconds"] >= 0 and r["finished_at"] for r in recs.values())
+
+    calls.clear()
+    runner = StageRunner(ctx, resume=True)
+    out = runner.run(_stages(calls))
+    assert calls == [] and runner.skipped == ["a", "b", "c"] and out["c"] == {"value": 3}
+    assert runner.timings == {}
+
+
+def test_a_failed_stage_is_not_recorded_and_resume_starts_there(tmp_path):
+    lines, calls = [], []
+    ctx = _ctx(tmp_path, lines)
+    with pytest.raises(Boom):
+        StageRunner(ctx).run(_stages(calls, fail="b"))
+    assert calls == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == ["a.json"]
+    calls.clear()
+    runner = StageRunner(ctx, resume=True)
+    runner.run(_stages(calls))
+    assert calls == ["b", "c"] and runner.skipped == ["a"] and set(runner.timings) == {"b", "c"}
+    assert any("resuming at b" in line for line in lines)
+
+
+def test_a_changed_config_reruns_that_stage_and_everything_after_it(tmp_path):
+    calls = []
+    ctx = _ctx(tmp_path, [])
+    StageRunner(ctx).run(_stages(calls, conf={"b": {"lr": 1}}))
+    calls.clear()
+    StageRunner(ctx, resume=True).run(_stages(calls, conf={"b": {"lr": 2}}))
+    assert calls == ["b", "c"]
+    calls.clear()
+    StageRunner(ctx, resume=True).run(_stages(calls, conf={"b": {"lr": 2}}))
+    assert calls == []
+
+
+def test_a_stage_redone_voids_the_later_records_even_if_killed(tmp_path):
+    """a reruns (its output vanished) and the run dies in b: c's old record must not survive into the
+    next resume, whose b then feeds a new c."""
+    calls = []
+    ctx = _ctx(tmp_path, [])
+    out_a = tmp_path / "a.out"
+
+    def stages(fail=None):
+        s = _stages(calls, fail=fail)
+        run_a = s[0].run
+
+        def write_a(done):
+            out_a.write_text("x")
+            return run_a(done)
+
+        s[0].run, s[0].paths = write_a, (lambda out: [str(out_a)])
+        return s
+
+    StageRunner(ctx).run(stages())
+    out_a.unlink()
+    calls.clear()
+    with pytest.raises(Boom):
+        StageRunner(ctx, resume=True).run(stages(fail="b"))
+    assert calls == ["a", "b"]
+    assert not (tmp_path / "run" / "stages" / "c.json").exists()
+    calls.clear()
+    StageRunner(ctx, resume=True).run(stages())
+    assert calls == ["b", "c"]
+
+
+def test_changed_input_files_rerun_the_stage(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    f = logs / "part-0.csv"
+    f.write_text("user_id,item_id,ts\n1,2,3\n")
+    calls = []
+    ctx = _ctx(tmp_path, [])
+    files = lambda: input_files(str(logs), "csv")  # noqa: E731
+    StageRunner(ctx).run(_stages(calls, files=files))
+    calls.clear()
+    StageRunner(ctx, resume=True).run(_stages(calls, files=files))
+    assert calls == []
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    StageRunner(ctx, resume=True).run(_stages(calls, files=files))
+    assert calls == ["a", "b", "c"]
+
+
+def test_without_resume_the_earlier_records_are_dropped(tmp_path):
+    calls = []
+    ctx = _ctx(tmp_path, [])
+    StageRunner(ctx).run(_stages(calls))
+    calls.clear()
+    StageRunner(ctx).run(_stages(calls)[:1])
+    assert calls == ["a"]
+    assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == ["a.json"]
