@@ -1,0 +1,21 @@
+"""Training: distributed fits on Ray Train with TorchRec ``DistributedModelParallel``, and what surrounds them.
+
+* :func:`train_reward_model` / :func:`train_recommender`: the two trainers, one launch path
+  (:func:`launch_fit`) around :func:`fit_distributed` (the Ray Train worker loop, :mod:`.loop`);
+* sharding: planner, sharders, fused sparse optimizer (:mod:`.sharding`; `mtrec plan` uses the same);
+* checkpoints: sharded DCP saves, safe loading, resume and warm start (:mod:`.checkpoint`);
+* :func:`score_rewards`: batch inference of the reward model on Ray Data (:mod:`.scoring`).
+
+Names are re-exported lazily (torch, TorchRec and Ray load on first use).
+"""
+from mtrec_dist._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "train_reward_model": ".reward", "default_reward_checkpoint": ".reward",
+    "train_recommender": ".recommender", "default_rec_checkpoint": ".recommender",
+    "launch_fit": ".launch", "fit_distributed": ".loop", "FitResult": ".loop", "read_history": ".loop",
+    "score_rewards": ".scoring",
+    "shard_model": ".sharding", "plan_model": ".sharding",
+    "load_checkpoint": ".checkpoint", "load_unsharded_model": ".checkpoint", "warm_start_module": ".checkpoint",
+    "CheckpointError": ".checkpoint",
+})
