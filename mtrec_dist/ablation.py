@@ -53,6 +53,10 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
     user, ts, item, wr, sess = col("user_id"), col("ts"), col("item_id") + 1, col("watch_ratio"), col("session_id")
     order = np.lexsort((ts, user))
     user, ts, item, wr, sess = user[order], ts[order], item[order], wr[order].astype(np.float32), sess[order]
+    # the item's length is observable (dwell / watch ratio): the watch link's duration covariate
+    dwell = (col("dwell_s")[order].astype(np.float64) if "dwell_s" in events.column_names
+             else np.full(len(order), 60.0) * wr)
+    log_dur = np.log(np.where(wr > 0, dwell / np.maximum(wr, 1e-6), 60.0) / 60.0).astype(np.float32)
     sat = col("eval_true_satisfaction")[order]
     n, L = len(user), state_len
     s_items, s_fb = np.zeros((n, L), np.int64), np.zeros((n, L), np.float32)
@@ -67,6 +71,7 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
                 next_state_items=np.concatenate([s_items[:, 1:], item[:, None]], 1),
                 next_state_feedback=np.concatenate([s_fb[:, 1:], wr[:, None]], 1),
                 done=done.astype(np.float32), returned=returned, return_known=known, satisfaction=sat,
+                action_log_duration=log_dur,
                 satisfied=sat > LONG_VIEW_SATISFACTION)
 
 
@@ -83,14 +88,14 @@ def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s
 
 
 TRAIN_KEYS = ("state_items", "state_feedback", "action", "action_feedback", "next_state_items",
-              "next_state_feedback", "done", "returned", "return_known")
+              "next_state_feedback", "done", "returned", "return_known", "action_log_duration")
 
 
 def batches(data: Dict[str, np.ndarray], rows: np.ndarray, batch_size: int, epochs: int, seed: int,
             extra: Dict[str, np.ndarray] | None = None):
     """Shuffled torch batches of ``rows`` (training columns only: never ``satisfaction``)."""
     rng = np.random.default_rng(seed)
-    cols = {k: data[k] for k in TRAIN_KEYS} | (extra or {})
+    cols = {k: data[k] for k in TRAIN_KEYS if k in data} | (extra or {})
     for _ in range(epochs):
         perm = rows[rng.permutation(len(rows))]
         for start in range(0, len(perm), batch_size):

@@ -14,7 +14,7 @@ def _events():
     # user 9: one session, item 1 at t=50, then the log ends.
     return pa.table({
         "user_id": [7, 9, 7, 7], "item_id": [4, 1, 3, 5], "ts": [10, 50, 0, 100],
-        "watch_ratio": [0.5, 0.9, 0.2, 0.7], "session_id": [1, 5, 1, 2],
+        "watch_ratio": [0.5, 0.9, 0.2, 0.7], "session_id": [1, 5, 1, 2], "dwell_s": [60.0, 54.0, 24.0, 42.0],
         "eval_true_satisfaction": [1.0, 2.0, -1.0, 0.5],
     })
 
@@ -30,6 +30,7 @@ def test_log_transitions_by_hand():
     # user 7 left at t=10 and came back at t=100 (gap 90 <= 95); the others' returns are unknown
     assert t["returned"].tolist() == [0, 1, 0, 0]
     assert t["return_known"].tolist() == [0, 1, 0, 0]
+    assert np.allclose(t["action_log_duration"], np.log([2.0, 2.0, 1.0, 1.0]), atol=1e-6)  # dwell / watch ratio / 60 s
     assert "satisfaction" not in ablation.TRAIN_KEYS  # evaluation-only signal never reaches a batch
 
 

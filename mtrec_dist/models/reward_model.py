@@ -152,6 +152,7 @@ class QRIQLModel(nn.Module):
             self.state_offsets = nn.Linear(d, 3, device=device)
             self.log_watch_link = nn.Parameter(torch.zeros(2, device=device))  # log k_y, log sigma_y
             self.watch_item_offset = nn.Parameter(torch.zeros(d, device=device))  # b_y(a) = <v, e_a>
+            self.watch_duration_coef = nn.Parameter(torch.zeros(1, device=device))  # c in c * log(duration / 60 s)
         self.sampler = (
             NegativeSampler(num_items, reward_cfg.negative_sampler, item_counts)
             if reward_cfg.num_negatives > 0 else None
@@ -174,6 +175,7 @@ class QRIQLModel(nn.Module):
                 self.state_offsets.reset_parameters()
                 self.log_watch_link.zero_()
                 self.watch_item_offset.zero_()
+                self.watch_duration_coef.zero_()
         self.sync_target()
 
     def _critic_pairs(self):
@@ -294,6 +296,8 @@ class QRIQLModel(nn.Module):
         d_y = d_w_wr[:, 0]
         if cfg.watch_item_offset:
             d_y = d_y + e_a @ self.watch_item_offset
+        if "action_log_duration" in batch:  # an observable item length explains part of the watch ratio
+            d_y = d_y + self.watch_duration_coef * batch["action_log_duration"].float()
         offsets = dict(d=d_y, W=d_w_wr[:, 1], W_r=d_w_wr[:, 2])
         k_y, sigma_y = self.log_watch_link.exp().unbind(0)
         obs = self.outcomes(batch)
