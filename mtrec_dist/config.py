@@ -97,6 +97,9 @@ class PrepareConfig:
     format: Literal["parquet", "csv", "movielens", "retailrocket", "kuairand"] = "parquet"
     column_map: dict = field(default_factory=dict)  # raw column -> schema column (generic parquet/csv)
     delimiter: str = ","  # generic csv only
+    # user_id / item_id: "int" (integers, as today) or "string" (UUIDs, ASINs, hashes: kept as text and mapped
+    # through the vocab like integer ids; generic csv/parquet only). A text id under "int" is invalid_user_id.
+    id_type: Literal["int", "string"] = "int"
     state_len: int = 10  # L: items in a state
     session_gap_s: int = 1800  # a gap longer than this ends a session (done = 1)
     max_item_id: int = 2**62  # raw IDs above this are quarantined as out of range
@@ -118,6 +121,9 @@ class PrepareConfig:
         _check(self.max_item_id >= 0, f"{key}.max_item_id", "must be >= 0")
         _check(0 <= self.max_ts <= 2**35, f"{key}.max_ts", "must be in [0, 2**35] (unix seconds)")
         _check(len(self.delimiter) == 1, f"{key}.delimiter", "must be a single character")
+        _check(self.id_type in ("int", "string"), f"{key}.id_type", "must be 'int' or 'string'")
+        _check(self.id_type == "int" or self.format in ("csv", "parquet"), f"{key}.id_type",
+               f"string ids are read by the generic csv and parquet formats, not {self.format}")
         names = {"user_id", "item_id", "ts", "click", "watch_ratio", "dwell_s", "session_id", "slate_id",
                  "eval_rating", "eval_purchase", "eval_like", "eval_long_view", "eval_true_satisfaction"}
         for raw, col in self.column_map.items():

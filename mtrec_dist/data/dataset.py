@@ -50,6 +50,14 @@ class EmptyDatasetError(InputError):
     """The input held rows but none survived validation (the rejects and manifest are still written)."""
 
 
+def resolve_broadcast(ref):
+    """A value the driver broadcast to Ray Data UDFs: ``ray.get`` of an object ref, or the value itself
+    (tests and in-process callers pass plain values)."""
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
 def list_array(flat: np.ndarray, width: int, typ: pa.DataType) -> pa.Array:
     """Rows of ``flat`` ([n, width], or n * width values) as a list column of fixed-length lists (states)."""
     n = flat.shape[0]

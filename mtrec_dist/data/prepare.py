@@ -16,6 +16,10 @@ This module is the driver; each stage's logic lives in a module of its own:
 
 Row accounting is checked in code: ``rows_in == rows_ok + rows_rejected`` or :class:`AccountingError`.
 
+String ids (``prepare.id_type=string``: UUIDs, ASINs) are read as text, then, between stages 1 and 2,
+replaced by int64 keys (:mod:`mtrec_dist.data.ids`) so that the per-user stage runs unchanged; the vocab
+and the rejects turn the keys back into the strings.
+
 Daily retraining (:mod:`mtrec_dist.retrain`) prepares one day at a time: ``carry_in`` starts each user's
 states from the last ``state_len`` items carried over from earlier days (``carry/users.parquet``, raw
 ids), ``carry_out`` writes the updated carry-over, and ``row_id_offset`` shifts the row ids past the
@@ -42,9 +46,11 @@ from mtrec_dist.data import readers as rd
 from mtrec_dist.data.dataset import (EVAL_DIR, EVAL_SCHEMA, MANIFEST_FILE, REJECTS_DIR, TRANSITION_SCHEMA,
                                      TRANSITIONS_DIR, VOCAB_DIR, AccountingError, EmptyDatasetError, list_shards,
                                      load_manifest, prepare_output_dir, write_manifest)
+from mtrec_dist.data.ids import IdKeys, intern_ids
 from mtrec_dist.data.readers import REASON_COLUMN, InputError, join_path, resolve_filesystem
 from mtrec_dist.data.schema import SCHEMA_VERSION
 from mtrec_dist.data.sessionize import annotate_users, index_transitions
+from mtrec_dist.data.stats import collect_stats, sum_by, total
 from mtrec_dist.data.summaries import summarize_manifest
 from mtrec_dist.data.validate import (ORDER_COLUMN, ROW_CHECKS, USER_CHECKS, count_reasons, read_units, reason_code,
                                       to_rejects, validate_local, validate_rows, work_units)
@@ -65,64 +71,6 @@ __all__ = [
     "VOCAB_SCHEMA", "CARRY_SCHEMA", "PAD_RAW", "Vocab", "extend_vocab", "load_vocab", "vocab_lookup",
     "load_carry", "update_carry", "save_carry",
 ]
-
-
-# ---- per-block statistics (map on the cluster, merge in the driver) ----------------------------------
-def _id_counts(t: pa.Table, kinds=(("item", "item_id"), ("user", "user_id"))) -> list[pa.Table]:
-    ok = t.filter(pc.is_null(t.column(REASON_COLUMN)))
-    parts = []
-    for kind, c in kinds:
-        g = ok.group_by(c).aggregate([([], "count_all")])
-        parts.append(pa.table({"kind": pa.array([kind] * g.num_rows, pa.string()), "id": g.column(c),
-                               "reason": pa.nulls(g.num_rows, pa.string()), "count": g.column("count_all")}))
-    return parts
-
-
-def _staged_stats(t: pa.Table) -> pa.Table:
-    """Per block of validated rows: rows per user (for row_id offsets) and counts of each reject reason."""
-    return pa.concat_tables(_id_counts(t, (("user", "user_id"),)) + [_reason_counts(t)])
-
-
-def _annotated_stats(t: pa.Table) -> pa.Table:
-    """Per block after the per-user stage: id counts of accepted rows (the vocab) and reject reasons."""
-    return pa.concat_tables(_id_counts(t) + [_reason_counts(t)])
-
-
-def _reason_counts(t: pa.Table) -> pa.Table:
-    g = t.group_by(REASON_COLUMN).aggregate([([], "count_all")])
-    g = g.filter(pc.is_valid(g.column(REASON_COLUMN)))
-    extra = {}
-    if "_first_of_user" in t.column_names:
-        extra = {"first_of_user": int(pc.sum(t.column("_first_of_user")).as_py() or 0),
-                 "transitions": int(pc.sum(t.column("_is_transition")).as_py() or 0)}
-    rows = pa.table({"kind": pa.array(["reason"] * g.num_rows, pa.string()),
-                     "id": pa.nulls(g.num_rows, pa.int64()), "reason": g.column(REASON_COLUMN),
-                     "count": g.column("count_all")})
-    meta = pa.table({"kind": pa.array(["rows"] + list(extra), pa.string()),
-                     "id": pa.nulls(1 + len(extra), pa.int64()), "reason": pa.nulls(1 + len(extra), pa.string()),
-                     "count": pa.array([t.num_rows] + list(extra.values()), pa.int64())})
-    return pa.concat_tables([rows, meta])
-
-
-def _collect(ds, fn) -> pa.Table:
-    import ray
-
-    refs = ds.map_batches(fn, batch_size=None, batch_format="pyarrow").to_arrow_refs()
-    tables = [t for t in ray.get(refs) if t.num_rows]
-    if not tables:
-        return pa.table({"kind": pa.array([], pa.string()), "id": pa.array([], pa.int64()),
-                         "reason": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-    return pa.concat_tables(tables)
-
-
-def _sum_by(stats: pa.Table, kind: str, key: str) -> pa.Table:
-    t = stats.filter(pc.equal(stats.column("kind"), kind))
-    return t.group_by(key).aggregate([("count", "sum")]).sort_by(key)
-
-
-def _total(stats: pa.Table, kind: str) -> int:
-    t = stats.filter(pc.equal(stats.column("kind"), kind))
-    return int(pc.sum(t.column("count")).as_py() or 0)
 
 
 def _unwrap_input_error(e: BaseException) -> Optional[InputError]:
@@ -171,6 +119,7 @@ class _Run:
     partitions: int = 0
     num_transitions: int = 0
     vocab: Optional[Vocab] = None
+    keys: Optional[IdKeys] = None  # string ids: the run's id keys (see mtrec_dist.data.ids)
 
     def lap(self, name: str) -> float:
         """Record the seconds since the previous lap under ``name`` (the manifest's ``seconds``)."""
@@ -195,6 +144,9 @@ def _resolve(cfg: PrepareConfig, input, output, vocab_dir, progress, carry_in, c
     run.fs_in, run.files = rd.list_input_files(input_uri, cfg.format)
     run.units, _ = work_units(run.fs_in, run.files, cfg.format, cfg.column_map, cfg.delimiter, say)
     run.base_vocab = load_vocab(run.vocab_dir) if run.vocab_dir else None
+    if run.base_vocab is not None and run.base_vocab.num_items and run.base_vocab.id_type != cfg.id_type:
+        raise InputError(f"vocab {run.vocab_dir} holds {run.base_vocab.id_type} ids, prepare.id_type is "
+                         f"{cfg.id_type}: keep it the same from day to day")
     if row_id_offset < 0:
         raise ValueError(f"row_id_offset must be >= 0, got {row_id_offset}")
     run.carried = load_carry(carry_in, cfg.state_len) if carry_in else None
@@ -213,11 +165,12 @@ def _read_validate(run: _Run):
     staged = ray.data.from_items(run.units, override_num_blocks=len(run.units)).map_batches(
         read_units, batch_size=1, batch_format="pyarrow",
         fn_kwargs=dict(fs=run.fs_in, files=run.files, fmt=cfg.format, column_map=cfg.column_map,
-                       delimiter=cfg.delimiter, max_item_id=cfg.max_item_id, max_ts=cfg.max_ts),
+                       delimiter=cfg.delimiter, max_item_id=cfg.max_item_id, max_ts=cfg.max_ts,
+                       id_type=cfg.id_type),
     ).materialize()
     run.lap("read_validate")
-    run.stats = _collect(staged, _staged_stats)
-    run.rows_in = _total(run.stats, "rows")
+    run.stats = collect_stats(staged)
+    run.rows_in = total(run.stats, "rows")
     run.lap("stats")
     run.say(f"[prepare] read + validate: {run.rows_in:,} rows in {run.timings['read_validate']:.1f}s")
     if run.rows_in == 0:
@@ -236,13 +189,20 @@ def _per_user_stage(run: _Run, staged):
     from ray.data.expressions import col
 
     cfg = run.cfg
-    users = _sum_by(run.stats, "user", "id")
+    users = sum_by(run.stats, "user", "id")
     user_counts = users.column("count_sum").to_numpy()
-    row_base = ray.put((users.column("id").to_numpy(),
-                        np.concatenate([[0], np.cumsum(user_counts)[:-1]]).astype(np.int64) + run.row_id_offset))
-    carry_ref = ray.put(carry_arrays(run.carried, cfg.state_len)) if run.carried is not None else None
     ok = staged.filter(expr=col(REASON_COLUMN).is_null())
-    rows_ok_staged = run.rows_in - _total(run.stats, "reason")
+    user_ids = users.column("id").to_numpy()
+    if cfg.id_type == "string":
+        run.keys = _id_keys(run)
+        user_ids = run.keys.user_keys(users.column("id"))
+        ok = ok.map_batches(intern_ids, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs=dict(keys=ray.put(run.keys)))
+    row_base = ray.put((user_ids,
+                        np.concatenate([[0], np.cumsum(user_counts)[:-1]]).astype(np.int64) + run.row_id_offset))
+    carry_ref = (ray.put(carry_arrays(run.carried, cfg.state_len, run.keys)) if run.carried is not None
+                 else None)
+    rows_ok_staged = run.rows_in - total(run.stats, "reason")
     run.partitions = max(1, min(cfg.max_partitions, -(-rows_ok_staged // cfg.rows_per_partition)))
     grouped = (ok.repartition(1) if run.partitions == 1
                else ok.repartition(run.partitions, keys=["user_id"], sort=True))
@@ -251,16 +211,31 @@ def _per_user_stage(run: _Run, staged):
         fn_kwargs=dict(state_len=cfg.state_len, session_gap_s=cfg.session_gap_s, row_base=row_base,
                        **(dict(carry=carry_ref) if carry_ref is not None else {})),
     ).materialize()
-    run.ann_stats = _collect(annotated, _annotated_stats)
+    run.ann_stats = collect_stats(annotated)
     run.lap("sessionize")
-    users_seen = _total(run.ann_stats, "first_of_user")
+    users_seen = total(run.ann_stats, "first_of_user")
     if users_seen != users.num_rows:
         raise AccountingError(f"per-user stage saw {users_seen} user blocks for {users.num_rows} users: "
                               "a user was split across blocks")
-    run.num_transitions = _total(run.ann_stats, "transitions")
+    run.num_transitions = total(run.ann_stats, "transitions")
     run.say(f"[prepare] sessionize + windows: {run.num_transitions:,} transitions in "
             f"{run.timings['sessionize']:.1f}s")
     return annotated
+
+
+def _id_keys(run: _Run) -> IdKeys:
+    """Keys for every string id of the run: the accepted rows', the base vocab's and the carry-over's."""
+    def ids(kind: str):
+        return sum_by(run.stats, kind, "id").column("id")
+
+    users, items = [ids("user")], [ids("item")]
+    if run.base_vocab is not None:
+        users.append(run.base_vocab.user_raw)
+        items.append(run.base_vocab.item_raw)
+    if run.carried is not None:
+        users.append(run.carried.column("user_id"))
+        items.append(pc.list_flatten(run.carried.column("state_raw")))
+    return IdKeys.build(users, items)
 
 
 def _build_vocab(run: _Run):
@@ -268,17 +243,20 @@ def _build_vocab(run: _Run):
     broadcast lookup the writers index with."""
     import ray
 
-    items_ok = _sum_by(run.ann_stats, "item", "id")
-    users_ok = _sum_by(run.ann_stats, "user", "id")
+    items_ok = sum_by(run.ann_stats, "item", "id")
+    users_ok = sum_by(run.ann_stats, "user", "id")
+    item_ids, user_ids = items_ok.column("id").to_numpy(), users_ok.column("id").to_numpy()
+    if run.keys is not None:  # the per-user stage ran on keys: the vocab holds the strings
+        item_ids, user_ids = run.keys.item_text(item_ids), run.keys.user_text(user_ids)
     base = run.base_vocab
-    vocab = extend_vocab(base, items_ok.column("id").to_numpy(), users_ok.column("id").to_numpy(),
-                         items_ok.column("count_sum").to_numpy(), users_ok.column("count_sum").to_numpy())
+    vocab = extend_vocab(base, item_ids, user_ids, items_ok.column("count_sum").to_numpy(),
+                         users_ok.column("count_sum").to_numpy())
     vocab.save(join_path(run.output_uri, VOCAB_DIR))
     run.vocab = vocab
     run.lap("vocab")
     run.say(f"[prepare] vocab: {vocab.num_items:,} items ({_new(vocab, base, 'items'):,} new), "
             f"{vocab.num_users:,} users ({_new(vocab, base, 'users'):,} new)")
-    return ray.put(vocab_lookup(vocab))
+    return ray.put(vocab_lookup(vocab, run.keys))
 
 
 def _new(vocab: Vocab, base: Optional[Vocab], what: str) -> int:
@@ -289,6 +267,7 @@ def _new(vocab: Vocab, base: Optional[Vocab], what: str) -> int:
 
 def _write(run: _Run, staged, annotated, lookup) -> None:
     """Stage 4: transitions/ and eval/ (in indices), and rejects/ of both stages, as Parquet shards."""
+    import ray
     from ray.data.expressions import col
 
     shard = dict(min_rows_per_file=run.cfg.rows_per_shard, max_rows_per_file=run.cfg.rows_per_shard)
@@ -299,12 +278,15 @@ def _write(run: _Run, staged, annotated, lookup) -> None:
             transitions.map_batches(index_transitions, batch_size=None, batch_format="pyarrow",
                                     fn_kwargs=dict(lookup=lookup, part=part)).write_parquet(
                 join_path(out_root, sub), filesystem=fs_out, **shard)
-    if _total(run.stats, "reason") + _total(run.ann_stats, "reason"):
-        rejects = staged.filter(expr=col(REASON_COLUMN).is_not_null()).union(
-            annotated.filter(expr=col(REASON_COLUMN).is_not_null()))
-        rejects.map_batches(to_rejects, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs=dict(sources=[f.display for f in run.files])).write_parquet(
-            join_path(out_root, REJECTS_DIR), filesystem=fs_out, **shard)
+    if total(run.stats, "reason") + total(run.ann_stats, "reason"):
+        sources = [f.display for f in run.files]
+        keys = ray.put(run.keys) if run.keys is not None else None
+        staged_rejects, user_rejects = (
+            ds.filter(expr=col(REASON_COLUMN).is_not_null()).map_batches(
+                to_rejects, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(sources=sources, **kw))
+            for ds, kw in ((staged, {}), (annotated, dict(keys=keys))))
+        staged_rejects.union(user_rejects).write_parquet(join_path(out_root, REJECTS_DIR), filesystem=fs_out,
+                                                         **shard)
     run.lap("write")
 
 
@@ -313,11 +295,11 @@ def _account(run: _Run) -> dict:
     the shards hold exactly the transitions and rejects counted, or :class:`AccountingError`."""
     full_reasons: dict[str, int] = {}
     for s in (run.stats, run.ann_stats):
-        for r in _sum_by(s, "reason", "reason").to_pylist():
+        for r in sum_by(s, "reason", "reason").to_pylist():
             full_reasons[r["reason"]] = full_reasons.get(r["reason"], 0) + int(r["count_sum"])
     reasons, hints = count_reasons(full_reasons)
     rows_rejected = sum(reasons.values())
-    rows_ok = _total(run.ann_stats, "rows") - _total(run.ann_stats, "reason")
+    rows_ok = total(run.ann_stats, "rows") - total(run.ann_stats, "reason")
     if run.rows_in != rows_ok + rows_rejected:
         raise AccountingError(f"rows_in {run.rows_in} != rows_ok {rows_ok} + rows_rejected {rows_rejected}")
     shards = {sub: list_shards(run.fs_out, run.out_root, sub) for sub in (TRANSITIONS_DIR, EVAL_DIR, REJECTS_DIR)}
@@ -336,7 +318,7 @@ def _manifest(run: _Run, counts: dict) -> dict:
     manifest = dict(
         schema_version=SCHEMA_VERSION,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        input=run.input_uri, format=cfg.format, column_map=cfg.column_map,
+        input=run.input_uri, format=cfg.format, column_map=cfg.column_map, id_type=cfg.id_type,
         rows_in=run.rows_in, rows_ok=counts["rows_ok"], rows_rejected=counts["rows_rejected"],
         rejects_by_reason=counts["reasons"], reject_hints=counts["hints"],
         rows_engaged=n_tr, rows_not_engaged=counts["rows_ok"] - n_tr,
@@ -412,10 +394,19 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
     run.say(f"[prepare] {run.rows_in:,} rows in = {counts['rows_ok']:,} ok + {counts['rows_rejected']:,} rejected; "
             f"{run.num_transitions:,} transitions -> {run.out_display} ({manifest['total_seconds']:.1f}s)")
     if run.num_transitions == 0:
+        why = dict(sorted(counts["full_reasons"].items()))
         raise EmptyDatasetError(f"no valid engaged events in {run.input_uri}: {run.rows_in:,} rows read, "
-                                f"{counts['rows_rejected']:,} rejected ({dict(sorted(counts['full_reasons'].items()))}); "
-                                f"see {join_path(run.out_display, REJECTS_DIR)}")
+                                f"{counts['rows_rejected']:,} rejected ({why}); "
+                                f"see {join_path(run.out_display, REJECTS_DIR)}{_string_id_hint(run, counts)}")
     return manifest
+
+
+def _string_id_hint(run: _Run, counts: dict) -> str:
+    """A hint when integer ids were asked for and most rows were refused for ids that are not integers."""
+    invalid = sum(counts["reasons"].get(f"invalid_{c}", 0) for c in ("user_id", "item_id"))
+    if run.cfg.id_type == "int" and run.cfg.format in ("csv", "parquet") and 2 * invalid > run.rows_in:
+        return "; ids that are not integers (UUIDs, ASINs)? set prepare.id_type=string"
+    return ""
 
 
 def default_paths(cfg) -> tuple[str, str]:

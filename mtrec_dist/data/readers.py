@@ -16,6 +16,8 @@ Supported formats (``PrepareConfig.format``):
 * ``parquet`` / ``csv`` -- any table whose columns are the schema's names, or are renamed to them by
   ``column_map`` (raw name -> schema name).  Columns the schema does not know are ignored.  (MovieLens
   "latest" CSVs read this way: ``userId=user_id, movieId=item_id, timestamp=ts, rating=eval_rating``.)
+  With ``id_type="string"`` (``prepare.id_type``) ``user_id`` / ``item_id`` are kept as text: UUIDs,
+  ASINs (Amazon reviews' ``user,item,rating,ts``), hashes; trimmed, at most 256 bytes, never empty.
 
 Paths may be local paths or any URI pyarrow understands (``s3://``, ``gs://``, ``file://``...); a
 directory is searched recursively (hidden and ``_``-prefixed files are skipped), and a Hive
@@ -34,7 +36,8 @@ that).  Integers are exact: digits over the whole int64 range, integers written 
 ``1e+3``, float columns) up to 2^53, where a float stops holding every integer (beyond, ``<column>_out_of_range:
 beyond 2^53 as a float``); floats go through float64.  So the same values give the same rows and the
 same reasons in CSV, Parquet (string, int64, uint64, float64 columns) and MovieLens.  Value checks
-(negative ids, NaN, ranges, duplicates, order) belong to :mod:`mtrec_dist.data.prepare`.
+(negative ids, NaN, ranges, duplicates, order) belong to :mod:`mtrec_dist.data.validate` and
+:mod:`mtrec_dist.data.sessionize`.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mtrec_dist.data.schema import EVENT_SCHEMA, REQUIRED_COLUMNS
+from mtrec_dist.data.schema import EVENT_SCHEMA, MAX_ID_BYTES, REQUIRED_COLUMNS, event_schema
 
 FORMATS = ("parquet", "csv", "movielens", "retailrocket", "kuairand")
 _EXTENSIONS = {
@@ -67,12 +70,27 @@ _DAY_RE = re.compile(r"(?:^|/)(?:day|date|dt)=(\d{4}-\d{2}-\d{2})(?:/|$)")
 REASON_COLUMN = "reject_reason"
 RAW_LINE_COLUMN = "raw_line"
 SOURCE_COLUMN = "source_file"
-PARSED_SCHEMA = pa.schema(list(EVENT_SCHEMA) + [pa.field(REASON_COLUMN, pa.string()),
-                                                pa.field(RAW_LINE_COLUMN, pa.string())])
-# The rejects table: every event column (nullable), the reason, the source file, the raw text.
-REJECT_SCHEMA = pa.schema([f.with_nullable(True) for f in EVENT_SCHEMA]
-                          + [pa.field(REASON_COLUMN, pa.string(), nullable=False),
-                             pa.field(SOURCE_COLUMN, pa.string()), pa.field(RAW_LINE_COLUMN, pa.string())])
+
+
+def parsed_schema(id_type: str = "int") -> pa.Schema:
+    """What every parser yields: the events (ids of ``id_type``), the reason and the raw text."""
+    return pa.schema(list(event_schema(id_type)) + [pa.field(REASON_COLUMN, pa.string()),
+                                                    pa.field(RAW_LINE_COLUMN, pa.string())])
+
+
+def reject_schema(id_type: str = "int") -> pa.Schema:
+    """The rejects table: every event column (nullable), the reason, the source file, the raw text."""
+    return pa.schema([f.with_nullable(True) for f in event_schema(id_type)]
+                     + [pa.field(REASON_COLUMN, pa.string(), nullable=False),
+                        pa.field(SOURCE_COLUMN, pa.string()), pa.field(RAW_LINE_COLUMN, pa.string())])
+
+
+def id_type_of(schema: pa.Schema) -> str:
+    """``"string"`` when a parsed / event / reject schema holds string ids, else ``"int"``."""
+    return "string" if pa.types.is_string(schema.field("user_id").type) else "int"
+
+
+PARSED_SCHEMA, REJECT_SCHEMA = parsed_schema(), reject_schema()
 
 
 class InputError(ValueError):
@@ -152,6 +170,7 @@ def _hidden(rel: str) -> bool:
 HINT_SEPARATOR = ": "  # a reason is "<code>" or "<code>: <hint for the reader>"
 FLOAT_EXACT_LIMIT = 2**53
 FLOAT_RANGE_HINT = "beyond 2^53 as a float (write integers)"
+ID_LENGTH_HINT = f"longer than {MAX_ID_BYTES} bytes"  # a string id's out_of_range
 _DIGITS_RE = r"^[+-]?\d+$"
 _POINT_ZEROS_RE = r"^[+-]?\d+\.0*$"  # integral decimals as pandas writes floats ("1000.0")
 _FLOAT_RE = r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)$"
@@ -199,6 +218,8 @@ def coerce_checked(arr: pa.Array, target: pa.DataType) -> Coerced:
         arr = pc.cast(arr, pa.timestamp("s"), safe=False).cast(pa.int64())
     if pa.types.is_decimal(arr.type):  # exact digits: the text path handles them like CSV
         arr = pc.cast(arr, pa.string())
+    if pa.types.is_string(target):  # string ids (prepare.id_type=string)
+        return _to_id_text(arr)
     if arr.type == target:
         return Coerced(arr)
     if pa.types.is_null(arr.type):
@@ -220,6 +241,31 @@ def coerce_checked(arr: pa.Array, target: pa.DataType) -> Coerced:
                                            or pa.types.is_boolean(arr.type)):
         return Coerced(pc.cast(arr, target, safe=False))  # float32 precision is what the schema keeps
     raise InputError(f"cannot convert a column of type {arr.type} to {target}")
+
+
+def _to_id_text(arr: pa.Array) -> Coerced:
+    """Ids as text: strings trimmed as written, integers as their exact digits, integral floats (up to
+    2^53) as the integer's digits.  An empty id is invalid; one over MAX_ID_BYTES bytes of UTF-8 is out
+    of range (a bound, so that one runaway field cannot blow up the vocab)."""
+    if pa.types.is_null(arr.type):
+        return Coerced(pa.nulls(len(arr), pa.string()))
+    if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+        return Coerced(pc.cast(pc.cast(arr, pa.int64()) if pa.types.is_boolean(arr.type) else arr, pa.string()))
+    if pa.types.is_floating(arr.type):
+        c = _float_to_int64(arr)
+        return Coerced(pc.cast(c.values, pa.string()), invalid=c.invalid, float_range=c.float_range)
+    if pa.types.is_large_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    if not pa.types.is_string(arr.type):
+        raise InputError(f"cannot read a column of type {arr.type} as string ids")
+    text = pc.utf8_trim_whitespace(arr)
+    valid = _mask(text)
+    nbytes = pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+    empty, too_long = valid & (nbytes == 0), valid & (nbytes > MAX_ID_BYTES)
+    if not (empty.any() or too_long.any()):
+        return Coerced(text)
+    return Coerced(pc.if_else(pa.array(empty | too_long), pa.scalar(None, pa.string()), text),
+                   invalid=empty, out_of_range=too_long)
 
 
 def _mask(arr: pa.Array) -> np.ndarray:
@@ -349,14 +395,15 @@ def _describe_rows(raw: pa.Table, mask: np.ndarray) -> pa.Array:
 
 
 def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, pa.Array]] = None,
-              reasons: Optional[list[tuple[np.ndarray, str]]] = None) -> pa.Table:
-    """Build a ``PARSED_SCHEMA`` table from ``raw`` columns renamed by ``mapping`` (schema <- raw).
+              reasons: Optional[list[tuple[np.ndarray, str]]] = None, id_type: str = "int") -> pa.Table:
+    """Build a ``parsed_schema(id_type)`` table from ``raw`` columns renamed by ``mapping`` (schema <- raw).
 
     ``fixed`` supplies ready columns (schema name -> array); ``reasons`` are extra (mask, reason)
     pairs found by the caller.  Unparsable values become ``invalid_<column>``, numbers the column's type
     cannot hold (a uint64 id of 2^63, a click of 300) ``<column>_out_of_range``, the reason the value
     checks of :mod:`mtrec_dist.data.prepare` give a number that fits the type but not the range, and
-    integers written as floats beyond 2^53 ``<column>_out_of_range: beyond 2^53 as a float...``.
+    integers written as floats beyond 2^53 ``<column>_out_of_range: beyond 2^53 as a float...``.  String
+    ids: empty is ``invalid_<column>``, over 256 bytes ``<column>_out_of_range: longer than 256 bytes``.
     """
     n = raw.num_rows
     cols, reason_code = [], np.zeros(n, dtype=np.int16)
@@ -370,7 +417,7 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
 
     for mask, label in reasons or []:
         flag(mask, label)
-    for f in EVENT_SCHEMA:
+    for f in event_schema(id_type):
         if fixed and f.name in fixed:
             cols.append(fixed[f.name])
             continue
@@ -380,7 +427,8 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
             continue
         c = coerce_checked(raw.column(src), f.type)
         flag(c.invalid, f"invalid_{f.name}")
-        flag(c.out_of_range, f"{f.name}_out_of_range")
+        flag(c.out_of_range, f"{f.name}_out_of_range"
+             + (f"{HINT_SEPARATOR}{ID_LENGTH_HINT}" if pa.types.is_string(f.type) else ""))
         flag(c.float_range, f"{f.name}_out_of_range{HINT_SEPARATOR}{FLOAT_RANGE_HINT}")
         cols.append(c.values)
     bad_any = reason_code > 0
@@ -390,7 +438,7 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
     else:
         reason = pa.nulls(n, pa.string())
     cols += [reason, _describe_rows(raw, bad_any) if bad_any.any() else pa.nulls(n, pa.string())]
-    return pa.Table.from_arrays(cols, schema=PARSED_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=parsed_schema(id_type))
 
 
 # ---- per-format parsers (each yields PARSED_SCHEMA tables in file order) ------------------------------
@@ -429,7 +477,8 @@ def parquet_row_groups(fs: pafs.FileSystem, f: InputFile, column_map: Optional[d
 
 
 def iter_parquet(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] = None,
-                 row_groups: Optional[list[int]] = None, batch_rows: int = 262_144) -> Iterator[pa.Table]:
+                 row_groups: Optional[list[int]] = None, batch_rows: int = 262_144,
+                 id_type: str = "int") -> Iterator[pa.Table]:
     m = _mapping(column_map)
     try:
         with fs.open_input_file(f.path) as fh:
@@ -438,19 +487,20 @@ def iter_parquet(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] =
             _check_columns(f, names, {c: m[c] for c in REQUIRED_COLUMNS})
             wanted = sorted({m[c] for c in m if m[c] in names})
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=wanted):
-                yield to_parsed(pa.Table.from_batches([batch]), m)
+                yield to_parsed(pa.Table.from_batches([batch]), m, id_type=id_type)
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{f.display}: cannot read Parquet file ({type(e).__name__}: {e})") from e
 
 
-def rejected_lines(lines: list[tuple[str, str]]) -> pa.Table:
-    """Lines that could not even be split into fields (``(reason, raw text)`` pairs), kept as rejects."""
+def rejected_lines(lines: list[tuple[str, str]], schema: pa.Schema = PARSED_SCHEMA) -> pa.Table:
+    """Lines that could not even be split into fields (``(reason, raw text)`` pairs), kept as rejects
+    (in ``schema``, a :func:`parsed_schema`)."""
     n = len(lines)
-    cols = [pa.nulls(n, f.type) for f in EVENT_SCHEMA]
+    cols = [pa.nulls(n, f.type) for f in schema][:-2]
     cols += [pa.array([r for r, _ in lines], pa.string()), pa.array([t for _, t in lines], pa.string())]
-    return pa.Table.from_arrays(cols, schema=PARSED_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 # ---- text formats: every field read as text, every line accounted for ----------------------------------
@@ -536,7 +586,7 @@ def _csv_header(fs: pafs.FileSystem, f: InputFile, delimiter: str) -> list[str]:
 
 
 def _with_rejected(parsed: pa.Table, lines: list[tuple[str, str]]) -> pa.Table:
-    return pa.concat_tables([parsed, rejected_lines(lines)]) if lines else parsed
+    return pa.concat_tables([parsed, rejected_lines(lines, parsed.schema)]) if lines else parsed
 
 
 def _split_undecodable(table: pa.Table, delimiter: str, rejected: list[tuple[str, str]]) -> pa.Table:
@@ -602,13 +652,13 @@ def _all_string_csv(fs: pafs.FileSystem, f: InputFile, delimiter: str
 
 
 def iter_csv(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] = None,
-             delimiter: str = ",") -> Iterator[pa.Table]:
+             delimiter: str = ",", id_type: str = "int") -> Iterator[pa.Table]:
     m = _mapping(column_map)
     header = _csv_header(fs, f, delimiter)
     if header:
         _check_columns(f, header, {c: m[c] for c in REQUIRED_COLUMNS})
     for table, rejected in _all_string_csv(fs, f, delimiter):
-        parsed = to_parsed(table, m) if table is not None else PARSED_SCHEMA.empty_table()
+        parsed = to_parsed(table, m, id_type=id_type) if table is not None else parsed_schema(id_type).empty_table()
         yield _with_rejected(parsed, rejected)
 
 
@@ -745,12 +795,15 @@ def check_input_file(fs: pafs.FileSystem, f: InputFile, fmt: str, column_map: Op
 
 
 def iter_file(fs: pafs.FileSystem, f: InputFile, fmt: str, column_map: Optional[dict] = None,
-              delimiter: str = ",", row_groups: Optional[list[int]] = None) -> Iterator[pa.Table]:
-    """Parsed tables (``PARSED_SCHEMA``) of one input file, in file order."""
+              delimiter: str = ",", row_groups: Optional[list[int]] = None, id_type: str = "int") -> Iterator[pa.Table]:
+    """Parsed tables (``parsed_schema(id_type)``) of one input file, in file order; string ids
+    (``id_type="string"``) are read by the generic formats only."""
+    if id_type != "int" and fmt not in ("parquet", "csv"):
+        raise InputError(f"{fmt} logs have integer ids; string ids (id_type={id_type!r}) need format csv or parquet")
     if fmt == "parquet":
-        yield from iter_parquet(fs, f, column_map, row_groups)
+        yield from iter_parquet(fs, f, column_map, row_groups, id_type=id_type)
     elif fmt == "csv":
-        yield from iter_csv(fs, f, column_map, delimiter)
+        yield from iter_csv(fs, f, column_map, delimiter, id_type=id_type)
     elif fmt == "movielens":
         yield from iter_movielens(fs, f)
     elif fmt == "retailrocket":
@@ -774,26 +827,28 @@ class ReadResult:
 
 
 def parsed_to_rejects(parsed: pa.Table, source: pa.Array) -> pa.Table:
-    cols = [parsed.column(f.name) for f in EVENT_SCHEMA]
+    schema = reject_schema(id_type_of(parsed.schema))
+    cols = [parsed.column(f.name) for f in schema if f.name not in (REASON_COLUMN, SOURCE_COLUMN, RAW_LINE_COLUMN)]
     cols += [parsed.column(REASON_COLUMN), source, parsed.column(RAW_LINE_COLUMN)]
-    return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def read_events(uri: str, fmt: str = "parquet", column_map: Optional[dict] = None,
-                delimiter: str = ",") -> ReadResult:
+                delimiter: str = ",", id_type: str = "int") -> ReadResult:
     """Read every file of ``fmt`` under ``uri`` into memory: parsed events plus the rows that failed."""
     fs, files = list_input_files(uri, fmt)
+    schema = event_schema(id_type)
     events, rejects = [], []
     for f in files:
         if fmt == "parquet":
             parquet_row_groups(fs, f, column_map)
-        for t in iter_file(fs, f, fmt, column_map, delimiter):
+        for t in iter_file(fs, f, fmt, column_map, delimiter, id_type=id_type):
             bad = pc.is_valid(t.column(REASON_COLUMN))
-            events.append(t.filter(pc.invert(bad)).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA))
+            events.append(t.filter(pc.invert(bad)).select(schema.names).cast(schema))
             r = t.filter(bad)
             rejects.append(parsed_to_rejects(r, pa.array([f.display] * r.num_rows, pa.string())))
-    ev = pa.concat_tables(events) if events else EVENT_SCHEMA.empty_table()
-    rj = pa.concat_tables(rejects) if rejects else REJECT_SCHEMA.empty_table()
+    ev = pa.concat_tables(events) if events else schema.empty_table()
+    rj = pa.concat_tables(rejects) if rejects else reject_schema(id_type).empty_table()
     return ReadResult(ev, rj, files)
 
 
@@ -809,9 +864,10 @@ def read_kuairand(uri: str) -> ReadResult:
     return read_events(uri, "kuairand")
 
 
-def read_parquet_events(uri: str, column_map: Optional[dict] = None) -> ReadResult:
-    return read_events(uri, "parquet", column_map)
+def read_parquet_events(uri: str, column_map: Optional[dict] = None, id_type: str = "int") -> ReadResult:
+    return read_events(uri, "parquet", column_map, id_type=id_type)
 
 
-def read_csv_events(uri: str, column_map: Optional[dict] = None, delimiter: str = ",") -> ReadResult:
-    return read_events(uri, "csv", column_map, delimiter)
+def read_csv_events(uri: str, column_map: Optional[dict] = None, delimiter: str = ",",
+                    id_type: str = "int") -> ReadResult:
+    return read_events(uri, "csv", column_map, delimiter, id_type=id_type)

@@ -41,6 +41,23 @@ EVAL_COLUMNS = [f.name for f in EVAL_FIELDS]
 
 EVENT_SCHEMA = pa.schema(REQUIRED_FIELDS + IMPLICIT_FIELDS + EVAL_FIELDS)
 
+# Ids are integers (the default) or, with ``prepare.id_type=string``, texts (UUIDs, ASINs, hashes) of at
+# most MAX_ID_BYTES bytes in UTF-8.  Either way the vocab maps them to indices: prepared transitions only
+# ever hold indices, so nothing after prepare sees the difference.
+ID_COLUMNS = ("user_id", "item_id")
+ID_TYPES = ("int", "string")
+MAX_ID_BYTES = 256
+
+
+def event_schema(id_type: str = "int") -> pa.Schema:
+    """``EVENT_SCHEMA``, with ``user_id`` and ``item_id`` as strings when ``id_type == "string"``."""
+    if id_type == "int":
+        return EVENT_SCHEMA
+    if id_type != "string":
+        raise ValueError(f"id_type must be one of {ID_TYPES}, got {id_type!r}")
+    return pa.schema([pa.field(f.name, pa.string(), nullable=f.nullable) if f.name in ID_COLUMNS else f
+                      for f in EVENT_SCHEMA])
+
 
 def is_eval_column(name: str) -> bool:
     return name.startswith(EVAL_PREFIX)

@@ -27,17 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtrec_dist.data.dataset import EVAL_SCHEMA, TRANSITION_SCHEMA, AccountingError, list_array
+from mtrec_dist.data.dataset import resolve_broadcast as _get
 from mtrec_dist.data.readers import RAW_LINE_COLUMN, REASON_COLUMN
 from mtrec_dist.data.schema import TRANSITION_COLUMNS
 from mtrec_dist.data.validate import ORDER_COLUMN
 from mtrec_dist.data.vocab import PAD_RAW
-
-
-def _get(ref):
-    """A broadcast argument: ``ray.get`` of an object ref, or the value itself (tests pass plain values)."""
-    import ray
-
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def segment_starts(*keys: np.ndarray) -> np.ndarray:

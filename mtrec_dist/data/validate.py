@@ -21,16 +21,17 @@ import pyarrow.compute as pc
 
 from mtrec_dist.config import PrepareConfig
 from mtrec_dist.data import readers as rd
-from mtrec_dist.data.readers import (HINT_SEPARATOR, RAW_LINE_COLUMN, REASON_COLUMN, REJECT_SCHEMA, InputError,
-                                     InputFile)
-from mtrec_dist.data.schema import EVENT_SCHEMA, REQUIRED_COLUMNS
+from mtrec_dist.data.ids import restore_ids
+from mtrec_dist.data.readers import (HINT_SEPARATOR, RAW_LINE_COLUMN, REASON_COLUMN, InputError, InputFile,
+                                     id_type_of, reject_schema)
+from mtrec_dist.data.schema import REQUIRED_COLUMNS
 
 ORDER_COLUMN = "_order"
 FILE_BITS = 40  # _order = file_index << 40 | row_in_file  (2^40 rows per file, 2^23 files)
 
 ROW_CHECKS = (
     "null_<col> (required column)", "negative_user_id / negative_item_id / negative_ts",
-    "item_id_out_of_range (> max_item_id)",
+    "item_id_out_of_range (> max_item_id; integer ids only: string ids are checked by the readers)",
     "ts_out_of_range (> max_ts; 'ts_out_of_range: looks like milliseconds' where ts / 1000 would fit)",
     "ts_outside_partition (ts not inside the day of a day=YYYY-MM-DD partition)",
     "click_out_of_range (not 0/1)", "nan_watch_ratio / watch_ratio_out_of_range (outside [0, 1])",
@@ -81,8 +82,9 @@ def validate_rows(t: pa.Table, partition_day: Optional[str], max_item_id: int, m
 
     for c in REQUIRED_COLUMNS:
         flag(t.column(c).is_null().to_numpy(), f"null_{c}")
-    user, _ = ints("user_id")
-    item, _ = ints("item_id")
+    int_ids = id_type_of(t.schema) == "int"  # string ids: empty / too long was refused by the readers
+    user, _ = ints("user_id") if int_ids else (np.zeros(n, np.int64), None)
+    item, _ = ints("item_id") if int_ids else (np.zeros(n, np.int64), None)
     ts, _ = ints("ts")
     flag(user < 0, "negative_user_id")
     flag(item < 0, "negative_item_id")
@@ -128,13 +130,13 @@ def validate_rows(t: pa.Table, partition_day: Optional[str], max_item_id: int, m
 
 
 def read_units(batch: pa.Table, *, fs, files: list[InputFile], fmt: str, column_map: dict, delimiter: str,
-               max_item_id: int, max_ts: int) -> Iterator[pa.Table]:
+               max_item_id: int, max_ts: int, id_type: str = "int") -> Iterator[pa.Table]:
     """Ray Data UDF: each input row is one work unit (file, row groups); yields validated row batches."""
     for unit in batch.to_pylist():
         f = files[unit["file"]]
         row = unit["row_offset"]
         groups = unit["row_groups"] or None
-        for t in rd.iter_file(fs, f, fmt, column_map, delimiter, row_groups=groups):
+        for t in rd.iter_file(fs, f, fmt, column_map, delimiter, row_groups=groups, id_type=id_type):
             t = validate_rows(t, f.partition_day, max_item_id, max_ts)
             order = (np.int64(unit["file"]) << FILE_BITS) + row + np.arange(t.num_rows, dtype=np.int64)
             row += t.num_rows
@@ -176,17 +178,23 @@ def validate_local(cfg: PrepareConfig, input: Optional[str] = None) -> pa.Table:
     units, _ = work_units(fs, files, cfg.format, cfg.column_map, cfg.delimiter, lambda m: None)
     tables = list(read_units(pa.Table.from_pylist(units), fs=fs, files=files, fmt=cfg.format,
                              column_map=cfg.column_map, delimiter=cfg.delimiter, max_item_id=cfg.max_item_id,
-                             max_ts=cfg.max_ts))
+                             max_ts=cfg.max_ts, id_type=cfg.id_type))
     if not tables:
-        return rd.PARSED_SCHEMA.append(pa.field(ORDER_COLUMN, pa.int64())).empty_table()
+        return rd.parsed_schema(cfg.id_type).append(pa.field(ORDER_COLUMN, pa.int64())).empty_table()
     return pa.concat_tables(tables)
 
 
-def to_rejects(batch: pa.Table, *, sources: list[str]) -> pa.Table:
-    """Ray Data UDF: the refused rows of ``batch`` as the ``rejects/`` table (values, reason, file, raw text)."""
+def to_rejects(batch: pa.Table, *, sources: list[str], keys=None) -> pa.Table:
+    """Ray Data UDF: the refused rows of ``batch`` as the ``rejects/`` table (values, reason, file, raw text).
+
+    ``keys``: the run's :class:`mtrec_dist.data.ids.IdKeys` when ``batch`` holds string ids as keys (rows
+    refused by the per-user stage), so that the rejects show the ids as written."""
     t = batch.filter(pc.is_valid(batch.column(REASON_COLUMN)))
+    if keys is not None:
+        t = restore_ids(t, keys=keys)
+    schema = reject_schema(id_type_of(t.schema))
     file_idx = (t.column(ORDER_COLUMN).to_numpy() >> FILE_BITS) if t.num_rows else np.zeros(0, np.int64)
     src = pa.array(np.asarray(sources, dtype=object)[file_idx] if t.num_rows else [], pa.string())
     raw = t.column(RAW_LINE_COLUMN) if RAW_LINE_COLUMN in t.column_names else pa.nulls(t.num_rows, pa.string())
-    cols = [t.column(f.name) for f in EVENT_SCHEMA] + [t.column(REASON_COLUMN), src, raw]
-    return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
+    cols = [t.column(f.name) for f in list(schema)[:-3]] + [t.column(REASON_COLUMN), src, raw]
+    return pa.Table.from_arrays(cols, schema=schema)
