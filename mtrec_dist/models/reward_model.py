@@ -234,6 +234,25 @@ class QRIQLModel(nn.Module):
         """The training losses of the configured objective (``reward.objective``)."""
         return self.losses_v2(batch) if self.v2 else self.losses_v1(batch)
 
+    def _lookup(self, batch: Dict[str, torch.Tensor]):
+        """The batch's columns, ONE item-table lookup (states, next states, actions, and the catalog or
+        the shared sampled negatives) and the encodings of ``s`` and ``s'`` stacked as ``[2B, D]``."""
+        s, fb = batch["state_items"].long(), batch["state_feedback"].float()
+        s2, fb2 = batch["next_state_items"].long(), batch["next_state_feedback"].float()
+        action, done = batch["action"].long(), batch["done"].float()
+        mask = batch["mask"].float() if "mask" in batch else torch.ones_like(done)
+        ids = {"state": s, "next_state": s2, "action": action.view(-1, 1)}
+        negatives = None
+        if self.sampler is None:
+            ids["catalog"] = self.catalog_ids(s.device)
+        else:
+            negatives = self.sampler.sample(self.reward_cfg.num_negatives, s.device)
+            ids["candidates"] = negatives
+        emb = self.item_embedding(ids)
+        h_both = self._encode(self.encoder, torch.cat([emb["state"], emb["next_state"]]),
+                              torch.cat([s, s2]), torch.cat([fb, fb2]))
+        return s, fb, s2, fb2, action, done, mask, emb, negatives, h_both
+
     def policy_projection(self, h: torch.Tensor) -> torch.Tensor:
         """The projection whose dot with ``e_a`` drives choices: ``U`` in v2, the critic mean ``Q`` in v1."""
         if self.v2:
@@ -263,21 +282,9 @@ class QRIQLModel(nn.Module):
         (posterior mean given the outcome); ``a' ~ softmax U(s', .)``.
         """
         cfg = self.reward_cfg
-        s, fb = batch["state_items"].long(), batch["state_feedback"].float()
-        s2, fb2 = batch["next_state_items"].long(), batch["next_state_feedback"].float()
-        action, done = batch["action"].long(), batch["done"].float()
-        mask = batch["mask"].float() if "mask" in batch else torch.ones_like(done)
+        s, fb, s2, fb2, action, done, mask, emb, negatives, h_both = self._lookup(batch)
         b, dev = s.shape[0], s.device
-        ids = {"state": s, "next_state": s2, "action": action.view(-1, 1)}
-        if self.sampler is None:
-            ids["catalog"] = self.catalog_ids(dev)
-        else:
-            negatives = self.sampler.sample(cfg.num_negatives, dev)
-            ids["candidates"] = negatives
-        emb = self.item_embedding(ids)
-        h_both = self._encode(self.encoder, torch.cat([emb["state"], emb["next_state"]]),
-                              torch.cat([s, s2]), torch.cat([fb, fb2]))
-        h, h2 = h_both[:b], h_both[b:]
+        h = h_both[:b]
         e_a = emb["action"][:, 0]
         items = emb["catalog"] if self.sampler is None else emb["candidates"]
         u_proj = self.policy_projection(h_both)
@@ -336,23 +343,8 @@ class QRIQLModel(nn.Module):
         "implied_reward", "value" (mean V(s)), "q_mean", "expert_logp" (mean alpha log pi(a|s) / alpha).
         """
         cfg = self.reward_cfg
-        s, fb = batch["state_items"].long(), batch["state_feedback"].float()
-        s2, fb2 = batch["next_state_items"].long(), batch["next_state_feedback"].float()
-        action = batch["action"].long()
-        done = batch["done"].float()
-        mask = batch["mask"].float() if "mask" in batch else torch.ones_like(done)
+        s, fb, s2, fb2, action, done, mask, emb, negatives, h_both = self._lookup(batch)
         b, dev = s.shape[0], s.device
-
-        ids = {"state": s, "next_state": s2, "action": action.view(-1, 1)}
-        if self.sampler is None:
-            ids["catalog"] = self.catalog_ids(dev)
-        else:
-            negatives = self.sampler.sample(cfg.num_negatives, dev)
-            ids["candidates"] = negatives
-        emb = self.item_embedding(ids)
-
-        h_both = self._encode(self.encoder, torch.cat([emb["state"], emb["next_state"]]),
-                              torch.cat([s, s2]), torch.cat([fb, fb2]))
         p_both = self._project(h_both, self.critic_weight, self.critic_item_bias)  # [2B, N, D]
         p_s, p_s2 = p_both[:b], p_both[b:]
         e_a = emb["action"][:, 0]  # [B, D]
