@@ -103,9 +103,12 @@ def batches(data: Dict[str, np.ndarray], rows: np.ndarray, batch_size: int, epoc
             yield {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in cols.items()}
 
 
-def fit(model: torch.nn.Module, data, rows, cfg, seed: int, epochs: int, extra=None) -> torch.nn.Module:
-    """Plain Adam on ``model.losses(batch)["loss"]`` (+ Polyak target updates where the model has them)."""
+def fit(make_model: Callable[[], torch.nn.Module], data, rows, cfg, seed: int, epochs: int, extra=None) -> torch.nn.Module:
+    """Plain Adam on ``model.losses(batch)["loss"]`` (+ Polyak target updates where the model has them).
+
+    The model is built here, after seeding, so that its initial weights depend on ``seed`` alone."""
     torch.manual_seed(seed)
+    model = make_model()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model.train()
     for batch in batches(data, rows, cfg.batch_size, epochs, seed, extra):
@@ -148,12 +151,12 @@ def reward_model(row: str, cfg: PipelineConfig, num_items: int, data, rows, seed
     """Fit the reward of ``row`` on training ``rows``; return a quantile scorer (states, fb, cands) -> [B, C, N]."""
     ab, L = cfg.ablation, data["state_items"].shape[1]
     if row in ("B", "C"):
-        m = fit(FeedbackRegressor(num_items, cfg.model, L, "watch" if row == "B" else "leave_return"),
+        m = fit(lambda: FeedbackRegressor(num_items, cfg.model, L, "watch" if row == "B" else "leave_return"),
                 data, rows, ab, seed, ab.reward_epochs)
         return lambda s, fb, c, idx: m.predict(s, fb, c).unsqueeze(-1)
     rc = {"D": dict(objective="v1", choice_weight=1.0, consumption_weight=0.0),
           "E": dict(objective="v2", num_quantiles=1)}.get(row, dict(objective="v2"))
-    m = fit(QRIQLModel(num_items, cfg.model, dataclasses.replace(cfg.reward, **rc), L), data, rows, ab, seed,
+    m = fit(lambda: QRIQLModel(num_items, cfg.model, dataclasses.replace(cfg.reward, **rc), L), data, rows, ab, seed,
             ab.reward_epochs)
     return lambda s, fb, c, idx: m.reward_quantiles(s, fb, c)
 
@@ -272,7 +275,7 @@ def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str],
             guidance = {"A": "none", "G": "risk_averse"}.get(row, "reweight")
             rec_cfg = dataclasses.replace(cfg.rec, guidance=guidance)
             extra = None if cols is None else {k: v_full(v, train_rows, len(data["action"])) for k, v in cols.items()}
-            rec = fit(SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),
+            rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),
                       data, train_rows, ab, seed, ab.rec_epochs, extra)
             offline = offline_ranking(rec, data, test_rows, num_items)
             policy = recommender_policy(lambda s, fb, m=rec: _catalog_scores(m, s, fb, num_items),

@@ -84,7 +84,7 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
             cols = guidance_columns(row, scorer, data, train, num_items, seed)
             extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
             rec_cfg = dataclasses.replace(cfg.rec, guidance="none" if row == "A" else "reweight")
-            rec = fit(SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
+            rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
                       data, train, ab, seed, ab.rec_epochs, extra)
             recs[row] = offline_ranking(rec, data, test, num_items)
             if row == "A":  # the click model's own score of the logged item, as a reward baseline
