@@ -310,26 +310,35 @@ def _catalog_scores(model, s, fb, num_items):
 # ---- summary ------------------------------------------------------------------------------------------------
 def summarise(records: Dict[str, list]) -> Dict[str, dict]:
     """Per row: mean and 95% CI of every metric, and paired gains vs A and vs B (same world, training seed
-    and online seed), so the intervals include training-seed and world variation."""
+    and online seed), so the intervals include training-seed and world variation.  Offline and validity
+    metrics are measured once per trained model, so they count once per (world, training seed)."""
     out: Dict[str, dict] = {}
     for row, recs in records.items():
         res: Dict[str, dict] = {}
         for m in recs[0]:
             if m in ("train_seed", "online_seed", "world"):
                 continue
-            vals = [r[m] for r in recs if m in r]
-            mean, half = mean_ci95(vals)
+            mean, half = mean_ci95([r[m] for r in _per_unit(recs, m)])
             res[m] = {"mean": mean, "half": half}
         for base in ("A", "B"):
             if base in records and base != row:
                 key = lambda r: (r.get("world"), r["train_seed"], r["online_seed"])  # noqa: E731
                 ref = {key(r): r for r in records[base]}
                 for m in ONLINE + ("ndcg@10_satisfied", "hr@10"):
-                    diff = [r[m] - ref[key(r)][m] for r in recs if key(r) in ref]
+                    diff = [r[m] - ref[key(r)][m] for r in _per_unit(recs, m) if key(r) in ref]
                     mean, half = mean_ci95(diff)
                     res[f"gain_vs_{base}:{m}"] = {"mean": mean, "half": half}
         out[row] = res
     return out
+
+
+def _per_unit(recs: list, metric: str) -> list:
+    """The records that carry ``metric``, one per trained model for offline/validity metrics (repeated
+    across online seeds otherwise), one per (model, online seed) for online metrics."""
+    recs = [r for r in recs if metric in r]
+    if metric in ONLINE:
+        return recs
+    return [r for r in recs if r["online_seed"] == 0]
 
 
 def markdown_table(summary: Dict[str, dict]) -> str:
