@@ -8,7 +8,8 @@ from mtrec_dist.data.summaries import format_simulation_summary
 
 NAME = "simulate"
 HELP = ("generate simulated behaviour logs (day-partitioned Parquet, engaged events only) plus ground truth "
-        "(items, users, exposures) in a separate truth/ table")
+        "(items, users: satisfaction, quality, appeal) in a separate truth/ folder; impressions (every slate shown) "
+        "in impressions/")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -28,16 +28,19 @@ def summarize_manifest(m: dict) -> str:
 
 def format_simulation_summary(s: dict) -> str:
     """Human-readable summary of the simulator's ``truth/summary.json`` (`mtrec simulate`, `mtrec inspect`)."""
-    cb, ot = s["clickbait"], s["other"]
-    return "\n".join([
+    groups = [(name, s[name]) for name in ("clickbait", "compulsive", "other") if name in s]
+    lines = [
         f"simulated {s['events']:,} events: {s['users']:,} active users of {s['num_users']:,}, "
         f"{s['items_engaged']:,} engaged items of {s['num_items']:,}, {s['days']} day(s), "
         f"{s['sessions']:,} sessions, {s['slates']:,} slates (CTR {s['ctr']:.3f}) in {s['seconds']:.1f}s",
         f"  {'':10s} {'items':>7s} {'CTR':>7s} {'mean satisfaction':>18s} {'mean watch ratio':>17s}",
-        f"  {'clickbait':10s} {cb['items']:7d} {cb['ctr']:7.3f} {cb['mean_satisfaction']:18.3f} "
-        f"{cb['mean_watch_ratio']:17.3f}",
-        f"  {'other':10s} {ot['items']:7d} {ot['ctr']:7.3f} {ot['mean_satisfaction']:18.3f} "
-        f"{ot['mean_watch_ratio']:17.3f}",
-        f"  per-item corr(CTR, mean satisfaction) = {s['item_ctr_vs_satisfaction_corr']:.3f}",
-        f"  logs: {s['out_dir']}/logs  truth: {s['out_dir']}/truth",
-    ])
+    ]
+    for name, g in groups:
+        lines.append(f"  {name:10s} {g['items']:7d} {g['ctr']:7.3f} {g['mean_satisfaction']:18.3f} "
+                     f"{g['mean_watch_ratio']:17.3f}")
+    lines.append(f"  per-item corr(CTR, mean satisfaction) = {s['item_ctr_vs_satisfaction_corr']:.3f}")
+    if "watch_ratio_vs_satisfaction_spearman" in s:
+        lines.append(f"  Spearman(watch ratio, satisfaction) = {s['watch_ratio_vs_satisfaction_spearman']:.3f}; "
+                     f"next-day return rate = {s.get('next_day_return_rate', float('nan')):.3f}")
+    lines.append(f"  logs: {s['out_dir']}/logs  truth: {s['out_dir']}/truth")
+    return "\n".join(lines)
