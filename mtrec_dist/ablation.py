@@ -385,29 +385,9 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     if result["sweep"]:
-        plot_sweep(result["sweep"], os.path.join(out_dir, "gain_vs_beta.png"))
+        from mtrec_dist.evaluation.report import plot_gain_vs_beta
+
+        plot_gain_vs_beta(result["sweep"], ROW_NAMES, os.path.join(out_dir, "gain_vs_beta.png"))
     result["table"] = table
     result["out_dir"] = out_dir
     return result
-
-
-def plot_sweep(sweep: Dict[str, dict], path: str) -> None:
-    """Gain in satisfaction per session vs A, per row, against beta_s."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    betas = sorted(sweep, key=float)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in sweep[betas[0]]:
-        if row == "A":
-            continue
-        g = [sweep[b][row].get("gain_vs_A:satisfaction_per_session", {"mean": np.nan, "half": 0}) for b in betas]
-        ax.errorbar([float(b) for b in betas], [x["mean"] for x in g], yerr=[x["half"] for x in g],
-                    label=f"{row} {ROW_NAMES[row]}", capsize=3, marker="o")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("beta_s (simulator.watch_satisfaction)")
-    ax.set_ylabel("gain in satisfaction / session vs A")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -62,6 +62,23 @@ def plot_reward_fan(groups: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_gain_vs_beta(sweep: dict, row_names: dict, path: str) -> None:
+    """The ablation's sweep: gain in satisfaction per session over row A, per row, against beta_s (the
+    watch ratio's slope on satisfaction), with 95% CIs."""
+    betas = sorted(sweep, key=float)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in (r for r in sweep[betas[0]] if r != "A"):
+        g = [sweep[b][row].get("gain_vs_A:satisfaction_per_session", {"mean": math.nan, "half": 0.0}) for b in betas]
+        ax.errorbar([float(b) for b in betas], [x["mean"] for x in g], yerr=[x["half"] for x in g],
+                    label=f"{row} {row_names.get(row, '')}", capsize=3, marker="o")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="beta_s (simulator.watch_satisfaction)", ylabel="gain in satisfaction / session vs A")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_reward_vs_truth(scatter: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(scatter["truth"], scatter["learned"], s=4, alpha=0.3)
