@@ -52,7 +52,10 @@ def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: b
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
     if not log_to_driver:
-        _ray_data_console_level(logging.WARNING)
+        # CRITICAL, not ERROR: a failed read task (a corrupt Parquet page) makes Ray Data log a 150-line
+        # traceback before the driver re-raises the task's own error, which the command then prints in one
+        # line naming the file.  The traceback stays in the session's ray-data log (and --verbose shows it).
+        _ray_data_console_level(logging.CRITICAL)
 
 
 def _ray_data_console_level(level: int) -> None:
