@@ -123,4 +123,12 @@ def test_killed_pipeline_resumes_at_the_stage_it_died_in(tmp_path, ray_env):
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert [f"{r['backbone']}/{r['guidance']}" for r in metrics["recommenders"]] == ["sasrec/none"]
     assert metrics["recommenders"][0]["checkpoint"] == after[KILLED]["outputs"]["checkpoint_path"]
+    # The same report figures: resuming a finished run skips every stage and rewrites the same report.
+    again = subprocess.run(_cmd(run_dir, "--resume"), env=ray_env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert f"resumed: {len(after)} finished stage(s) skipped" in again.stdout
+    metrics_again = json.loads((run_dir / "report" / "metrics.json").read_text())
+    strip = lambda m: {k: v for k, v in m.items() if k != "timings_s"}  # noqa: E731  (wall times differ)
+    assert strip(metrics_again) == strip(metrics)
     print(f"first run (killed) {t_first:.0f}s, resume {t_resume:.0f}s")
