@@ -8,7 +8,12 @@ This module sits at the bottom of the layering (everything may import it; it imp
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,13 +41,13 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class SimulatorConfig:
     """The built-in user simulator (the embedded default data set); see mtrec_dist/data/simulator.py."""
 
-    num_users: int = 2000
-    num_items: int = 1000
-    num_topics: int = 8
-    days: int = 3
+    num_users: int = 2000  # users in the simulated population
+    num_items: int = 1000  # items in the simulated catalog
+    num_topics: int = 8  # latent topics that user tastes and items are drawn over
+    days: int = 3  # days of logs to simulate
     start_ts: int = 1_767_225_600  # unix seconds of 00:00 UTC of the first log day (2026-01-01)
     sessions_per_user_day: float = 2.0  # Poisson mean of sessions a user starts per day
-    slate_size: int = 10
+    slate_size: int = 10  # items the logging policy shows per slate (<= num_items)
     max_session_len: int = 30  # slates shown per session at most
     clickbait_fraction: float = 0.2  # share of items with high appeal and low satisfaction
     click_satisfaction_weight: float = 0.3  # how much expected satisfaction drives clicks (rest: appeal)
@@ -64,7 +69,7 @@ class SimulatorConfig:
     reactivation: float = 0.3  # chance an inactive user comes back on a given day
     write_exposures: bool = True  # also write impressions/ (every slate shown and its click; observable)
     chunk_users: int = 50_000  # users generated per chunk (bounds memory)
-    seed: int = 0
+    seed: int = 0  # random seed of the simulated world and logs
 
     def validate(self, key: str = "simulator") -> None:
         for name in ("num_users", "num_items", "num_topics", "days", "slate_size", "max_session_len", "chunk_users"):
@@ -94,9 +99,10 @@ class PrepareConfig:
     """`mtrec prepare`: raw logs -> validated, sessionized, windowed transitions (mtrec_dist/data/prepare.py)."""
 
     input: str = ""  # file/dir/URI of the raw logs ("" = <run_dir>/sim/logs, the simulator output)
+    # reader for the raw logs: generic parquet/csv or a named public data set
     format: Literal["parquet", "csv", "movielens", "retailrocket", "kuairand"] = "parquet"
     column_map: dict = field(default_factory=dict)  # raw column -> schema column (generic parquet/csv)
-    delimiter: str = ","  # generic csv only
+    delimiter: str = ","  # field separator of generic csv input
     # user_id / item_id: "int" (integers, as today) or "string" (UUIDs, ASINs, hashes: kept as text and mapped
     # through the vocab like integer ids; generic csv/parquet only). A text id under "int" is invalid_user_id.
     id_type: Literal["int", "string"] = "int"
@@ -104,9 +110,9 @@ class PrepareConfig:
     session_gap_s: int = 1800  # a gap longer than this ends a session (done = 1)
     max_item_id: int = 2**62  # raw IDs above this are quarantined as out of range
     max_ts: int = 4_102_444_800  # timestamps after 2100-01-01 are quarantined as out of range
-    rows_per_shard: int = 250_000
+    rows_per_shard: int = 250_000  # rows per Parquet file written to the prepared dataset
     rows_per_partition: int = 500_000  # per-user stage: rows per hash partition (bounds a block's memory)
-    max_partitions: int = 256
+    max_partitions: int = 256  # per-user stage: upper bound on the number of hash partitions
     output: str = ""  # directory/URI of the prepared dataset ("" = <run_dir>/prepared)
     vocab_dir: str = ""  # existing vocab/ to extend (daily retraining keeps old indices); "" = fresh
     overwrite: bool = False  # replace an existing prepared dataset at `output`
@@ -137,11 +143,11 @@ class PrepareConfig:
 class ModelConfig:
     """Shared architecture of state encoders and item embeddings."""
 
-    embedding_dim: int = 32
-    encoder: Literal["sasrec", "gru", "caser", "nextitnet"] = "sasrec"
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.1
+    embedding_dim: int = 32  # size of item embeddings and encoder hidden states
+    encoder: Literal["sasrec", "gru", "caser", "nextitnet"] = "sasrec"  # state encoder of the reward model
+    num_layers: int = 2  # encoder layers (transformer blocks / GRU layers / NextItNet block repeats)
+    num_heads: int = 2  # SASRec: attention heads (must divide embedding_dim)
+    dropout: float = 0.1  # dropout rate inside the encoders
     feedback_features: bool = True  # feed each state item's implicit feedback (watch ratio) to the encoder
     caser_h_filters: int = 16  # Caser: horizontal filters per height (heights 1..L)
     caser_v_filters: int = 4  # Caser: vertical filters
@@ -166,23 +172,24 @@ class ModelConfig:
 class RewardConfig:
     """QR-IQL mental reward model (method.md section 2)."""
 
-    num_quantiles: int = 16
-    alpha: float = 1.0  # soft-max temperature
-    gamma: float = 0.9
+    num_quantiles: int = 16  # quantiles of the distributional (QR) critic / reward head
+    alpha: float = 1.0  # soft-max temperature of the soft value over items
+    gamma: float = 0.9  # discount factor of the reward model's critic
     chi2_c: float = 0.5  # c in the (1/(4c)) r^2 chi-square regulariser
-    lambda_qr: float = 1.0
-    lambda_r: float = 1.0
+    lambda_qr: float = 1.0  # weight of the quantile-regression loss
+    lambda_r: float = 1.0  # weight of the reward-head (realised reward) loss
     kappa: float = 1.0  # Huber threshold of the quantile loss
     polyak: float = 0.005  # target critic update rate
     num_negatives: int = 0  # 0 = full catalog soft value; > 0 = sampled candidates with log-q correction
+    # proposal q of the sampled candidates (num_negatives > 0)
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
     catalog_chunk: int = 8192  # items per chunk when the soft value runs over the full catalog
     cvar_alpha: float = 0.25  # lower-tail level for CVaR
     chi2_debias: bool = False  # chi-square term on E_s'[r] via the reward head's mean (docs/method.md)
     # What the reward-quantile head regresses (docs/method.md, "Grounding the reward in consumption"):
     # choice_weight * r(s,a,s') [the spec] + consumption_weight * alpha * logit(watch ratio).
-    choice_weight: float = 1.0
-    consumption_weight: float = 0.0
+    choice_weight: float = 1.0  # weight of the spec's r(s,a,s') in the reward-quantile target
+    consumption_weight: float = 0.0  # weight of alpha * logit(watch ratio) in the reward-quantile target
     # "v2" (method.md section 5, docs/method.md "QR-IQL v2"): decision utility fitted to choices, mental
     # reward fitted to consequences (watch, continue vs leave, return) with the outside option at 0, and a
     # critic whose targets contain the observed outcome.  "v1": the IQ-Learn form of sections 2 (ablation D).
@@ -212,12 +219,13 @@ class RewardConfig:
 class RecConfig:
     """Guided sequential recommender (method.md section 3)."""
 
-    backbone: Literal["sasrec", "gru4rec", "caser", "nextitnet"] = "sasrec"
+    backbone: Literal["sasrec", "gru4rec", "caser", "nextitnet"] = "sasrec"  # sequence model of a single train-rec run
+    # how the learned reward guides a single train-rec run
     guidance: Literal["none", "reweight", "actor_critic", "risk_averse"] = "none"
     num_negatives: int = 0  # 0 = full softmax; > 0 = sampled softmax with log-q correction
     weight_temperature: float = 1.0  # beta in w = clip(exp(A / beta), w_min, w_max), batch-normalised
-    weight_min: float = 0.1
-    weight_max: float = 3.0
+    weight_min: float = 0.1  # w_min: lower clip of the reweighting weight (<= 1)
+    weight_max: float = 3.0  # w_max: upper clip of the reweighting weight (>= 1)
     ac_gamma: float = 0.5  # discount of the actor-critic Q head
     td_weight: float = 1.0  # weight of the actor-critic TD loss next to the weighted cross-entropy
     negative_sampler: Literal["uniform", "popularity"] = "uniform"  # proposal q of sampled softmax negatives
@@ -243,20 +251,22 @@ class RecConfig:
 class TrainConfig:
     """Distributed training on Ray Train (shared by train-reward and train-rec)."""
 
-    num_workers: int = 2
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = 0.5  # fractional so that Ray Data still gets CPUs on a 2-core machine
-    use_gpu: Literal["auto", "true", "false"] = "auto"
-    batch_size: int = 256
-    epochs: int = 1
+    use_gpu: Literal["auto", "true", "false"] = "auto"  # train on GPUs ("auto" = if this machine has CUDA)
+    batch_size: int = 256  # samples per worker per step
+    epochs: int = 1  # passes over the training rows
     max_steps: int = 0  # 0 = run all epochs; > 0 = stop after this many steps
-    lr: float = 1e-3  # dense parameters (Adam)
-    sparse_lr: float = 0.05  # sparse embedding rows (FBGEMM fused optimizer)
+    lr: float = 1e-3  # learning rate of the dense parameters (Adam)
+    sparse_lr: float = 0.05  # learning rate of the sparse embedding rows (FBGEMM fused optimizer)
+    # FBGEMM fused optimizer of the sparse embedding rows
     sparse_optimizer: Literal["exact_rowwise_adagrad", "exact_adagrad", "exact_sgd"] = "exact_rowwise_adagrad"
+    # TorchRec sharding of embedding tables ("auto" = planner chooses)
     sharding: Literal["auto", "row_wise", "table_wise", "column_wise"] = "auto"
-    report_every: int = 20
-    checkpoint_every: int = 100
-    max_failures: int = 1
-    collective_timeout_s: int = 300
+    report_every: int = 20  # steps between metric reports (metrics.jsonl)
+    checkpoint_every: int = 100  # steps between checkpoints
+    max_failures: int = 1  # worker-group restarts Ray Train allows from the last checkpoint (-1 = unlimited)
+    collective_timeout_s: int = 300  # timeout of torch.distributed collectives, seconds
     storage_path: str = ""  # local dir or cloud URI ("" = <run_dir>/ray_results)
     ray_report_min_interval_s: float = 3.0  # Ray gets a result at most this often (metrics.jsonl: every report_every)
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
@@ -268,7 +278,7 @@ class TrainConfig:
     score_cpus: float = 1.0  # score-rewards: CPUs per scoring actor
     score_full_catalog_max: int = 50_000  # score-rewards: catalogs up to this size get the exact policy baseline
     score_candidates: int = 1024  # score-rewards: sampled candidates for the baseline on larger catalogs
-    seed: int = 0
+    seed: int = 0  # random seed of model initialisation and data shuffling
 
     def validate(self, key: str = "train") -> None:
         for name in ("num_workers", "batch_size", "epochs", "report_every", "checkpoint_every", "collective_timeout_s",
@@ -330,11 +340,12 @@ class AblationConfig:
     online_days: int = 7  # days each online user is followed (return rate, cumulative satisfaction)
     heldout_user_share: float = 0.2  # logged users whose rows are kept out of training (reward validity, offline)
     return_window_s: int = 129_600  # a session end is "returned" if the user's next event is within 36 h
-    reward_epochs: int = 2
-    rec_epochs: int = 2
-    batch_size: int = 256
-    lr: float = 1e-3
+    reward_epochs: int = 2  # epochs of every reward model an ablation trains
+    rec_epochs: int = 2  # epochs of every recommender an ablation trains
+    batch_size: int = 256  # training batch size of every ablation run
+    lr: float = 1e-3  # dense-parameter learning rate in every ablation run
     beta_sweep: list = field(default_factory=list)  # watch_satisfaction values for the sweep ([] = none)
+    # rows run at each beta_sweep value (A always)
     sweep_rows: list = field(default_factory=lambda: ["A", "B", "F", "G"])
     out: str = ""  # output directory ("" = <run_dir>/ablation)
     pipeline_rows: list = field(default_factory=list)  # rows `mtrec pipeline` runs after evaluate (simulator only)
@@ -356,12 +367,12 @@ class AblationConfig:
 class EvalConfig:
     """Offline ranking, reward validity and online simulator evaluation (method.md section 4)."""
 
-    ks: list = field(default_factory=lambda: [5, 10, 20])
-    sampled_negatives: int = 100
-    online_seeds: int = 5
+    ks: list = field(default_factory=lambda: [5, 10, 20])  # cut-offs K of the offline ranking metrics (HR@K, NDCG@K)
+    sampled_negatives: int = 100  # offline sampled protocol: negatives the target is ranked among
+    online_seeds: int = 5  # online evaluation: simulator seeds per recommender
     online_users: int = 200  # simulated users per seed
-    online_session_len: int = 20
-    seed: int = 0
+    online_session_len: int = 20  # online evaluation: slates per session at most (simulator max_session_len)
+    seed: int = 0  # seed of the sampled negatives and the online simulator seeds
 
     def validate(self, key: str = "eval") -> None:
         _check(len(self.ks) > 0 and all(isinstance(k, int) and k >= 1 for k in self.ks), f"{key}.ks",
@@ -374,19 +385,19 @@ class EvalConfig:
 class PipelineConfig:
     """Top-level config: one MTRec run."""
 
-    run_dir: str = "runs/demo"
-    source: Literal["simulator", "logs"] = "simulator"
+    run_dir: str = "runs/demo"  # folder holding every output of the run
+    source: Literal["simulator", "logs"] = "simulator"  # data: the built-in simulator or your own logs (prepare.input)
     ray_address: str = ""  # "" = start/attach a local cluster; otherwise an address for ray.init
-    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    rec: RecConfig = field(default_factory=RecConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)  # built-in user simulator
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)  # raw logs -> prepared transitions
+    model: ModelConfig = field(default_factory=ModelConfig)  # shared encoder / embedding architecture
+    reward: RewardConfig = field(default_factory=RewardConfig)  # QR-IQL mental reward model
+    rec: RecConfig = field(default_factory=RecConfig)  # guided recommenders
+    train: TrainConfig = field(default_factory=TrainConfig)  # distributed training settings shared by both stages
     reward_train: StageBudget = field(default_factory=StageBudget)  # reward model's budget (unset = train)
     rec_train: StageBudget = field(default_factory=StageBudget)  # every recommender's budget (unset = train)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ablation: AblationConfig = field(default_factory=AblationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # offline and online evaluation
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # `mtrec ablate` study
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
@@ -404,6 +415,43 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Field descriptions
+# --------------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field of config dataclass ``cls`` -> its description, read from this module's source.
+
+    The description of a field is its trailing ``# comment``; a field without one takes the comment line(s)
+    directly above it.  A field with neither maps to "" (tests/test_config_docs.py keeps that from happening).
+    """
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}  # line number in ``source`` (1-based) -> comment text
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENDMARKER):
+            code_lines.update((tok.start[0], tok.end[0]))
+    tree = ast.parse(source)
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    for node in tree.body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names):
+            continue
+        if node.end_lineno in comments:
+            docs[node.target.id] = comments[node.end_lineno]
+            continue
+        above, n = [], node.lineno - 1
+        while n in comments and n not in code_lines:
+            above.insert(0, comments[n])
+            n -= 1
+        docs[node.target.id] = " ".join(above)
+    return {name: docs.get(name, "") for name in (f.name for f in dataclasses.fields(cls))}
 
 
 # --------------------------------------------------------------------------------------------------
