@@ -41,6 +41,17 @@ def watch_logit(watch_ratio: torch.Tensor, eps: float = 0.02) -> torch.Tensor:
     return torch.log(y) - torch.log1p(-y)
 
 
+def _links(mbar: torch.Tensor, offsets: Dict[str, torch.Tensor], outcomes: Dict[str, torch.Tensor],
+           k_y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The outcome model's predictors, defined once for the likelihood and its Newton step: the watch
+    residual ``z - k_y Mbar - d``, the continuation logit ``Mbar + W`` and the return logit ``Mbar + W_r``,
+    with the row weights of the watch and return terms."""
+    return {"resid": outcomes["z"] - k_y * mbar - offsets["d"], "logit_c": mbar + offsets["W"],
+            "logit_r": mbar + offsets["W_r"], "has_watch": outcomes["has_watch"].to(mbar.dtype),
+            "known": outcomes["return_known"].to(mbar.dtype), "stay": outcomes["stay"].to(mbar.dtype),
+            "returned": outcomes["returned"].to(mbar.dtype)}
+
+
 def consequence_nll(
     mbar: torch.Tensor,
     offsets: Dict[str, torch.Tensor],
@@ -61,14 +72,12 @@ def consequence_nll(
     """
     m = torch.ones_like(mbar) if mask is None else mask.to(mbar.dtype)
     n = m.sum().clamp_min(1.0)
-    wy = m * outcomes["has_watch"].to(mbar.dtype)
-    resid = outcomes["z"] - k_y * mbar - offsets["d"]
-    l_y = ((resid.pow(2) / (2 * sigma_y.pow(2)) + torch.log(sigma_y)) * wy).sum() / wy.sum().clamp_min(1.0)
-    l_c = (F.binary_cross_entropy_with_logits(mbar + offsets["W"], outcomes["stay"].to(mbar.dtype),
-                                              reduction="none") * m).sum() / n
-    known = m * outcomes["return_known"].to(mbar.dtype)
-    l_r = (F.binary_cross_entropy_with_logits(mbar + offsets["W_r"], outcomes["returned"].to(mbar.dtype),
-                                              reduction="none") * known).sum() / n
+    x = _links(mbar, offsets, outcomes, k_y)
+    wy = m * x["has_watch"]
+    l_y = ((x["resid"].pow(2) / (2 * sigma_y.pow(2)) + torch.log(sigma_y)) * wy).sum() / wy.sum().clamp_min(1.0)
+    l_c = (F.binary_cross_entropy_with_logits(x["logit_c"], x["stay"], reduction="none") * m).sum() / n
+    l_r = (F.binary_cross_entropy_with_logits(x["logit_r"], x["returned"], reduction="none")
+           * m * x["known"]).sum() / n
     return {"y": l_y, "continue": l_c, "return": l_r, "total": l_y + l_c + l_r}
 
 
@@ -89,12 +98,10 @@ def realised_mental_reward(
     ``-ell'' = has_watch k_y^2 / sigma_y^2 + p_c (1 - p_c) + known p_r (1 - p_r)``.
     Exact for the Gaussian term; a Laplace step for the two choices.  [B] -> [B] (constants).
     """
-    hw = outcomes["has_watch"].to(mbar.dtype)
-    known = outcomes["return_known"].to(mbar.dtype)
-    p_c = torch.sigmoid(mbar + offsets["W"])
-    p_r = torch.sigmoid(mbar + offsets["W_r"])
-    grad = (hw * k_y * (outcomes["z"] - k_y * mbar - offsets["d"]) / sigma_y.pow(2)
-            + (outcomes["stay"].to(mbar.dtype) - p_c) + known * (outcomes["returned"].to(mbar.dtype) - p_r))
+    x = _links(mbar, offsets, outcomes, k_y)
+    hw, known = x["has_watch"], x["known"]
+    p_c, p_r = torch.sigmoid(x["logit_c"]), torch.sigmoid(x["logit_r"])
+    grad = hw * k_y * x["resid"] / sigma_y.pow(2) + (x["stay"] - p_c) + known * (x["returned"] - p_r)
     curv = hw * k_y.pow(2) / sigma_y.pow(2) + p_c * (1 - p_c) + known * p_r * (1 - p_r)
     return (mbar + grad / (1.0 / prior_sd ** 2 + curv)).detach()
 
