@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from mtrec_dist.config import PipelineConfig, RecConfig, RewardConfig, SimulatorConfig
+from mtrec_dist.config import PipelineConfig, SimulatorConfig
 from mtrec_dist.data.simulator import (
     LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
     user_tastes,
 )
 from mtrec_dist.evaluation.metrics import mean_ci95, ndcg_at_k, hit_rate_at_k, roc_auc, spearman
-from mtrec_dist.evaluation.online import recommender_policy
+from mtrec_dist.evaluation.online import catalog_score_fn, recommender_policy, run_days
 from mtrec_dist.layout import RunLayout
 from mtrec_dist.models.feedback_regressor import FeedbackRegressor
 from mtrec_dist.models.recommender import SequentialRecommender
@@ -169,22 +169,27 @@ def oracle_scorer(sim: SimulatorConfig, truth: ItemTruth, data):
     return score
 
 
+def reward_key(row: str) -> str:
+    """Which fitted reward a row reads: rows F, G and I share one QR-IQL v2 model."""
+    return "F" if row in ("F", "G", "I") else row
+
+
 def row_scorer(row: str, cfg, sim, truth, data, rows, num_items, seed, cache):
-    """The fitted reward of ``row`` (rows F, G and I share one QR-IQL v2 model); None for A."""
+    """The fitted reward of ``row`` (fitted once per :func:`reward_key`); None for A."""
     if row == "A":
         return None
-    key = "F" if row in ("F", "G", "I") else row
+    key = reward_key(row)
     if key not in cache:
         cache[key] = (oracle_scorer(sim, truth, data) if key == "H" else
                       reward_model(key, cfg, num_items, data, rows, seed))
     return cache[key]
 
 
-def guidance_columns(row: str, scorer, data, rows, num_items, seed) -> Dict[str, np.ndarray] | None:
-    """Guidance columns of the training rows (row I: F's advantages shuffled across rows)."""
-    if scorer is None:
+def guidance_columns(row: str, cols: Dict[str, np.ndarray] | None, seed) -> Dict[str, np.ndarray] | None:
+    """Guidance columns of the training rows from their scores (:func:`score_reward`; None for A);
+    row I gets F's advantages shuffled across rows."""
+    if cols is None:
         return None
-    cols = score_reward(scorer, data, rows, num_items)
     if row == "I":
         adv = np.random.default_rng(seed).permutation(cols["reward_mean"] - cols["reward_baseline"])
         z = np.zeros_like(adv)
@@ -218,39 +223,6 @@ def offline_ranking(rec: SequentialRecommender, data, rows, num_items, k: int = 
             f"hr@{k}_satisfied": hit_rate_at_k(ranks[sat], k), f"ndcg@{k}_satisfied": ndcg_at_k(ranks[sat], k)}
 
 
-def online_run(policy, sim: SimulatorConfig, truth: ItemTruth, users: np.ndarray, seed: int, days: int) -> dict:
-    """Follow ``users`` for ``days`` days under ``policy``: one session a day while they keep returning."""
-    env = SimulatorEnv(sim, item_truth=truth, seed=seed)
-    obs = env.reset(users)
-    n = len(users)
-    active = np.ones(n, bool)
-    tot = dict(sat=0.0, watch=0.0, clicks=0.0, slates=0.0, sessions=0.0, chances=0.0, returns=0.0)
-    for day in range(days):
-        if day:
-            obs = env.new_session(active)
-        day_sat, day_clicks = np.zeros(n), np.zeros(n)
-        while not obs["done"].all():
-            live = ~obs["done"]
-            resp = env.step(policy(obs))
-            clicked = resp["click_index"] >= 0
-            day_sat += np.where(clicked, np.nan_to_num(resp["satisfaction"]), 0.0)
-            day_clicks += clicked
-            tot["watch"] += float(resp["dwell_s"][live].sum())
-            tot["slates"] += float(live.sum())
-            obs = env.observation()
-        tot["sat"] += day_sat.sum()
-        tot["clicks"] += day_clicks.sum()
-        tot["sessions"] += active.sum()
-        if day + 1 < days:
-            back = env.next_day_returns(day_sat, day_clicks)
-            tot["chances"] += (day_clicks > 0).sum()
-            tot["returns"] += (back & (day_clicks > 0)).sum()
-            active = back
-    return {"satisfaction_per_session": tot["sat"] / tot["sessions"], "cumulative_satisfaction": tot["sat"] / n,
-            "return_rate": tot["returns"] / max(tot["chances"], 1), "watch_time": tot["watch"] / tot["sessions"],
-            "ctr": tot["clicks"] / max(tot["slates"], 1)}
-
-
 # ---- one world ----------------------------------------------------------------------------------------------
 def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str], work_dir: str,
               say: Callable[[str], None]) -> Dict[str, list]:
@@ -270,20 +242,24 @@ def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str],
         for row in rows_to_run:
             t0 = time.time()
             scorer = row_scorer(row, cfg, sim, truth, data, train_rows, num_items, seed, cache)
-            cols = guidance_columns(row, scorer, data, train_rows, num_items, seed)
-            validity = {} if row in ("A", "I") else reward_validity(scorer, sim, truth, data, test_rows, num_items)
+            key = reward_key(row)
+            if scorer is not None and ("scores", key) not in cache:  # F, G and I share the scoring work
+                cache[("scores", key)] = score_reward(scorer, data, train_rows, num_items)
+                cache[("validity", key)] = reward_validity(scorer, sim, truth, data, test_rows, num_items)
+            cols = guidance_columns(row, cache.get(("scores", key)), seed)
+            validity = {} if row in ("A", "I") else cache[("validity", key)]
             guidance = {"A": "none", "G": "risk_averse"}.get(row, "reweight")
             rec_cfg = dataclasses.replace(cfg.rec, guidance=guidance)
             extra = None if cols is None else {k: v_full(v, train_rows, len(data["action"])) for k, v in cols.items()}
             rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),
                       data, train_rows, ab, seed, ab.rec_epochs, extra)
             offline = offline_ranking(rec, data, test_rows, num_items)
-            policy = recommender_policy(lambda s, fb, m=rec: _catalog_scores(m, s, fb, num_items),
-                                        np.arange(num_items) + 1, np.arange(num_items + 1) - 1,
-                                        cfg.prepare.state_len, sim.slate_size)
+            policy = recommender_policy(catalog_score_fn(rec, num_items), np.arange(num_items) + 1,
+                                        np.arange(num_items + 1) - 1, cfg.prepare.state_len, sim.slate_size)
             for o in range(ab.online_seeds):
                 users = HELDOUT_USER_OFFSET + np.arange(ab.online_users) + o * ab.online_users
-                rec_online = online_run(policy, online_cfg, truth, users, seed=o, days=ab.online_days)
+                env = SimulatorEnv(online_cfg, item_truth=truth, seed=o)
+                rec_online = run_days(env, policy, users, days=ab.online_days)
                 out[row].append(dict(train_seed=t, online_seed=o, **rec_online, **offline, **validity))
             say(f"[ablate] world {sim.seed} seed {t} row {row} ({ROW_NAMES[row]}): "
                 f"sat/session {np.mean([r['satisfaction_per_session'] for r in out[row][-ab.online_seeds:]]):.3f} "
@@ -299,12 +275,6 @@ def v_full(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     full = np.zeros(n, np.float32)
     full[rows] = values
     return full
-
-
-@torch.no_grad()
-def _catalog_scores(model, s, fb, num_items):
-    scores = model.score_catalog(s, fb, torch.arange(1, num_items + 1))
-    return torch.cat([torch.full((s.shape[0], 1), -torch.inf), scores], 1)
 
 
 # ---- summary ------------------------------------------------------------------------------------------------

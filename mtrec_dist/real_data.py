@@ -81,7 +81,7 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
         if scorer is not None:
             validity[row] = _validity(score_reward(scorer, data, test, num_items)["reward_mean"], data, test)
         if row in ("A", "B", "F"):
-            cols = guidance_columns(row, scorer, data, train, num_items, seed)
+            cols = guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed)
             extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
             rec_cfg = dataclasses.replace(cfg.rec, guidance="none" if row == "A" else "reweight")
             rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),

@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import torch
 
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.evaluation import offline
@@ -132,7 +131,7 @@ def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[
     """Each recommender acts in the simulator; per backbone the click-trained model comes first so that
     ``paired_gain`` is the guided model's gain over it on the same users and seeds."""
     from mtrec_dist.data.prepare import load_vocab
-    from mtrec_dist.evaluation.online import evaluate_online, recommender_policy, vocab_maps
+    from mtrec_dist.evaluation.online import catalog_score_fn, evaluate_online, recommender_policy, vocab_maps
     from mtrec_dist.training.checkpoint import load_unsharded_model
 
     vocab = load_vocab(prepared_dir)
@@ -150,14 +149,9 @@ def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[
         for s in group:
             factory, spec = _recommender_factory(s)
             model = load_unsharded_model(factory, s["checkpoint_path"])
-            catalog = torch.arange(1, spec["num_items"] + 1)
-
-            def score_fn(items, fb, model=model, catalog=catalog):
-                scores = model.score_catalog(items, fb, catalog)
-                return torch.cat([torch.full((scores.shape[0], 1), -torch.inf), scores], dim=1)
-
             policies[f"{backbone}/{s['guidance']}"] = recommender_policy(
-                score_fn, raw_to_idx, idx_to_raw, spec["state_len"], cfg.simulator.slate_size)
+                catalog_score_fn(model, spec["num_items"]), raw_to_idx, idx_to_raw, spec["state_len"],
+                cfg.simulator.slate_size)
         out.update(evaluate_online(policies, sim_cfg, item_truth, seeds, cfg.eval.online_users))
     return out
 

@@ -45,31 +45,71 @@ def histories_to_state(histories: Sequence[np.ndarray], watch: Sequence[np.ndarr
     return torch.from_numpy(items), torch.from_numpy(fb)
 
 
-def run_episode(env: SimulatorEnv, policy: Callable[[dict], np.ndarray], num_users: int) -> Dict[str, float]:
-    """One session per user under ``policy`` (obs -> slates of raw ids); returns this seed's metrics."""
-    obs = env.reset(num_users)
+def play_session(env: SimulatorEnv, obs: dict, policy: Callable[[dict], np.ndarray]) -> Dict[str, np.ndarray]:
+    """Run the users' current sessions to their end under ``policy``; per user: slates shown, clicks, total
+    true satisfaction and watch time (seconds)."""
     n = obs["user_id"].size
-    slates_shown = np.zeros(n)
-    clicks = np.zeros(n)
-    sat_sum = np.zeros(n)
-    watch = np.zeros(n)
+    out = {k: np.zeros(n) for k in ("slates", "clicks", "satisfaction", "watch")}
     while not obs["done"].all():
         live = ~obs["done"]
         resp = env.step(policy(obs))
-        slates_shown += live
         clicked = resp["click_index"] >= 0
-        clicks += clicked
-        sat_sum += np.where(clicked, np.nan_to_num(resp["satisfaction"]), 0.0)
-        watch += np.where(live, resp["dwell_s"], 0.0)
+        out["slates"] += live
+        out["clicks"] += clicked
+        out["satisfaction"] += np.where(clicked, np.nan_to_num(resp["satisfaction"]), 0.0)
+        out["watch"] += np.where(live, resp["dwell_s"], 0.0)
         obs = env.observation()
-    total_clicks = clicks.sum()
+    return out
+
+
+def run_episode(env: SimulatorEnv, policy: Callable[[dict], np.ndarray], num_users: int) -> Dict[str, float]:
+    """One session per user under ``policy`` (obs -> slates of raw ids); returns this seed's metrics."""
+    s = play_session(env, env.reset(num_users), policy)
+    total_clicks = s["clicks"].sum()
     return {
-        "ctr": float(total_clicks / max(slates_shown.sum(), 1)),
-        "satisfaction": float(sat_sum.sum() / max(total_clicks, 1)),
-        "satisfaction_per_session": float(sat_sum.mean()),
-        "watch_time": float(watch.mean()),
-        "session_length": float(slates_shown.mean()),
+        "ctr": float(total_clicks / max(s["slates"].sum(), 1)),
+        "satisfaction": float(s["satisfaction"].sum() / max(total_clicks, 1)),
+        "satisfaction_per_session": float(s["satisfaction"].mean()),
+        "watch_time": float(s["watch"].mean()),
+        "session_length": float(s["slates"].mean()),
     }
+
+
+def run_days(env: SimulatorEnv, policy: Callable[[dict], np.ndarray], users: np.ndarray, days: int) -> Dict[str, float]:
+    """Follow ``users`` for ``days`` days under ``policy``: one session a day while they keep returning
+    (the simulator's retention rule).  Satisfaction and watch time per session, cumulative satisfaction per
+    user, next-day return rate (returns / days with consumption that a next day follows), CTR."""
+    obs = env.reset(users)
+    n = len(users)
+    active = np.ones(n, bool)
+    tot = dict(sat=0.0, watch=0.0, clicks=0.0, slates=0.0, sessions=0.0, chances=0.0, returns=0.0)
+    for day in range(days):
+        if day:
+            obs = env.new_session(active)
+        s = play_session(env, obs, policy)
+        for k, v in (("sat", "satisfaction"), ("watch", "watch"), ("clicks", "clicks"), ("slates", "slates")):
+            tot[k] += s[v].sum()
+        tot["sessions"] += active.sum()
+        if day + 1 < days:
+            consumed = s["clicks"] > 0
+            back = env.next_day_returns(s["satisfaction"], s["clicks"])
+            tot["chances"] += consumed.sum()
+            tot["returns"] += (back & consumed).sum()
+            active = back
+    return {"satisfaction_per_session": tot["sat"] / tot["sessions"], "cumulative_satisfaction": tot["sat"] / n,
+            "return_rate": tot["returns"] / max(tot["chances"], 1), "watch_time": tot["watch"] / tot["sessions"],
+            "ctr": tot["clicks"] / max(tot["slates"], 1)}
+
+
+def catalog_score_fn(model, num_items: int) -> ScoreFn:
+    """A recommender's scores over the whole catalog as a :data:`ScoreFn` (the padding index 0 gets -inf)."""
+    catalog = torch.arange(1, num_items + 1)
+
+    @torch.no_grad()
+    def score_fn(items: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        scores = model.score_catalog(items, fb, catalog)
+        return torch.cat([torch.full((scores.shape[0], 1), -torch.inf), scores], dim=1)
+    return score_fn
 
 
 def recommender_policy(score_fn: ScoreFn, raw_to_idx: np.ndarray, idx_to_raw: np.ndarray, state_len: int,
