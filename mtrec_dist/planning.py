@@ -14,7 +14,7 @@ gets.  It returns a JSON-able dict with
 * the estimated all-to-all bytes per training step (see :data:`ALL_TO_ALL_FORMULA`),
 * the planner's own per-rank time estimate for the embedding work of one step.
 
-:func:`format_plan` renders that dict as a readable report.  A table that does not fit raises
+:func:`format_plan` (:mod:`.planning_text`) renders that dict as a readable report.  A table that does not fit raises
 :class:`CapacityError` (a ``ValueError``) with the sizes involved and what to change.
 
 Layering: above training (it plans with training's sharding functions); imported lazily, since torch and
@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-GIB = 1024**3
+# The text report lives in .planning_text (with GIB, which both use); format_plan stays importable from here.
+from mtrec_dist.planning_text import GIB, format_plan  # noqa: F401
+
 FP32_BYTES = 4
 ID_BYTES = 8  # int64 ids in the KeyedJaggedTensor
 LENGTH_BYTES = 4  # int32 lengths, one per sample per feature
@@ -89,6 +92,156 @@ def _validate(num_items, embedding_dim, world_size, local_world_size, hbm_gb_per
     need(0.0 <= reserve_fraction < 1.0, f"--reserve must be in [0, 1), got {reserve_fraction}")
 
 
+@dataclass(frozen=True)
+class _Memory:
+    """Per-rank memory of the target in bytes: the capacity, and what the tables may use after the reserve."""
+
+    hbm_bytes: int
+    ddr_bytes: int
+    hbm_usable: int
+    ddr_usable: int
+
+
+def _memory(compute_device: str, hbm_gb_per_rank: float, ddr_gb_per_rank: float, reserve_fraction: float) -> _Memory:
+    hbm_bytes = int(hbm_gb_per_rank * GIB) if compute_device == "cuda" else 0
+    ddr_bytes = int(ddr_gb_per_rank * GIB)
+    if compute_device == "cpu":  # TorchRec reserves HBM only; on CPU the tables live in DDR, reserve there
+        ddr_usable = int(ddr_bytes * (1.0 - reserve_fraction))
+    else:
+        ddr_usable = ddr_bytes
+    return _Memory(hbm_bytes=hbm_bytes, ddr_bytes=ddr_bytes, hbm_usable=int(hbm_bytes * (1.0 - reserve_fraction)),
+                   ddr_usable=ddr_usable)
+
+
+def _check_sharding_runs(sharders: List[Any], sharding: str, compute_device: str) -> None:
+    """A clear error for a sharding type TorchRec does not offer, or that training cannot run on CPU."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+
+    from mtrec_dist.training.sharding import CPU_SHARDING_TYPES
+
+    sharder = next(s for s in sharders if isinstance(s, EmbeddingCollectionSharder))
+    if sharding != "auto" and sharding not in sharder.sharding_types(compute_device):
+        raise CapacityError(f"--sharding {sharding} is not offered by TorchRec's EmbeddingCollectionSharder on "
+                            f"{compute_device}; choose from {sharder.sharding_types(compute_device)} or auto")
+    if compute_device == "cpu" and sharding not in ("auto", *CPU_SHARDING_TYPES):
+        raise CapacityError(f"--sharding {sharding} does not run on CPU ranks (gloo): training there uses the FUSED "
+                            f"kernel with {', '.join(CPU_SHARDING_TYPES)} only")
+
+
+def _rank_usage(so: Any, world_size: int, local_world_size: int, mem: _Memory) -> Tuple[List[dict], List[dict]]:
+    """The winning option's shards, and per rank their count, rows, planner storage and time, and capacity."""
+    per_rank = {r: {"rank": r, "node": r // local_world_size, "hbm_bytes": 0, "ddr_bytes": 0, "shards": 0,
+                    "rows": 0, "planner_ms": 0.0} for r in range(world_size)}
+    shards = []
+    for sh in so.shards:
+        r = int(sh.rank)
+        st = sh.storage
+        per_rank[r]["hbm_bytes"] += int(st.hbm)
+        per_rank[r]["ddr_bytes"] += int(st.ddr)
+        per_rank[r]["shards"] += 1
+        per_rank[r]["rows"] += int(sh.size[0])
+        per_rank[r]["planner_ms"] += float(sh.perf.total) if sh.perf is not None else 0.0
+        shards.append({"rank": r, "offsets": [int(x) for x in sh.offset], "sizes": [int(x) for x in sh.size],
+                       "hbm_bytes": int(st.hbm), "ddr_bytes": int(st.ddr)})
+    ranks = []
+    for r in range(world_size):
+        d = per_rank[r]
+        d["hbm_cap_bytes"], d["ddr_cap_bytes"] = mem.hbm_bytes, mem.ddr_bytes
+        d["hbm_usable_bytes"], d["ddr_usable_bytes"] = mem.hbm_usable, mem.ddr_usable
+        d["hbm_used_fraction"] = d["hbm_bytes"] / mem.hbm_usable if mem.hbm_usable else 0.0
+        d["ddr_used_fraction"] = d["ddr_bytes"] / mem.ddr_usable if mem.ddr_usable else 0.0
+        ranks.append(d)
+    return shards, ranks
+
+
+def _summary(ranks: List[dict]) -> Dict[str, Any]:
+    return {
+        "max_hbm_bytes": max(d["hbm_bytes"] for d in ranks),
+        "max_ddr_bytes": max(d["ddr_bytes"] for d in ranks),
+        "total_hbm_bytes": sum(d["hbm_bytes"] for d in ranks),
+        "total_ddr_bytes": sum(d["ddr_bytes"] for d in ranks),
+        "max_hbm_used_fraction": max(d["hbm_used_fraction"] for d in ranks),
+        "max_ddr_used_fraction": max(d["ddr_used_fraction"] for d in ranks),
+        "max_planner_ms_per_step": max(d["planner_ms"] for d in ranks),
+    }
+
+
+def _capturing_planner(train_cfg: Any, device: Any, topology: Any, ids_per_sample: int, batch_size_per_rank: int,
+                       reserve_percentage: float) -> Tuple[Any, List[Any]]:
+    """Training's planner for the item table, and the list its hook fills with the winning ShardingOptions."""
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+
+    from mtrec_dist.models.embeddings import ITEM_TABLE
+    from mtrec_dist.training.sharding import make_planner
+
+    captured: List[Any] = []
+
+    def _capture(best):  # public planner hook: sees the winning ShardingOptions (with storage and perf)
+        captured[:] = best
+        return best
+
+    planner = make_planner(
+        [ITEM_TABLE], train_cfg, device, topology, pooling_factor=float(ids_per_sample),
+        batch_size=int(batch_size_per_rank),
+        storage_reservation=FixedPercentageStorageReservation(percentage=reserve_percentage),
+        debug=False,
+        callbacks=[_capture],
+    )
+    return planner, captured
+
+
+def _plan_or_explain(planner: Any, module: Any, sharders: List[Any], sharding: str, compute_device: str,
+                     does_not_fit: Callable[[str], str]) -> Any:
+    """``planner.plan``, with TorchRec's errors turned into a :class:`CapacityError` that says what to change."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    try:
+        return planner.plan(module, sharders)
+    except RuntimeError as e:
+        if "No available sharding type" not in str(e):
+            raise
+        raise CapacityError(f"no sharding of the item table satisfies --sharding {sharding} on {compute_device}: "
+                            f"{e}") from None
+    except PlannerError as e:
+        raise CapacityError(does_not_fit(str(e))) from None
+
+
+def _best_option(plan: Any, captured: List[Any]) -> Any:
+    """The item table's winning ShardingOption, checked against the plan the planner returned."""
+    from mtrec_dist.models.embeddings import ITEM_TABLE
+
+    if not captured:
+        raise CapacityError("the TorchRec planner returned no sharding options for the item table")
+    so = captured[0]
+    param_sharding = plan.get_plan_for_module("ec")[ITEM_TABLE]
+    if param_sharding.sharding_type != so.sharding_type:  # the hook and the returned plan must agree
+        raise CapacityError(f"planner inconsistency: plan says {param_sharding.sharding_type}, "
+                            f"best option says {so.sharding_type}")
+    return so
+
+
+def _table_bytes(num_items: int, embedding_dim: int, sparse_optimizer: str) -> Tuple[int, int]:
+    """fp32 weights of the item table, and its fused optimizer's state."""
+    table_bytes = num_items * embedding_dim * FP32_BYTES
+    opt_mult = {"exact_rowwise_adagrad": 1.0 / embedding_dim, "exact_adagrad": 1.0, "exact_sgd": 0.0}
+    return table_bytes, math.ceil(table_bytes * opt_mult[sparse_optimizer])
+
+
+def _inputs(num_items, embedding_dim, world_size, local_world_size, hbm_gb_per_rank, ddr_gb_per_rank,
+            compute_device, batch_size_per_rank, ids_per_sample, sharding, sparse_optimizer, reserve_fraction,
+            features) -> Dict[str, Any]:
+    """The request as the report shows it."""
+    return {
+        "num_items": num_items, "embedding_dim": embedding_dim, "world_size": world_size,
+        "local_world_size": local_world_size, "nodes": world_size // local_world_size,
+        "hbm_gb_per_rank": hbm_gb_per_rank if compute_device == "cuda" else 0.0,
+        "ddr_gb_per_rank": ddr_gb_per_rank, "compute_device": compute_device,
+        "batch_size_per_rank": int(batch_size_per_rank), "ids_per_sample": int(ids_per_sample),
+        "sharding": sharding, "sparse_optimizer": sparse_optimizer, "reserve_fraction": reserve_fraction,
+        "features": features,
+    }
+
+
 def plan_capacity(
     num_items: int,
     embedding_dim: int,
@@ -112,14 +265,11 @@ def plan_capacity(
     """
     import torch
     import torchrec
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-    from torchrec.distributed.planner.types import PlannerError
     from torch.distributed.optim import _apply_optimizer_in_backward
 
     from mtrec_dist.config import TrainConfig
     from mtrec_dist.models.embeddings import DEFAULT_FEATURES, ITEM_TABLE, ItemEmbedding
-    from mtrec_dist.training.sharding import CPU_SHARDING_TYPES, make_planner, make_sharders, make_topology
+    from mtrec_dist.training.sharding import make_sharders, make_topology
 
     num_items, embedding_dim, world_size = int(num_items), int(embedding_dim), int(world_size)
     if local_world_size is None:
@@ -133,97 +283,26 @@ def plan_capacity(
     module = ItemEmbedding(num_items, embedding_dim, feature_names=features, device=torch.device("meta"))
     # The planner counts fused optimizer state from the parameters' registered optimizer classes.
     _apply_optimizer_in_backward(_optimizer_class(sparse_optimizer), module.parameters(), {"lr": 0.01})
-
-    hbm_bytes = int(hbm_gb_per_rank * GIB) if compute_device == "cuda" else 0
-    ddr_bytes = int(ddr_gb_per_rank * GIB)
-    if compute_device == "cpu":  # TorchRec reserves HBM only; on CPU the tables live in DDR, reserve there
-        ddr_usable = int(ddr_bytes * (1.0 - reserve_fraction))
-    else:
-        ddr_usable = ddr_bytes
+    mem = _memory(compute_device, hbm_gb_per_rank, ddr_gb_per_rank, reserve_fraction)
     device = torch.device(compute_device)
     # The training configuration being planned: training builds its sharders and constraints from it.
     train_cfg = TrainConfig(sharding=sharding, sparse_optimizer=sparse_optimizer)
-    topology = make_topology(world_size, local_world_size, device, hbm_bytes=hbm_bytes, ddr_bytes=ddr_usable)
-    captured: List[Any] = []
-
-    def _capture(best):  # public planner hook: sees the winning ShardingOptions (with storage and perf)
-        captured[:] = best
-        return best
-
-    planner = make_planner(
-        [ITEM_TABLE], train_cfg, device, topology, pooling_factor=float(ids_per_sample),
-        batch_size=int(batch_size_per_rank),
-        storage_reservation=FixedPercentageStorageReservation(
-            percentage=reserve_fraction if compute_device == "cuda" else 0.0),
-        debug=False,
-        callbacks=[_capture],
-    )
-    table_bytes = num_items * embedding_dim * FP32_BYTES
-    opt_mult = {"exact_rowwise_adagrad": 1.0 / embedding_dim, "exact_adagrad": 1.0, "exact_sgd": 0.0}
-    optimizer_bytes = math.ceil(table_bytes * opt_mult[sparse_optimizer])
+    topology = make_topology(world_size, local_world_size, device, hbm_bytes=mem.hbm_bytes, ddr_bytes=mem.ddr_usable)
+    planner, captured = _capturing_planner(train_cfg, device, topology, ids_per_sample, batch_size_per_rank,
+                                           reserve_fraction if compute_device == "cuda" else 0.0)
+    table_bytes, optimizer_bytes = _table_bytes(num_items, embedding_dim, sparse_optimizer)
     sharders = make_sharders(train_cfg)
-    sharder = next(s for s in sharders if isinstance(s, EmbeddingCollectionSharder))
-    if sharding != "auto" and sharding not in sharder.sharding_types(compute_device):
-        raise CapacityError(f"--sharding {sharding} is not offered by TorchRec's EmbeddingCollectionSharder on "
-                            f"{compute_device}; choose from {sharder.sharding_types(compute_device)} or auto")
-    if compute_device == "cpu" and sharding not in ("auto", *CPU_SHARDING_TYPES):
-        raise CapacityError(f"--sharding {sharding} does not run on CPU ranks (gloo): training there uses the FUSED "
-                            f"kernel with {', '.join(CPU_SHARDING_TYPES)} only")
-    try:
-        plan = planner.plan(module, sharders)
-    except RuntimeError as e:
-        if "No available sharding type" not in str(e):
-            raise
-        raise CapacityError(f"no sharding of the item table satisfies --sharding {sharding} on {compute_device}: "
-                            f"{e}") from None
-    except PlannerError as e:
-        raise CapacityError(_does_not_fit_message(
-            num_items, embedding_dim, table_bytes, optimizer_bytes, world_size, local_world_size, hbm_bytes,
-            ddr_bytes, compute_device, reserve_fraction, sharding, str(e))) from None
+    _check_sharding_runs(sharders, sharding, compute_device)
+    plan = _plan_or_explain(planner, module, sharders, sharding, compute_device, lambda planner_msg: _does_not_fit_message(
+        num_items, embedding_dim, table_bytes, optimizer_bytes, world_size, local_world_size, mem.hbm_bytes,
+        mem.ddr_bytes, compute_device, reserve_fraction, sharding, planner_msg))
     seconds = time.perf_counter() - t0
-    if not captured:
-        raise CapacityError("the TorchRec planner returned no sharding options for the item table")
-
-    so = captured[0]
-    param_sharding = plan.get_plan_for_module("ec")[ITEM_TABLE]
-    if param_sharding.sharding_type != so.sharding_type:  # the hook and the returned plan must agree
-        raise CapacityError(f"planner inconsistency: plan says {param_sharding.sharding_type}, "
-                            f"best option says {so.sharding_type}")
-    ranks = []
-    per_rank = {r: {"rank": r, "node": r // local_world_size, "hbm_bytes": 0, "ddr_bytes": 0, "shards": 0,
-                    "rows": 0, "planner_ms": 0.0} for r in range(world_size)}
-    shards = []
-    for sh in so.shards:
-        r = int(sh.rank)
-        st = sh.storage
-        per_rank[r]["hbm_bytes"] += int(st.hbm)
-        per_rank[r]["ddr_bytes"] += int(st.ddr)
-        per_rank[r]["shards"] += 1
-        per_rank[r]["rows"] += int(sh.size[0])
-        per_rank[r]["planner_ms"] += float(sh.perf.total) if sh.perf is not None else 0.0
-        shards.append({"rank": r, "offsets": [int(x) for x in sh.offset], "sizes": [int(x) for x in sh.size],
-                       "hbm_bytes": int(st.hbm), "ddr_bytes": int(st.ddr)})
-    hbm_usable = int(hbm_bytes * (1.0 - reserve_fraction))
-    for r in range(world_size):
-        d = per_rank[r]
-        d["hbm_cap_bytes"], d["ddr_cap_bytes"] = hbm_bytes, ddr_bytes
-        d["hbm_usable_bytes"], d["ddr_usable_bytes"] = hbm_usable, ddr_usable
-        d["hbm_used_fraction"] = d["hbm_bytes"] / hbm_usable if hbm_usable else 0.0
-        d["ddr_used_fraction"] = d["ddr_bytes"] / ddr_usable if ddr_usable else 0.0
-        ranks.append(d)
-
-    a2a = _all_to_all(so.sharding_type, shards, world_size, num_items, embedding_dim, batch_size_per_rank,
-                      ids_per_sample, len(features), table_bytes)
+    so = _best_option(plan, captured)
+    shards, ranks = _rank_usage(so, world_size, local_world_size, mem)
     return {
-        "inputs": {
-            "num_items": num_items, "embedding_dim": embedding_dim, "world_size": world_size,
-            "local_world_size": local_world_size, "nodes": world_size // local_world_size,
-            "hbm_gb_per_rank": hbm_gb_per_rank if compute_device == "cuda" else 0.0,
-            "ddr_gb_per_rank": ddr_gb_per_rank, "compute_device": compute_device,
-            "batch_size_per_rank": int(batch_size_per_rank), "ids_per_sample": int(ids_per_sample),
-            "sharding": sharding, "sparse_optimizer": sparse_optimizer, "reserve_fraction": reserve_fraction,
-            "features": features,
-        },
+        "inputs": _inputs(num_items, embedding_dim, world_size, local_world_size, hbm_gb_per_rank, ddr_gb_per_rank,
+                          compute_device, batch_size_per_rank, ids_per_sample, sharding, sparse_optimizer,
+                          reserve_fraction, features),
         "table": {
             "name": ITEM_TABLE, "rows": num_items, "dim": embedding_dim, "weight_bytes": table_bytes,
             "optimizer_bytes": optimizer_bytes,
@@ -234,16 +313,9 @@ def plan_capacity(
             "text": str(plan),
         },
         "ranks": ranks,
-        "summary": {
-            "max_hbm_bytes": max(d["hbm_bytes"] for d in ranks),
-            "max_ddr_bytes": max(d["ddr_bytes"] for d in ranks),
-            "total_hbm_bytes": sum(d["hbm_bytes"] for d in ranks),
-            "total_ddr_bytes": sum(d["ddr_bytes"] for d in ranks),
-            "max_hbm_used_fraction": max(d["hbm_used_fraction"] for d in ranks),
-            "max_ddr_used_fraction": max(d["ddr_used_fraction"] for d in ranks),
-            "max_planner_ms_per_step": max(d["planner_ms"] for d in ranks),
-        },
-        "all_to_all": a2a,
+        "summary": _summary(ranks),
+        "all_to_all": _all_to_all(so.sharding_type, shards, world_size, num_items, embedding_dim,
+                                  batch_size_per_rank, ids_per_sample, len(features), table_bytes),
         "planner": {"seconds": round(seconds, 3), "torchrec_version": torchrec.__version__,
                     "torch_version": torch.__version__},
     }
@@ -327,77 +399,3 @@ def _does_not_fit_message(num_items, dim, table_bytes, optimizer_bytes, world_si
         lines.append(f"  - --sharding {sharding} keeps the whole table on one rank; try --sharding row_wise or auto")
     lines.append(f"TorchRec planner: {detail}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Text rendering
-# --------------------------------------------------------------------------------------------------
-
-
-def _fmt_bytes(n: float) -> str:
-    n = float(n)
-    for unit, div in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= div:
-            return f"{n / div:,.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _rank_groups(ranks: List[dict], a2a: Dict[str, Any]) -> List[tuple]:
-    """Consecutive ranks with identical figures collapse into one row (64 identical ranks -> one line)."""
-    rows: List[tuple] = []
-    for d in ranks:
-        r = d["rank"]
-        key = (d["shards"], d["rows"], d["hbm_bytes"], d["ddr_bytes"], a2a["sent_bytes"][r],
-               a2a["received_bytes"][r])
-        if rows and rows[-1][2] == key and rows[-1][1] == r - 1:
-            rows[-1] = (rows[-1][0], r, key, d)
-        else:
-            rows.append((r, r, key, d))
-    return rows
-
-
-def format_plan(result: Dict[str, Any]) -> str:
-    inp, tab, plan, summ, a2a = (result["inputs"], result["table"], result["plan"], result["summary"],
-                                 result["all_to_all"])
-    out: List[str] = []
-    dev = inp["compute_device"]
-    mem = (f"{inp['hbm_gb_per_rank']:g} GiB HBM + {inp['ddr_gb_per_rank']:g} GiB DDR per rank"
-           if dev == "cuda" else f"{inp['ddr_gb_per_rank']:g} GiB DDR per rank")
-    out.append(f"Target: {inp['world_size']} {dev} rank(s) on {inp['nodes']} node(s) x {inp['local_world_size']}, "
-               f"{mem}, {inp['reserve_fraction']:.0%} reserved for dense params/activations")
-    out.append(f"Table:  {tab['name']}: {tab['rows']:,} rows x {tab['dim']} dims, fp32 weights "
-               f"{_fmt_bytes(tab['weight_bytes'])} + {inp['sparse_optimizer']} state "
-               f"{_fmt_bytes(tab['optimizer_bytes'])}; features {', '.join(inp['features'])}")
-    out.append(f"Batch:  {inp['batch_size_per_rank']} samples per rank x {inp['ids_per_sample']} ids per sample "
-               f"(sharding requested: {inp['sharding']})")
-    out.append("")
-    out.append(f"Plan (TorchRec {result['planner']['torchrec_version']} EmbeddingShardingPlanner, "
-               f"{result['planner']['seconds']:.2f} s): sharding={plan['sharding_type']} "
-               f"kernel={plan['compute_kernel']} shards={plan['num_shards']} on {len(plan['ranks'])} rank(s)")
-    out.append("")
-    hdr = f"{'ranks':>11} {'shards':>6} {'rows':>15} {'HBM used':>12} {'HBM %':>6} {'DDR used':>12} {'DDR %':>6} " \
-          f"{'a2a sent':>11} {'a2a recv':>11}"
-    out.append(hdr)
-    out.append("-" * len(hdr))
-    for first, last, _key, d in _rank_groups(result["ranks"], a2a):
-        label = f"{first}" if first == last else f"{first}-{last}"
-        out.append(f"{label:>11} {d['shards']:>6} {d['rows']:>15,} {_fmt_bytes(d['hbm_bytes']):>12} "
-                   f"{d['hbm_used_fraction'] * 100:>5.1f}% {_fmt_bytes(d['ddr_bytes']):>12} "
-                   f"{d['ddr_used_fraction'] * 100:>5.1f}% {_fmt_bytes(a2a['sent_bytes'][first]):>11} "
-                   f"{_fmt_bytes(a2a['received_bytes'][first]):>11}")
-    out.append("")
-    out.append(f"Per-rank memory (max): HBM {_fmt_bytes(summ['max_hbm_bytes'])} "
-               f"({summ['max_hbm_used_fraction']:.1%} of usable), DDR {_fmt_bytes(summ['max_ddr_bytes'])} "
-               f"({summ['max_ddr_used_fraction']:.1%} of usable)")
-    if a2a["applies"]:
-        out.append(f"All-to-all per step: max {_fmt_bytes(a2a['max_sent_bytes_per_rank'])} sent and "
-                   f"{_fmt_bytes(a2a['max_received_bytes_per_rank'])} received per rank; "
-                   f"{_fmt_bytes(a2a['cluster_bytes_per_step'])} over the whole cluster")
-    else:
-        out.append(f"No all-to-all (data_parallel): gradient all-reduce about "
-                   f"{_fmt_bytes(a2a['gradient_allreduce_bytes_per_rank'])} per rank per step")
-    out.append(f"Planner's estimate of the embedding work per step (slowest rank): "
-               f"{summ['max_planner_ms_per_step']:.3f} ms")
-    out.append("")
-    out.append("How the all-to-all bytes are computed: " + a2a["formula"])
-    return "\n".join(out)

@@ -1,0 +1,373 @@
+"""One Ray Train worker of :func:`~mtrec_dist.training.loop.fit_distributed`: :func:`train_worker`.
+
+The worker's life is a few named steps around two small objects: :class:`_Worker` (what is fixed once the
+worker is set up: rank, device, sharded model, optimizer, metrics writer) and :class:`_RunState` (what
+training moves forward: step, epoch, rows seen, the row ids consumed in the epoch in progress, and the
+bookkeeping of checkpoints and Ray reports).
+
+1. :func:`_set_up` builds and shards the model and its combined optimizer;
+2. :func:`_restore` loads ``ray.train.get_checkpoint()`` (a restart) or the explicit ``resume`` checkpoint,
+   or else :func:`_warm_start` copies an earlier run's weights;
+3. :func:`_train_epoch` streams the rank's dataset shard: :func:`_train_step` per batch, then
+   :func:`_report_if_due` (metrics every ``report_every`` steps, a checkpoint every ``checkpoint_every``);
+   :func:`_end_epoch` logs the epoch's row-id checksum;
+4. :func:`_finish` checkpoints the final state unless it was just checkpointed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from mtrec_dist.config import TrainConfig
+from mtrec_dist.training.metrics_log import IntervalStats, MetricsWriter
+
+TRAIN_DATASET = "train"
+FAULT_MARKER = ".fault_injected"
+
+
+def _empty_ids() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class _Worker:
+    """What stays fixed for the life of one worker once it is set up."""
+
+    config: Dict[str, Any]            # fit_distributed's worker_config
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    sharded: Any                      # sharding.ShardedModel: .dmp, .optimizer, .plan, .call_hook
+    writer: MetricsWriter
+
+    @property
+    def dmp(self):
+        return self.sharded.dmp
+
+    @property
+    def opt(self):
+        return self.sharded.optimizer
+
+
+@dataclass
+class _RunState:
+    """What training moves forward, and what a checkpoint must record to resume it."""
+
+    step: int = 0
+    epoch: int = 0
+    rows_seen: int = 0                # global: summed over ranks
+    carried: np.ndarray = field(default_factory=_empty_ids)  # rows of this epoch trained on before a restore
+    consumed: List[torch.Tensor] = field(default_factory=list)  # row ids trained on in this epoch (this attempt)
+    last_ckpt: Tuple[int, int] = (-1, -1)  # (step, epoch) of this attempt's last checkpoint
+    last_metrics: Dict[str, Any] = field(default_factory=dict)
+    stats: IntervalStats = field(default_factory=IntervalStats)
+    last_ray_report: float = 0.0      # time.monotonic() of the last ray.train.report
+    confirm_checkpoint: bool = False  # identical on every rank: set at the same checkpoint steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Small collectives
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_checksum(parts: List[np.ndarray], device: torch.device, world_size: int) -> Dict[str, float]:
+    import torch.distributed as dist
+
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    ids_f = ids.astype(np.float64)
+    vec = torch.tensor([float(ids.size), ids_f.sum(), (ids_f ** 2).sum()], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(vec)
+    return {"rows": int(vec[0]), "row_id_sum": float(vec[1]), "row_id_sqsum": float(vec[2])}
+
+
+def _agree_on_rank0(flag: bool, device: torch.device, world_size: int) -> bool:
+    """Rank 0's ``flag`` on every rank (one tiny broadcast), for decisions that must be identical."""
+    if world_size <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _quiet_library_loggers() -> None:
+    """FBGEMM/TorchRec log every kernel's full argument list at INFO and Ray Train logs every report: on a
+    console that buries the progress lines.  ``MTREC_WORKER_LOG_LEVEL=INFO`` brings them back."""
+    import logging
+
+    level = getattr(logging, os.environ.get("MTREC_WORKER_LOG_LEVEL", "WARNING").upper(), logging.WARNING)
+    for name in ("", "fbgemm_gpu", "torchrec", "ray.train"):
+        logging.getLogger(name).setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup and restore
+# --------------------------------------------------------------------------------------------------
+
+
+def _set_up(config: Dict[str, Any]) -> _Worker:
+    """Seed, pick the device, build ``model_factory`` on the meta device and shard it with its optimizer."""
+    import ray.train
+    import ray.train.torch
+
+    from mtrec_dist.training.sharding import shard_model
+
+    cfg: TrainConfig = config["train_cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank (DDP also syncs it)
+    np.random.seed(cfg.seed + rank)
+
+    writer = MetricsWriter(config["output_dir"], config["run_name"], enabled=(rank == 0))
+    model = config["model_factory"](torch.device("meta"))
+    sharded = shard_model(model, cfg, device, world, ctx.get_local_world_size())
+    sharded.dmp.train()
+    return _Worker(config=config, cfg=cfg, rank=rank, world=world, device=device, sharded=sharded, writer=writer)
+
+
+def _restore(w: _Worker, s: _RunState) -> Any:
+    """Load this run's own checkpoint (a restart) or else the ``resume`` one into ``s``; return where it came
+    from (``None`` when the run starts fresh)."""
+    import ray.train
+
+    from mtrec_dist.training.checkpoint import load_checkpoint, local_checkpoint_dir
+
+    ckpt = ray.train.get_checkpoint()
+    source = ckpt if ckpt is not None else (w.config["resume_path"] or None)
+    if source is None:
+        return None
+    ctx_dir = source.as_directory() if ckpt is not None else local_checkpoint_dir(source)
+    with ctx_dir as d:
+        meta = load_checkpoint(d, w.dmp, w.opt)
+    s.step, s.epoch, s.rows_seen = int(meta["step"]), int(meta["epoch"]), int(meta["rows_seen"])
+    s.carried = meta["skip_row_ids"]
+    if meta.get("config_hash") != w.config["config_hash"]:
+        w.writer.event("warning", message=f"config hash {w.config['config_hash']} differs from the checkpoint's "
+                       f"{meta.get('config_hash')}: the run continues with the new config")
+    return ckpt.path if ckpt is not None else source
+
+
+def _warm_start(w: _Worker) -> Any:
+    """Copy the ``warm_start`` checkpoint's weights into a fresh run (every rank fills its own shards)."""
+    from mtrec_dist.training.checkpoint import warm_start_module
+
+    if not w.config.get("warm_start"):
+        return None
+    report = warm_start_module(w.dmp, w.config["warm_start"])
+    if report["max_abs_diff"] != 0.0:
+        raise RuntimeError(f"warm start from {w.config['warm_start']} did not copy the weights exactly "
+                           f"(max |diff| {report['max_abs_diff']})")
+    return report
+
+
+def _log_start(w: _Worker, s: _RunState, restored_from: Any, warm_report: Any, t_enter: float) -> None:
+    """The ``start`` event: where the run resumed from, the plan and every rank's shard sizes."""
+    import torch.distributed as dist
+
+    from mtrec_dist.training.sharding import local_shard_sizes, plan_summary
+
+    shard_sizes: List[Any] = [local_shard_sizes(w.dmp)]
+    if w.world > 1:
+        shard_sizes = [None] * w.world
+        dist.all_gather_object(shard_sizes, local_shard_sizes(w.dmp))
+    w.writer.event("start", step=s.step, epoch=s.epoch, restored_from=restored_from, warm_start=warm_report,
+                   world_size=w.world, device=str(w.device), plan=plan_summary(w.sharded.plan),
+                   shard_sizes_by_rank=shard_sizes, worker_entered=t_enter, setup_s=time.time() - t_enter)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _consumed_ids(s: _RunState) -> np.ndarray:
+    return torch.cat(s.consumed).cpu().numpy() if s.consumed else _empty_ids()
+
+
+def _checkpoint_and_report(w: _Worker, s: _RunState, metrics: Dict[str, Any]) -> None:
+    """Save a DCP checkpoint of the current state and hand it to Ray Train with ``metrics``."""
+    import ray.train
+
+    from mtrec_dist.training.checkpoint import save_checkpoint
+    from mtrec_dist.training.sharding import plan_summary
+
+    mine = _consumed_ids(s)
+    if w.rank == 0 and s.carried.size:  # rank 0 records the rows the restored checkpoint had consumed
+        mine = np.concatenate([s.carried, mine])
+    meta = {**w.config["extra_meta"], "step": s.step, "epoch": s.epoch, "rows_seen": s.rows_seen,
+            "world_size": w.world, "config_hash": w.config["config_hash"], "run_name": w.config["run_name"],
+            "plan": plan_summary(w.sharded.plan), "metrics": metrics}
+    tmp = tempfile.mkdtemp(prefix=f"mtrec-ckpt-r{w.rank}-")
+    try:
+        save_checkpoint(tmp, w.dmp, w.opt, rank=w.rank, meta=meta, consumed_row_ids=mine)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_step{s.step:08d}_{int(time.time() * 1000)}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s.last_ckpt = (s.step, s.epoch)
+    w.writer.event("checkpoint", step=s.step, epoch=s.epoch)
+
+
+def _interval_metrics(w: _Worker, s: _RunState) -> Dict[str, Any]:
+    """The interval's metrics reduced over ranks (``rows_seen`` advanced); starts the next interval."""
+    m = s.stats.reduce(w.device, w.world)
+    if "loss" in m and not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"non-finite loss {m['loss']} at step {s.step}")
+    s.rows_seen += int(m["interval_rows"])  # global: summed over ranks
+    m.update(step=s.step, epoch=s.epoch, rows_seen=s.rows_seen)
+    s.stats.reset()
+    return m
+
+
+def _maybe_inject_fault(w: _Worker, s: _RunState) -> None:
+    """``train.fail_at_step``: the last rank exits once after a checkpoint, so FailureConfig must recover."""
+    cfg = w.cfg
+    if not (cfg.fail_at_step and s.step >= cfg.fail_at_step and w.rank == w.world - 1):
+        return
+    marker = Path(w.config["output_dir"]) / f"{FAULT_MARKER}_{w.config['run_name']}"
+    if not marker.exists():
+        marker.write_text(f"rank {w.rank} exits after the checkpoint of step {s.step}\n")
+        os._exit(1)
+
+
+def _report_if_due(w: _Worker, s: _RunState) -> None:
+    """Every ``report_every`` steps write the metrics (and give Ray some of them); every
+    ``checkpoint_every`` steps also checkpoint."""
+    import ray.train
+
+    cfg = w.cfg
+    do_ckpt = s.step % cfg.checkpoint_every == 0
+    if not (s.step % cfg.report_every == 0 or do_ckpt):
+        return
+    s.last_metrics = _interval_metrics(w, s)
+    if do_ckpt:
+        _checkpoint_and_report(w, s, s.last_metrics)
+        s.last_ray_report = time.monotonic()
+        s.confirm_checkpoint = True
+    elif s.confirm_checkpoint or _agree_on_rank0(
+            time.monotonic() - s.last_ray_report >= cfg.ray_report_min_interval_s, w.device, w.world):
+        # Ray Train V2 keeps one pending result per worker and drains it every ~2 s: reporting more often
+        # blocks the step (measured 4-5x slower), so Ray gets at most one result per interval while
+        # metrics.jsonl / TensorBoard get every one.  Rank 0 decides for all, so every rank makes the same
+        # number of report() calls.
+        # The first report after a checkpoint always goes out: it waits until the controller has taken the
+        # checkpoint's result, so a failure from here on restores at least that checkpoint (steps redone
+        # stay within one checkpoint interval).
+        ray.train.report(s.last_metrics)
+        s.last_ray_report = time.monotonic()
+        s.confirm_checkpoint = False
+    w.writer.metrics(s.last_metrics)
+    if do_ckpt:
+        _maybe_inject_fault(w, s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def _train_step(w: _Worker, s: _RunState, batch: Dict[str, torch.Tensor]) -> None:
+    """One optimizer step on ``batch``; its real (unpadded) rows count towards the interval and the epoch."""
+    out = w.dmp(batch)
+    w.opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    w.opt.step()
+    w.sharded.call_hook("update_target")
+    s.stats.add(out, batch["mask"].sum())
+    ids = batch["row_id"][batch["mask"] > 0]
+    s.consumed.append(ids)
+    s.stats.rows += int(ids.numel())
+    s.stats.steps += 1
+    s.step += 1
+
+
+def _reached_max_steps(cfg: TrainConfig, s: _RunState) -> bool:
+    return bool(cfg.max_steps) and s.step >= cfg.max_steps
+
+
+def _train_epoch(w: _Worker, s: _RunState, shard: Any) -> bool:
+    """Train on the rank's shard for the rest of the epoch; ``True`` when ``max_steps`` stopped it early."""
+    from mtrec_dist.data.pipeline import iter_train_batches
+
+    cfg, rank = w.cfg, w.rank
+    batches = iter_train_batches(
+        shard, cfg.batch_size, w.device, state_len=w.config["state_len"], skip_row_ids=s.carried,
+        prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
+        local_shuffle_seed=(cfg.seed * 1009 + s.epoch * 17 + rank) if cfg.shuffle_buffer_rows else None,
+    )
+    t_data = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        s.stats.data_s += t0 - t_data
+        _train_step(w, s, batch)
+        s.stats.compute_s += time.perf_counter() - t0
+        _report_if_due(w, s)
+        if _reached_max_steps(cfg, s):
+            return True
+        t_data = time.perf_counter()
+    return False
+
+
+def _end_epoch(w: _Worker, s: _RunState) -> None:
+    """Log the epoch's row-id checksum (all ranks; rank 0 adds the rows a restored checkpoint had consumed)
+    and start the next epoch."""
+    # the epoch is complete on every rank (iter_train_batches stops all ranks at the same step)
+    parts = [s.carried] + ([_consumed_ids(s)] if s.consumed else [])
+    checksum = _row_checksum(parts if w.rank == 0 else parts[1:], w.device, w.world)
+    w.writer.event("epoch_end", epoch=s.epoch, step=s.step, **checksum)
+    s.epoch += 1
+    s.carried = _empty_ids()
+    s.consumed = []
+
+
+def _finish(w: _Worker, s: _RunState) -> None:
+    """Checkpoint the final state unless it was just checkpointed, then log the end."""
+    if s.last_ckpt != (s.step, s.epoch):
+        if s.stats.steps:
+            final = _interval_metrics(w, s)
+            w.writer.metrics(final)
+        else:  # the last interval was just written: report it again to Ray, but do not repeat it in metrics.jsonl
+            final = dict(s.last_metrics, step=s.step, epoch=s.epoch, rows_seen=s.rows_seen)
+        _checkpoint_and_report(w, s, final)
+    w.writer.event("end", step=s.step, epoch=s.epoch, rows_seen=s.rows_seen)
+    w.writer.close()
+
+
+def train_worker(config: Dict[str, Any]) -> None:
+    """The Ray Train worker function: set up, restore or warm-start, train the epochs, checkpoint the end."""
+    import ray.train
+    import torch.distributed as dist
+
+    t_enter = time.time()
+    _quiet_library_loggers()
+    w = _set_up(config)
+    s = _RunState()
+    restored_from = _restore(w, s)
+    warm_report = _warm_start(w) if restored_from is None else None
+    _log_start(w, s, restored_from, warm_report, t_enter)
+
+    shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+    s.stats = IntervalStats()  # the first interval starts here, not at setup
+    s.last_ray_report = time.monotonic()
+    stop = _reached_max_steps(w.cfg, s)
+    while not stop and s.epoch < w.cfg.epochs:
+        stop = _train_epoch(w, s, shard)
+        if not stop:
+            _end_epoch(w, s)
+    _finish(w, s)
+    if dist.is_initialized():
+        dist.barrier()
