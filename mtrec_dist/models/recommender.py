@@ -90,6 +90,7 @@ class SequentialRecommender(nn.Module):
         if ac:
             s2, fb2 = batch["next_state_items"].long(), batch["next_state_feedback"].float()
             ids["next_state"] = s2
+        negatives = None
         if self.sampler is None:
             ids["catalog"] = self.catalog_ids(dev)
         else:
@@ -97,6 +98,7 @@ class SequentialRecommender(nn.Module):
             ids["candidates"] = negatives
         emb = self.item_embedding(ids)
 
+        h2 = None
         if ac:
             h_both = self.encoder(torch.cat([emb["state"], emb["next_state"]]), torch.cat([fb, fb2]),
                                   torch.cat([s, s2]) != 0)
@@ -106,46 +108,17 @@ class SequentialRecommender(nn.Module):
         e_a = emb["action"][:, 0]
         items = emb["catalog"] if self.sampler is None else emb["candidates"]  # [C, D]
         logits = h @ items.T  # [B, C]
-
-        if self.sampler is None:
-            log_q_cand, cand_valid = None, None
-            target_col = (action - 1).clamp_min(0)  # padding rows may carry action 0; they are masked
-        else:
-            m = cfg.num_negatives
-            log_q_cand = self.sampler.log_expected_count(negatives, m)
-            log_q_pos = self.sampler.log_expected_count(action, m)
-            cand_valid = negatives.view(1, -1) != action.view(-1, 1)  # accidental hits dropped
+        log_q_cand, cand_valid = self._candidate_terms(action, negatives)
 
         out: Dict[str, torch.Tensor] = {}
-        q_adv = None
-        if ac:
-            q_proj = self.q_head(h)
-            q_sa = (q_proj * e_a).sum(-1)
-            q_all = q_proj @ items.T
-            with torch.no_grad():
-                pi = self._policy(logits.detach(), log_q_cand, cand_valid)
-                q_adv = q_sa.detach() - (pi * q_all.detach()).sum(-1)
-                pi2 = self._policy(h2.detach() @ items.detach().T, log_q_cand, None)
-                v2 = (pi2 * (self.q_head(h2.detach()) @ items.detach().T)).sum(-1)
-            td = td_loss(q_sa, self._need(batch, "reward_mean"), v2, batch["done"].float(), cfg.ac_gamma, mask)
-            out["td"] = td
-            out["q_advantage_std"] = q_adv.std() if b > 1 else torch.zeros((), device=dev)
-
+        q_adv = self._actor_critic(batch, h, h2, e_a, items, logits, log_q_cand, cand_valid, mask, out) if ac else None
         weights = guidance_weights(
             self.guidance, mask, cfg.weight_temperature, cfg.weight_min, cfg.weight_max,
             reward_mean=batch.get("reward_mean"), reward_baseline=batch.get("reward_baseline"),
             reward_cvar=batch.get("reward_cvar"), cvar_baseline=batch.get("reward_cvar_baseline"),
             q_advantage=q_adv,
         )
-        if self.sampler is None:
-            ce_w = full_softmax_ce(logits, target_col, mask, weights)
-            with torch.no_grad():
-                ce = full_softmax_ce(logits, target_col, mask)
-        else:
-            pos = (h * e_a).sum(-1)
-            ce_w = sampled_softmax_ce(pos, logits, log_q_pos, log_q_cand, mask, weights, cand_valid)
-            with torch.no_grad():
-                ce = sampled_softmax_ce(pos, logits, log_q_pos, log_q_cand, mask, None, cand_valid)
+        ce_w, ce = self._cross_entropy(logits, h, e_a, action, log_q_cand, cand_valid, mask, weights)
         loss = ce_w + (cfg.td_weight * out["td"] if ac else 0.0)
         real = mask > 0
         out.update({
@@ -157,6 +130,48 @@ class SequentialRecommender(nn.Module):
             "real_rows": mask.sum(),
         })
         return out
+
+    def _candidate_terms(self, action: torch.Tensor, negatives: Optional[torch.Tensor]):
+        """(log expected count of each sampled candidate, which candidates are not the row's own action);
+        both ``None`` under the full softmax."""
+        if self.sampler is None:
+            return None, None
+        log_q_cand = self.sampler.log_expected_count(negatives, self.rec_cfg.num_negatives)
+        cand_valid = negatives.view(1, -1) != action.view(-1, 1)  # accidental hits dropped
+        return log_q_cand, cand_valid
+
+    def _cross_entropy(self, logits, h, e_a, action, log_q_cand, cand_valid, mask, weights):
+        """(weighted cross-entropy with gradient, unweighted cross-entropy detached)."""
+        if self.sampler is None:
+            target_col = (action - 1).clamp_min(0)  # padding rows may carry action 0; they are masked
+            ce_w = full_softmax_ce(logits, target_col, mask, weights)
+            with torch.no_grad():
+                ce = full_softmax_ce(logits, target_col, mask)
+            return ce_w, ce
+        log_q_pos = self.sampler.log_expected_count(action, self.rec_cfg.num_negatives)
+        pos = (h * e_a).sum(-1)
+        ce_w = sampled_softmax_ce(pos, logits, log_q_pos, log_q_cand, mask, weights, cand_valid)
+        with torch.no_grad():
+            ce = sampled_softmax_ce(pos, logits, log_q_pos, log_q_cand, mask, None, cand_valid)
+        return ce_w, ce
+
+    def _actor_critic(self, batch, h, h2, e_a, items, logits, log_q_cand, cand_valid, mask,
+                      out: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """SA2C: the Q head's one-step TD loss (``out["td"]``) and its detached advantage
+        ``Q(s,a) - E_{a'~pi(.|s)} Q(s,a')``, which weights the cross-entropy."""
+        cfg = self.rec_cfg
+        q_proj = self.q_head(h)
+        q_sa = (q_proj * e_a).sum(-1)
+        q_all = q_proj @ items.T
+        with torch.no_grad():
+            pi = self._policy(logits.detach(), log_q_cand, cand_valid)
+            q_adv = q_sa.detach() - (pi * q_all.detach()).sum(-1)
+            pi2 = self._policy(h2.detach() @ items.detach().T, log_q_cand, None)
+            v2 = (pi2 * (self.q_head(h2.detach()) @ items.detach().T)).sum(-1)
+        td = td_loss(q_sa, self._need(batch, "reward_mean"), v2, batch["done"].float(), cfg.ac_gamma, mask)
+        out["td"] = td
+        out["q_advantage_std"] = q_adv.std() if h.shape[0] > 1 else torch.zeros((), device=h.device)
+        return q_adv
 
     @staticmethod
     def _policy(logits: torch.Tensor, log_q: Optional[torch.Tensor], valid: Optional[torch.Tensor]) -> torch.Tensor:
