@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+
+from mtrec_dist.commands._common import add_ray_address_flag
 
 
 def add_training_flags(p: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -15,7 +19,7 @@ def add_training_flags(p: argparse.ArgumentParser, resume: bool = True) -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop every stage after this many steps (default: train.max_steps, or the stage's "
                         "reward_train/rec_train.max_steps)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
+    add_ray_address_flag(p)
     p.add_argument("--quiet", action="store_true", help="no per-report progress lines")
 
 
@@ -29,3 +33,14 @@ def apply_training_flags(cfg, args) -> None:
     if args.ray_address:
         cfg.ray_address = args.ray_address
     cfg.validate()
+
+
+def print_training_summary(headline: str, summary: dict) -> None:
+    """What train-reward and train-rec print once a run is done: ``headline`` with the last step, loss
+    and throughput, where the checkpoint and the metrics are, and the numeric metrics as JSON."""
+    m = summary["metrics"]
+    print(f"{headline}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4g}, "
+          f"{m.get('samples_per_s', 0.0):.0f} samples/s")
+    print(f"  checkpoint: {summary['checkpoint_path']}")
+    print(f"  metrics:    {os.path.join(summary['output_dir'], 'metrics.jsonl')} (+ tensorboard/)")
+    print(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float))}, default=float))

@@ -6,6 +6,8 @@ import glob
 import json
 import os
 
+from mtrec_dist.commands._common import add_prepared_flag, add_ray_address_flag, load_run_config, prepared_dir
+
 NAME = "evaluate"
 HELP = ("evaluate a run's reward model and recommenders: full-ranking and 100-negative HR/NDCG on all and "
         "satisfied targets, reward validity (Spearman/AUC), online simulator metrics with 95%% CIs; writes "
@@ -13,8 +15,7 @@ HELP = ("evaluate a run's reward model and recommenders: full-ranking and 100-ne
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prepared", default=None, metavar="DIR",
-                   help="prepared dataset (default: prepare.output, else <run_dir>/prepared)")
+    add_prepared_flag(p)
     p.add_argument("--scores", default=None, metavar="DIR", help="scored transitions (default: <run_dir>/rewards)")
     p.add_argument("--reward-dir", default=None, metavar="DIR", help="train-reward output (default: <run_dir>/reward)")
     p.add_argument("--rec", action="append", default=[], metavar="DIR",
@@ -22,12 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim", default=None, metavar="DIR",
                    help="simulator output with truth/ for online evaluation (default: <run_dir>/sim if present)")
     p.add_argument("--out", default=None, metavar="DIR", help="report directory (default: <run_dir>/report)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
+    add_ray_address_flag(p)
 
 
 def run(args) -> int:
-    from mtrec_dist.config import load_config
-    from mtrec_dist.data.prepare import default_paths
     from mtrec_dist.data.simulator import default_sim_dir
     from mtrec_dist.evaluation.evaluate import evaluate_run, headline
     from mtrec_dist.evaluation.report import write_report
@@ -35,11 +34,9 @@ def run(args) -> int:
     from mtrec_dist.runtime import init_ray
     from mtrec_dist.training.recommender import POINTER_FILE
 
-    cfg = load_config(args.config, args.overrides)
-    if args.ray_address:
-        cfg.ray_address = args.ray_address
+    cfg = load_run_config(args)
     layout = RunLayout(cfg.run_dir)
-    prepared = args.prepared or default_paths(cfg)[1]
+    prepared = prepared_dir(args, cfg)
     rec_dirs = args.rec or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(layout.rec_root, "*", POINTER_FILE)))
     if not rec_dirs:
         raise FileNotFoundError(f"no trained recommenders under {layout.rec_root}; run `mtrec train-rec` or pass --rec")

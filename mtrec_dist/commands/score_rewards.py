@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mtrec_dist.commands._common import add_prepared_flag, add_ray_address_flag, load_run_config, prepared_dir
+
 NAME = "score-rewards"
 HELP = ("score every logged transition (or given state/candidate rows) with a trained reward model on Ray "
         "Data: reward quantiles, mean, lower-tail CVaR and the soft-policy baseline, written to Parquet")
@@ -12,28 +14,23 @@ HELP = ("score every logged transition (or given state/candidate rows) with a tr
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="reward model checkpoint (default: the one named by <run_dir>/reward/reward_model.json)")
-    p.add_argument("--prepared", default=None, metavar="DIR",
-                   help="prepared dataset whose transitions are scored (default: prepare.output, else <run_dir>/prepared)")
+    add_prepared_flag(p, "prepared dataset whose transitions are scored")
     p.add_argument("--pairs", default=None, metavar="PATH",
                    help="instead of transitions, score this Parquet of state_items [, state_feedback], candidate rows")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory/URI (default: <run_dir>/rewards)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: ray_address, else a local one)")
+    add_ray_address_flag(p)
 
 
 def run(args) -> int:
-    from mtrec_dist.config import load_config
-    from mtrec_dist.data.prepare import default_paths
     from mtrec_dist.layout import RunLayout
     from mtrec_dist.training.reward import default_reward_checkpoint
     from mtrec_dist.training.scoring import score_rewards
 
-    cfg = load_config(args.config, args.overrides)
-    if args.ray_address:
-        cfg.ray_address = args.ray_address
+    cfg = load_run_config(args)
     layout = RunLayout(cfg.run_dir)
     checkpoint = args.checkpoint or default_reward_checkpoint(layout.reward)
-    prepared = None if args.pairs else (args.prepared or default_paths(cfg)[1])
+    prepared = None if args.pairs else prepared_dir(args, cfg)
     out = args.out or layout.rewards
     summary = score_rewards(cfg, checkpoint, prepared, out, pairs_path=args.pairs, overwrite=args.overwrite)
     print(f"scored {summary['rows']:,} {summary['mode']} rows in {summary['seconds']}s "

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags
+from mtrec_dist.commands._common import add_prepared_flag, prepared_dir
+from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags, print_training_summary
 
 NAME = "train-rec"
 HELP = ("train a sequential recommender (SASRec, GRU4Rec, Caser, NextItNet) on scored transitions with "
@@ -19,8 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the mental reward steers the loss (default: rec.guidance; none = click-trained)")
     p.add_argument("--scores", default=None, metavar="DIR",
                    help="scored transitions from `mtrec score-rewards` (default: <run_dir>/rewards)")
-    p.add_argument("--prepared", default=None, metavar="DIR",
-                   help="the prepared dataset they were scored from (default: prepare.output, else <run_dir>/prepared)")
+    add_prepared_flag(p, "the prepared dataset they were scored from")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output dir (default: <run_dir>/rec/<backbone>-<guidance>)")
     add_training_flags(p)
@@ -28,7 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from mtrec_dist.config import load_config
-    from mtrec_dist.data.prepare import default_paths
     from mtrec_dist.layout import RunLayout
     from mtrec_dist.training.recommender import train_recommender
 
@@ -38,15 +35,9 @@ def run(args) -> int:
     if args.guidance:
         cfg.rec.guidance = args.guidance
     apply_training_flags(cfg, args)
-    prepared = args.prepared or default_paths(cfg)[1]
     layout = RunLayout(cfg.run_dir)
     scores = args.scores or layout.rewards
     out = args.out or layout.rec(cfg.rec.backbone, cfg.rec.guidance)
-    s = train_recommender(cfg, scores, prepared, out, resume=args.resume, progress=not args.quiet)
-    m = s["metrics"]
-    print(f"{s['backbone']}/{s['guidance']} trained on {s['train_rows']:,} rows: step {m.get('step')}, "
-          f"loss {m.get('loss', float('nan')):.4g}, {m.get('samples_per_s', 0.0):.0f} samples/s")
-    print(f"  checkpoint: {s['checkpoint_path']}")
-    print(f"  metrics:    {os.path.join(s['output_dir'], 'metrics.jsonl')} (+ tensorboard/)")
-    print(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float))}, default=float))
+    s = train_recommender(cfg, scores, prepared_dir(args, cfg), out, resume=args.resume, progress=not args.quiet)
+    print_training_summary(f"{s['backbone']}/{s['guidance']} trained on {s['train_rows']:,} rows", s)
     return 0

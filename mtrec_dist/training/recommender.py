@@ -18,8 +18,9 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from mtrec_dist.config import ModelConfig, PipelineConfig, RecConfig, from_dict
+from mtrec_dist.config import PipelineConfig, RecConfig
 from mtrec_dist.training.launch import launch_fit, read_pointer
+from mtrec_dist.training.specs import configs_from_spec
 
 REC_RUN_PREFIX = "rec"
 POINTER_FILE = "recommender.json"  # <output_dir>/recommender.json -> the final checkpoint
@@ -46,16 +47,8 @@ def recommender_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray] 
     """Picklable ``device -> SequentialRecommender`` for a :func:`rec_model_spec`."""
     from mtrec_dist.models.recommender import SequentialRecommender
 
-    if spec.get("kind") != "sequential_recommender":
-        raise ValueError(f"checkpoint holds a {spec.get('kind')!r}, not a sequential recommender")
-    model_cfg = from_dict(ModelConfig, spec["model"], "model_spec.model")
-    rec_cfg = from_dict(RecConfig, spec["rec"], "model_spec.rec")
-    model_cfg.validate("model_spec.model")
-    rec_cfg.validate("model_spec.rec")
-    if for_inference:  # scoring never samples negatives
-        rec_cfg = dataclasses.replace(rec_cfg, negative_sampler="uniform")
-        item_counts = None
-    counts = None if item_counts is None else [float(c) for c in item_counts]
+    model_cfg, rec_cfg, counts = configs_from_spec(spec, "sequential_recommender", "a sequential recommender",
+                                                   "rec", RecConfig, item_counts, for_inference)
     return functools.partial(SequentialRecommender, spec["num_items"], spec["backbone"], model_cfg, rec_cfg,
                              spec["state_len"], item_counts=counts)
 

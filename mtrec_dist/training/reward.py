@@ -12,8 +12,9 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from mtrec_dist.config import ModelConfig, PipelineConfig, RewardConfig, from_dict
+from mtrec_dist.config import PipelineConfig, RewardConfig
 from mtrec_dist.training.launch import launch_fit, read_pointer
+from mtrec_dist.training.specs import configs_from_spec
 
 REWARD_RUN_PREFIX = "reward"
 LATEST_POINTER = "reward_model.json"  # <output_dir>/reward_model.json -> the final checkpoint
@@ -63,16 +64,8 @@ def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray]
     """
     from mtrec_dist.models.reward_model import QRIQLModel
 
-    if spec.get("kind") != "qr_iql_reward_model":
-        raise ValueError(f"checkpoint holds a {spec.get('kind')!r}, not a reward model")
-    model_cfg = from_dict(ModelConfig, spec["model"], "model_spec.model")
-    reward_cfg = from_dict(RewardConfig, spec["reward"], "model_spec.reward")
-    model_cfg.validate("model_spec.model")
-    reward_cfg.validate("model_spec.reward")
-    if for_inference:
-        reward_cfg = dataclasses.replace(reward_cfg, negative_sampler="uniform")
-        item_counts = None
-    counts = None if item_counts is None else [float(c) for c in item_counts]
+    model_cfg, reward_cfg, counts = configs_from_spec(spec, "qr_iql_reward_model", "a reward model", "reward",
+                                                      RewardConfig, item_counts, for_inference)
     return functools.partial(QRIQLModel, spec["num_items"], model_cfg, reward_cfg, spec["state_len"],
                              item_counts=counts)
 
