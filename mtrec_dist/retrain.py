@@ -205,28 +205,9 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Optional[str] = "auto", *,
-                day: Optional[str] = None, force: bool = False, progress: bool = True,
-                say: Callable[[str], None] = _say) -> Dict[str, Any]:
-    """Prepare one new day on top of ``previous``, warm-start both models, write ``<out_root>/vNNNN-<day>/``.
-
-    ``previous``: ``"auto"``/``None`` (the newest complete version under ``out_root`` with an earlier day;
-    none = bootstrap), ``"none"`` (bootstrap: cold models, fresh vocab) or a run directory.  Returns the
-    version's ``retrain.json`` content plus ``reused`` (True when an identical complete version existed).
-    """
-    from mtrec_dist.data.prepare import load_carry
-    from mtrec_dist.runtime import init_ray
-
-    cfg.validate()
-    t_all = time.time()
-    out_root = os.path.abspath(out_root)
-    if "://" in out_root:
-        raise RetrainError("retrain: out_root must be a local (or NFS) directory")
-    os.makedirs(out_root, exist_ok=True)
-    input_uri, new_day, files = input_day(new_logs, cfg.prepare.format, day)
-
-    # ---- the previous run ----
-    versions = list_versions(out_root, complete_only=False)
+def _previous_run(versions: List[Dict[str, Any]], previous: Optional[str], new_day: str,
+                  cfg: PipelineConfig) -> Optional[Dict[str, Any]]:
+    """The run the new day builds on (``None``: bootstrap), checked to be earlier and compatible."""
     if previous in (None, "auto"):
         earlier = [v for v in versions if v["status"] == "complete" and v["day"] < new_day]
         prev = describe_run(earlier[-1]["run_dir"]) if earlier else None
@@ -239,23 +220,36 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
                            f"{prev['days'][-1]}, {prev['run_dir']}): its events would be used twice")
     if prev is not None and prev["state_len"] != cfg.prepare.state_len:
         raise RetrainError(f"prepare.state_len is {cfg.prepare.state_len}, the previous run used {prev['state_len']}")
+    return prev
+
+
+def _new_version(versions: List[Dict[str, Any]], prev: Optional[Dict[str, Any]], new_day: str) -> tuple[int, str]:
+    """(number, name) of the version to write; refused when a version at or after it exists (a fork)."""
     number = (prev["version"] + 1) if prev is not None else 1
     name = version_name(number, new_day)
     clash = [v["name"] for v in versions if v["name"] != name and (v["version"] >= number or v["day"] >= new_day)]
     if clash:
         raise RetrainError(f"cannot write {name}: version(s) {clash} already exist at or after it; re-running an "
                            "older day would fork the chain (retrain days in order, or use a new out_root)")
-    vdir = Path(out_root) / name
-    fingerprint = _fingerprint(cfg, files, prev)
+    return number, name
 
-    # ---- idempotency ----
-    if (vdir / RUN_FILE).exists() and not force:
-        done = json.loads((vdir / RUN_FILE).read_text())
-        if done.get("status") == "complete" and done.get("fingerprint") == fingerprint:
-            say(f"[retrain] {name} is already complete with the same inputs: reused")
-            return {**done, "reused": True}
-        say(f"[retrain] {name} exists ({done.get('status')}, fingerprint "
-            f"{'same' if done.get('fingerprint') == fingerprint else 'different'}): rebuilding it")
+
+def _reusable(vdir: Path, name: str, fingerprint: str, force: bool,
+              say: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+    """The version's ``retrain.json`` when it is complete with the same inputs (and not ``force``), else None."""
+    if not (vdir / RUN_FILE).exists() or force:
+        return None
+    done = json.loads((vdir / RUN_FILE).read_text())
+    if done.get("status") == "complete" and done.get("fingerprint") == fingerprint:
+        say(f"[retrain] {name} is already complete with the same inputs: reused")
+        return done
+    say(f"[retrain] {name} exists ({done.get('status')}, fingerprint "
+        f"{'same' if done.get('fingerprint') == fingerprint else 'different'}): rebuilding it")
+    return None
+
+
+def _fresh_version_dir(cfg: PipelineConfig, vdir: Path, name: str) -> PipelineConfig:
+    """Empty ``vdir`` and write its config: the run's own, with Ray Train storage in a per-version folder."""
     if vdir.exists():
         shutil.rmtree(vdir)
     vdir.mkdir(parents=True)
@@ -264,31 +258,28 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
         train=dataclasses.replace(cfg.train, storage_path=(cfg.train.storage_path.rstrip("/") + "/" + name)
                                   if cfg.train.storage_path else ""))
     dump_config(run_cfg, RunLayout(str(vdir)).config_yaml)
-    summary: Dict[str, Any] = {
-        "status": "running", "name": name, "version": number, "day": new_day,
-        "days": (prev["days"] if prev else []) + [new_day], "input": input_uri,
-        "input_files": [dict(path=f.display, bytes=f.size) for f in files],
-        "previous": prev["run_dir"] if prev else None, "fingerprint": fingerprint,
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write_json(vdir / RUN_FILE, summary)
-    init_ray(cfg.ray_address, log_to_driver=False)
-    say(f"[retrain] {name}: day {new_day} on top of {prev['run_dir'] if prev else 'nothing (bootstrap)'}")
-    ctx = RunContext(run_cfg, progress=progress, say=say, tag="retrain")
-    runner = StageRunner(ctx)
-    done = runner.run(_retrain_stages(ctx, cfg, input_uri, prev))
+    return run_cfg
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _completed_fields(done: Dict[str, Any], prev: Optional[Dict[str, Any]], cfg: PipelineConfig,
+                      timings: Dict[str, Any]) -> Dict[str, Any]:
+    """What ``retrain.json`` adds once the stages are done: rows, row ids, vocab growth, carry-over, models."""
+    from mtrec_dist.data.prepare import load_carry
+
     manifest = done["prepare"]["manifest"]
     carry_in = done["prepare"]["setup"].get("carry_in")
     carried_users = int(load_carry(carry_in, cfg.prepare.state_len).num_rows) if carry_in else 0
     reward = done["train-reward"]
     recs = [_rec_record(rec_name(b, g), done[rec_stage_name(b, g)]) for b, g in rec_variants(cfg)]
-    timings = {**runner.timings, "total": round(time.time() - t_all, 1)}
-
     old_items = prev["num_items"] if prev else 0
     old_users = prev["num_users"] if prev else 0
-    summary.update({
+    return {
         "status": "complete",
-        "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "completed_at": _now(),
         "rows": {k: manifest[k] for k in ("rows_in", "rows_ok", "rows_rejected", "num_transitions",
                                           "rows_not_engaged")},
         "row_ids": [manifest.get("row_id_offset", 0), manifest.get("next_row_id", manifest["rows_in"])],
@@ -299,14 +290,64 @@ def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Opt
                    "warm_start_reason": reward["warm_start_reason"], "metrics": _numbers(reward["metrics"])},
         "recommenders": recs,
         "timings_s": timings,
-    })
-    _write_json(vdir / RUN_FILE, summary)
+    }
+
+
+def _write_index(out_root: str) -> None:
+    """``<out_root>/index.json``: the complete versions, oldest first, and the latest one."""
     complete = list_versions(out_root)
     _write_json(Path(out_root) / INDEX_FILE, {
         "versions": [{k: v.get(k) for k in ("name", "version", "day", "run_dir", "completed_at")} for v in complete],
         "latest": complete[-1]["name"] if complete else None})
-    say(f"[retrain] {name} complete in {timings['total']}s: {manifest['num_transitions']:,} transitions, "
-        f"{summary['vocab']['new_items']} new items, {summary['vocab']['new_users']} new users")
+
+
+def retrain_day(cfg: PipelineConfig, new_logs: str, out_root: str, previous: Optional[str] = "auto", *,
+                day: Optional[str] = None, force: bool = False, progress: bool = True,
+                say: Callable[[str], None] = _say) -> Dict[str, Any]:
+    """Prepare one new day on top of ``previous``, warm-start both models, write ``<out_root>/vNNNN-<day>/``.
+
+    ``previous``: ``"auto"``/``None`` (the newest complete version under ``out_root`` with an earlier day;
+    none = bootstrap), ``"none"`` (bootstrap: cold models, fresh vocab) or a run directory.  Returns the
+    version's ``retrain.json`` content plus ``reused`` (True when an identical complete version existed).
+    """
+    from mtrec_dist.runtime import init_ray
+
+    cfg.validate()
+    t_all = time.time()
+    out_root = os.path.abspath(out_root)
+    if "://" in out_root:
+        raise RetrainError("retrain: out_root must be a local (or NFS) directory")
+    os.makedirs(out_root, exist_ok=True)
+    input_uri, new_day, files = input_day(new_logs, cfg.prepare.format, day)
+    versions = list_versions(out_root, complete_only=False)
+    prev = _previous_run(versions, previous, new_day, cfg)
+    number, name = _new_version(versions, prev, new_day)
+    vdir = Path(out_root) / name
+    fingerprint = _fingerprint(cfg, files, prev)
+    reused = _reusable(vdir, name, fingerprint, force, say)
+    if reused is not None:
+        return {**reused, "reused": True}
+
+    run_cfg = _fresh_version_dir(cfg, vdir, name)
+    summary: Dict[str, Any] = {
+        "status": "running", "name": name, "version": number, "day": new_day,
+        "days": (prev["days"] if prev else []) + [new_day], "input": input_uri,
+        "input_files": [dict(path=f.display, bytes=f.size) for f in files],
+        "previous": prev["run_dir"] if prev else None, "fingerprint": fingerprint,
+        "started_at": _now(),
+    }
+    _write_json(vdir / RUN_FILE, summary)
+    init_ray(cfg.ray_address, log_to_driver=False)
+    say(f"[retrain] {name}: day {new_day} on top of {prev['run_dir'] if prev else 'nothing (bootstrap)'}")
+    ctx = RunContext(run_cfg, progress=progress, say=say, tag="retrain")
+    runner = StageRunner(ctx)
+    done = runner.run(_retrain_stages(ctx, cfg, input_uri, prev))
+    timings = {**runner.timings, "total": round(time.time() - t_all, 1)}
+    summary.update(_completed_fields(done, prev, cfg, timings))
+    _write_json(vdir / RUN_FILE, summary)
+    _write_index(out_root)
+    say(f"[retrain] {name} complete in {timings['total']}s: {done['prepare']['manifest']['num_transitions']:,} "
+        f"transitions, {summary['vocab']['new_items']} new items, {summary['vocab']['new_users']} new users")
     return {**summary, "reused": False}
 
 
