@@ -293,9 +293,12 @@ def plan_capacity(
     table_bytes, optimizer_bytes = _table_bytes(num_items, embedding_dim, sparse_optimizer)
     sharders = make_sharders(train_cfg)
     _check_sharding_runs(sharders, sharding, compute_device)
-    plan = _plan_or_explain(planner, module, sharders, sharding, compute_device, lambda planner_msg: _does_not_fit_message(
-        num_items, embedding_dim, table_bytes, optimizer_bytes, world_size, local_world_size, mem.hbm_bytes,
-        mem.ddr_bytes, compute_device, reserve_fraction, sharding, planner_msg))
+    def does_not_fit(planner_msg: str) -> str:
+        return _does_not_fit_message(num_items, embedding_dim, table_bytes, optimizer_bytes, world_size,
+                                     local_world_size, mem.hbm_bytes, mem.ddr_bytes, compute_device,
+                                     reserve_fraction, sharding, planner_msg)
+
+    plan = _plan_or_explain(planner, module, sharders, sharding, compute_device, does_not_fit)
     seconds = time.perf_counter() - t0
     so = _best_option(plan, captured)
     shards, ranks = _rank_usage(so, world_size, local_world_size, mem)
