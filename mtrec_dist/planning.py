@@ -242,6 +242,19 @@ def _inputs(num_items, embedding_dim, world_size, local_world_size, hbm_gb_per_r
     }
 
 
+def _meta_item_table(num_items: int, embedding_dim: int, features: List[str], sparse_optimizer: str):
+    """The real item table on the ``meta`` device (no memory), with its fused optimizer registered."""
+    import torch
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    from mtrec_dist.models.embeddings import ItemEmbedding
+
+    module = ItemEmbedding(num_items, embedding_dim, feature_names=features, device=torch.device("meta"))
+    # The planner counts fused optimizer state from the parameters' registered optimizer classes.
+    _apply_optimizer_in_backward(_optimizer_class(sparse_optimizer), module.parameters(), {"lr": 0.01})
+    return module
+
+
 def plan_capacity(
     num_items: int,
     embedding_dim: int,
@@ -265,10 +278,8 @@ def plan_capacity(
     """
     import torch
     import torchrec
-    from torch.distributed.optim import _apply_optimizer_in_backward
-
     from mtrec_dist.config import TrainConfig
-    from mtrec_dist.models.embeddings import DEFAULT_FEATURES, ITEM_TABLE, ItemEmbedding
+    from mtrec_dist.models.embeddings import DEFAULT_FEATURES, ITEM_TABLE
     from mtrec_dist.training.sharding import make_sharders, make_topology
 
     num_items, embedding_dim, world_size = int(num_items), int(embedding_dim), int(world_size)
@@ -280,9 +291,7 @@ def plan_capacity(
     features = list(feature_names or DEFAULT_FEATURES)
 
     t0 = time.perf_counter()
-    module = ItemEmbedding(num_items, embedding_dim, feature_names=features, device=torch.device("meta"))
-    # The planner counts fused optimizer state from the parameters' registered optimizer classes.
-    _apply_optimizer_in_backward(_optimizer_class(sparse_optimizer), module.parameters(), {"lr": 0.01})
+    module = _meta_item_table(num_items, embedding_dim, features, sparse_optimizer)
     mem = _memory(compute_device, hbm_gb_per_rank, ddr_gb_per_rank, reserve_fraction)
     device = torch.device(compute_device)
     # The training configuration being planned: training builds its sharders and constraints from it.
