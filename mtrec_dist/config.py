@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from mtrec_dist.choices import (
+    ABLATION_ROWS, BACKBONES, GUIDANCE_MODES, AblationRow, Backbone, GuidanceMode,
+)
+
 import yaml
 
 
@@ -144,7 +148,7 @@ class ModelConfig:
     """Shared architecture of state encoders and item embeddings."""
 
     embedding_dim: int = 32  # size of item embeddings and encoder hidden states
-    encoder: Literal["sasrec", "gru", "caser", "nextitnet"] = "sasrec"  # state encoder of the reward model
+    encoder: Backbone = "sasrec"  # state encoder of the reward model (the same names as rec.backbone)
     num_layers: int = 2  # encoder layers (transformer blocks / GRU layers / NextItNet block repeats)
     num_heads: int = 2  # SASRec: attention heads (must divide embedding_dim)
     dropout: float = 0.1  # dropout rate inside the encoders
@@ -219,9 +223,9 @@ class RewardConfig:
 class RecConfig:
     """Guided sequential recommender (method.md section 3)."""
 
-    backbone: Literal["sasrec", "gru4rec", "caser", "nextitnet"] = "sasrec"  # sequence model of a single train-rec run
+    backbone: Backbone = "sasrec"  # sequence model of a single train-rec run
     # how the learned reward guides a single train-rec run
-    guidance: Literal["none", "reweight", "actor_critic", "risk_averse"] = "none"
+    guidance: GuidanceMode = "none"
     num_negatives: int = 0  # 0 = full softmax; > 0 = sampled softmax with log-q correction
     weight_temperature: float = 1.0  # beta in w = clip(exp(A / beta), w_min, w_max), batch-normalised
     weight_min: float = 0.1  # w_min: lower clip of the reweighting weight (<= 1)
@@ -229,8 +233,8 @@ class RecConfig:
     ac_gamma: float = 0.5  # discount of the actor-critic Q head
     td_weight: float = 1.0  # weight of the actor-critic TD loss next to the weighted cross-entropy
     negative_sampler: Literal["uniform", "popularity"] = "uniform"  # proposal q of sampled softmax negatives
-    backbones: list = field(default_factory=lambda: ["sasrec"])  # pipeline: backbones to compare
-    guidances: list = field(default_factory=lambda: ["none", "reweight"])  # pipeline: modes to compare
+    backbones: list[Backbone] = field(default_factory=lambda: ["sasrec"])  # pipeline: backbones to compare
+    guidances: list[GuidanceMode] = field(default_factory=lambda: ["none", "reweight"])  # pipeline: modes to compare
 
     def validate(self, key: str = "rec") -> None:
         _check(self.num_negatives >= 0, f"{key}.num_negatives", "must be >= 0")
@@ -239,12 +243,10 @@ class RecConfig:
         _check(self.td_weight >= 0, f"{key}.td_weight", "must be >= 0")
         _check(0 < self.weight_min <= 1.0 <= self.weight_max, f"{key}.weight_min/weight_max",
                "need 0 < weight_min <= 1 <= weight_max")
-        allowed_b = {"sasrec", "gru4rec", "caser", "nextitnet"}
-        allowed_g = {"none", "reweight", "actor_critic", "risk_averse"}
         for b in self.backbones:
-            _check(b in allowed_b, f"{key}.backbones", f"unknown backbone {b!r}; choose from {sorted(allowed_b)}")
+            _check(b in BACKBONES, f"{key}.backbones", f"unknown backbone {b!r}; choose from {list(BACKBONES)}")
         for g in self.guidances:
-            _check(g in allowed_g, f"{key}.guidances", f"unknown guidance {g!r}; choose from {sorted(allowed_g)}")
+            _check(g in GUIDANCE_MODES, f"{key}.guidances", f"unknown guidance {g!r}; choose from {list(GUIDANCE_MODES)}")
 
 
 @dataclass
@@ -320,9 +322,6 @@ class StageBudget:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
-ABLATION_ROWS = ("A", "B", "C", "D", "E", "F", "G", "H", "I")
-
-
 @dataclass
 class AblationConfig:
     """`mtrec ablate` (mtrec_dist/ablation.py): one SASRec, one budget, guided by each reward in turn.
@@ -332,7 +331,7 @@ class AblationConfig:
     expected satisfaction · I shuffled F reward (control).
     """
 
-    rows: list = field(default_factory=lambda: list(ABLATION_ROWS))  # rows to run (A is always run: gains are vs A)
+    rows: list[AblationRow] = field(default_factory=lambda: list(ABLATION_ROWS))  # rows to run (A is always run: gains are vs A)
     worlds: int = 3  # simulated worlds (item truths): simulator seeds seed, seed+1, ...
     train_seeds: int = 2  # training seeds per world (the CIs include their variation)
     online_seeds: int = 5  # simulator seeds per trained model for online evaluation
@@ -344,11 +343,11 @@ class AblationConfig:
     rec_epochs: int = 2  # epochs of every recommender an ablation trains
     batch_size: int = 256  # training batch size of every ablation run
     lr: float = 1e-3  # dense-parameter learning rate in every ablation run
-    beta_sweep: list = field(default_factory=list)  # watch_satisfaction values for the sweep ([] = none)
+    beta_sweep: list[float] = field(default_factory=list)  # watch_satisfaction values for the sweep ([] = none)
     # rows run at each beta_sweep value (A always)
-    sweep_rows: list = field(default_factory=lambda: ["A", "B", "F", "G"])
+    sweep_rows: list[AblationRow] = field(default_factory=lambda: ["A", "B", "F", "G"])
     out: str = ""  # output directory ("" = <run_dir>/ablation)
-    pipeline_rows: list = field(default_factory=list)  # rows `mtrec pipeline` runs after evaluate (simulator only)
+    pipeline_rows: list[AblationRow] = field(default_factory=list)  # rows `mtrec pipeline` runs after evaluate (simulator only)
 
     def validate(self, key: str = "ablation") -> None:
         for name in ("rows", "sweep_rows", "pipeline_rows"):
@@ -489,7 +488,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is list or origin is list:
         _check(isinstance(value, list), key, f"expected a list, got {value!r}")
-        return list(value)
+        (item_tp,) = typing.get_args(tp) or (Any,)  # a typed list checks every element
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return dict(value)

@@ -8,7 +8,7 @@ from mtrec_dist.config import ModelConfig
 from mtrec_dist.models.encoders import build_encoder
 
 torch.set_num_threads(1)
-NAMES = ["sasrec", "gru", "caser", "nextitnet"]
+NAMES = ["sasrec", "gru4rec", "caser", "nextitnet"]
 D = 8
 
 
@@ -53,7 +53,7 @@ def test_padding_positions_do_not_leak(name):
     assert torch.allclose(enc(emb, fb, valid), enc(noisy, noisy_fb, valid), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["gru", "nextitnet"])
+@pytest.mark.parametrize("name", ["gru4rec", "nextitnet"])
 def test_left_padding_is_inert(name):
     """GRU (masked updates) and NextItNet (causal zero padding) give the same h for [0,0,x,y] and [x,y]."""
     torch.manual_seed(0)

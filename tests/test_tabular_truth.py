@@ -82,7 +82,7 @@ def test_qr_iql_recovers_tabular_reward_ranking_and_spread():
     torch.manual_seed(0)
     mdp = make_mdp(seed=0)
     data = torch.as_tensor(rollout(mdp, 6000, seed=1))
-    model_cfg = ModelConfig(embedding_dim=16, encoder="gru", num_layers=1, num_heads=1, dropout=0.0,
+    model_cfg = ModelConfig(embedding_dim=16, encoder="gru4rec", num_layers=1, num_heads=1, dropout=0.0,
                             feedback_features=False)
     reward_cfg = RewardConfig(num_quantiles=8, alpha=ALPHA, gamma=GAMMA, polyak=0.05, objective="v1")  # v1 IQ-Learn form (v2: test_mental_reward.py)
     model = QRIQLModel(K, model_cfg, reward_cfg, state_len=1)

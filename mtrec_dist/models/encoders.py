@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import BACKBONES
 from ..config import ModelConfig
 
 __all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
 
-ENCODER_NAMES = ("sasrec", "gru", "gru4rec", "caser", "nextitnet")
+ENCODER_NAMES = BACKBONES  # one name per sequence model, shared with rec.backbone (choices.Backbone)
 
 
 class FeedbackInput(nn.Module):
@@ -207,12 +208,12 @@ class NextItNetEncoder(nn.Module):
 
 
 def build_encoder(name: str, cfg: ModelConfig, state_len: int, device: Optional[torch.device] = None) -> nn.Module:
-    """Encoder by name: ``sasrec``, ``gru`` (= ``gru4rec``), ``caser`` or ``nextitnet``."""
+    """Encoder by name: ``sasrec``, ``gru4rec``, ``caser`` or ``nextitnet``."""
     if state_len < 1:
         raise ValueError(f"state_len must be >= 1, got {state_len}")
     if name == "sasrec":
         return SASRecEncoder(cfg, state_len, device)
-    if name in ("gru", "gru4rec"):
+    if name == "gru4rec":
         return GRU4RecEncoder(cfg, state_len, device)
     if name == "caser":
         return CaserEncoder(cfg, state_len, device)

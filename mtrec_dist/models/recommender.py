@@ -25,6 +25,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ..choices import BACKBONES  # re-exported here: the one list
 from ..config import ModelConfig, RecConfig
 from ..objectives.guidance import guidance_weights, td_loss
 from ..objectives.ranking import full_softmax_ce, masked_mean, sampled_softmax_ce
@@ -33,8 +34,6 @@ from .encoders import build_encoder
 from .reward_model import NegativeSampler
 
 __all__ = ["SequentialRecommender", "BACKBONES"]
-
-BACKBONES = ("sasrec", "gru4rec", "caser", "nextitnet")
 
 
 class SequentialRecommender(nn.Module):

@@ -10,11 +10,10 @@ from typing import Optional
 
 import torch
 
+from ..choices import GUIDANCE_MODES  # re-exported here: the one list
 from .ranking import masked_mean
 
 __all__ = ["GUIDANCE_MODES", "advantage_weights", "guidance_weights", "td_loss"]
-
-GUIDANCE_MODES = ("none", "reweight", "actor_critic", "risk_averse")
 
 
 def advantage_weights(

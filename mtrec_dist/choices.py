@@ -1,0 +1,19 @@
+"""The named choices of the project, each defined once as a ``Literal``: configs type their fields with
+these, and the modules that dispatch on a name iterate the tuple derived from the same ``Literal``.
+
+A leaf module (it imports nothing from the package), so every layer may read it.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# Sequence models: the recommender's backbone and the reward model's state encoder share these names.
+Backbone = Literal["sasrec", "gru4rec", "caser", "nextitnet"]
+# How the learned reward guides recommender training (objectives/guidance.py).
+GuidanceMode = Literal["none", "reweight", "actor_critic", "risk_averse"]
+# Rows of `mtrec ablate` (docs/method.md, "The ablation").
+AblationRow = Literal["A", "B", "C", "D", "E", "F", "G", "H", "I"]
+
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
+ABLATION_ROWS: tuple[str, ...] = get_args(AblationRow)
