@@ -17,7 +17,13 @@ Main entry points (imported lazily, so ``import mtrec_dist`` stays fast)::
     from mtrec_dist import load_config, run_pipeline
     out = run_pipeline(load_config("configs/tiny.yaml"))     # what `mtrec pipeline` does
 """
+import logging
+
 from mtrec_dist._lazy import lazy_exports
+
+# TorchRec asks torch.fx whether it is tracing; torch answers once per process with a warning meant for
+# torch's own developers ("is_fx_tracing will return true for both ..."), which says nothing to our users.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

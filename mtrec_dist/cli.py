@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         mod = _load(name)
         if mod is None:
             continue
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        # help= is %-formatted by argparse, description= is not: one HELP text serves both
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP.replace("%%", "%"))
         p.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set reward.gamma=0.8 (repeatable)")
