@@ -88,7 +88,7 @@ def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s
 
 
 TRAIN_KEYS = ("state_items", "state_feedback", "action", "action_feedback", "next_state_items",
-              "next_state_feedback", "done", "returned", "return_known", "action_log_duration")
+              "next_state_feedback", "done", "returned", "return_known", "action_log_duration", "later_items")
 
 
 def batches(data: Dict[str, np.ndarray], rows: np.ndarray, batch_size: int, epochs: int, seed: int,

@@ -203,10 +203,19 @@ class RewardConfig:
     # informs the mental reward only through its variation within an item; item-level satisfaction then
     # comes from continuation and return, which no item property biases.
     watch_item_offset: bool = True
+    # v2: the post-consumption outcomes the mental reward is fitted to (consumption depth, continuing the session,
+    # coming back).  A log of judgements (ratings of films seen long before) records no consequences: use [].
+    consequences: list[Literal["watch", "continue", "return"]] = field(
+        default_factory=lambda: ["watch", "continue", "return"])
+    # v2, logs whose users chose the order of a session's items themselves (ratings, search; not a feed): how many
+    # later choices of the session each choice is ranked against by a per-item level of the mental reward
+    # (objectives.mental_reward.order_nll); 0 = no order term.  `mtrec ablate` on logs only.
+    order_items: int = 0
 
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 1, f"{key}.num_quantiles", "must be >= 1")
         _check(self.prior_sd > 0, f"{key}.prior_sd", "must be > 0")
+        _check(self.order_items >= 0, f"{key}.order_items", "must be >= 0")
         _check(self.alpha > 0, f"{key}.alpha", "must be > 0")
         _check(0.0 <= self.gamma < 1.0, f"{key}.gamma", "must be in [0, 1)")
         _check(self.chi2_c > 0, f"{key}.chi2_c", "must be > 0")

@@ -16,8 +16,9 @@ import torch
 
 from mtrec_dist.evaluation.metrics import spearman
 from mtrec_dist.objectives.mental_reward import (
-    choice_nll, consequence_nll, mental_return_target, realised_mental_reward, watch_logit,
+    choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward, watch_logit,
 )
+from mtrec_dist.data.sessionize import later_in_session
 from mtrec_dist.objectives.qr_iql import distributional_soft_target, quantile_huber_loss, quantile_midpoints
 
 S, A, K_Y, GAMMA, N = 3, 6, 0.8, 0.6, 8
@@ -135,6 +136,30 @@ def test_mental_return_target_and_choice_nll_by_hand():
     assert choice_nll(logits, torch.tensor([1])).item() == pytest.approx(-math.log(0.75), rel=1e-6)
 
 
+def test_order_nll_by_hand():
+    # row 0: P(first) = 2 / (2 + 1 + 3); row 1 has no later item (left out); row 2: 1 / (1 + 1), one slot padded
+    first = torch.tensor([math.log(2.0), 0.0, 0.0])
+    later = torch.tensor([[0.0, math.log(3.0)], [5.0, 5.0], [0.0, 9.0]])
+    keep = torch.tensor([[1, 1], [0, 0], [1, 0]])
+    assert order_nll(first, later, keep).item() == pytest.approx((math.log(3.0) + math.log(2.0)) / 2, rel=1e-6)
+    masked = order_nll(first, later, keep, mask=torch.tensor([1.0, 1.0, 0.0]))
+    assert masked.item() == pytest.approx(math.log(3.0), rel=1e-6)
+
+
+def test_later_in_session_stops_at_the_session_end_and_skips_ties():
+    action, done = np.array([1, 2, 3, 4, 5]), np.array([0, 0, 1, 0, 1])
+    assert later_in_session(action, np.array([0, 1, 2, 3, 4]), done, 2).tolist() == [[2, 3], [3, 0], [0, 0], [5, 0], [0, 0]]
+    # items 1 and 2 share a ts: neither was chosen before the other
+    assert later_in_session(action, np.array([0, 0, 2, 3, 4]), done, 2).tolist() == [[3, 0], [3, 0], [0, 0], [5, 0], [0, 0]]
+    assert later_in_session(np.array([7]), np.array([5]), np.array([1]), 3).tolist() == [[0, 0, 0]]
+
+
+def test_later_in_session_draws_one_item_per_stratum_of_a_long_session():
+    later = later_in_session(np.arange(1, 101), np.arange(100), np.r_[np.zeros(99), 1], 4)
+    first = later[0] - 1  # positions of the drawn later choices of row 0 (rest: rows 1..99)
+    assert [1 + 99 * j // 4 <= p < 1 + 99 * (j + 1) // 4 + 1 for j, p in enumerate(first)] == [True] * 4
+
+
 # ---- tabular truth --------------------------------------------------------------------------------------
 def test_consequences_identify_the_mean_mental_reward():
     """Mbar fitted to consequences alone (uniform choices) ranks actions like the true mu within states,
@@ -194,3 +219,42 @@ def test_v2_critic_spread_tracks_the_true_return_spread_and_v1_collapses():
     assert spearman(spread(z2), true_sd) >= 0.7, (spread(z2), true_sd)
     # v1's target contains nothing observed: its only fixed point has every quantile equal
     assert spread(z1).mean() < 0.2 * spread(z2).mean(), (spread(z1).mean(), spread(z2).mean())
+
+
+def test_order_term_recovers_item_preference_from_self_directed_sessions():
+    """A judgement log (no consequences): each session's items are chosen in Plackett-Luce order of a hidden
+    per-item preference. The per-item level, fitted to that order alone, ranks items like the preference,
+    and with no consequences the state part of the mental reward stays 0 (nothing to fit it to)."""
+    from mtrec_dist.config import ModelConfig, RewardConfig
+    from mtrec_dist.models.reward_model import QRIQLModel
+
+    rng = np.random.default_rng(0)
+    n_items, L, sess_len = 20, 3, 6
+    pref = rng.normal(size=n_items + 1)
+    actions, ts, done = [], [], []
+    for s in range(600):
+        items = rng.choice(np.arange(1, n_items + 1), sess_len, replace=False)
+        order = items[np.argsort(-(pref[items] + rng.gumbel(size=sess_len)))]
+        actions += order.tolist()
+        ts += list(range(s * 100, s * 100 + sess_len))
+        done += [0] * (sess_len - 1) + [1]
+    action, ts, done = np.array(actions), np.array(ts), np.array(done, np.float32)
+    later = later_in_session(action, ts, done, 4)
+    torch.manual_seed(0)
+    cfg = RewardConfig(num_quantiles=4, consequences=[], order_items=4)
+    model = QRIQLModel(n_items, ModelConfig(embedding_dim=8, encoder="gru4rec", num_layers=1, dropout=0.0), cfg, L)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state = torch.zeros(len(action), L, dtype=torch.long)
+    for step in range(150):
+        idx = torch.from_numpy(rng.integers(0, len(action), 256))
+        batch = dict(state_items=state[idx], state_feedback=torch.ones(256, L), next_state_items=state[idx],
+                     next_state_feedback=torch.ones(256, L), action=torch.from_numpy(action)[idx],
+                     done=torch.from_numpy(done)[idx], later_items=torch.from_numpy(later)[idx])
+        out = model.losses(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    level = model.item_level(torch.arange(1, n_items + 1)).detach().numpy()
+    assert spearman(level, pref[1:]) >= 0.8
+    scores = model.reward_quantiles(state[:2], torch.ones(2, L), torch.arange(1, n_items + 1).expand(2, -1))
+    assert torch.allclose(scores, torch.from_numpy(level).float().view(1, -1, 1).expand_as(scores), atol=1e-5)

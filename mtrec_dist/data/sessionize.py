@@ -258,3 +258,33 @@ def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> 
         "done": t.column("done"), "ts": t.column("ts"), "pos_from_end": t.column("pos_from_end"),
     }
     return pa.Table.from_arrays([cols[c] for c in TRANSITION_COLUMNS], schema=TRANSITION_SCHEMA)
+
+
+# ---- the order of a self-directed session's choices (QR-IQL v2's order term) --------------------------------
+def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """For transitions sorted by (user, ts) with ``done`` = 1 on each session's last row: ``k`` of the actions
+    that come strictly later (a larger ts) in the same session, ``[N, k]``, 0-padded (0 is never an item
+    index).  All of them where there are at most ``k``; else one from each of ``k`` equal strata of the rest
+    of the session, so that an early choice is ranked against the whole session, not only its neighbours.
+    Choices with the same ts have no order, so they are never compared.
+
+    In a self-directed log (ratings, search) the user, not a feed, sets the order in which a session's items
+    are chosen; the order term of QR-IQL v2 (objectives.mental_reward.order_nll) reads it."""
+    n = len(action)
+    later = np.zeros((n, k), dtype=np.asarray(action).dtype)
+    if n == 0 or k == 0:
+        return later
+    done = np.asarray(done) > 0
+    done[-1] = True  # the log's last row ends its session
+    session = np.concatenate([[0], np.cumsum(done[:-1])])
+    ends = np.flatnonzero(done)
+    last = ends[session]  # each row's session end
+    t = np.asarray(ts, dtype=np.int64)
+    key = session.astype(np.int64) * (int(t.max() - t.min()) + 1) + (t - t.min())  # sorted: (session, ts)
+    first = np.searchsorted(key, key, side="right")  # the session's first row with a larger ts (or past it)
+    rest = last - first + 1  # how many later choices
+    strata = np.arange(k) + np.random.default_rng(seed).random((n, k))
+    offset = np.where(rest[:, None] <= k, np.arange(k)[None, :], np.floor(strata / k * rest[:, None]).astype(np.int64))
+    valid = offset < rest[:, None]
+    later[valid] = np.asarray(action)[(first[:, None] + offset)[valid]]
+    return later

@@ -31,7 +31,7 @@ from ..objectives.guidance import guidance_weights, td_loss
 from ..objectives.ranking import full_softmax_ce, masked_mean, sampled_softmax_ce
 from .embeddings import ItemEmbedding
 from .encoders import build_encoder
-from .reward_model import NegativeSampler
+from .sampling import NegativeSampler
 
 __all__ = ["SequentialRecommender", "BACKBONES"]
 

@@ -38,83 +38,19 @@ from ..objectives.qr_iql import (
     soft_value,
 )
 from ..objectives.mental_reward import (
-    choice_nll, consequence_nll, mental_return_target, realised_mental_reward, watch_logit,
+    choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward, watch_logit,
 )
 from ..objectives.ranking import masked_mean
 from .embeddings import ItemEmbedding
 from .encoders import build_encoder
+from .sampling import NegativeSampler, catalog_gumbel_argmax  # re-exported: older imports read them here
 
 __all__ = ["QRIQLModel", "NegativeSampler", "catalog_gumbel_argmax"]
 
-
-class NegativeSampler:
-    """Proposal ``q`` over items 1..num_items for sampled candidate sets (uniform or popularity).
-
-    Popularity uses ``q(a) ∝ count(a) + 1`` (add-one smoothing keeps every item reachable and every log-q
-    finite).  ``item_counts`` is indexed by item index (length num_items + 1; entry 0, the padding item, is
-    ignored).  Held as plain CPU tensors, not module buffers: DMP would zero buffers of a meta-built model.
-    """
-
-    def __init__(self, num_items: int, kind: str = "uniform", item_counts: Optional[Sequence[float]] = None) -> None:
-        self.num_items = int(num_items)
-        self.kind = kind
-        if kind == "uniform":
-            probs = torch.full((self.num_items,), 1.0 / self.num_items, dtype=torch.float64)
-        elif kind == "popularity":
-            if item_counts is None:
-                raise ValueError("negative_sampler='popularity' needs item_counts (length num_items + 1)")
-            counts = torch.as_tensor(item_counts, dtype=torch.float64).flatten()
-            if counts.numel() != self.num_items + 1:
-                raise ValueError(
-                    f"item_counts has length {counts.numel()}, expected num_items + 1 = {self.num_items + 1} "
-                    "(indexed by item index, entry 0 = padding)"
-                )
-            if not torch.isfinite(counts).all() or (counts[1:] < 0).any():
-                raise ValueError("item_counts must be finite and >= 0")
-            smoothed = counts[1:] + 1.0
-            probs = smoothed / smoothed.sum()
-        else:
-            raise ValueError(f"unknown negative sampler {kind!r}; choose 'uniform' or 'popularity'")
-        # log q by item index; index 0 (padding, never sampled) gets the uniform value so that masked
-        # padding rows stay finite.
-        self._log_probs = torch.cat([torch.tensor([-math.log(self.num_items)], dtype=torch.float64), probs.log()]).float()
-        self._probs = probs.float()
-        self._cache: Dict[torch.device, tuple] = {}
-
-    def _on(self, device: torch.device):
-        if device not in self._cache:
-            self._cache[device] = (self._probs.to(device), self._log_probs.to(device))
-        return self._cache[device]
-
-    def sample(self, m: int, device: torch.device) -> torch.Tensor:
-        """``m`` item indices (1..num_items) drawn with replacement from ``q``."""
-        probs, _ = self._on(device)
-        if self.kind == "uniform":
-            return torch.randint(1, self.num_items + 1, (m,), device=device)
-        return torch.multinomial(probs, m, replacement=True) + 1
-
-    def log_expected_count(self, items: torch.Tensor, m: int) -> torch.Tensor:
-        """``log(m * q(a))`` for item indices ``items`` (the log-q correction)."""
-        _, log_probs = self._on(items.device)
-        return log_probs[items] + math.log(m)
-
-
-@torch.no_grad()
-def catalog_gumbel_argmax(query: torch.Tensor, items: torch.Tensor, alpha: float, chunk: int) -> torch.Tensor:
-    """Sample ``a ~ softmax_a(<query, e_a>/alpha)`` over all rows of ``items`` by Gumbel-max, in chunks.
-
-    query [B, D], items [C, D] -> indices [B] into ``items``; memory O(B * chunk).
-    """
-    best_val = torch.full((query.shape[0],), float("-inf"), device=query.device, dtype=query.dtype)
-    best_idx = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    for start in range(0, items.shape[0], chunk):
-        logits = query @ items[start : start + chunk].T / alpha
-        u = torch.rand_like(logits).clamp_(1e-20, 1.0 - 1e-7)
-        val, idx = (logits - torch.log(-torch.log(u))).max(dim=1)
-        better = val > best_val
-        best_val = torch.where(better, val, best_val)
-        best_idx = torch.where(better, idx + start, best_idx)
-    return best_idx
+# The per-item level b_M(a) = ITEM_LEVEL_SCALE * w_a.  Adam moves a parameter about lr per step whatever the
+# gradient's size, and one item's level is in only a few batches per epoch; the scale lets it move as far as
+# the shared weights, which every batch updates.
+ITEM_LEVEL_SCALE = 30.0
 
 
 class QRIQLModel(nn.Module):
@@ -153,6 +89,11 @@ class QRIQLModel(nn.Module):
             self.log_watch_link = nn.Parameter(torch.zeros(2, device=device))  # log k_y, log sigma_y
             self.watch_item_offset = nn.Parameter(torch.zeros(d, device=device))  # b_y(a) = <v, e_a>
             self.watch_duration_coef = nn.Parameter(torch.zeros(1, device=device))  # c in c * log(duration / 60 s)
+        # a free per-item level of the mental reward, fitted to the order of self-directed sessions (order term):
+        # one float per item, a dense vector rather than a second sharded table
+        self.order_term = self.v2 and reward_cfg.order_items > 0
+        if self.order_term:
+            self.reward_item_level = nn.Parameter(torch.zeros(num_items + 1, device=device))
         self.sampler = (
             NegativeSampler(num_items, reward_cfg.negative_sampler, item_counts)
             if reward_cfg.num_negatives > 0 else None
@@ -176,6 +117,10 @@ class QRIQLModel(nn.Module):
                 self.log_watch_link.zero_()
                 self.watch_item_offset.zero_()
                 self.watch_duration_coef.zero_()
+                if not self.reward_cfg.consequences:  # no outcome to fit the state part to: it stays at 0
+                    self.reward_weight.zero_()
+            if self.order_term:
+                self.reward_item_level.zero_()
         self.sync_target()
 
     def _critic_pairs(self):
@@ -253,32 +198,43 @@ class QRIQLModel(nn.Module):
                               torch.cat([s, s2]), torch.cat([fb, fb2]))
         return s, fb, s2, fb2, action, done, mask, emb, negatives, h_both
 
+    def item_level(self, items: torch.Tensor) -> torch.Tensor:
+        """The mental reward's per-item level ``b_M(a)`` for item indices of any shape (0 without the order term)."""
+        if not self.order_term:
+            return torch.zeros(items.shape, device=items.device)
+        return ITEM_LEVEL_SCALE * self.reward_item_level[items.long()]
+
     def policy_projection(self, h: torch.Tensor) -> torch.Tensor:
         """The projection whose dot with ``e_a`` drives choices: ``U`` in v2, the critic mean ``Q`` in v1."""
         if self.v2:
             return h @ self.utility_weight.T + self.utility_item_bias
         return self._project(h, self.critic_weight, self.critic_item_bias).mean(1)
 
-    @staticmethod
-    def outcomes(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The observed consequences of each logged action (objectives.mental_reward.consequence_nll).
+    def outcomes(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The observed consequences of each logged action (objectives.mental_reward.consequence_nll), those
+        not in ``reward.consequences`` switched off.
 
         ``returned`` / ``return_known`` are optional batch columns (absent: no return term); a source
         without a watch signal carries ``action_feedback`` 1.0 on every row and gets no watch term."""
+        used = self.reward_cfg.consequences
         done = batch["done"].float()
         fb = batch["action_feedback"].float() if "action_feedback" in batch else torch.ones_like(done)
         has_watch = (fb < 1.0).any().float().expand_as(done)  # a constant 1.0 column carries no signal
         zeros = torch.zeros_like(done)
-        return dict(z=watch_logit(fb), has_watch=has_watch, stay=1.0 - done,
+        known = batch["return_known"].float() if "return_known" in batch else zeros
+        return dict(z=watch_logit(fb), has_watch=has_watch * ("watch" in used), stay=1.0 - done,
+                    stay_known=torch.full_like(done, float("continue" in used)),
                     returned=batch["returned"].float() if "returned" in batch else zeros,
-                    return_known=batch["return_known"].float() if "return_known" in batch else zeros)
+                    return_known=known * ("return" in used))
 
     def losses_v2(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """QR-IQL v2 (docs/method.md "QR-IQL v2"):
-        ``L = L_U + L_cons + lambda_r * QH(M_i; m) + lambda_qr * QH(Z_i; m + gamma (1-d) Z'_j)``.
+        ``L = L_U + L_cons + L_o + lambda_r * QH(M_i; m) + lambda_qr * QH(Z_i; m + gamma (1-d) Z'_j)``.
 
         ``L_U`` fits the decision utility to the logged choice over the catalog (or sampled candidates);
-        ``L_cons`` fits the mean mental reward to the consequences; ``m`` is the realised mental reward
+        ``L_cons`` fits the mean mental reward to the consequences (those in ``reward.consequences``);
+        ``L_o`` (``reward.order_items`` > 0 and a batch with ``later_items``) ranks the per-item level
+        ``b_M(a)`` of ``Mbar`` by the order of a self-directed session's choices; ``m`` is the realised mental reward
         (posterior mean given the outcome); ``a' ~ softmax U(s', .)``.
         """
         cfg = self.reward_cfg
@@ -297,8 +253,14 @@ class QRIQLModel(nn.Module):
             neg = (u_proj[:b] @ items.T / cfg.alpha - log_q).masked_fill(negatives.view(1, -1) == action.view(-1, 1), float("-inf"))
             l_u = choice_nll(torch.cat([pos, neg], 1), torch.zeros(b, dtype=torch.long, device=dev), mask)
 
+        level = self.item_level(action)
         r_q = torch.einsum("bnd,bd->bn", self._project(h, self.reward_weight, self.reward_item_bias), e_a)
+        r_q = r_q + level.unsqueeze(1)
         mbar = r_q.mean(dim=1)
+        l_o = torch.zeros((), device=dev)
+        if self.order_term and "later_items" in batch:  # the user's own order of a session's choices
+            later = batch["later_items"].long()
+            l_o = order_nll(level, self.item_level(later), later > 0, mask)
         d_w_wr = self.state_offsets(h)
         d_y = d_w_wr[:, 0]
         if cfg.watch_item_offset:
@@ -323,11 +285,11 @@ class QRIQLModel(nn.Module):
             z_next = torch.einsum("bnd,bd->bn", p_t, items.detach()[nxt])
             targets = mental_return_target(realised, z_next, done, cfg.gamma)
         l_qr = quantile_huber_loss(z_sa, targets, taus, cfg.kappa, mask)
-        loss = l_u + cons["total"] + cfg.lambda_r * l_r + cfg.lambda_qr * l_qr
+        loss = l_u + cons["total"] + l_o + cfg.lambda_r * l_r + cfg.lambda_qr * l_qr
         with torch.no_grad():
             out = {"loss": loss, "choice": l_u.detach(), "consequence": cons["total"].detach(),
                    "cons_watch": cons["y"].detach(), "cons_continue": cons["continue"].detach(),
-                   "cons_return": cons["return"].detach(), "r": l_r.detach(), "qr": l_qr.detach(),
+                   "cons_return": cons["return"].detach(), "order": l_o.detach(), "r": l_r.detach(), "qr": l_qr.detach(),
                    "watch_link": k_y.detach(), "reward_mean": masked_mean(mbar, mask),
                    "reward_spread": masked_mean(r_q.amax(dim=1) - r_q.amin(dim=1), mask),
                    "critic_spread": masked_mean(z_sa.amax(dim=1) - z_sa.amin(dim=1), mask),
@@ -417,6 +379,7 @@ class QRIQLModel(nn.Module):
         e = emb["candidates"]  # [B, C, D]
         q = torch.einsum("bd,bcd->bc", self.policy_projection(h), e)
         reward_q = torch.einsum("bnd,bcd->bcn", self._project(h, self.reward_weight, self.reward_item_bias), e)
+        reward_q = reward_q + self.item_level(candidate_items).unsqueeze(-1)
         return {"q": q, "reward_q": reward_q}
 
     def reward_quantiles(self, state_items: torch.Tensor, state_feedback: torch.Tensor,
@@ -433,7 +396,8 @@ class QRIQLModel(nn.Module):
         cfg = self.reward_cfg
         chunk = chunk or cfg.catalog_chunk
         s = state_items.long()
-        emb = self.item_embedding({"state": s, "catalog": self.catalog_ids(s.device)})
+        ids = self.catalog_ids(s.device)
+        emb = self.item_embedding({"state": s, "catalog": ids})
         h = self._encode(self.encoder, emb["state"], s, state_feedback.float())
         qbar = self.policy_projection(h)
         p_r = self._project(h, self.reward_weight, self.reward_item_bias)
@@ -445,7 +409,7 @@ class QRIQLModel(nn.Module):
         for start in range(0, items.shape[0], chunk):
             e = items[start : start + chunk]
             pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / alpha)  # [B, c]
-            rq = torch.einsum("bnd,cd->bcn", p_r, e)
+            rq = torch.einsum("bnd,cd->bcn", p_r, e) + self.item_level(ids[start: start + chunk]).view(1, -1, 1)
             base += (pi * rq.mean(-1)).sum(1)
             cvar_base += (pi * cvar(rq, cfg.cvar_alpha)).sum(1)
         return {"reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}

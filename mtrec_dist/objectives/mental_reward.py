@@ -32,6 +32,7 @@ __all__ = [
     "realised_mental_reward",
     "mental_return_target",
     "choice_nll",
+    "order_nll",
 ]
 
 
@@ -45,10 +46,11 @@ def _links(mbar: torch.Tensor, offsets: Dict[str, torch.Tensor], outcomes: Dict[
            k_y: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The outcome model's predictors, defined once for the likelihood and its Newton step: the watch
     residual ``z - k_y Mbar - d``, the continuation logit ``Mbar + W`` and the return logit ``Mbar + W_r``,
-    with the row weights of the watch and return terms."""
+    with the row weights of the watch, continuation and return terms."""
     return {"resid": outcomes["z"] - k_y * mbar - offsets["d"], "logit_c": mbar + offsets["W"],
             "logit_r": mbar + offsets["W_r"], "has_watch": outcomes["has_watch"].to(mbar.dtype),
             "known": outcomes["return_known"].to(mbar.dtype), "stay": outcomes["stay"].to(mbar.dtype),
+            "stay_known": outcomes.get("stay_known", torch.ones_like(mbar)).to(mbar.dtype),
             "returned": outcomes["returned"].to(mbar.dtype)}
 
 
@@ -63,19 +65,21 @@ def consequence_nll(
     """Negative log-likelihood of the post-consumption outcomes given the mean mental reward.
 
     ``L_y = E[ (z - k_y Mbar - d)^2 / (2 sigma_y^2) + log sigma_y ]`` over rows with a watch signal;
-    ``L_c = E[ BCE(stay, sigmoid(Mbar + W)) ]``;
+    ``L_c = E[ stay_known BCE(stay, sigmoid(Mbar + W)) ]``;
     ``L_r = E_{done, known}[ BCE(returned, sigmoid(Mbar + W_r)) ]`` (sum over known rows / real rows).
 
     offsets: "d", "W", "W_r" [B]; outcomes: "z" [B] (watch logit), "has_watch" [B] (0 where the source
-    has no watch signal), "stay" [B] (1 - done), "returned" [B], "return_known" [B] (1 where the row ends a
-    session and the log shows whether the user came back).  Returns {"y", "continue", "return", "total"}.
+    has no watch signal), "stay" [B] (1 - done), optional "stay_known" [B] (default 1; 0 where continuing is
+    not read as a consequence), "returned" [B], "return_known" [B] (1 where the row ends a session and the
+    log shows whether the user came back).  Returns {"y", "continue", "return", "total"}.
     """
     m = torch.ones_like(mbar) if mask is None else mask.to(mbar.dtype)
     n = m.sum().clamp_min(1.0)
     x = _links(mbar, offsets, outcomes, k_y)
     wy = m * x["has_watch"]
     l_y = ((x["resid"].pow(2) / (2 * sigma_y.pow(2)) + torch.log(sigma_y)) * wy).sum() / wy.sum().clamp_min(1.0)
-    l_c = (F.binary_cross_entropy_with_logits(x["logit_c"], x["stay"], reduction="none") * m).sum() / n
+    l_c = (F.binary_cross_entropy_with_logits(x["logit_c"], x["stay"], reduction="none")
+           * m * x["stay_known"]).sum() / n
     l_r = (F.binary_cross_entropy_with_logits(x["logit_r"], x["returned"], reduction="none")
            * m * x["known"]).sum() / n
     return {"y": l_y, "continue": l_c, "return": l_r, "total": l_y + l_c + l_r}
@@ -94,15 +98,16 @@ def realised_mental_reward(
 
     With prior ``m ~ N(Mbar, tau^2)`` and the outcome log-likelihood ``ell(m)`` of
     :func:`consequence_nll`, ``m = Mbar + ell'(Mbar) / (1/tau^2 - ell''(Mbar))`` where
-    ``ell' = has_watch k_y (z - k_y Mbar - d) / sigma_y^2 + (stay - p_c) + known (returned - p_r)`` and
-    ``-ell'' = has_watch k_y^2 / sigma_y^2 + p_c (1 - p_c) + known p_r (1 - p_r)``.
+    ``ell' = has_watch k_y (z - k_y Mbar - d) / sigma_y^2 + stay_known (stay - p_c) + known (returned - p_r)``
+    and ``-ell'' = has_watch k_y^2 / sigma_y^2 + stay_known p_c (1 - p_c) + known p_r (1 - p_r)``.
     Exact for the Gaussian term; a Laplace step for the two choices.  [B] -> [B] (constants).
     """
     x = _links(mbar, offsets, outcomes, k_y)
     hw, known = x["has_watch"], x["known"]
     p_c, p_r = torch.sigmoid(x["logit_c"]), torch.sigmoid(x["logit_r"])
-    grad = hw * k_y * x["resid"] / sigma_y.pow(2) + (x["stay"] - p_c) + known * (x["returned"] - p_r)
-    curv = hw * k_y.pow(2) / sigma_y.pow(2) + p_c * (1 - p_c) + known * p_r * (1 - p_r)
+    sk = x["stay_known"]
+    grad = hw * k_y * x["resid"] / sigma_y.pow(2) + sk * (x["stay"] - p_c) + known * (x["returned"] - p_r)
+    curv = hw * k_y.pow(2) / sigma_y.pow(2) + sk * p_c * (1 - p_c) + known * p_r * (1 - p_r)
     return (mbar + grad / (1.0 / prior_sd ** 2 + curv)).detach()
 
 
@@ -125,3 +130,20 @@ def choice_nll(utility_logits: torch.Tensor, target: torch.Tensor, mask: Optiona
     target [B] column of the chosen item.
     """
     return masked_mean(F.cross_entropy(utility_logits, target, reduction="none"), mask)
+
+
+def order_nll(first: torch.Tensor, later: torch.Tensor, later_mask: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rank-ordered choice within a self-directed session: the item a user reaches for first is, among the
+    items they go on to choose in the same session, the one they expect to enjoy most (Luce: the top of any
+    subset is a softmax over that subset, so the next K items of the session are a valid choice set).
+
+    ``L_o = E_{rows with a later item}[ -log( exp(Mbar_a) / (exp(Mbar_a) + sum_k mask_k exp(Mbar_k)) ) ]``.
+    first [B] (Mbar of the logged item), later [B, K] (Mbar of the session's next K items, same state),
+    later_mask [B, K] (1 for real items).  Rows without a later item say nothing and are left out.
+    """
+    keep = later_mask.to(first.dtype)
+    logits = torch.cat([first.unsqueeze(1), later.masked_fill(keep == 0, float("-inf"))], 1)
+    nll = -torch.log_softmax(logits, 1)[:, 0]
+    w = (keep.sum(1) > 0).to(first.dtype) * (1.0 if mask is None else mask.to(first.dtype))
+    return (nll * w).sum() / w.sum().clamp_min(1.0)
