@@ -25,9 +25,11 @@ and rank 0 logs them (``event: epoch_end``), so tests can check that each row wa
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -55,19 +57,46 @@ class FitResult:
     history: List[Dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl events of this run
 
 
-def _progress_callback(label: str, lines):
+def expected_steps(train_cfg: TrainConfig, train_rows: Optional[int]) -> Optional[int]:
+    """Optimizer steps the run will take: ``max_steps`` if set, else epochs x the steps of one epoch when
+    the training rows are known (each worker reads an equal share in batches); ``None`` if unknown."""
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    if not train_rows:
+        return None
+    return train_cfg.epochs * math.ceil(train_rows / train_cfg.num_workers / train_cfg.batch_size)
+
+
+def eta_text(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    s = max(0, int(round(seconds)))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
     """A callback that puts one line per report into ``lines`` (a ``ray.util.queue.Queue``) for the driver
-    to print: it runs in the Ray Train controller, whose own output stays in Ray's logs (``init_ray``)."""
+    to print: it runs in the Ray Train controller, whose own output stays in Ray's logs (``init_ray``).
+    With ``total_steps`` known, each line shows the share done and an ETA from the pace since the first report."""
     from ray.train.v2.api.callback import UserCallback
 
     class ProgressCallback(UserCallback):
-        """One line per report (step, epoch, loss, throughput, checkpoint), sent to the driver."""
+        """One line per report (step, epoch, share done, ETA, loss, throughput, checkpoint), sent to the driver."""
+
+        first: Optional[tuple] = None  # (wall time, step) of the first report: the pace excludes start-up
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
             if "step" not in m:
                 return
             parts = [f"[{label}] step {m['step']}", f"epoch {m.get('epoch', 0)}"]
+            now, step = time.time(), int(m["step"])
+            if total_steps:
+                parts.append(f"{min(100, 100 * step // total_steps)}%")
+                if self.first is None:
+                    self.first = (now, step)
+                elif step > self.first[1]:
+                    pace = (now - self.first[0]) / (step - self.first[1])
+                    parts.append(f"eta {eta_text(pace * max(0, total_steps - step))}")
             for k in ("loss", "samples_per_s", "step_time_s"):
                 if k in m and isinstance(m[k], (int, float)):
                     parts.append(f"{k} {m[k]:.4g}")
@@ -252,7 +281,8 @@ def fit_distributed(
         "extra_meta": dict(extra_meta or {}),
     }
     with _printing_progress(progress) as lines:  # the controller's report lines, printed here
-        callbacks = [_progress_callback(label, lines)] if progress else []
+        total = expected_steps(train_cfg, (row_counts or {}).get(TRAIN_DATASET))
+        callbacks = [_progress_callback(label, lines, total)] if progress else []
         result = _make_trainer(worker_config, train_cfg, use_gpu, datasets, run_name, storage, row_counts,
                                callbacks).fit()
     ckpt_path = _final_checkpoint_path(result, run_name, storage)
