@@ -174,7 +174,7 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
-    """QR-IQL mental reward model (method.md section 2)."""
+    """QR-IQL mental reward model (docs/method.md "QR-IQL v1")."""
 
     num_quantiles: int = 16  # quantiles of the distributional (QR) critic / reward head
     alpha: float = 1.0  # soft-max temperature of the soft value over items
@@ -194,7 +194,7 @@ class RewardConfig:
     # choice_weight * r(s,a,s') [the spec] + consumption_weight * alpha * logit(watch ratio).
     choice_weight: float = 1.0  # weight of the spec's r(s,a,s') in the reward-quantile target
     consumption_weight: float = 0.0  # weight of alpha * logit(watch ratio) in the reward-quantile target
-    # "v2" (method.md section 5, docs/method.md "QR-IQL v2"): decision utility fitted to choices, mental
+    # "v2" (docs/method.md "QR-IQL v2: the mental reward as built"): decision utility fitted to choices, mental
     # reward fitted to consequences (watch, continue vs leave, return) with the outside option at 0, and a
     # critic whose targets contain the observed outcome.  "v1": the IQ-Learn form of sections 2 (ablation D).
     objective: Literal["v1", "v2"] = "v2"
@@ -230,7 +230,7 @@ class RewardConfig:
 
 @dataclass
 class RecConfig:
-    """Guided sequential recommender (method.md section 3)."""
+    """Guided sequential recommender (docs/method.md "Recommenders and guidance")."""
 
     backbone: Backbone = "sasrec"  # sequence model of a single train-rec run
     # how the learned reward guides a single train-rec run
@@ -373,7 +373,7 @@ class AblationConfig:
 
 @dataclass
 class EvalConfig:
-    """Offline ranking, reward validity and online simulator evaluation (method.md section 4)."""
+    """Offline ranking, reward validity and online simulator evaluation (docs/method.md "Metrics")."""
 
     ks: list = field(default_factory=lambda: [5, 10, 20])  # cut-offs K of the offline ranking metrics (HR@K, NDCG@K)
     sampled_negatives: int = 100  # offline sampled protocol: negatives the target is ranked among

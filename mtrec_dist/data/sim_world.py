@@ -17,7 +17,7 @@ World model:
   ``click_satisfaction_weight``) against a no-click option.  Clicks follow appeal and only partly the
   expected satisfaction, so clickbait has a high CTR and a low satisfaction.
 * **Consumption**: ``s = mu + sigma_i * eps`` (the realised, stochastic satisfaction).  The watch ratio
-  is a biased, partial signal of it (v2 world, method.md section 5):
+  is a biased, partial signal of it (docs/method.md "The simulated world"):
   ``logit(wr) = beta_s s + 0.3 + f_u - duration_bias log(duration / 60) + pull_i + watch_noise eps'``
   with ``beta_s = watch_satisfaction`` and ``f_u`` the user's finish propensity.  ``long_view = s > 0.5``,
   ``like = s > 1.5`` (evaluation-only labels).

@@ -1,4 +1,4 @@
-"""Offline evaluation of trained recommenders and of the mental reward (method.md section 4).
+"""Offline evaluation of trained recommenders and of the mental reward (docs/method.md "Metrics").
 
 * **Ranking** on the temporal leave-last-out split: every user's last transition (``pos_from_end == 0``)
   is the test case.  Full ranking over the whole catalog (padding excluded) gives HR@k / NDCG@k; the

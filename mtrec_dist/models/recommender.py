@@ -1,4 +1,4 @@
-"""Guided sequential recommenders (method.md section 3): SASRec, GRU4Rec, Caser, NextItNet backbones.
+"""Guided sequential recommenders (docs/method.md "Recommenders and guidance"): SASRec, GRU4Rec, Caser, NextItNet backbones.
 
 ``score(s, a) = <h(s), e_a>`` with ``h`` from the backbone (models/encoders.py) and ``e_a`` from the one
 TorchRec ``ItemEmbedding`` (tied input/output item vectors, so every lookup hits the sharded table).

@@ -1,4 +1,4 @@
-"""QR-IQL mental reward model (method.md section 2; docs/method.md for the design as built).
+"""QR-IQL mental reward model (docs/method.md "QR-IQL v2: the mental reward as built" and "QR-IQL v1").
 
 Parametrisation (D = embedding dim, N = quantiles, h = g(s) the state encoding):
 

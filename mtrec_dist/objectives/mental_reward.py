@@ -1,4 +1,4 @@
-"""QR-IQL v2 objectives (method.md section 5; docs/method.md "QR-IQL v2"): pure tensor functions.
+"""QR-IQL v2 objectives (docs/method.md "QR-IQL v2: the mental reward as built"): pure tensor functions.
 
 v2 separates two utilities (R2): a *decision utility* ``U(s,a)`` that explains the click, and a *mental
 reward* ``M(s,a)`` (quantiles ``M_i``, mean ``Mbar``) that explains what the user did after consuming (R4):

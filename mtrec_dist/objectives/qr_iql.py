@@ -1,4 +1,4 @@
-"""QR-IQL objectives (method.md section 2; docs/method.md for what we changed): pure tensor functions.
+"""QR-IQL objectives (docs/method.md "QR-IQL v1"): pure tensor functions.
 
 Shapes: B rows, N quantiles, M target samples, C candidates.  ``mask`` [B] is 1 for real rows and 0 for
 padding rows (which contribute nothing); ``done`` [B] is 1 where the session ended after the action.

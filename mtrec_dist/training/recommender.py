@@ -1,5 +1,5 @@
 """`mtrec train-rec`: a sequential recommender (SASRec / GRU4Rec / Caser / NextItNet) trained with
-:func:`fit_distributed`, optionally guided by the mental reward (method.md section 3).
+:func:`fit_distributed`, optionally guided by the mental reward (docs/method.md "Recommenders and guidance").
 
 Input is the *scored transitions* dataset written by `mtrec score-rewards` (every training column of a
 transition plus ``reward_mean``, ``reward_cvar``, ``reward_baseline``, ``reward_cvar_baseline``), so the
