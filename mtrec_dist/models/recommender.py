@@ -1,4 +1,5 @@
-"""Guided sequential recommenders (docs/method.md "Recommenders and guidance"): SASRec, GRU4Rec, Caser, NextItNet backbones.
+"""Guided sequential recommenders (docs/method.md "Recommenders and guidance"): SASRec, GRU4Rec, Caser and
+NextItNet backbones.
 
 ``score(s, a) = <h(s), e_a>`` with ``h`` from the backbone (models/encoders.py) and ``e_a`` from the one
 TorchRec ``ItemEmbedding`` (tied input/output item vectors, so every lookup hits the sharded table).

@@ -1,4 +1,5 @@
-"""Mental-reward guidance of the recommender's supervised loss (docs/method.md "Recommenders and guidance"): pure functions.
+"""Mental-reward guidance of the recommender's supervised loss (docs/method.md "Recommenders and guidance"):
+pure functions.
 
 Each guidance mode turns an advantage per logged example into a weight on that example's next-item
 cross-entropy.  Weights are constants for the optimiser (detached), bounded, and batch-normalised to mean
