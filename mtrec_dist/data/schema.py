@@ -4,7 +4,8 @@ Events carry three column groups:
 * required: ``user_id, item_id, ts`` (ts in unix seconds);
 * implicit feedback (optional): ``click, watch_ratio, dwell_s, session_id, slate_id``;
 * evaluation-only signals, all prefixed ``eval_``: ``eval_rating, eval_purchase, eval_like,
-  eval_long_view, eval_true_satisfaction``.  Training code must never read them (docs/method.md "Shared conventions"):
+  eval_long_view, eval_true_satisfaction``.  Training code must never read them (docs/method.md, "Shared
+  conventions"):
   prepared transitions keep them in a separate ``eval/`` table, and :func:`assert_training_columns`
   refuses any request that names one.
 """
@@ -73,7 +74,7 @@ def assert_training_columns(columns) -> None:
     if leaked:
         raise EvalLeakError(
             f"evaluation-only column(s) {leaked} requested by training code; these signals are withheld "
-            "from the reward model and the recommenders (see docs/method.md "Shared conventions")"
+            "from the reward model and the recommenders (see docs/method.md, 'Shared conventions')"
         )
 
 
