@@ -256,5 +256,6 @@ def test_order_term_recovers_item_preference_from_self_directed_sessions():
         opt.step()
     level = model.item_level(torch.arange(1, n_items + 1)).detach().numpy()
     assert spearman(level, pref[1:]) >= 0.8
+    assert model.reward_weight.abs().max() == 0 and model.reward_item_bias.abs().max() == 0
     scores = model.reward_quantiles(state[:2], torch.ones(2, L), torch.arange(1, n_items + 1).expand(2, -1))
     assert torch.allclose(scores, torch.from_numpy(level).float().view(1, -1, 1).expand_as(scores), atol=1e-5)

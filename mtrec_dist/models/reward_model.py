@@ -275,6 +275,8 @@ class QRIQLModel(nn.Module):
                                           k_y.detach(), sigma_y.detach(), cfg.prior_sd)
         taus = self.taus(dev)
         l_r = quantile_huber_loss(r_q, realised.unsqueeze(1), taus, cfg.kappa, mask)
+        if not cfg.consequences:  # no outcome: m is Mbar itself, and Adam would turn rounding noise into steps
+            l_r = torch.zeros((), device=dev)
 
         z_sa = torch.einsum("bnd,bd->bn", self._project(h, self.critic_weight, self.critic_item_bias), e_a)
         with torch.no_grad():
