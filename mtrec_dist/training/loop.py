@@ -76,13 +76,16 @@ def eta_text(seconds: float) -> str:
 def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
     """A callback that puts one line per report into ``lines`` (a ``ray.util.queue.Queue``) for the driver
     to print: it runs in the Ray Train controller, whose own output stays in Ray's logs (``init_ray``).
-    With ``total_steps`` known, each line shows the share done and an ETA from the pace since the first report."""
+    With ``total_steps`` known, a line shows the share done and an ETA from the pace since the first report,
+    and only the first report and those that pass a quarter of the run print (metrics.jsonl and TensorBoard
+    keep every interval): four fits of the main job then take about 20 lines, not 80."""
     from ray.train.v2.api.callback import UserCallback
 
     class ProgressCallback(UserCallback):
-        """One line per report (step, epoch, share done, ETA, loss, throughput, checkpoint), sent to the driver."""
+        """Progress lines (step, epoch, share done, ETA, loss, throughput, checkpoint), sent to the driver."""
 
         first: Optional[tuple] = None  # (wall time, step) of the first report: the pace excludes start-up
+        next_share = 0  # the share done (%) that prints the next line
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
@@ -91,7 +94,11 @@ def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
             parts = [f"[{label}] step {m['step']}", f"epoch {m.get('epoch', 0)}"]
             now, step = time.time(), int(m["step"])
             if total_steps:
-                parts.append(f"{min(100, 100 * step // total_steps)}%")
+                share = min(100, 100 * step // total_steps)
+                if share < self.next_share:
+                    return
+                self.next_share = (share // 25 + 1) * 25
+                parts.append(f"{share}%")
                 if self.first is None:
                     self.first = (now, step)
                 elif step > self.first[1]:
