@@ -3,7 +3,7 @@ reward-guided sequential recommenders, on Ray (Data, Train) + TorchRec.
 
 The packages, bottom to top (each imports only from those before it)::
 
-    config, layout, runtime      settings, the run folder's paths, Ray/device helpers
+    choices, config, layout, runtime   named choices, settings, the run folder's paths, Ray/device helpers
     data                         readers, validation, the simulator, `prepare` (logs -> transitions)
     models                       item embeddings (TorchRec), encoders, the reward model, recommenders
     objectives                   the losses: QR-IQL, mental reward, ranking, guidance

@@ -1,9 +1,11 @@
 """Data: raw behaviour logs in, prepared transitions out.
 
 * readers (CSV, Parquet, MovieLens, RetailRocket, KuaiRand) that map every format to one event schema and
-  refuse bad rows with a reason instead of dropping or corrupting them (:mod:`.readers`, :mod:`.schema`);
+  refuse bad rows with a reason instead of dropping or corrupting them (:mod:`.readers` with Parquet and the
+  dispatch, :mod:`.text_formats`, :mod:`.input_files` for listing, :mod:`.parsed` for exact casts and shared
+  column checks, :mod:`.schema`);
 * the built-in simulator: logs plus the hidden truth (satisfaction, return) they were drawn from
-  (:mod:`.simulator`);
+  (:mod:`.simulator` the logger, :mod:`.sim_world` the world model, :mod:`.sim_env` the online environment);
 * `prepare` on Ray Data: validation, vocabularies, sessions, windowed transitions, manifest
   (:mod:`.prepare` and the modules it drives);
 * reading transitions back for training (:mod:`.pipeline`).

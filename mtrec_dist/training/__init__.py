@@ -1,9 +1,11 @@
 """Training: distributed fits on Ray Train with TorchRec ``DistributedModelParallel``, and what surrounds them.
 
 * :func:`train_reward_model` / :func:`train_recommender`: the two trainers, one launch path
-  (:func:`launch_fit`) around :func:`fit_distributed` (the Ray Train worker loop, :mod:`.loop`);
+  (:func:`launch_fit`) around :func:`fit_distributed` (the driver, :mod:`.loop`; the Ray Train worker's
+  steps, :mod:`.worker`; metrics.jsonl and TensorBoard, :mod:`.metrics_log`; model specs, :mod:`.specs`);
 * sharding: planner, sharders, fused sparse optimizer (:mod:`.sharding`; `mtrec plan` uses the same);
-* checkpoints: sharded DCP saves, safe loading, resume and warm start (:mod:`.checkpoint`);
+* checkpoints: sharded DCP saves, resume (:mod:`.checkpoint`), safe loading (:mod:`.safe_dcp`) and warm
+  start (:mod:`.warm_start`);
 * :func:`score_rewards`: batch inference of the reward model on Ray Data (:mod:`.scoring`).
 
 Names are re-exported lazily (torch, TorchRec and Ray load on first use).
