@@ -158,8 +158,7 @@ class StageRunner:
         self._live = True
         for s in later:  # this stage and every later one are redone: their old records are void now
             self._record_path(s.name).unlink(missing_ok=True)
-        self.ctx.line(f"=== {stage.name} ===")
-        started, t0 = _now(), time.time()
+        started, t0 = _now(), time.time()  # one line per stage, when it is done: its own lines say what it does
         out = stage.run(self.outputs)
         seconds = round(time.time() - t0, 1)
         self.outputs[stage.name] = out
@@ -225,12 +224,13 @@ def prepare_stage(ctx: RunContext, input_uri: str, output: str, *, inputs: Seque
     pcfg = prepare_cfg or cfg.prepare
 
     def run(done: Dict[str, Outputs]) -> Outputs:
-        from mtrec_dist.data.prepare import prepare_dataset, summarize_manifest
+        from mtrec_dist.data.prepare import prepare_dataset
+        from mtrec_dist.data.summaries import manifest_line
 
         prep = dataclasses.replace(pcfg, overwrite=True, progress=pcfg.progress and ctx.progress)
         kwargs = setup() if setup else {}
         manifest = prepare_dataset(prep, input_uri, output, **kwargs)
-        ctx.say(summarize_manifest(manifest))
+        ctx.line(manifest_line(manifest))
         return {"prepared": output, "manifest": manifest, "setup": kwargs}
 
     sections = config_sections(dataclasses.replace(cfg, prepare=pcfg), "source", "prepare")
@@ -279,8 +279,6 @@ def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], wa
             ws, why = warm("reward", model_spec(cfg, load_training_manifest(prepared)))
             ctx.line(f"reward model: {why}")
         out = train_reward_model(cfg, prepared, layout.reward, progress=ctx.progress, warm_start=ws)
-        m = out["metrics"]
-        ctx.line(f"reward model: step {m.get('step')}, loss {m.get('loss', float('nan')):.4g}")
         return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
 
     return Stage("train-reward", run, config=config_sections(cfg, "model", "reward", "train:reward"),

@@ -318,8 +318,9 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
                     sat_sample.append(events.column("eval_true_satisfaction").to_numpy(zero_copy_only=False))
                 active[np.searchsorted(users, events.column("user_id").to_numpy())] = True
             users_with_events += int(active.sum())
-            say(f"[simulate] chunk {chunk + 1}/{n_chunks}: users {users[0]}..{users[-1]}, "
-                f"{n_events:,} events so far ({time.time() - t_start:.1f}s)")
+            if n_chunks > 1:  # one chunk: the summary line that follows says it all
+                say(f"[simulate] chunk {chunk + 1}/{n_chunks}: users {users[0]}..{users[-1]}, "
+                    f"{n_events:,} events so far ({time.time() - t_start:.1f}s)")
     summary = _summarise(cfg, items, stats, n_events, users_with_events)
     summary.update(out_dir=out_dir, files=len(sizes), seconds=round(time.time() - t_start, 3))
     if wr_sample:

@@ -26,6 +26,14 @@ def summarize_manifest(m: dict) -> str:
     return "\n".join(lines)
 
 
+def manifest_line(m: dict) -> str:
+    """One line of a manifest for a whole run's output (``mtrec inspect`` shows all of it)."""
+    rejects = "".join(f", {k} {v:,}" for k, v in m["rejects_by_reason"].items())
+    return (f"prepared {m['num_transitions']:,} transitions, {m['num_items']:,} items, {m['num_users']:,} users "
+            f"(rows_in {m['rows_in']:,} = ok {m['rows_ok']:,} + rejected {m['rows_rejected']:,}{rejects}) "
+            f"in {m['total_seconds']}s")
+
+
 def format_simulation_summary(s: dict) -> str:
     """Human-readable summary of the simulator's ``truth/summary.json`` (`mtrec simulate`, `mtrec inspect`)."""
     groups = [(name, s[name]) for name in ("clickbait", "compulsive", "other") if name in s]

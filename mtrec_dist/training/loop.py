@@ -28,6 +28,7 @@ import contextlib
 import math
 import dataclasses
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,9 +77,10 @@ def eta_text(seconds: float) -> str:
 def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
     """A callback that puts one line per report into ``lines`` (a ``ray.util.queue.Queue``) for the driver
     to print: it runs in the Ray Train controller, whose own output stays in Ray's logs (``init_ray``).
-    With ``total_steps`` known, a line shows the share done and an ETA from the pace since the first report,
-    and only the first report and those that pass a quarter of the run print (metrics.jsonl and TensorBoard
-    keep every interval): four fits of the main job then take about 20 lines, not 80."""
+    With ``total_steps`` known, a line shows the share done and an ETA from the pace since the first report.
+    Each item is ``(milestone, text)``: the first report and those that pass a quarter of the run are
+    milestones, which are all a log file gets (:func:`_printing_progress`); a terminal sees every report
+    rewrite one line.  metrics.jsonl and TensorBoard keep every interval either way."""
     from ray.train.v2.api.callback import UserCallback
 
     class ProgressCallback(UserCallback):
@@ -93,11 +95,12 @@ def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
                 return
             parts = [f"[{label}] step {m['step']}", f"epoch {m.get('epoch', 0)}"]
             now, step = time.time(), int(m["step"])
+            milestone = True
             if total_steps:
                 share = min(100, 100 * step // total_steps)
-                if share < self.next_share:
-                    return
-                self.next_share = (share // 25 + 1) * 25
+                milestone = share >= self.next_share
+                if milestone:
+                    self.next_share = (share // 25 + 1) * 25
                 parts.append(f"{share}%")
                 if self.first is None:
                     self.first = (now, step)
@@ -110,7 +113,7 @@ def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
             if checkpoint is not None:
                 parts.append(f"checkpoint {checkpoint.path}")
             try:
-                lines.put_nowait(" | ".join(parts))
+                lines.put_nowait((milestone, " | ".join(parts)))
             except Exception:  # a full or closed queue costs a progress line, never the run
                 pass
 
@@ -127,15 +130,28 @@ def _printing_progress(progress: bool):
 
     lines, stop = Queue(maxsize=1000, actor_options={"num_cpus": 0}), threading.Event()
 
+    tty = sys.stdout.isatty()
+
     def pump() -> None:
+        bar_open = False  # a terminal line being rewritten in place
         while True:
             try:
-                print(lines.get(timeout=0.5), flush=True)
+                milestone, text = lines.get(timeout=0.5)
             except Empty:
-                if stop.is_set():  # drained after the run ended
-                    return
+                if not stop.is_set():
+                    continue
+                break  # drained after the run ended
             except Exception:  # the queue is gone: nothing more to print
-                return
+                break
+            if tty:
+                sys.stdout.write("\r\033[K" + text)
+                sys.stdout.flush()
+                bar_open = True
+            elif milestone:
+                print(text, flush=True)
+        if bar_open:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
     thread = threading.Thread(target=pump, name="mtrec-progress", daemon=True)
     thread.start()
