@@ -199,10 +199,13 @@ class QRIQLModel(nn.Module):
         return s, fb, s2, fb2, action, done, mask, emb, negatives, h_both
 
     def item_level(self, items: torch.Tensor) -> torch.Tensor:
-        """The mental reward's per-item level ``b_M(a)`` for item indices of any shape (0 without the order term)."""
-        if not self.order_term:
-            return torch.zeros(items.shape, device=items.device)
+        """The mental reward's per-item level ``b_M(a)`` for item indices of any shape (order term only)."""
         return ITEM_LEVEL_SCALE * self.reward_item_level[items.long()]
+
+    def _plus_item_level(self, reward_q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``reward_q + b_M(items)`` over the quantile axis (the last; ``items`` indexes the leading axes or
+        broadcasts against them); ``reward_q`` unchanged without the order term."""
+        return reward_q + self.item_level(items).unsqueeze(-1) if self.order_term else reward_q
 
     def policy_projection(self, h: torch.Tensor) -> torch.Tensor:
         """The projection whose dot with ``e_a`` drives choices: ``U`` in v2, the critic mean ``Q`` in v1."""
@@ -253,14 +256,13 @@ class QRIQLModel(nn.Module):
             neg = (u_proj[:b] @ items.T / cfg.alpha - log_q).masked_fill(negatives.view(1, -1) == action.view(-1, 1), float("-inf"))
             l_u = choice_nll(torch.cat([pos, neg], 1), torch.zeros(b, dtype=torch.long, device=dev), mask)
 
-        level = self.item_level(action)
         r_q = torch.einsum("bnd,bd->bn", self._project(h, self.reward_weight, self.reward_item_bias), e_a)
-        r_q = r_q + level.unsqueeze(1)
+        r_q = self._plus_item_level(r_q, action)
         mbar = r_q.mean(dim=1)
         l_o = torch.zeros((), device=dev)
         if self.order_term and "later_items" in batch:  # the user's own order of a session's choices
             later = batch["later_items"].long()
-            l_o = order_nll(level, self.item_level(later), later > 0, mask)
+            l_o = order_nll(self.item_level(action), self.item_level(later), later > 0, mask)
         d_w_wr = self.state_offsets(h)
         d_y = d_w_wr[:, 0]
         if cfg.watch_item_offset:
@@ -274,9 +276,9 @@ class QRIQLModel(nn.Module):
         realised = realised_mental_reward(mbar.detach(), {k: v.detach() for k, v in offsets.items()}, obs,
                                           k_y.detach(), sigma_y.detach(), cfg.prior_sd)
         taus = self.taus(dev)
-        l_r = quantile_huber_loss(r_q, realised.unsqueeze(1), taus, cfg.kappa, mask)
-        if not cfg.consequences:  # no outcome: m is Mbar itself, and Adam would turn rounding noise into steps
-            l_r = torch.zeros((), device=dev)
+        # with no outcome m is Mbar itself: nothing to regress, and Adam would turn rounding noise into steps
+        l_r = (quantile_huber_loss(r_q, realised.unsqueeze(1), taus, cfg.kappa, mask) if cfg.consequences
+               else torch.zeros((), device=dev))
 
         z_sa = torch.einsum("bnd,bd->bn", self._project(h, self.critic_weight, self.critic_item_bias), e_a)
         with torch.no_grad():
@@ -381,7 +383,7 @@ class QRIQLModel(nn.Module):
         e = emb["candidates"]  # [B, C, D]
         q = torch.einsum("bd,bcd->bc", self.policy_projection(h), e)
         reward_q = torch.einsum("bnd,bcd->bcn", self._project(h, self.reward_weight, self.reward_item_bias), e)
-        reward_q = reward_q + self.item_level(candidate_items).unsqueeze(-1)
+        reward_q = self._plus_item_level(reward_q, candidate_items)
         return {"q": q, "reward_q": reward_q}
 
     def reward_quantiles(self, state_items: torch.Tensor, state_feedback: torch.Tensor,
@@ -411,7 +413,7 @@ class QRIQLModel(nn.Module):
         for start in range(0, items.shape[0], chunk):
             e = items[start : start + chunk]
             pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / alpha)  # [B, c]
-            rq = torch.einsum("bnd,cd->bcn", p_r, e) + self.item_level(ids[start: start + chunk]).view(1, -1, 1)
+            rq = self._plus_item_level(torch.einsum("bnd,cd->bcn", p_r, e), ids[start: start + chunk])
             base += (pi * rq.mean(-1)).sum(1)
             cvar_base += (pi * cvar(rq, cfg.cvar_alpha)).sum(1)
         return {"reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}
