@@ -44,24 +44,22 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from mtrec_dist.config import PipelineConfig, dump_config
 from mtrec_dist.layout import RETRAIN_FILE as RUN_FILE, VERSIONS_FILE as INDEX_FILE, RunLayout, rec_name
-from mtrec_dist.stages import RunContext, StageRunner, model_stages, prepare_stage, rec_stage_name, rec_variants
+from mtrec_dist.stages import (
+    RunContext, StageRunner, model_stages, now_utc as _now, prepare_stage, rec_stage_name, rec_variants,
+    say_stderr as _say,
+)
 
 VERSION_RE = re.compile(r"^v(\d{4,})-(\d{4}-\d{2}-\d{2})$")
 
 
 class RetrainError(ValueError):
     """The request is inconsistent with the existing runs (a day already covered, a forked chain, ...)."""
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def version_name(version: int, day: str) -> str:
@@ -259,10 +257,6 @@ def _fresh_version_dir(cfg: PipelineConfig, vdir: Path, name: str) -> PipelineCo
                                   if cfg.train.storage_path else ""))
     dump_config(run_cfg, RunLayout(str(vdir)).config_yaml)
     return run_cfg
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _completed_fields(done: Dict[str, Any], prev: Optional[Dict[str, Any]], cfg: PipelineConfig,

@@ -88,7 +88,8 @@ def _slug(name: str) -> str:
     return name.replace(" ", "_").replace("/", "-")
 
 
-def _now() -> str:
+def now_utc() -> str:
+    """The time now, UTC, ISO 8601 to the second (stage records, retrain.json)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -158,7 +159,7 @@ class StageRunner:
         self._live = True
         for s in later:  # this stage and every later one are redone: their old records are void now
             self._record_path(s.name).unlink(missing_ok=True)
-        started, t0 = _now(), time.time()  # one line per stage, when it is done: its own lines say what it does
+        started, t0 = now_utc(), time.time()  # one line per stage, when it is done: its own lines say what it does
         out = stage.run(self.outputs)
         seconds = round(time.time() - t0, 1)
         self.outputs[stage.name] = out
@@ -171,7 +172,7 @@ class StageRunner:
         """Atomically (tmp + rename): a record exists only for a stage that finished."""
         self.records.mkdir(parents=True, exist_ok=True)
         rec = {"stage": stage.name, "fingerprint": fingerprint, "inputs": inputs, "outputs": out,
-               "paths": [str(p) for p in stage.paths(out)], "started_at": started, "finished_at": _now(),
+               "paths": [str(p) for p in stage.paths(out)], "started_at": started, "finished_at": now_utc(),
                "seconds": seconds}
         path = self._record_path(stage.name)
         tmp = path.with_name(path.name + ".tmp")

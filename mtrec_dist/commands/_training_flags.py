@@ -42,5 +42,7 @@ def print_training_summary(headline: str, summary: dict) -> None:
     print(f"{headline}: step {m.get('step')}, loss {m.get('loss', float('nan')):.4g}, "
           f"{m.get('samples_per_s', 0.0):.0f} samples/s")
     print(f"  checkpoint: {summary['checkpoint_path']}")
-    print(f"  metrics:    {os.path.join(summary['output_dir'], 'metrics.jsonl')} (+ tensorboard/)")
+    from mtrec_dist.training.metrics_log import METRICS_FILE
+
+    print(f"  metrics:    {os.path.join(summary['output_dir'], METRICS_FILE)} (+ tensorboard/)")
     print(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float))}, default=float))

@@ -28,11 +28,9 @@ import torch
 from torch import nn
 
 from mtrec_dist.training.safe_dcp import (  # noqa: F401  (re-exported)
-    CheckpointError, SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, dcp_load, local_checkpoint_dir,
+    CheckpointError, SafeFileSystemReader, UnsafeCheckpointError, dcp_load, local_checkpoint_dir,
 )
-from mtrec_dist.training.warm_start import (  # noqa: F401  (re-exported)
-    MODEL_STATE_PREFIX, checkpoint_tensor_shapes, read_full_tensors, warm_start_module, warm_start_state,
-)
+from mtrec_dist.training.warm_start import checkpoint_tensor_shapes, warm_start_module  # noqa: F401  (re-exported)
 
 META_FILE = "mtrec_checkpoint.json"
 DATA_STATE_DIR = "data_state"

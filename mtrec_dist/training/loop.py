@@ -39,13 +39,10 @@ from torch import nn
 
 from mtrec_dist.config import TrainConfig
 from mtrec_dist.runtime import dist_backend, resolve_use_gpu
-# The worker side lives in .worker and .metrics_log; its names stay importable from here.
-from mtrec_dist.training.metrics_log import (METRICS_FILE, TENSORBOARD_DIR, IntervalStats, MetricsWriter,  # noqa: F401
-                                             read_history)
+# The worker side lives in .worker and .metrics_log; the names callers read from here stay importable.
+from mtrec_dist.training.metrics_log import read_history  # noqa: F401
 from mtrec_dist.training.worker import FAULT_MARKER, TRAIN_DATASET  # noqa: F401
 from mtrec_dist.training.worker import train_worker as _train_worker
-
-_IntervalStats = IntervalStats  # the old private name
 
 
 @dataclass
@@ -59,13 +56,14 @@ class FitResult:
 
 
 def expected_steps(train_cfg: TrainConfig, train_rows: Optional[int]) -> Optional[int]:
-    """Optimizer steps the run will take: ``max_steps`` if set, else epochs x the steps of one epoch when
-    the training rows are known (each worker reads an equal share in batches); ``None`` if unknown."""
+    """Optimizer steps the run will take: epochs x the steps of one epoch when the training rows are known
+    (each worker reads an equal share in batches), capped by ``max_steps`` where set; ``None`` if neither
+    is known."""
+    by_epochs = (train_cfg.epochs * math.ceil(train_rows / train_cfg.num_workers / train_cfg.batch_size)
+                 if train_rows else None)
     if train_cfg.max_steps > 0:
-        return train_cfg.max_steps
-    if not train_rows:
-        return None
-    return train_cfg.epochs * math.ceil(train_rows / train_cfg.num_workers / train_cfg.batch_size)
+        return train_cfg.max_steps if by_epochs is None else min(train_cfg.max_steps, by_epochs)
+    return by_epochs
 
 
 def eta_text(seconds: float) -> str:

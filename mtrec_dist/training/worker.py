@@ -247,12 +247,11 @@ def _maybe_inject_fault(w: _Worker, s: _RunState) -> None:
 def _report_if_due(w: _Worker, s: _RunState) -> None:
     """Every ``report_every`` steps write the metrics (and give Ray some of them); every
     ``checkpoint_every`` steps also checkpoint."""
-    import ray.train
-
     cfg = w.cfg
     do_ckpt = s.step % cfg.checkpoint_every == 0
     if not (s.step % cfg.report_every == 0 or do_ckpt):
         return
+    import ray.train
     s.last_metrics = _interval_metrics(w, s)
     if do_ckpt:
         _checkpoint_and_report(w, s, s.last_metrics)
