@@ -274,3 +274,12 @@ def test_escaped_stream_keeps_valid_utf8_split_across_chunks():
         assert s.escaped
     clean = rd._EscapedUtf8Stream(io.BytesIO(text), chunk=4)
     assert clean.read() == text and not clean.escaped
+
+
+@pytest.mark.parametrize("id_type", ["int", "string"])
+def test_a_parquet_id_column_of_an_unreadable_type_names_the_file_and_the_column(tmp_path, id_type):
+    p = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": pa.array([b"x", b"y"], pa.binary()), "ts": [1, 2]}), p)
+    fs, files = rd.list_input_files(str(p), "parquet")
+    with pytest.raises(InputError, match=r"bad\.parquet: column 'item_id' \(item_id\): .*binary"):
+        list(rd.iter_parquet(fs, files[0], id_type=id_type))

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtrec_dist.data.dataset import AccountingError, resolve_broadcast
+# a null id (the padding of a carried state) keys as the integer padding, which sessionize tests for
+from mtrec_dist.data.vocab import PAD_RAW
 
-MISSING = -1  # the key of a null id (the padding of a carried state)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _sorted_unique(parts: list) -> pa.Array:
 
 
 def _keys(table: pa.Array, ids, what: str) -> np.ndarray:
-    """int64 keys of ``ids`` (``MISSING`` for nulls); every non-null id must be in ``table``."""
+    """int64 keys of ``ids`` (``PAD_RAW`` for nulls); every non-null id must be in ``table``."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
     elif not isinstance(ids, pa.Array):
@@ -64,13 +65,13 @@ def _keys(table: pa.Array, ids, what: str) -> np.ndarray:
     unknown = pc.and_(pc.is_valid(ids), pc.is_null(pos))
     if pc.any(unknown).as_py():
         raise AccountingError(f"{what} id(s) {ids.filter(unknown)[:5].to_pylist()} missing from the run's id keys")
-    return pc.fill_null(pos.cast(pa.int64()), MISSING).to_numpy(zero_copy_only=False)
+    return pc.fill_null(pos.cast(pa.int64()), PAD_RAW).to_numpy(zero_copy_only=False)
 
 
 def _text(table: pa.Array, keys) -> pa.Array:
-    """The string ids of ``keys`` (null for ``MISSING``)."""
+    """The string ids of ``keys`` (null for ``PAD_RAW``)."""
     keys = np.asarray(keys, dtype=np.int64)
-    return table.take(pa.array(keys, mask=keys == MISSING))
+    return table.take(pa.array(keys, mask=keys == PAD_RAW))
 
 
 def intern_ids(batch: pa.Table, *, keys) -> pa.Table:

@@ -307,7 +307,10 @@ def to_parsed(raw: pa.Table, mapping: dict[str, str], fixed: Optional[dict[str, 
         if src is None or src not in raw.column_names:
             cols.append(pa.nulls(n, f.type))
             continue
-        c = coerce_checked(raw.column(src), f.type)
+        try:
+            c = coerce_checked(raw.column(src), f.type)
+        except InputError as e:  # a column no row of which can be read: name it
+            raise InputError(f"column {src!r} ({f.name}): {e}") from e
         flag(c.invalid, f"invalid_{f.name}")
         flag(c.out_of_range, f"{f.name}_out_of_range"
              + (f"{HINT_SEPARATOR}{ID_LENGTH_HINT}" if pa.types.is_string(f.type) else ""))

@@ -93,7 +93,11 @@ def iter_parquet(fs: pafs.FileSystem, f: InputFile, column_map: Optional[dict] =
             _check_columns(f, names, {c: m[c] for c in REQUIRED_COLUMNS})
             wanted = sorted({m[c] for c in m if m[c] in names})
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=wanted):
-                yield to_parsed(pa.Table.from_batches([batch]), m, id_type=id_type)
+                try:
+                    parsed = to_parsed(pa.Table.from_batches([batch]), m, id_type=id_type)
+                except InputError as e:  # a column of a type no reader converts: name the file too
+                    raise InputError(f"{f.display}: {e}") from e
+                yield parsed
     except InputError:
         raise
     except Exception as e:
