@@ -56,14 +56,11 @@ from mtrec_dist.data.input_files import (  # noqa: F401  (re-exported)
     resolve_filesystem,
 )
 from mtrec_dist.data.parsed import (  # noqa: F401  (re-exported)
-    FLOAT_EXACT_LIMIT, FLOAT_RANGE_HINT, HINT_SEPARATOR, ID_LENGTH_HINT, PARSED_SCHEMA, RAW_LINE_COLUMN,
-    REASON_COLUMN, REJECT_SCHEMA, SOURCE_COLUMN, _check_columns, coerce_checked, coerce_column, Coerced,
-    id_type_of, _mapping, parsed_schema, reject_schema, rejected_lines, to_parsed,
+    HINT_SEPARATOR, PARSED_SCHEMA, RAW_LINE_COLUMN, REASON_COLUMN, REJECT_SCHEMA, SOURCE_COLUMN, _check_columns,
+    coerce_checked, coerce_column, id_type_of, _mapping, parsed_schema, reject_schema, to_parsed,
 )
 from mtrec_dist.data.text_formats import (  # noqa: F401  (re-exported)
-    KUAIRAND_REQUIRED, MALFORMED_ROW, RETAILROCKET_ENGAGED, RETAILROCKET_PURCHASE, UNDECODABLE_ROW,
-    _csv_header, _EscapedUtf8Stream, iter_csv, iter_kuairand, iter_movielens, iter_retailrocket,
-    unescape_bytes,
+    KUAIRAND_REQUIRED, _csv_header, _EscapedUtf8Stream, iter_csv, iter_kuairand, iter_movielens, iter_retailrocket,
 )
 from mtrec_dist.data.schema import EVENT_SCHEMA, REQUIRED_COLUMNS, event_schema  # noqa: F401
 
