@@ -154,11 +154,12 @@ class StageRunner:
             self.ctx.line(f"{stage.name}: done by an earlier run in {rec.get('seconds')}s (finished "
                           f"{rec.get('finished_at')}), skipped")
             return
-        if not self._live and self.resume:
-            self.ctx.line(f"resuming at {stage.name}")
+        if not self._live:
+            if self.resume:
+                self.ctx.line(f"resuming at {stage.name}")
+            for s in later:  # this stage and every later one are redone: their old records are void now
+                self._record_path(s.name).unlink(missing_ok=True)
         self._live = True
-        for s in later:  # this stage and every later one are redone: their old records are void now
-            self._record_path(s.name).unlink(missing_ok=True)
         started, t0 = now_utc(), time.time()  # one line per stage, when it is done: its own lines say what it does
         out = stage.run(self.outputs)
         seconds = round(time.time() - t0, 1)
