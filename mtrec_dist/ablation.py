@@ -9,7 +9,8 @@ Per world: simulate logs -> transitions (users split into training and held-out)
 on the training users -> score the training rows -> train one guided SASRec per row -> measure reward
 validity (held-out users' rows), offline ranking (held-out users' rows) and online behaviour (users who
 never appear in the logs, followed for ``online_days`` days).  Gains are paired differences per (world,
-training seed, online seed) against row A and row B; their 95% CIs include training-seed variation.
+training seed, online seed) against row A and row B; their 95% CIs take the trained model (world, training
+seed) as the unit, so they include training-seed and world variation.
 """
 from __future__ import annotations
 
@@ -280,35 +281,36 @@ def v_full(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
 # ---- summary ------------------------------------------------------------------------------------------------
 def summarise(records: Dict[str, list]) -> Dict[str, dict]:
     """Per row: mean and 95% CI of every metric, and paired gains vs A and vs B (same world, training seed
-    and online seed), so the intervals include training-seed and world variation.  Offline and validity
-    metrics are measured once per trained model, so they count once per (world, training seed)."""
+    and online seed).  The unit of the interval is the trained model (world, training seed): online seeds
+    of one model share its training draw, so they are averaged first instead of being counted as
+    independent, and the intervals carry training-seed and world variation."""
     out: Dict[str, dict] = {}
     for row, recs in records.items():
         res: Dict[str, dict] = {}
         for m in recs[0]:
             if m in ("train_seed", "online_seed", "world"):
                 continue
-            mean, half = mean_ci95([r[m] for r in _per_unit(recs, m)])
+            mean, half = mean_ci95(list(_model_means(recs, m).values()))
             res[m] = {"mean": mean, "half": half}
         for base in ("A", "B"):
             if base in records and base != row:
-                key = lambda r: (r.get("world"), r["train_seed"], r["online_seed"])  # noqa: E731
-                ref = {key(r): r for r in records[base]}
                 for m in ONLINE + ("ndcg@10_satisfied", "hr@10"):
-                    diff = [r[m] - ref[key(r)][m] for r in _per_unit(recs, m) if key(r) in ref]
+                    mine, ref = _model_means(recs, m), _model_means(records[base], m)
+                    diff = [v - ref[k] for k, v in mine.items() if k in ref]
                     mean, half = mean_ci95(diff)
                     res[f"gain_vs_{base}:{m}"] = {"mean": mean, "half": half}
         out[row] = res
     return out
 
 
-def _per_unit(recs: list, metric: str) -> list:
-    """The records that carry ``metric``, one per trained model for offline/validity metrics (repeated
-    across online seeds otherwise), one per (model, online seed) for online metrics."""
-    recs = [r for r in recs if metric in r]
-    if metric in ONLINE:
-        return recs
-    return [r for r in recs if r["online_seed"] == 0]
+def _model_means(recs: list, metric: str) -> Dict[tuple, float]:
+    """``metric`` per trained model, keyed (world, training seed): the mean over its online seeds (offline
+    and validity metrics repeat across them, so their mean is the one value)."""
+    by_model: Dict[tuple, list] = {}
+    for r in recs:
+        if metric in r:
+            by_model.setdefault((r.get("world"), r["train_seed"]), []).append(r[metric])
+    return {k: float(np.mean(v)) for k, v in by_model.items()}
 
 
 def markdown_table(summary: Dict[str, dict]) -> str:
@@ -342,12 +344,14 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
         sim = dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w)
         for row, recs in run_world(cfg, sim, rows, os.path.join(out_dir, f"world{w}"), say).items():
             records[row] += [dict(r, world=w) for r in recs]
-    result = {"default": summarise(records), "settings": dataclasses.asdict(ab), "sweep": {}}
+    result = {"default": summarise(records), "settings": dataclasses.asdict(ab), "sweep": {},
+              "records": {"default": records}}
     for beta in ab.beta_sweep:
         sim = dataclasses.replace(cfg.simulator, watch_satisfaction=float(beta))
         sweep_rows = ["A"] + [r for r in ab.sweep_rows if r != "A"]
         recs = run_world(cfg, sim, sweep_rows, os.path.join(out_dir, f"beta{beta}"), say)
         result["sweep"][str(beta)] = summarise(recs)
+        result["records"][f"beta={beta}"] = recs
     result["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=float)

@@ -40,9 +40,20 @@ def test_summary_pairs_gains_on_the_same_world_and_seeds():
     records = {"A": [rec(0, 0, 0, 1.0), rec(0, 0, 1, 3.0)], "B": [rec(0, 0, 0, 2.0), rec(0, 0, 1, 4.5)]}
     s = ablation.summarise(records)
     g = s["B"]["gain_vs_A:satisfaction_per_session"]
-    assert g["mean"] == pytest.approx(1.25)  # paired: (1.0 + 1.5) / 2, not the difference of means of noise
+    assert g["mean"] == pytest.approx(1.25)  # paired per online seed: (1.0 + 1.5) / 2
     assert "gain_vs_B:return_rate" in s["A"]
     assert "| B watch-ratio regressor |" in ablation.markdown_table(s)
+
+
+def test_summary_counts_trained_models_not_online_seeds_as_units():
+    rec = lambda t, o, v: dict(world=0, train_seed=t, online_seed=o, **{m: v for m in ablation.ONLINE},  # noqa: E731
+                               **{"ndcg@10_satisfied": v, "hr@10": v})
+    # two trained models, three online seeds each: model means 2.0 and 4.0, so n = 2 units, not 6
+    records = {"A": [rec(0, o, v) for o, v in enumerate((1.0, 2.0, 3.0))]
+               + [rec(1, o, v) for o, v in enumerate((3.0, 4.0, 5.0))]}
+    s = ablation.summarise(records)["A"]["satisfaction_per_session"]
+    assert s["mean"] == pytest.approx(3.0)
+    assert s["half"] == pytest.approx(12.706 * np.std([2.0, 4.0], ddof=1) / np.sqrt(2), rel=1e-3)
 
 
 @pytest.mark.slow
