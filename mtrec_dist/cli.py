@@ -1,6 +1,8 @@
 """The ``mtrec`` command line: one subcommand per module in :mod:`mtrec_dist.commands`.
 
-Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; its name (underscores as
+hyphens) is the subcommand and its docstring the help: the first paragraph is the one-line summary in
+``mtrec --help`` and the description in ``mtrec <command> --help``, the other paragraphs follow the options.
 Common options (``--config``, ``--set``) are added here so every command reads config the same way.
 """
 from __future__ import annotations
@@ -27,6 +29,13 @@ def _load(name: str):
         raise
 
 
+def _help_texts(doc: str | None) -> tuple[str, str | None]:
+    """A command module's docstring as (summary, details): its first paragraph and the rest, white space folded
+    (``python -OO`` strips docstrings: then no help)."""
+    summary, _, details = (doc or "").strip().partition("\n\n")
+    return " ".join(summary.split()), " ".join(details.split()) or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtrec",
@@ -38,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         mod = _load(name)
         if mod is None:
             continue
-        # help= is %-formatted by argparse, description= is not: one HELP text serves both
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP.replace("%%", "%"))
+        summary, details = _help_texts(mod.__doc__)
+        # argparse %-formats help= (so a literal % is written %%) but not description= or epilog=
+        p = sub.add_parser(name.replace("_", "-"), help=summary.replace("%", "%%"), description=summary,
+                           epilog=details)
         p.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set reward.gamma=0.8 (repeatable)")

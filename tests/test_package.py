@@ -64,3 +64,20 @@ def test_mtrec_help_is_fast():
                        timeout=60)
         best = min(best, time.perf_counter() - t0)
     assert best < 2.0, f"mtrec --help took {best:.2f}s"
+
+
+def test_each_command_is_named_after_its_module_and_helped_by_its_docstring():
+    from mtrec_dist import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == [name.replace("_", "-") for name in cli.COMMANDS]
+    listing = {a.dest: a.help for a in sub._choices_actions}
+    for name in cli.COMMANDS:
+        doc = importlib.import_module(f"mtrec_dist.commands.{name}").__doc__
+        summary = " ".join(doc.strip().split("\n\n")[0].split())
+        p = sub.choices[name.replace("_", "-")]
+        assert p.description == summary and listing[p.prog.split()[-1]] == summary.replace("%", "%%")
+    text = sub.choices["evaluate"].format_help()  # a literal % survives argparse's %-formatting
+    assert "95% CIs" in text and "95%% CIs" not in text
+    assert "every flag overrides" in sub.choices["plan"].format_help()  # later paragraphs follow the options

@@ -1,8 +1,11 @@
-"""`mtrec ablate`: the ablation that tells whether the mental reward earns its place.
+"""The ablation that tells whether the mental reward earns its place: train the same SASRec guided by each reward in
+turn (rows A-I: clicks, supervised feedback regressors, IQ-Learn v1, QR-IQL v2, oracle, shuffled) over several
+simulated worlds, or on real logs (source=logs); report reward validity, offline ranking and online
+satisfaction/return with paired 95% CIs vs A and B.
 
-On the simulator (``source: simulator``) it runs rows A-I over several worlds (mtrec_dist/ablation.py); on
-real logs (``source: logs``) it prepares them (if not prepared yet) and compares the rewards' validity
-against the withheld satisfaction signal and the guided recommenders offline (mtrec_dist/real_data.py).
+On the simulator (source: simulator) it runs rows A-I over several worlds (mtrec_dist/ablation.py); on real logs
+(source: logs) it prepares them (if not prepared yet) and compares the rewards' validity against the withheld
+satisfaction signal and the guided recommenders offline (mtrec_dist/real_data.py).
 """
 from __future__ import annotations
 
@@ -11,12 +14,6 @@ import json
 import os
 
 from mtrec_dist.config import load_config
-
-NAME = "ablate"
-HELP = ("train the same SASRec guided by each reward in turn (rows A-I: clicks, supervised feedback regressors, "
-        "IQ-Learn v1, QR-IQL v2, oracle, shuffled) over several simulated worlds, or on real logs "
-        "(source=logs); report reward validity, offline ranking and online satisfaction/return with paired "
-        "95%% CIs vs A and B")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

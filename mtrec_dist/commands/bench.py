@@ -1,14 +1,13 @@
-"""`mtrec bench`: every stage against what a user would write instead, ratios side by side (issue 9)."""
+"""Benchmark the library against single-process baselines written as a user would (pandas prepare, plain PyTorch
+QR-IQL and SASRec, a plain scoring loop), each checked to compute the same result first; prints every ratio with
+the machine's load average and writes JSON.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-NAME = "bench"
-HELP = ("benchmark the library against single-process baselines written as a user would (pandas prepare, "
-        "plain PyTorch QR-IQL and SASRec, a plain scoring loop), each checked to compute the same result "
-        "first; prints every ratio with the machine's load average and writes JSON")
 
 SIZE_FLAGS = ("users", "items", "days", "steps", "report_every", "warmup_intervals", "threads")
 

@@ -1,4 +1,7 @@
-"""`mtrec evaluate`: offline ranking, reward validity and online simulator results, then the report."""
+"""Evaluate a run's reward model and recommenders: full-ranking and 100-negative HR/NDCG on all and satisfied
+targets, reward validity (Spearman/AUC), online simulator metrics with 95% CIs; writes the report (HTML, PNGs,
+metrics.json, TensorBoard).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +10,6 @@ import json
 import os
 
 from mtrec_dist.commands._common import add_prepared_flag, add_ray_address_flag, load_run_config, prepared_dir
-
-NAME = "evaluate"
-HELP = ("evaluate a run's reward model and recommenders: full-ranking and 100-negative HR/NDCG on all and "
-        "satisfied targets, reward validity (Spearman/AUC), online simulator metrics with 95%% CIs; writes "
-        "the report (HTML, PNGs, metrics.json, TensorBoard)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

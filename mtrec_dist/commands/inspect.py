@@ -1,12 +1,10 @@
-"""`mtrec inspect`: summarise a log directory, a simulator output or a prepared dataset."""
+"""Print a summary of raw logs (file/dir/URI), a simulator output or a prepared dataset: manifest, schema, counts
+and a few rows.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-
-NAME = "inspect"
-HELP = ("print a summary of raw logs (file/dir/URI), a simulator output or a prepared dataset: manifest, "
-        "schema, counts and a few rows")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,11 +1,9 @@
-"""`mtrec pipeline`: the whole MTRec run on one config (the README's main command)."""
+"""Run MTRec end to end (the README's main command): simulate (or read logs) -> prepare -> train-reward ->
+score-rewards -> train-rec (every backbone x guidance) -> evaluate -> report; prints where the report is.
+"""
 from __future__ import annotations
 
 import argparse
-
-NAME = "pipeline"
-HELP = ("run MTRec end to end: simulate (or read logs) -> prepare -> train-reward -> score-rewards -> "
-        "train-rec (every backbone x guidance) -> evaluate -> report; prints where the report is")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

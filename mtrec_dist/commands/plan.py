@@ -1,4 +1,5 @@
-"""`mtrec plan`: size a cluster before launching it, with TorchRec's own sharding planner.
+"""Capacity planning, to size a cluster before launching it: run TorchRec's sharding planner for a target topology
+(e.g. 64 GPUs x 80 GiB, 1e9 items x 128 dims) and print the plan, per-rank memory and all-to-all bytes per step.
 
 Defaults come from the config (items = simulator.num_items + 1 for the padding row, dim = model.embedding_dim,
 world size = train.num_workers, batch = train.batch_size, ids per sample = 2 * prepare.state_len + 1 +
@@ -12,10 +13,6 @@ import sys
 from pathlib import Path
 
 from mtrec_dist.config import load_config
-
-NAME = "plan"
-HELP = ("Capacity planning: run TorchRec's sharding planner for a target topology (e.g. 64 GPUs x 80 GiB, "
-        "1e9 items x 128 dims) and print the plan, per-rank memory and all-to-all bytes per step")
 
 
 def _count(text: str) -> int:

@@ -1,13 +1,11 @@
-"""`mtrec prepare`: raw logs -> validated, sessionized, windowed transitions on Ray Data."""
+"""Validate raw logs (bad rows quarantined with a reason), build ID vocabularies, sessionize and window them into
+transitions (Parquet shards + manifest), on Ray Data.
+"""
 from __future__ import annotations
 
 import argparse
 
 from mtrec_dist.config import ConfigError, load_config
-
-NAME = "prepare"
-HELP = ("validate raw logs (bad rows quarantined with a reason), build ID vocabularies, sessionize and "
-        "window them into transitions (Parquet shards + manifest), on Ray Data")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,7 @@
-"""`mtrec retrain`: daily retraining, one new day's log partition on top of the previous run."""
+"""Daily retraining: prepare one new day's log partition (states carried over from the previous run, ID dictionaries
+extended), warm-start the reward model and the recommenders from the previous version, and write a new version
+<out>/vNNNN-<day>/ (re-running a day is idempotent).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +10,6 @@ import os
 import sys
 
 from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags
-
-NAME = "retrain"
-HELP = ("daily retraining: prepare one new day's log partition (states carried over from the previous run, "
-        "ID dictionaries extended), warm-start the reward model and the recommenders from the previous "
-        "version, and write a new version <out>/vNNNN-<day>/ (re-running a day is idempotent)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

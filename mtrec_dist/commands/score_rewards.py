@@ -1,14 +1,12 @@
-"""`mtrec score-rewards`: reward quantiles, mean, CVaR and policy baseline for transitions or given pairs."""
+"""Score every logged transition (or given state/candidate rows) with a trained reward model on Ray Data: reward
+quantiles, mean, lower-tail CVaR and the soft-policy baseline, written to Parquet.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
 from mtrec_dist.commands._common import add_prepared_flag, add_ray_address_flag, load_run_config, prepared_dir
-
-NAME = "score-rewards"
-HELP = ("score every logged transition (or given state/candidate rows) with a trained reward model on Ray "
-        "Data: reward quantiles, mean, lower-tail CVaR and the soft-policy baseline, written to Parquet")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,15 +1,12 @@
-"""`mtrec simulate`: generate the built-in simulator's logs and ground truth."""
+"""Generate simulated behaviour logs (day-partitioned Parquet, engaged events only) plus ground truth (items, users:
+satisfaction, quality, appeal) in a separate truth/ folder; impressions (every slate shown) in impressions/.
+"""
 from __future__ import annotations
 
 import argparse
 
 from mtrec_dist.config import load_config
 from mtrec_dist.data.summaries import format_simulation_summary
-
-NAME = "simulate"
-HELP = ("generate simulated behaviour logs (day-partitioned Parquet, engaged events only) plus ground truth "
-        "(items, users: satisfaction, quality, appeal) in a separate truth/ folder; impressions (every slate shown) "
-        "in impressions/")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

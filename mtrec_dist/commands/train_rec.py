@@ -1,14 +1,12 @@
-"""`mtrec train-rec`: train a sequential recommender, click-trained or guided by the mental reward."""
+"""Train a sequential recommender (SASRec, GRU4Rec, Caser, NextItNet) on scored transitions with Ray Train +
+TorchRec, click-trained or guided by the mental reward: --guidance none|reweight|actor_critic|risk_averse.
+"""
 from __future__ import annotations
 
 import argparse
 
 from mtrec_dist.commands._common import add_prepared_flag, prepared_dir
 from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags, print_training_summary
-
-NAME = "train-rec"
-HELP = ("train a sequential recommender (SASRec, GRU4Rec, Caser, NextItNet) on scored transitions with "
-        "Ray Train + TorchRec; --guidance none|reweight|actor_critic|risk_averse")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,14 +1,12 @@
-"""`mtrec train-reward`: learn the mental reward model (QR-IQL) with Ray Train + TorchRec."""
+"""Train the QR-IQL mental reward model on prepared transitions: Ray Train workers (gloo on CPU, NCCL on GPU), item
+table sharded by TorchRec's planner, sharded checkpoints, --resume.
+"""
 from __future__ import annotations
 
 import argparse
 
 from mtrec_dist.commands._common import add_prepared_flag, prepared_dir
 from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags, print_training_summary
-
-NAME = "train-reward"
-HELP = ("train the QR-IQL mental reward model on prepared transitions: Ray Train workers (gloo on CPU, "
-        "NCCL on GPU), item table sharded by TorchRec's planner, sharded checkpoints, --resume")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
