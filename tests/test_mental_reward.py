@@ -16,7 +16,8 @@ import torch
 
 from mtrec_dist.evaluation.metrics import spearman
 from mtrec_dist.objectives.mental_reward import (
-    choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward, watch_logit,
+    ConsequenceModel, choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward,
+    watch_logit,
 )
 from mtrec_dist.data.sessionize import later_in_session
 from mtrec_dist.objectives.qr_iql import distributional_soft_target, quantile_huber_loss, quantile_midpoints
@@ -77,6 +78,12 @@ def _outcomes(log: dict) -> dict:
                 return_known=log["known"])
 
 
+def _tabular_model(p: dict, s: torch.Tensor) -> ConsequenceModel:
+    """The consequence model of tabular parameters ``p`` at the rows' states ``s``."""
+    return ConsequenceModel(d=p["d"][s], W=p["W"][s], W_r=p["WR"][s], k_y=p["log_k"].exp(),
+                            sigma_y=p["log_sig"].exp())
+
+
 def _fit_consequences(log: dict, steps: int = 600) -> dict:
     """Tabular Mbar[s, a] and state offsets fitted by :func:`consequence_nll` alone."""
     torch.manual_seed(0)
@@ -86,8 +93,7 @@ def _fit_consequences(log: dict, steps: int = 600) -> dict:
     out = _outcomes(log)
     for _ in range(steps):
         mbar = p["M"][log["s"], log["a"]]
-        offs = dict(d=p["d"][log["s"]], W=p["W"][log["s"]], W_r=p["WR"][log["s"]])
-        loss = consequence_nll(mbar, offs, out, p["log_k"].exp(), p["log_sig"].exp())["total"]
+        loss = consequence_nll(mbar, out, _tabular_model(p, log["s"]))["total"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,11 +110,11 @@ def test_watch_logit_clips_and_inverts_the_sigmoid():
 
 def test_consequence_nll_matches_a_hand_computed_value():
     mbar = torch.tensor([0.5, -1.0])
-    offs = dict(d=torch.tensor([0.0, 1.0]), W=torch.tensor([0.0, 0.5]), W_r=torch.tensor([1.0, 0.0]))
+    model = ConsequenceModel(d=torch.tensor([0.0, 1.0]), W=torch.tensor([0.0, 0.5]), W_r=torch.tensor([1.0, 0.0]),
+                             k_y=torch.tensor(2.0), sigma_y=torch.tensor(1.0))
     out = dict(z=torch.tensor([1.0, 0.0]), has_watch=torch.tensor([1.0, 1.0]), stay=torch.tensor([1.0, 0.0]),
                returned=torch.tensor([0.0, 1.0]), return_known=torch.tensor([0.0, 1.0]))
-    k, sig = torch.tensor(2.0), torch.tensor(1.0)
-    res = consequence_nll(mbar, offs, out, k, sig)
+    res = consequence_nll(mbar, out, model)
     # y: residuals 1 - 1 - 0 = 0 and 0 + 2 - 1 = 1 -> (0 + 0.5) / 2
     assert res["y"].item() == pytest.approx(0.25)
     # continue: -log sigmoid(0.5) and -log(1 - sigmoid(-0.5)), mean
@@ -120,10 +126,11 @@ def test_consequence_nll_matches_a_hand_computed_value():
 
 def test_realised_reward_is_the_gaussian_posterior_mean_when_only_watch_is_seen():
     mbar = torch.tensor([0.0])
-    offs = dict(d=torch.zeros(1), W=torch.full((1,), -50.0), W_r=torch.zeros(1))  # p_c ~ 0: no continue info
+    model = ConsequenceModel(d=torch.zeros(1), W=torch.full((1,), -50.0), W_r=torch.zeros(1),  # p_c ~ 0: no continue info
+                             k_y=torch.tensor(1.0), sigma_y=torch.tensor(1.0))
     out = dict(z=torch.tensor([2.0]), has_watch=torch.ones(1), stay=torch.zeros(1), returned=torch.zeros(1),
                return_known=torch.zeros(1))
-    m = realised_mental_reward(mbar, offs, out, torch.tensor(1.0), torch.tensor(1.0), prior_sd=1.0)
+    m = realised_mental_reward(mbar, out, model, prior_sd=1.0)
     # prior N(0, 1), z = m + N(0, 1) observed at 2 -> posterior mean 1
     assert m.item() == pytest.approx(1.0, abs=1e-4)
 
@@ -169,9 +176,7 @@ def test_consequences_identify_the_mean_mental_reward():
     p = _fit_consequences(log)
     rho = np.mean([spearman(p["M"][s].numpy(), world["mu"][s]) for s in range(S)])
     assert rho >= 0.8, rho
-    offs = dict(d=p["d"][log["s"]], W=p["W"][log["s"]], W_r=p["WR"][log["s"]])
-    m = realised_mental_reward(p["M"][log["s"], log["a"]], offs, _outcomes(log), p["log_k"].exp(),
-                               p["log_sig"].exp(), prior_sd=1.0)
+    m = realised_mental_reward(p["M"][log["s"], log["a"]], _outcomes(log), _tabular_model(p, log["s"]), prior_sd=1.0)
     assert np.corrcoef(m.numpy(), log["m"].numpy())[0, 1] > 0.6
 
 
@@ -209,9 +214,8 @@ def test_v2_critic_spread_tracks_the_true_return_spread_and_v1_collapses():
     world = _world()
     log = _log(world, 20_000)
     p = _fit_consequences(log)
-    offs = dict(d=p["d"][log["s"]], W=p["W"][log["s"]], W_r=p["WR"][log["s"]])
-    realised = realised_mental_reward(p["M"][log["s"], log["a"]], offs, _outcomes(log), p["log_k"].exp(),
-                                      p["log_sig"].exp(), prior_sd=1.0)
+    realised = realised_mental_reward(p["M"][log["s"], log["a"]], _outcomes(log), _tabular_model(p, log["s"]),
+                                      prior_sd=1.0)
     true_sd = _true_return_sd(world).ravel()
     spread = lambda z: (z[..., -2] - z[..., 1]).ravel().numpy()  # noqa: E731  (inner quantile range)
     z2 = _fit_critic(log, realised, "v2")

@@ -38,7 +38,8 @@ from ..objectives.qr_iql import (
     soft_value,
 )
 from ..objectives.mental_reward import (
-    choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward, watch_logit,
+    ConsequenceModel, choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward,
+    watch_logit,
 )
 from ..objectives.ranking import masked_mean
 from .embeddings import ItemEmbedding
@@ -269,12 +270,11 @@ class QRIQLModel(nn.Module):
             d_y = d_y + e_a @ self.watch_item_offset
         if "action_log_duration" in batch:  # an observable item length explains part of the watch ratio
             d_y = d_y + self.watch_duration_coef * batch["action_log_duration"].float()
-        offsets = dict(d=d_y, W=d_w_wr[:, 1], W_r=d_w_wr[:, 2])
         k_y, sigma_y = self.log_watch_link.exp().unbind(0)
+        cons_model = ConsequenceModel(d=d_y, W=d_w_wr[:, 1], W_r=d_w_wr[:, 2], k_y=k_y, sigma_y=sigma_y)
         obs = self.outcomes(batch)
-        cons = consequence_nll(mbar, offsets, obs, k_y, sigma_y, mask)
-        realised = realised_mental_reward(mbar.detach(), {k: v.detach() for k, v in offsets.items()}, obs,
-                                          k_y.detach(), sigma_y.detach(), cfg.prior_sd)
+        cons = consequence_nll(mbar, obs, cons_model, mask)
+        realised = realised_mental_reward(mbar.detach(), obs, cons_model.detach(), cfg.prior_sd)
         taus = self.taus(dev)
         # with no outcome m is Mbar itself: nothing to regress, and Adam would turn rounding noise into steps
         l_r = (quantile_huber_loss(r_q, realised.unsqueeze(1), taus, cfg.kappa, mask) if cfg.consequences

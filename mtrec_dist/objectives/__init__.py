@@ -13,6 +13,7 @@ from mtrec_dist._lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "qr_iql_loss": ".qr_iql", "quantile_huber_loss": ".qr_iql", "soft_value": ".qr_iql", "cvar": ".qr_iql",
     "consequence_nll": ".mental_reward", "realised_mental_reward": ".mental_reward", "choice_nll": ".mental_reward",
+    "ConsequenceModel": ".mental_reward",
     "full_softmax_ce": ".ranking", "sampled_softmax_ce": ".ranking",
     "guidance_weights": ".guidance", "td_loss": ".guidance",
 })

@@ -19,7 +19,7 @@ Shapes: B rows, N quantiles; ``mask`` [B] is 1 for real rows.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .ranking import masked_mean
 
 __all__ = [
+    "ConsequenceModel",
     "watch_logit",
     "consequence_nll",
     "realised_mental_reward",
@@ -42,41 +43,51 @@ def watch_logit(watch_ratio: torch.Tensor, eps: float = 0.02) -> torch.Tensor:
     return torch.log(y) - torch.log1p(-y)
 
 
-def _links(mbar: torch.Tensor, offsets: Dict[str, torch.Tensor], outcomes: Dict[str, torch.Tensor],
-           k_y: torch.Tensor) -> Dict[str, torch.Tensor]:
+class ConsequenceModel(NamedTuple):
+    """The consequence model's parameters besides ``Mbar``: the state offsets ``d`` (watch), ``W``
+    (continuation) and ``W_r`` (return), each [B], and the watch link's slope ``k_y`` and noise ``sigma_y``
+    (scalars); shared by :func:`consequence_nll` and :func:`realised_mental_reward`."""
+
+    d: torch.Tensor
+    W: torch.Tensor
+    W_r: torch.Tensor
+    k_y: torch.Tensor
+    sigma_y: torch.Tensor
+
+    def detach(self) -> "ConsequenceModel":
+        """The same parameters as constants."""
+        return ConsequenceModel(*(t.detach() for t in self))
+
+
+def _links(mbar: torch.Tensor, outcomes: Dict[str, torch.Tensor], model: ConsequenceModel) -> Dict[str, torch.Tensor]:
     """The outcome model's predictors, defined once for the likelihood and its Newton step: the watch
     residual ``z - k_y Mbar - d``, the continuation logit ``Mbar + W`` and the return logit ``Mbar + W_r``,
     with the row weights of the watch, continuation and return terms."""
-    return {"resid": outcomes["z"] - k_y * mbar - offsets["d"], "logit_c": mbar + offsets["W"],
-            "logit_r": mbar + offsets["W_r"], "has_watch": outcomes["has_watch"].to(mbar.dtype),
+    return {"resid": outcomes["z"] - model.k_y * mbar - model.d, "logit_c": mbar + model.W,
+            "logit_r": mbar + model.W_r, "has_watch": outcomes["has_watch"].to(mbar.dtype),
             "known": outcomes["return_known"].to(mbar.dtype), "stay": outcomes["stay"].to(mbar.dtype),
             "stay_known": outcomes.get("stay_known", torch.ones_like(mbar)).to(mbar.dtype),
             "returned": outcomes["returned"].to(mbar.dtype)}
 
 
-def consequence_nll(
-    mbar: torch.Tensor,
-    offsets: Dict[str, torch.Tensor],
-    outcomes: Dict[str, torch.Tensor],
-    k_y: torch.Tensor,
-    sigma_y: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-) -> Dict[str, torch.Tensor]:
+def consequence_nll(mbar: torch.Tensor, outcomes: Dict[str, torch.Tensor], model: ConsequenceModel,
+                    mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Negative log-likelihood of the post-consumption outcomes given the mean mental reward.
 
     ``L_y = E[ (z - k_y Mbar - d)^2 / (2 sigma_y^2) + log sigma_y ]`` over rows with a watch signal;
     ``L_c = E[ stay_known BCE(stay, sigmoid(Mbar + W)) ]``;
     ``L_r = E_{done, known}[ BCE(returned, sigmoid(Mbar + W_r)) ]`` (sum over known rows / real rows).
 
-    offsets: "d", "W", "W_r" [B]; outcomes: "z" [B] (watch logit), "has_watch" [B] (0 where the source
-    has no watch signal), "stay" [B] (1 - done), optional "stay_known" [B] (default 1; 0 where continuing is
-    not read as a consequence), "returned" [B], "return_known" [B] (1 where the row ends a session and the
-    log shows whether the user came back).  Returns {"y", "continue", "return", "total"}.
+    outcomes: "z" [B] (watch logit), "has_watch" [B] (0 where the source has no watch signal), "stay" [B]
+    (1 - done), optional "stay_known" [B] (default 1; 0 where continuing is not read as a consequence),
+    "returned" [B], "return_known" [B] (1 where the row ends a session and the log shows whether the user
+    came back); model: ``d``, ``W``, ``W_r``, ``k_y``, ``sigma_y``.  Returns {"y", "continue", "return", "total"}.
     """
     m = torch.ones_like(mbar) if mask is None else mask.to(mbar.dtype)
     n = m.sum().clamp_min(1.0)
-    x = _links(mbar, offsets, outcomes, k_y)
+    x = _links(mbar, outcomes, model)
     wy = m * x["has_watch"]
+    sigma_y = model.sigma_y
     l_y = ((x["resid"].pow(2) / (2 * sigma_y.pow(2)) + torch.log(sigma_y)) * wy).sum() / wy.sum().clamp_min(1.0)
     l_c = (F.binary_cross_entropy_with_logits(x["logit_c"], x["stay"], reduction="none")
            * m * x["stay_known"]).sum() / n
@@ -86,14 +97,8 @@ def consequence_nll(
 
 
 @torch.no_grad()
-def realised_mental_reward(
-    mbar: torch.Tensor,
-    offsets: Dict[str, torch.Tensor],
-    outcomes: Dict[str, torch.Tensor],
-    k_y: torch.Tensor,
-    sigma_y: torch.Tensor,
-    prior_sd: float,
-) -> torch.Tensor:
+def realised_mental_reward(mbar: torch.Tensor, outcomes: Dict[str, torch.Tensor], model: ConsequenceModel,
+                           prior_sd: float) -> torch.Tensor:
     """Posterior mean of one event's mental reward given its outcome: a Newton step from the prior.
 
     With prior ``m ~ N(Mbar, tau^2)`` and the outcome log-likelihood ``ell(m)`` of
@@ -102,7 +107,8 @@ def realised_mental_reward(
     and ``-ell'' = has_watch k_y^2 / sigma_y^2 + stay_known p_c (1 - p_c) + known p_r (1 - p_r)``.
     Exact for the Gaussian term; a Laplace step for the two choices.  [B] -> [B] (constants).
     """
-    x = _links(mbar, offsets, outcomes, k_y)
+    x = _links(mbar, outcomes, model)
+    k_y, sigma_y = model.k_y, model.sigma_y
     hw, known = x["has_watch"], x["known"]
     p_c, p_r = torch.sigmoid(x["logit_c"]), torch.sigmoid(x["logit_r"])
     sk = x["stay_known"]
