@@ -13,28 +13,21 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: transitions carry return labels and the item's log duration
 
-REQUIRED_FIELDS = [
-    pa.field("user_id", pa.int64(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("ts", pa.int64(), nullable=False),
-]
-IMPLICIT_FIELDS = [
-    pa.field("click", pa.int8()),
-    pa.field("watch_ratio", pa.float32()),
-    pa.field("dwell_s", pa.float32()),
-    pa.field("session_id", pa.int64()),
-    pa.field("slate_id", pa.int64()),
-]
+
+
+def _fields(*, nullable: bool = True, **types: pa.DataType) -> list[pa.Field]:
+    """One ``pa.field`` per ``name=type``, in the order given."""
+    return [pa.field(name, t, nullable=nullable) for name, t in types.items()]
+
+
+REQUIRED_FIELDS = _fields(user_id=pa.int64(), item_id=pa.int64(), ts=pa.int64(), nullable=False)
+IMPLICIT_FIELDS = _fields(click=pa.int8(), watch_ratio=pa.float32(), dwell_s=pa.float32(), session_id=pa.int64(),
+                          slate_id=pa.int64())
 EVAL_PREFIX = "eval_"
-EVAL_FIELDS = [
-    pa.field("eval_rating", pa.float32()),
-    pa.field("eval_purchase", pa.int8()),
-    pa.field("eval_like", pa.int8()),
-    pa.field("eval_long_view", pa.int8()),
-    pa.field("eval_true_satisfaction", pa.float32()),
-]
+EVAL_FIELDS = _fields(eval_rating=pa.float32(), eval_purchase=pa.int8(), eval_like=pa.int8(),
+                      eval_long_view=pa.int8(), eval_true_satisfaction=pa.float32())
 
 REQUIRED_COLUMNS = [f.name for f in REQUIRED_FIELDS]
 IMPLICIT_COLUMNS = [f.name for f in IMPLICIT_FIELDS]
@@ -94,6 +87,9 @@ TRANSITION_COLUMNS = [
     "done",                 # int8: 1 at the end of a session
     "ts",                   # int64 unix seconds of the action
     "pos_from_end",         # int32: 0 = the user's last transition (leave-last-out test), 1 = validation
+    "returned",             # int8: 1 where the row ends a session and the user came back within the return window
+    "return_known",         # int8: 1 where the row ends a session and the log runs long enough to tell
+    "action_log_duration",  # float32 log(item length / 60 s), length = dwell / watch ratio (0 where unknown)
 ]
 for _c in TRANSITION_COLUMNS:
     assert not is_eval_column(_c)
@@ -101,5 +97,6 @@ for _c in TRANSITION_COLUMNS:
 # The torch batch every model and loss consumes (see mtrec_dist.data.pipeline.collate_transitions):
 #   state_items [B, L] long, state_feedback [B, L] float, action [B] long, action_feedback [B] float,
 #   next_state_items [B, L] long, next_state_feedback [B, L] float, done [B] float, row_id [B] long,
-#   user_idx [B] long, pos_from_end [B] long, mask [B] float (1 = real row, 0 = padding row added so
+#   user_idx [B] long, pos_from_end [B] long, returned [B] long, return_known [B] long,
+#   action_log_duration [B] float, mask [B] float (1 = real row, 0 = padding row added so
 #   that every worker runs the same number of steps).

@@ -38,16 +38,8 @@ __all__ = ["SequentialRecommender", "BACKBONES"]
 
 
 class SequentialRecommender(nn.Module):
-    def __init__(
-        self,
-        num_items: int,
-        backbone: str,
-        model_cfg: ModelConfig,
-        rec_cfg: RecConfig,
-        state_len: int,
-        device: Optional[torch.device] = None,
-        item_counts: Optional[Sequence[float]] = None,
-    ) -> None:
+    def __init__(self, num_items: int, backbone: str, model_cfg: ModelConfig, rec_cfg: RecConfig, state_len: int,
+                 device: Optional[torch.device] = None, item_counts: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")

@@ -78,15 +78,10 @@ def full_softmax_ce(
     return masked_mean(ce, mask)
 
 
-def sampled_softmax_ce(
-    pos_logit: torch.Tensor,
-    neg_logits: torch.Tensor,
-    log_q_pos: Optional[torch.Tensor] = None,
-    log_q_neg: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    weights: Optional[torch.Tensor] = None,
-    neg_valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def sampled_softmax_ce(pos_logit: torch.Tensor, neg_logits: torch.Tensor,
+                       log_q_pos: Optional[torch.Tensor] = None, log_q_neg: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                       neg_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sampled softmax cross-entropy with log-q correction (Jean et al. 2015; Bengio & Senecal 2008).
 
     Corrected logits ``z'_c = z_c - log(m q(c))`` for the positive and each of the ``m`` negatives;
