@@ -30,6 +30,7 @@ from mtrec_dist.data.simulator import (
     LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
     user_tastes,
 )
+from mtrec_dist.data.sessionize import item_log_duration, session_returns
 from mtrec_dist.evaluation.metrics import mean_ci95, ndcg_at_k, hit_rate_at_k, roc_auc, spearman
 from mtrec_dist.evaluation.online import catalog_score_fn, recommender_policy, run_days
 from mtrec_dist.layout import RunLayout
@@ -55,9 +56,7 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
     order = np.lexsort((ts, user))
     user, ts, item, wr, sess = user[order], ts[order], item[order], wr[order].astype(np.float32), sess[order]
     # the item's length is observable (dwell / watch ratio): the watch link's duration covariate
-    dwell = (col("dwell_s")[order].astype(np.float64) if "dwell_s" in events.column_names
-             else np.full(len(order), 60.0) * wr)
-    log_dur = np.log(np.where(wr > 0, dwell / np.maximum(wr, 1e-6), 60.0) / 60.0).astype(np.float32)
+    dwell = col("dwell_s")[order] if "dwell_s" in events.column_names else np.full(len(order), np.nan)
     sat = col("eval_true_satisfaction")[order]
     n, L = len(user), state_len
     s_items, s_fb = np.zeros((n, L), np.int64), np.zeros((n, L), np.float32)
@@ -72,20 +71,8 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
                 next_state_items=np.concatenate([s_items[:, 1:], item[:, None]], 1),
                 next_state_feedback=np.concatenate([s_fb[:, 1:], wr[:, None]], 1),
                 done=done.astype(np.float32), returned=returned, return_known=known, satisfaction=sat,
-                action_log_duration=log_dur,
+                action_log_duration=item_log_duration(dwell, wr),
                 satisfied=sat > LONG_VIEW_SATISFACTION)
-
-
-def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s: int) -> tuple[np.ndarray, np.ndarray]:
-    """For rows sorted by (user, ts): ``returned`` = the row ends a session and the same user's next event
-    is within ``window_s``; ``return_known`` = the row ends a session and the log runs long enough after it
-    to tell (float32 0/1 columns)."""
-    same_next = np.append(user[1:] == user[:-1], False)
-    gap = np.append(ts[1:] - ts[:-1], np.iinfo(np.int64).max)
-    done = done.astype(bool)
-    returned = done & same_next & (gap <= window_s)
-    known = done & (returned | (ts + window_s <= ts.max()))
-    return returned.astype(np.float32), known.astype(np.float32)
 
 
 TRAIN_KEYS = ("state_items", "state_feedback", "action", "action_feedback", "next_state_items",
@@ -231,7 +218,8 @@ def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str],
     ab = cfg.ablation
     simulate_logs(sim, work_dir, progress=lambda m: None)
     truth = make_item_truth(sim)
-    data = log_transitions(pq.read_table(os.path.join(work_dir, "logs")), cfg.prepare.state_len, ab.return_window_s)
+    data = log_transitions(pq.read_table(os.path.join(work_dir, "logs")), cfg.prepare.state_len,
+                           cfg.prepare.return_window_s)
     heldout = (data["user"] * 2654435761 % 1000) < ab.heldout_user_share * 1000
     train_rows, test_rows = np.flatnonzero(~heldout), np.flatnonzero(heldout)
     num_items = sim.num_items

@@ -100,6 +100,7 @@ class PrepareConfig:
     id_type: Literal["int", "string"] = "int"
     state_len: int = 10  # L: items in a state
     session_gap_s: int = 1800  # a gap longer than this ends a session (done = 1)
+    return_window_s: int = 129_600  # a session end is "returned" if the user's next event is within 36 h
     max_item_id: int = 2**62  # raw IDs above this are quarantined as out of range
     max_ts: int = 4_102_444_800  # timestamps after 2100-01-01 are quarantined as out of range
     rows_per_shard: int = 250_000  # rows per Parquet file written to the prepared dataset
@@ -113,6 +114,7 @@ class PrepareConfig:
     def validate(self, key: str = "prepare") -> None:
         _check(self.state_len >= 1, f"{key}.state_len", "must be >= 1")
         _check(self.session_gap_s >= 1, f"{key}.session_gap_s", "must be >= 1")
+        _check(self.return_window_s >= 1, f"{key}.return_window_s", "must be >= 1")
         _check(self.rows_per_shard >= 1, f"{key}.rows_per_shard", "must be >= 1")
         _check(self.rows_per_partition >= 1, f"{key}.rows_per_partition", "must be >= 1")
         _check(self.max_partitions >= 1, f"{key}.max_partitions", "must be >= 1")
@@ -197,13 +199,15 @@ class RewardConfig:
         default_factory=lambda: ["watch", "continue", "return"])
     # v2, logs whose users chose the order of a session's items themselves (ratings, search; not a feed): how many
     # later choices of the session each choice is ranked against by a per-item level of the mental reward
-    # (objectives.mental_reward.order_nll); 0 = no order term.  `mtrec ablate` on logs only.
+    # (objectives.mental_reward.order_nll); 0 = no order term.
     order_items: int = 0
 
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 1, f"{key}.num_quantiles", "must be >= 1")
         _check(self.prior_sd > 0, f"{key}.prior_sd", "must be > 0")
         _check(self.order_items >= 0, f"{key}.order_items", "must be >= 0")
+        _check(self.objective != "v2" or bool(self.consequences) or self.order_items > 0, f"{key}.consequences",
+               "is empty and order_items is 0: the v2 mental reward would have nothing to be fitted to")
         _check(self.alpha > 0, f"{key}.alpha", "must be > 0")
         _check(0.0 <= self.gamma < 1.0, f"{key}.gamma", "must be in [0, 1)")
         _check(self.chi2_c > 0, f"{key}.chi2_c", "must be > 0")
@@ -335,7 +339,6 @@ class AblationConfig:
     online_users: int = 300  # held-out users (never in the logs) per online seed
     online_days: int = 7  # days each online user is followed (return rate, cumulative satisfaction)
     heldout_user_share: float = 0.2  # logged users whose rows are kept out of training (reward validity, offline)
-    return_window_s: int = 129_600  # a session end is "returned" if the user's next event is within 36 h
     reward_epochs: int = 2  # epochs of every reward model an ablation trains
     rec_epochs: int = 2  # epochs of every recommender an ablation trains
     batch_size: int = 256  # training batch size of every ablation run
@@ -354,7 +357,7 @@ class AblationConfig:
                      "rec_epochs", "batch_size"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(0.0 < self.heldout_user_share < 1.0, f"{key}.heldout_user_share", "must be in (0, 1)")
-        _check(self.return_window_s > 0 and self.lr > 0, f"{key}.return_window_s/lr", "must be > 0")
+        _check(self.lr > 0, f"{key}.lr", "must be > 0")
         _check(all(isinstance(b, (int, float)) and b >= 0 for b in self.beta_sweep), f"{key}.beta_sweep",
                "must be a list of numbers >= 0")
 

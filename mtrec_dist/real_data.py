@@ -27,31 +27,30 @@ import pyarrow.dataset as pads
 import torch
 
 from mtrec_dist.ablation import (
-    ROW_NAMES, fit, guidance_columns, offline_ranking, row_scorer, score_reward, session_returns, v_full,
+    ROW_NAMES, fit, guidance_columns, offline_ranking, row_scorer, score_reward, v_full,
 )
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.data.pipeline import collate_transitions
-from mtrec_dist.data.sessionize import later_in_session
+from mtrec_dist.data.sessionize import with_later_items
 from mtrec_dist.evaluation.metrics import roc_auc, spearman
 from mtrec_dist.evaluation.offline import eval_rows, read_eval_table, satisfied_labels
 from mtrec_dist.models.recommender import SequentialRecommender
 
 
-def prepared_data(prepared_dir: str, return_window_s: int, order_items: int = 0) -> Dict[str, np.ndarray]:
-    """Prepared transitions as numpy columns sorted by (user, ts), with return labels, a sample of each
+def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarray]:
+    """Prepared transitions (with their return labels) as numpy columns in each user's order, a sample of each
     choice's later choices in its session (``later_items``, where ``order_items`` > 0) and the withheld
     satisfaction (``satisfaction`` graded, ``satisfied`` bool) aligned by row id.
 
     Prepared logs are self-directed (prepare reads no impressions: the user, not a feed, chose what came
     next), so the order of a session's choices is the user's own and the order term may read it."""
     table = pads.dataset(os.path.join(prepared_dir, "transitions"), format="parquet").to_table()
+    if order_items > 0:
+        table = with_later_items(table, k=order_items)
     batch = {k: v.numpy() for k, v in collate_transitions(table).items()}
-    order = np.lexsort((batch["ts"], batch["user_idx"]))
+    order = np.lexsort((batch["row_id"], batch["user_idx"]))  # each user's sequence
     data = {k: v[order] for k, v in batch.items()}
     data["user"] = data.pop("user_idx")
-    data["returned"], data["return_known"] = session_returns(data["user"], data["ts"], data["done"], return_window_s)
-    if order_items > 0:
-        data["later_items"] = later_in_session(data["action"], data["ts"], data["done"], order_items)
     ev = read_eval_table(prepared_dir)
     satisfied, graded, _ = satisfied_labels(ev)
     idx = eval_rows(ev, data["row_id"])
@@ -68,7 +67,7 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
     """Validity of every reward on held-out users' rows, and offline ranking of the guided SASRecs."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     ab, t0 = cfg.ablation, time.time()
-    data = prepared_data(prepared_dir, ab.return_window_s, cfg.reward.order_items)
+    data = prepared_data(prepared_dir, cfg.reward.order_items)
     num_items = int(data["action"].max())
     heldout = (data["user"] * 2654435761 % 1000) < ab.heldout_user_share * 1000
     train, test = np.flatnonzero(~heldout), np.flatnonzero(heldout)

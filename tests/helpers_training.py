@@ -76,6 +76,9 @@ def write_prepared(root: Path, *, num_items: int = 40, num_users: int = 30, stat
             recs["done"].append(1 if t == len(items) - 1 else 0)
             recs["ts"].append(1_700_000_000 + t * 60)
             recs["pos_from_end"].append(len(items) - 1 - t)
+            recs["returned"].append(0)
+            recs["return_known"].append(0)
+            recs["action_log_duration"].append(0.0)
             sat.append(float(rng.normal()))
             row += 1
     assert row == rows, (row, rows)
@@ -84,6 +87,7 @@ def write_prepared(root: Path, *, num_items: int = 40, num_users: int = 30, stat
         "state_feedback": pa.list_(pa.float32()), "action": pa.int64(), "action_feedback": pa.float32(),
         "next_state_items": pa.list_(pa.int64()), "next_state_feedback": pa.list_(pa.float32()),
         "done": pa.int8(), "ts": pa.int64(), "pos_from_end": pa.int32(),
+        "returned": pa.int8(), "return_known": pa.int8(), "action_log_duration": pa.float32(),
     }
     table = pa.table({c: pa.array(recs[c], type=types[c]) for c in TRANSITION_COLUMNS})
     bounds = np.linspace(0, rows, files + 1).astype(int)

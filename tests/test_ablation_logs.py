@@ -46,3 +46,32 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     assert {"A", "F"} <= set(res["offline"])
     manifest = json.loads((tmp_path / "run" / "prepared" / "manifest.json").read_text())
     assert manifest["rows_in"] == rows == manifest["rows_ok"] + manifest["rows_rejected"]
+
+
+def test_the_distributed_reward_training_reads_the_same_later_choices(ray_cluster, tmp_path):
+    """The Ray Train path (`mtrec train-reward`) adds ``later_items`` on the cluster, hash-partitioned by
+    user; with ``order_items`` >= the session length there is no draw, so it must equal the in-process
+    :func:`with_later_items` over the whole table, row by row."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import ray
+
+    from mtrec_dist.config import load_config
+    from mtrec_dist.data.sessionize import with_later_items
+    from mtrec_dist.training.reward import training_transitions
+
+    _rating_log(tmp_path / "ratings.csv", users=30)
+    sets = [f"run_dir={tmp_path / 'run'}", "prepare.format=csv", "prepare.id_type=string",
+            "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}", "reward.order_items=8",
+            "prepare.rows_per_partition=200"]  # several hash partitions
+    assert cli(["prepare", "--config", "configs/ml1m.yaml", "--input", str(tmp_path / "ratings.csv")]
+               + [a for s in sets for a in ("--set", s)]) == 0
+    cfg = load_config("configs/ml1m.yaml", sets)
+    prepared = str(tmp_path / "run" / "prepared")
+    table = pads.dataset(f"{prepared}/transitions", format="parquet").to_table()
+    ds = training_transitions(cfg, prepared, table.num_rows)
+    got = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
+    want = with_later_items(table, k=8).sort_by("row_id")
+    assert got.num_rows == table.num_rows
+    assert got.column("later_items").to_pylist() == want.column("later_items").to_pylist()
+    assert sum(len([i for i in r if i]) for r in got.column("later_items").to_pylist()) == 30 * 3 * 28  # 7+6+..+0

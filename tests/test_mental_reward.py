@@ -19,7 +19,7 @@ from mtrec_dist.objectives.mental_reward import (
     ConsequenceModel, choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward,
     watch_logit,
 )
-from mtrec_dist.data.sessionize import later_in_session
+from mtrec_dist.data.sessionize import later_in_session, with_later_items
 from mtrec_dist.objectives.qr_iql import distributional_soft_target, quantile_huber_loss, quantile_midpoints
 
 S, A, K_Y, GAMMA, N = 3, 6, 0.8, 0.6, 8
@@ -159,6 +159,17 @@ def test_later_in_session_stops_at_the_session_end_and_skips_ties():
     # items 1 and 2 share a ts: neither was chosen before the other
     assert later_in_session(action, np.array([0, 0, 2, 3, 4]), done, 2).tolist() == [[3, 0], [3, 0], [0, 0], [5, 0], [0, 0]]
     assert later_in_session(np.array([7]), np.array([5]), np.array([1]), 3).tolist() == [[0, 0, 0]]
+
+
+def test_with_later_items_orders_a_block_by_user_sequence_before_reading_sessions():
+    import pyarrow as pa
+
+    # user 4: session (items 1, 2, 3) then session (item 4); user 9: one session (items 5, 6); rows shuffled
+    t = pa.table({"user_idx": [9, 4, 4, 9, 4, 4], "row_id": [21, 12, 10, 20, 11, 13], "action": [6, 3, 1, 5, 2, 4],
+                  "ts": [70, 30, 10, 60, 20, 40], "done": [1, 1, 0, 0, 0, 1]})
+    out = with_later_items(t, k=2)
+    assert out.column("row_id").to_pylist() == [10, 11, 12, 13, 20, 21]
+    assert out.column("later_items").to_pylist() == [[2, 3], [3, 0], [0, 0], [0, 0], [6, 0], [0, 0]]
 
 
 def test_later_in_session_draws_one_item_per_stratum_of_a_long_session():

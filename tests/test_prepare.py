@@ -17,6 +17,7 @@ from mtrec_dist.config import PrepareConfig
 from mtrec_dist.data import prepare as prep
 from mtrec_dist.data.readers import PARSED_SCHEMA, InputError
 from mtrec_dist.data.schema import EVAL_COLUMNS, EVENT_SCHEMA, TRANSITION_COLUMNS
+from mtrec_dist.data.sessionize import session_returns
 
 DAY1, DAY2 = 1767225600, 1767312000  # 2026-01-01, 2026-01-02 (UTC)
 
@@ -38,14 +39,14 @@ def _events(rows: list[dict], user_type=pa.int64()) -> pa.Table:
 
 
 # ---- unit: the per-user stage and the vocab ---------------------------------------------------------
-def _annotate(rows: list[dict], state_len=3, gap=1800):
+def _annotate(rows: list[dict], state_len=3, gap=1800, **kw):
     t = pa.Table.from_pylist([{c: r.get(c) for c in EVENT_SCHEMA.names} for r in rows], schema=EVENT_SCHEMA)
     t = t.append_column("reject_reason", pa.nulls(t.num_rows, pa.string()))
     t = t.append_column("raw_line", pa.nulls(t.num_rows, pa.string())).cast(PARSED_SCHEMA)
     t = t.append_column(prep.ORDER_COLUMN, pa.array(np.arange(t.num_rows, dtype=np.int64)))
     vocab = prep.extend_vocab(None, [r["item_id"] for r in rows], [r["user_id"] for r in rows])
     row_base = (np.sort(vocab.user_raw), np.arange(vocab.num_users) * 100)
-    out = prep.annotate_users(t, state_len=state_len, session_gap_s=gap, row_base=row_base)
+    out = prep.annotate_users(t, state_len=state_len, session_gap_s=gap, row_base=row_base, **kw)
     tr = prep.index_transitions(out, lookup=prep.vocab_lookup(vocab))
     return out, tr, vocab
 
@@ -88,6 +89,27 @@ def test_windows_sessions_and_per_user_rejects():
     for r in tr.to_pylist():
         assert r["next_state_items"] == r["state_items"][1:] + [r["action"]]
         assert r["next_state_feedback"] == pytest.approx(r["state_feedback"][1:] + [r["action_feedback"]])
+
+
+def test_session_ends_carry_return_labels_and_items_their_log_length():
+    rows = [  # window 3000 s, the log ends at t = 20000
+        dict(user_id=5, item_id=10, ts=100, click=1, watch_ratio=0.5, dwell_s=60.0),   # 2-minute item
+        dict(user_id=5, item_id=20, ts=200, click=1, watch_ratio=0.25, dwell_s=30.0),  # ends a session
+        dict(user_id=5, item_id=30, ts=2200, click=1),                                 # back 2000 s later
+        dict(user_id=5, item_id=40, ts=9000, click=1, watch_ratio=0.0, dwell_s=5.0),   # gap 6800 > window
+        dict(user_id=7, item_id=10, ts=18000, click=1, watch_ratio=1.0, dwell_s=60.0),  # 2000 s before the end
+    ]
+    out, tr, vocab = _annotate(rows, gap=1800, return_window_s=3000, log_end=20_000)
+    tr = tr.sort_by([("user_idx", "ascending"), ("ts", "ascending")])
+    assert tr.column("done").to_pylist() == [0, 1, 1, 1, 1]
+    assert tr.column("returned").to_pylist() == [0, 1, 0, 0, 0]
+    # known: came back (row 2), left for longer than the window (row 3), log ran on 11000 s (row 4);
+    # user 7 ended 2000 s before the log did, too soon to tell
+    assert tr.column("return_known").to_pylist() == [0, 1, 1, 1, 0]
+    assert tr.column("action_log_duration").to_pylist() == pytest.approx([np.log(2.0), np.log(2.0), 0.0, 0.0, 0.0])
+    # without log_end the rows' latest ts ends the log: the first end is known (gap 10 > 5), the last is not
+    returned, known = session_returns(np.array([1, 1]), np.array([0, 10]), np.array([1, 1]), 5)
+    assert returned.tolist() == [0.0, 0.0] and known.tolist() == [1.0, 0.0]
 
 
 def test_validate_rows_reasons_in_order():

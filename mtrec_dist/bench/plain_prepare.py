@@ -80,9 +80,10 @@ def drop_user_rejects(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(with_sid.index[with_sid.ts < before])
 
 
-def sessionize(events: pd.DataFrame, session_gap_s: int) -> pd.DataFrame:
+def sessionize(events: pd.DataFrame, session_gap_s: int, return_window_s: int, log_end: int) -> pd.DataFrame:
     """Engaged events sorted per user by time, with ``k`` (position in the user's sequence),
-    ``pos_from_end`` and ``done`` (a session's last event, or the user's last)."""
+    ``pos_from_end``, ``done`` (a session's last event, or the user's last) and, at session ends,
+    ``returned`` (the user's next event within ``return_window_s``) and ``return_known``."""
     ev = events.sort_values(["user_id", "ts"], kind="stable")  # stable: equal times keep input order
     by_user = ev.groupby("user_id", sort=False)
     ev = ev.assign(k=by_user.cumcount(), pos_from_end=by_user.cumcount(ascending=False))
@@ -90,7 +91,10 @@ def sessionize(events: pd.DataFrame, session_gap_s: int) -> pd.DataFrame:
     last_of_user = (ev.pos_from_end == 0).to_numpy()
     gap = (next_ts - ev.ts > session_gap_s).to_numpy()
     sid_change = (ev.session_id.notna() & next_sid.notna() & (ev.session_id != next_sid)).to_numpy()
-    return ev.assign(done=(last_of_user | gap | sid_change).astype(np.int8))
+    done = last_of_user | gap | sid_change
+    returned = done & ~last_of_user & (next_ts - ev.ts <= return_window_s).to_numpy()
+    known = done & (returned | (ev.ts + return_window_s <= log_end).to_numpy())
+    return ev.assign(done=done.astype(np.int8), returned=returned.astype(np.int8), return_known=known.astype(np.int8))
 
 
 def windows(k: np.ndarray, action: np.ndarray, feedback: np.ndarray, state_len: int):
@@ -102,6 +106,13 @@ def windows(k: np.ndarray, action: np.ndarray, feedback: np.ndarray, state_len: 
         state[rows, state_len - j] = action[rows - j]
         state_fb[rows, state_len - j] = feedback[rows - j]
     return state, state_fb
+
+
+def log_duration(dwell_s: np.ndarray, watch_ratio: np.ndarray) -> np.ndarray:
+    """log(item length in minutes), length = dwell / watch ratio; 0 where either is missing or not positive."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        minutes = dwell_s / (watch_ratio * 60.0)
+        return np.where(np.isfinite(minutes) & (dwell_s > 0) & (watch_ratio > 0), np.log(minutes), 0.0).astype(np.float32)
 
 
 def transitions_table(ev: pd.DataFrame, items: np.ndarray, users: np.ndarray, row_base: pd.Series,
@@ -119,7 +130,9 @@ def transitions_table(ev: pd.DataFrame, items: np.ndarray, users: np.ndarray, ro
             "action_feedback": fb,
             "next_state_items": list_array(np.c_[state[:, 1:], action], state_len, pa.int64()),
             "next_state_feedback": list_array(np.c_[state_fb[:, 1:], fb], state_len, pa.float32()),
-            "done": ev.done.to_numpy(), "ts": ev.ts.to_numpy(), "pos_from_end": pos}
+            "done": ev.done.to_numpy(), "ts": ev.ts.to_numpy(), "pos_from_end": pos,
+            "returned": ev.returned.to_numpy(), "return_known": ev.return_known.to_numpy(),
+            "action_log_duration": log_duration(ev.dwell_s.to_numpy(np.float64), ev.watch_ratio.to_numpy(np.float64))}
     transitions = pa.Table.from_arrays([pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
                                         else cols[f.name] for f in TRANSITION_SCHEMA], schema=TRANSITION_SCHEMA)
     eval_cols = {"row_id": row_id, "user_idx": user_idx, "pos_from_end": pos, "action": action,
@@ -158,7 +171,7 @@ def plain_prepare(cfg: PrepareConfig, logs_dir: str | Path, out_dir: str | Path)
     accepted = drop_user_rejects(ok)
     lap("validate")
     engaged = accepted[accepted.click.isna() | (accepted.click == 1)]
-    ev = sessionize(engaged, cfg.session_gap_s)
+    ev = sessionize(engaged, cfg.session_gap_s, cfg.return_window_s, int(ok.ts.max()))
     lap("sessionize")
     items, users = np.unique(accepted.item_id.to_numpy()), np.unique(accepted.user_id.to_numpy())
     transitions, evals = transitions_table(ev, items, users, row_base, cfg.state_len)

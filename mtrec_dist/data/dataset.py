@@ -17,25 +17,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mtrec_dist.data.readers import InputError, display_path, join_path, resolve_filesystem
-from mtrec_dist.data.schema import EVAL_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION, TRANSITION_COLUMNS
+from mtrec_dist.data.schema import EVAL_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION, TRANSITION_COLUMNS, typed_fields
 
 TRANSITIONS_DIR, EVAL_DIR, REJECTS_DIR, VOCAB_DIR, MANIFEST_FILE = (
     "transitions", "eval", "rejects", "vocab", "manifest.json")
 OUTPUTS = (TRANSITIONS_DIR, EVAL_DIR, REJECTS_DIR, VOCAB_DIR, MANIFEST_FILE)
 
-TRANSITION_SCHEMA = pa.schema([
-    pa.field("row_id", pa.int64(), nullable=False),
-    pa.field("user_idx", pa.int64(), nullable=False),
-    pa.field("state_items", pa.list_(pa.int64())),
-    pa.field("state_feedback", pa.list_(pa.float32())),
-    pa.field("action", pa.int64(), nullable=False),
-    pa.field("action_feedback", pa.float32()),
-    pa.field("next_state_items", pa.list_(pa.int64())),
-    pa.field("next_state_feedback", pa.list_(pa.float32())),
-    pa.field("done", pa.int8()),
-    pa.field("ts", pa.int64()),
-    pa.field("pos_from_end", pa.int32()),
-])
+TRANSITION_SCHEMA = pa.schema(
+    typed_fields(row_id=pa.int64(), user_idx=pa.int64(), nullable=False)
+    + typed_fields(state_items=pa.list_(pa.int64()), state_feedback=pa.list_(pa.float32()))
+    + typed_fields(action=pa.int64(), nullable=False)
+    + typed_fields(action_feedback=pa.float32(), next_state_items=pa.list_(pa.int64()),
+                   next_state_feedback=pa.list_(pa.float32()), done=pa.int8(), ts=pa.int64(), pos_from_end=pa.int32(),
+                   returned=pa.int8(), return_known=pa.int8(), action_log_duration=pa.float32()))
 assert TRANSITION_SCHEMA.names == TRANSITION_COLUMNS
 EVAL_SCHEMA = pa.schema([pa.field("row_id", pa.int64()), pa.field("user_idx", pa.int64()),
                          pa.field("pos_from_end", pa.int32()), pa.field("action", pa.int64())]

@@ -192,6 +192,7 @@ def _per_user_stage(run: _Run, staged):
     users = sum_by(run.stats, "user", "id")
     user_counts = users.column("count_sum").to_numpy()
     ok = staged.filter(expr=col(REASON_COLUMN).is_null())
+    log_end = ok.max("ts")  # session ends later than this minus the return window have unknown returns
     user_ids = users.column("id").to_numpy()
     if cfg.id_type == "string":
         run.keys = _id_keys(run)
@@ -209,6 +210,7 @@ def _per_user_stage(run: _Run, staged):
     annotated = grouped.map_batches(
         annotate_users, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(state_len=cfg.state_len, session_gap_s=cfg.session_gap_s, row_base=row_base,
+                       return_window_s=cfg.return_window_s, log_end=None if log_end is None else int(log_end),
                        **(dict(carry=carry_ref) if carry_ref is not None else {})),
     ).materialize()
     run.ann_stats = collect_stats(annotated)

@@ -17,16 +17,16 @@ SCHEMA_VERSION = 2  # 2: transitions carry return labels and the item's log dura
 
 
 
-def _fields(*, nullable: bool = True, **types: pa.DataType) -> list[pa.Field]:
+def typed_fields(*, nullable: bool = True, **types: pa.DataType) -> list[pa.Field]:
     """One ``pa.field`` per ``name=type``, in the order given."""
     return [pa.field(name, t, nullable=nullable) for name, t in types.items()]
 
 
-REQUIRED_FIELDS = _fields(user_id=pa.int64(), item_id=pa.int64(), ts=pa.int64(), nullable=False)
-IMPLICIT_FIELDS = _fields(click=pa.int8(), watch_ratio=pa.float32(), dwell_s=pa.float32(), session_id=pa.int64(),
+REQUIRED_FIELDS = typed_fields(user_id=pa.int64(), item_id=pa.int64(), ts=pa.int64(), nullable=False)
+IMPLICIT_FIELDS = typed_fields(click=pa.int8(), watch_ratio=pa.float32(), dwell_s=pa.float32(), session_id=pa.int64(),
                           slate_id=pa.int64())
 EVAL_PREFIX = "eval_"
-EVAL_FIELDS = _fields(eval_rating=pa.float32(), eval_purchase=pa.int8(), eval_like=pa.int8(),
+EVAL_FIELDS = typed_fields(eval_rating=pa.float32(), eval_purchase=pa.int8(), eval_like=pa.int8(),
                       eval_long_view=pa.int8(), eval_true_satisfaction=pa.float32())
 
 REQUIRED_COLUMNS = [f.name for f in REQUIRED_FIELDS]

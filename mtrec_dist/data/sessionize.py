@@ -13,7 +13,10 @@ and is vectorised over all users of a block:
 * the state is the user's last ``state_len`` engaged items across sessions, left-padded (with the
   carried-over items of earlier days where there are some); ``state_feedback`` is their watch ratio
   (1.0 where the source has none, 0 for padding); ``pos_from_end`` counts back from the user's last
-  transition (0 = last); ``row_id`` = the user's base offset + the position in the user's sequence.
+  transition (0 = last); ``row_id`` = the user's base offset + the position in the user's sequence;
+* the consequences QR-IQL v2 reads: ``returned`` / ``return_known`` at session ends
+  (:func:`session_returns`: did the user come back within ``return_window_s``, and does the log run long
+  enough to tell) and ``action_log_duration``, the item's observable length (:func:`item_log_duration`).
 
 The transition fields stay in *raw* ids until the vocabulary of the accepted rows is known;
 :func:`index_transitions` then maps them to indices and builds the ``transitions/`` and ``eval/`` rows.
@@ -160,6 +163,33 @@ def _first_of_user(u: np.ndarray) -> np.ndarray:
     return first
 
 
+def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s: int,
+                    log_end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by (user, ts): ``returned`` = the row ends a session and the same user's next event
+    is within ``window_s``; ``return_known`` = the row ends a session and the log runs long enough after
+    it to tell (the user came back, or ``ts + window_s <= log_end``; ``log_end`` defaults to the rows'
+    latest ts).  float32 0/1 columns."""
+    ts = np.asarray(ts, dtype=np.int64)
+    if log_end is None:
+        log_end = int(ts.max()) if ts.size else 0
+    same_next = np.append(user[1:] == user[:-1], False)
+    gap = np.append(ts[1:] - ts[:-1], np.iinfo(np.int64).max)
+    done = np.asarray(done).astype(bool)
+    returned = done & same_next & (gap <= window_s)
+    known = done & (returned | (ts + window_s <= log_end))
+    return returned.astype(np.float32), known.astype(np.float32)
+
+
+def item_log_duration(dwell_s: np.ndarray, watch_ratio: np.ndarray) -> np.ndarray:
+    """``log(length / 60 s)`` of each consumed item, its length read off the log as dwell / watch ratio
+    (the watch link's duration covariate); 0 (a one-minute item) where either is missing or not positive."""
+    dwell = np.asarray(dwell_s, dtype=np.float64)
+    wr = np.asarray(watch_ratio, dtype=np.float64)
+    ok = np.isfinite(dwell) & np.isfinite(wr) & (dwell > 0) & (wr > 0)
+    minutes = np.divide(dwell, wr * 60.0, out=np.ones_like(dwell), where=ok)
+    return np.log(minutes).astype(np.float32)
+
+
 def _spread(block: pa.Table, tl: Timeline, reason: np.ndarray, fields: dict, L: int) -> pa.Table:
     """One output row per input row: the block's columns, the per-user reason, and ``fields`` (one value
     per engaged event; 2-D arrays become state lists) on the engaged rows only."""
@@ -184,7 +214,8 @@ def _spread(block: pa.Table, tl: Timeline, reason: np.ndarray, fields: dict, L: 
     return out
 
 
-def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_base, carry=None) -> pa.Table:
+def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_base, carry=None,
+                   return_window_s: int = 129_600, log_end: int | None = None) -> pa.Table:
     """Ray Data UDF over a block holding whole users: per-user rejects, sessions and state windows.
 
     Returns one row per input row: the event columns, ``reject_reason`` (``duplicate_event`` /
@@ -194,6 +225,8 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
     ``carry`` (daily retraining) = (sorted raw user ids, their last ``state_len`` items in raw ids [n, L]
     padded with -1, the items' feedback [n, L]): a carried user's first states start from those items
     instead of padding (see :func:`mtrec_dist.data.vocab.load_carry`); ``None`` = every user starts empty.
+    ``log_end`` = the input's latest ts (a session end within ``return_window_s`` of it has an unknown
+    return); ``None`` = the block's latest transition.
     """
     user_sorted_raw, user_row_base = _get(row_base)
     u = block.column("user_id").to_numpy()
@@ -204,6 +237,7 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
     sid_null = block.column("session_id").is_null().to_numpy()
     sid = pc.fill_null(block.column("session_id"), -1).to_numpy()
     wr = block.column("watch_ratio").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
+    dwell = block.column("dwell_s").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
 
     reason = np.full(block.num_rows, None, dtype=object)
     dup = _duplicates(u, it, ts, order)
@@ -218,11 +252,14 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
     if carry is not None:
         _apply_carry(tl, state, state_fb, carry, state_len)
     row_id = find_ids(user_sorted_raw, tl.users, "user", user_row_base) + tl.k
+    returned, known = session_returns(tl.users, ts[tl.rows], tl.done, return_window_s, log_end)
     return _spread(block, tl, reason, {
         "row_id": (row_id, pa.int64()),
         "state_raw": (state, pa.int64()), "state_feedback": (state_fb, pa.float32()),
         "action_feedback": (fb, pa.float32()),
         "done": (tl.done, pa.int8()), "pos_from_end": (tl.pos_from_end, pa.int32()),
+        "returned": (returned.astype(np.int8), pa.int8()), "return_known": (known.astype(np.int8), pa.int8()),
+        "action_log_duration": (item_log_duration(dwell[tl.rows], wr[tl.rows]), pa.float32()),
     }, state_len)
 
 
@@ -256,6 +293,8 @@ def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> 
         "action": pa.array(action), "action_feedback": t.column("action_feedback"),
         "next_state_items": list_array(nxt, L, pa.int64()), "next_state_feedback": list_array(nfb, L, pa.float32()),
         "done": t.column("done"), "ts": t.column("ts"), "pos_from_end": t.column("pos_from_end"),
+        "returned": t.column("returned"), "return_known": t.column("return_known"),
+        "action_log_duration": t.column("action_log_duration"),
     }
     return pa.Table.from_arrays([cols[c] for c in TRANSITION_COLUMNS], schema=TRANSITION_SCHEMA)
 
@@ -288,3 +327,14 @@ def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: in
     valid = offset < rest[:, None]
     later[valid] = np.asarray(action)[(first[:, None] + offset)[valid]]
     return later
+
+
+def with_later_items(block: pa.Table, *, k: int) -> pa.Table:
+    """Ray Data UDF over prepared transitions whose blocks hold whole users: the block in each user's order
+    (``row_id``) with a ``later_items`` column (list<int64> of ``k``, :func:`later_in_session`), which the
+    order term of the mental reward reads.  Runs where training needs it, so prepared data stay independent
+    of the reward's settings."""
+    block = block.sort_by([("user_idx", "ascending"), ("row_id", "ascending")])
+    later = later_in_session(block.column("action").to_numpy(), block.column("ts").to_numpy(),
+                             block.column("done").to_numpy(), k)
+    return block.append_column("later_items", list_array(later, k, pa.int64()))

@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from mtrec_dist.config import SimulatorConfig
+from mtrec_dist.data.schema import typed_fields
 
 # ---- behaviour constants (the shape of the world; the knobs users tune are in SimulatorConfig) ------
 POSITION_BIAS = 0.1  # utility lost per slate position
@@ -61,19 +62,10 @@ MIN_SESSION_GAP_S = 3_600  # sessions of a user are at least an hour apart
 MEAN_EXTRA_SESSION_GAP_S = 3 * 3_600
 MIN_BROWSE_S, MEAN_BROWSE_S = 3.0, 12.0  # time spent on a slate before the click
 
-ITEM_TRUTH_SCHEMA = pa.schema([
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("topic", pa.int32()),
-    pa.field("topic_vector", pa.list_(pa.float32())),
-    pa.field("quality", pa.float32()),
-    pa.field("appeal", pa.float32()),
-    pa.field("is_clickbait", pa.bool_()),
-    pa.field("is_compulsive", pa.bool_()),
-    pa.field("watch_pull", pa.float32()),
-    pa.field("mean_satisfaction", pa.float32()),
-    pa.field("satisfaction_noise_std", pa.float32()),
-    pa.field("duration_s", pa.float32()),
-])
+ITEM_TRUTH_SCHEMA = pa.schema(typed_fields(item_id=pa.int64(), nullable=False) + typed_fields(
+    topic=pa.int32(), topic_vector=pa.list_(pa.float32()), quality=pa.float32(), appeal=pa.float32(),
+    is_clickbait=pa.bool_(), is_compulsive=pa.bool_(), watch_pull=pa.float32(), mean_satisfaction=pa.float32(),
+    satisfaction_noise_std=pa.float32(), duration_s=pa.float32()))
 # Random streams: one id per random quantity, so draws never alias.
 (S_TASTE, S_SESSIONS, S_FIRST_START, S_SESSION_GAP, S_CAND_TOPIC, S_CAND_ITEM, S_CAND_EXPLORE,
  S_LOG_NOISE, S_LOG_GUMBEL, S_CLICK, S_SAT, S_WATCH, S_CONTINUE, S_BROWSE, S_FINISH, S_RETURN) = range(1, 17)

@@ -70,6 +70,22 @@ def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray]
                              item_counts=counts)
 
 
+def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int):
+    """The prepared transitions as a Ray Dataset, with ``later_items`` when the order term is on
+    (``reward.order_items`` > 0): a hash repartition by user gives each block whole users, whose sessions
+    :func:`~mtrec_dist.data.sessionize.with_later_items` reads (as prepare's per-user stage does)."""
+    from mtrec_dist.data.pipeline import read_transitions
+    from mtrec_dist.data.sessionize import with_later_items
+
+    ds = read_transitions(prepared_dir)
+    k = cfg.reward.order_items if cfg.reward.objective == "v2" else 0
+    if k == 0:
+        return ds
+    parts = max(1, min(cfg.prepare.max_partitions, -(-rows // cfg.prepare.rows_per_partition)))
+    grouped = ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=["user_idx"], sort=True)
+    return grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
+
+
 def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
                        resume: Optional[str] = None, *, progress: bool = True,
                        warm_start: Optional[str] = None) -> Dict[str, Any]:
@@ -82,7 +98,7 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).  Returns
     ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir"}``.
     """
-    from mtrec_dist.data.pipeline import count_transitions, read_transitions
+    from mtrec_dist.data.pipeline import count_transitions
 
     cfg.validate()
     manifest = load_training_manifest(prepared_dir)
@@ -96,7 +112,8 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
         and cfg.reward.num_negatives > 0 else None
     spec = model_spec(cfg, manifest)
     return launch_fit(cfg, "reward", reward_model_factory(spec, counts),
-                      lambda: {"train": read_transitions(prepared_dir)}, spec=spec, output_dir=output_dir,
+                      lambda: {"train": training_transitions(cfg, prepared_dir, rows)}, spec=spec,
+                      output_dir=output_dir,
                       run_prefix=REWARD_RUN_PREFIX, pointer=LATEST_POINTER, label="train-reward",
                       row_counts={"train": rows}, resume=resume, progress=progress, warm_start=warm_start)
 
