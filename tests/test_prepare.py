@@ -103,13 +103,13 @@ def test_session_ends_carry_return_labels_and_items_their_log_length():
     tr = tr.sort_by([("user_idx", "ascending"), ("ts", "ascending")])
     assert tr.column("done").to_pylist() == [0, 1, 1, 1, 1]
     assert tr.column("returned").to_pylist() == [0, 1, 0, 0, 0]
-    # known: came back (row 2), left for longer than the window (row 3), log ran on 11000 s (row 4);
+    # known where the log runs a whole window (3000 s) after the session end, whatever happened;
     # user 7 ended 2000 s before the log did, too soon to tell
     assert tr.column("return_known").to_pylist() == [0, 1, 1, 1, 0]
     assert tr.column("action_log_duration").to_pylist() == pytest.approx([np.log(2.0), np.log(2.0), 0.0, 0.0, 0.0])
-    # without log_end the rows' latest ts ends the log: the first end is known (gap 10 > 5), the last is not
-    returned, known = session_returns(np.array([1, 1]), np.array([0, 10]), np.array([1, 1]), 5)
-    assert returned.tolist() == [0.0, 0.0] and known.tolist() == [1.0, 0.0]
+    # without log_end the rows' latest ts ends the log; a return within the last window is not known either
+    returned, known = session_returns(np.array([1, 1, 1]), np.array([0, 10, 12]), np.array([1, 1, 1]), 5)
+    assert returned.tolist() == [0.0, 1.0, 0.0] and known.tolist() == [1.0, 0.0, 0.0]
 
 
 def test_validate_rows_reasons_in_order():

@@ -93,7 +93,7 @@ def sessionize(events: pd.DataFrame, session_gap_s: int, return_window_s: int, l
     sid_change = (ev.session_id.notna() & next_sid.notna() & (ev.session_id != next_sid)).to_numpy()
     done = last_of_user | gap | sid_change
     returned = done & ~last_of_user & (next_ts - ev.ts <= return_window_s).to_numpy()
-    known = done & (returned | (ev.ts + return_window_s <= log_end).to_numpy())
+    known = done & (ev.ts + return_window_s <= log_end).to_numpy()
     return ev.assign(done=done.astype(np.int8), returned=returned.astype(np.int8), return_known=known.astype(np.int8))
 
 

@@ -165,10 +165,11 @@ def _first_of_user(u: np.ndarray) -> np.ndarray:
 
 def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s: int,
                     log_end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """For rows sorted by (user, ts): ``returned`` = the row ends a session and the same user's next event
-    is within ``window_s``; ``return_known`` = the row ends a session and the log runs long enough after
-    it to tell (the user came back, or ``ts + window_s <= log_end``; ``log_end`` defaults to the rows'
-    latest ts).  float32 0/1 columns."""
+    """For rows sorted by (user, ts): ``returned`` = the row ends a session and the same user's next engaged
+    event is within ``window_s``; ``return_known`` = the row ends a session and the log runs the whole
+    window after it (``ts + window_s <= log_end``; ``log_end`` defaults to the rows' latest ts).  Whether
+    a return is known never depends on whether it happened: counting early returns near the log's end as
+    known would keep only the positive labels there.  float32 0/1 columns."""
     ts = np.asarray(ts, dtype=np.int64)
     if log_end is None:
         log_end = int(ts.max()) if ts.size else 0
@@ -176,7 +177,7 @@ def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s
     gap = np.append(ts[1:] - ts[:-1], np.iinfo(np.int64).max)
     done = np.asarray(done).astype(bool)
     returned = done & same_next & (gap <= window_s)
-    known = done & (returned | (ts + window_s <= log_end))
+    known = done & (ts + window_s <= log_end)
     return returned.astype(np.float32), known.astype(np.float32)
 
 
