@@ -105,6 +105,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that moved to another section: an old config names its new place instead of only failing.
+MOVED_KEYS = {"ablation.return_window_s": "prepare.return_window_s"}
+
+
 def from_dict(cls: type, data: dict, key: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)
@@ -112,7 +116,9 @@ def from_dict(cls: type, data: dict, key: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{key}." if key else ""
-        raise ConfigError(f"unknown config key(s) {[where + u for u in unknown]}; known keys: {sorted(names)}")
+        moved = [f" ({where + u} is now {MOVED_KEYS[where + u]})" for u in unknown if where + u in MOVED_KEYS]
+        raise ConfigError(f"unknown config key(s) {[where + u for u in unknown]}{''.join(moved)}; "
+                          f"known keys: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}" if key else name)

@@ -30,6 +30,7 @@ from mtrec_dist.ablation import (
     ROW_NAMES, fit, guidance_columns, offline_ranking, row_scorer, score_reward, v_full,
 )
 from mtrec_dist.config import PipelineConfig
+from mtrec_dist.data.dataset import load_manifest
 from mtrec_dist.data.pipeline import collate_transitions
 from mtrec_dist.data.sessionize import with_later_items
 from mtrec_dist.evaluation.metrics import roc_auc, spearman
@@ -44,6 +45,7 @@ def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarr
 
     Prepared logs are self-directed (prepare reads no impressions: the user, not a feed, chose what came
     next), so the order of a session's choices is the user's own and the order term may read it."""
+    load_manifest(prepared_dir)  # refuses a dataset of another schema version, naming it
     table = pads.dataset(os.path.join(prepared_dir, "transitions"), format="parquet").to_table()
     if order_items > 0:
         table = with_later_items(table, k=order_items)

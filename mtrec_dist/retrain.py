@@ -136,7 +136,7 @@ def describe_run(run_dir: str) -> Dict[str, Any]:
     prepared = Path(layout.prepared)
     if not (prepared / MANIFEST_FILE).exists():
         raise RetrainError(f"previous run {d} has no {prepared.name}/{MANIFEST_FILE} (not a pipeline or retrain run)")
-    manifest = load_manifest(str(prepared))
+    manifest = load_manifest(str(prepared), any_version=True)
     info = json.loads((d / RUN_FILE).read_text()) if (d / RUN_FILE).exists() else {}
     if info and info.get("status") != "complete":
         raise RetrainError(f"previous run {d} is incomplete ({RUN_FILE} status {info.get('status')!r}); re-run "

@@ -1,9 +1,9 @@
 """Row counts and an order-independent checksum of prepared transitions.
 
 Two ``prepare`` implementations agree when they write the same transitions, whatever their shard layout
-or row order: each row is hashed from its values (``user_idx``, ``action`` and the ``state_items`` list by
-default) and the row hashes are summed modulo 2^64, so the checksum does not depend on the order rows
-come in.
+or row order: each row is hashed from its values (by default ``user_idx``, ``action``, the ``state_items``
+list, ``done``, the return labels and the item duration) and the row hashes are summed modulo 2^64, so the
+checksum does not depend on the order rows come in.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CHECKSUM_COLUMNS = ("user_idx", "action", "state_items")
+CHECKSUM_COLUMNS = ("user_idx", "action", "state_items", "done", "returned", "return_known", "action_log_duration")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 

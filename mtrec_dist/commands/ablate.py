@@ -4,12 +4,13 @@ simulated worlds, or on real logs (source=logs); report reward validity, offline
 satisfaction/return with paired 95% CIs vs A and B.
 
 On the simulator (source: simulator) it runs rows A-I over several worlds (mtrec_dist/ablation.py); on real logs
-(source: logs) it prepares them (if not prepared yet) and compares the rewards' validity against the withheld
+(source: logs) it prepares them (again where the prepared data are missing or of other settings) and compares the rewards' validity against the withheld
 satisfaction signal and the guided recommenders offline (mtrec_dist/real_data.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -20,15 +21,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
 
 
+def _prepared_matches(prepared: str, prep) -> bool:
+    """Whether ``prepared`` holds a complete dataset of this schema version prepared with the same
+    sessions, states and return window (else the logs are prepared again)."""
+    from mtrec_dist.data.schema import SCHEMA_VERSION
+
+    path = os.path.join(prepared, "manifest.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        m = json.load(f)
+    return (m.get("schema_version"), m.get("state_len"), m.get("session_gap_s"), m.get("return_window_s")) == (
+        SCHEMA_VERSION, prep.state_len, prep.session_gap_s, prep.return_window_s)
+
+
 def _real_logs(cfg, say) -> dict:
     from mtrec_dist.data.prepare import default_paths, prepare_dataset
     from mtrec_dist.real_data import run_real_data
     from mtrec_dist.runtime import init_ray
 
     input_uri, prepared = default_paths(cfg)
-    if not os.path.exists(os.path.join(prepared, "manifest.json")):
+    if not _prepared_matches(prepared, cfg.prepare):
         init_ray(cfg.ray_address)
-        prepare_dataset(cfg.prepare, input_uri, prepared)
+        prepare_dataset(dataclasses.replace(cfg.prepare, overwrite=True), input_uri, prepared)
     result = run_real_data(cfg, prepared, say=say)
     from mtrec_dist.layout import RunLayout
 

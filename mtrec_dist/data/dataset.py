@@ -59,8 +59,12 @@ def list_array(flat: np.ndarray, width: int, typ: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1), typ))
 
 
-def load_manifest(path: str) -> dict:
-    """The manifest of a prepared dataset (``path`` = the dataset dir or its manifest.json)."""
+def load_manifest(path: str, *, any_version: bool = False) -> dict:
+    """The manifest of a prepared dataset (``path`` = the dataset dir or its manifest.json).
+
+    A dataset of another schema version is refused (its transitions lack columns this code reads) unless
+    ``any_version``: daily retraining reads only an earlier run's bookkeeping (days, row ids, carry-over),
+    which every version records."""
     fs, root = resolve_filesystem(path)
     p = root if root.endswith(".json") else join_path(root, MANIFEST_FILE)
     try:
@@ -70,7 +74,7 @@ def load_manifest(path: str) -> dict:
         raise InputError(f"no prepared dataset at {path}: cannot read {display_path(fs, p)} ({e})") from e
     except json.JSONDecodeError as e:
         raise InputError(f"{display_path(fs, p)} is not valid JSON ({e})") from e
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") != SCHEMA_VERSION and not any_version:
         raise InputError(f"{display_path(fs, p)}: schema_version {manifest.get('schema_version')!r}, "
                          f"this code reads {SCHEMA_VERSION}; re-run `mtrec prepare`")
     return manifest

@@ -120,6 +120,7 @@ class _Run:
     num_transitions: int = 0
     vocab: Optional[Vocab] = None
     keys: Optional[IdKeys] = None  # string ids: the run's id keys (see mtrec_dist.data.ids)
+    log_end: Optional[int] = None  # the accepted rows' latest ts (return labels are censored before it)
 
     def lap(self, name: str) -> float:
         """Record the seconds since the previous lap under ``name`` (the manifest's ``seconds``)."""
@@ -193,6 +194,7 @@ def _per_user_stage(run: _Run, staged):
     user_counts = users.column("count_sum").to_numpy()
     ok = staged.filter(expr=col(REASON_COLUMN).is_null())
     log_end = ok.max("ts")  # session ends later than this minus the return window have unknown returns
+    run.log_end = None if log_end is None else int(log_end)
     user_ids = users.column("id").to_numpy()
     if cfg.id_type == "string":
         run.keys = _id_keys(run)
@@ -210,7 +212,7 @@ def _per_user_stage(run: _Run, staged):
     annotated = grouped.map_batches(
         annotate_users, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(state_len=cfg.state_len, session_gap_s=cfg.session_gap_s, row_base=row_base,
-                       return_window_s=cfg.return_window_s, log_end=None if log_end is None else int(log_end),
+                       return_window_s=cfg.return_window_s, log_end=run.log_end,
                        **(dict(carry=carry_ref) if carry_ref is not None else {})),
     ).materialize()
     run.ann_stats = collect_stats(annotated)
@@ -326,6 +328,7 @@ def _manifest(run: _Run, counts: dict) -> dict:
         rows_engaged=n_tr, rows_not_engaged=counts["rows_ok"] - n_tr,
         num_transitions=n_tr, num_items=vocab.num_items, num_users=vocab.num_users,
         embedding_rows=vocab.num_items + 1, state_len=cfg.state_len, session_gap_s=cfg.session_gap_s,
+        return_window_s=cfg.return_window_s, log_end=run.log_end,
         shuffle_partitions=run.partitions,
         vocab=dict(base=run.vocab_dir or None, new_items=_new(vocab, run.base_vocab, "items"),
                    new_users=_new(vocab, run.base_vocab, "users"),

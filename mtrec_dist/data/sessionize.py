@@ -301,7 +301,20 @@ def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> 
 
 
 # ---- the order of a self-directed session's choices (QR-IQL v2's order term) --------------------------------
-def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+def _row_uniforms(row_id: np.ndarray, k: int) -> np.ndarray:
+    """``[N, k]`` uniforms in [0, 1) that depend only on (row id, column): a row gets the same draw
+    whichever block it lands in (SplitMix64 of the pair)."""
+    with np.errstate(over="ignore"):
+        x = (np.asarray(row_id).astype(np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)
+             + (np.arange(k, dtype=np.uint64) + np.uint64(1))[None, :] * np.uint64(0xBF58476D1CE4E5B9))
+        x ^= x >> np.uint64(31)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(29)
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: int, seed: int = 0,
+                     row_id: np.ndarray | None = None) -> np.ndarray:
     """For transitions sorted by (user, ts) with ``done`` = 1 on each session's last row: ``k`` of the actions
     that come strictly later (a larger ts) in the same session, ``[N, k]``, 0-padded (0 is never an item
     index).  All of them where there are at most ``k``; else one from each of ``k`` equal strata of the rest
@@ -309,7 +322,8 @@ def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: in
     Choices with the same ts have no order, so they are never compared.
 
     In a self-directed log (ratings, search) the user, not a feed, sets the order in which a session's items
-    are chosen; the order term of QR-IQL v2 (objectives.mental_reward.order_nll) reads it."""
+    are chosen; the order term of QR-IQL v2 (objectives.mental_reward.order_nll) reads it.  With ``row_id``
+    the strata are drawn from each row's id, so the sample does not depend on which rows share the call."""
     n = len(action)
     later = np.zeros((n, k), dtype=np.asarray(action).dtype)
     if n == 0 or k == 0:
@@ -323,7 +337,8 @@ def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: in
     key = session.astype(np.int64) * (int(t.max() - t.min()) + 1) + (t - t.min())  # sorted: (session, ts)
     first = np.searchsorted(key, key, side="right")  # the session's first row with a larger ts (or past it)
     rest = last - first + 1  # how many later choices
-    strata = np.arange(k) + np.random.default_rng(seed).random((n, k))
+    u = _row_uniforms(row_id, k) if row_id is not None else np.random.default_rng(seed).random((n, k))
+    strata = np.arange(k) + u
     offset = np.where(rest[:, None] <= k, np.arange(k)[None, :], np.floor(strata / k * rest[:, None]).astype(np.int64))
     valid = offset < rest[:, None]
     later[valid] = np.asarray(action)[(first[:, None] + offset)[valid]]
@@ -337,5 +352,5 @@ def with_later_items(block: pa.Table, *, k: int) -> pa.Table:
     of the reward's settings."""
     block = block.sort_by([("user_idx", "ascending"), ("row_id", "ascending")])
     later = later_in_session(block.column("action").to_numpy(), block.column("ts").to_numpy(),
-                             block.column("done").to_numpy(), k)
+                             block.column("done").to_numpy(), k, row_id=block.column("row_id").to_numpy())
     return block.append_column("later_items", list_array(later, k, pa.int64()))

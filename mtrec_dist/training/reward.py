@@ -83,7 +83,9 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int):
         return ds
     parts = max(1, min(cfg.prepare.max_partitions, -(-rows // cfg.prepare.rows_per_partition)))
     grouped = ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=["user_idx"], sort=True)
-    return grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
+    # materialised: the shuffle runs once, not again for each schema or epoch read of the dataset
+    return grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow",
+                               fn_kwargs=dict(k=k)).materialize()
 
 
 def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
