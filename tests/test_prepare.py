@@ -109,7 +109,7 @@ def test_session_ends_carry_return_labels_and_items_their_log_length():
     assert tr.column("action_log_duration").to_pylist() == pytest.approx([np.log(2.0), np.log(2.0), 0.0, 0.0, 0.0])
     # without log_end the rows' latest ts ends the log; a return within the last window is not known either
     returned, known = session_returns(np.array([1, 1, 1]), np.array([0, 10, 12]), np.array([1, 1, 1]), 5)
-    assert returned.tolist() == [0.0, 1.0, 0.0] and known.tolist() == [1.0, 0.0, 0.0]
+    assert returned.tolist() == [0.0, 0.0, 0.0] and known.tolist() == [1.0, 0.0, 0.0]
 
 
 def test_validate_rows_reasons_in_order():

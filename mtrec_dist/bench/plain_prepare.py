@@ -92,8 +92,8 @@ def sessionize(events: pd.DataFrame, session_gap_s: int, return_window_s: int, l
     gap = (next_ts - ev.ts > session_gap_s).to_numpy()
     sid_change = (ev.session_id.notna() & next_sid.notna() & (ev.session_id != next_sid)).to_numpy()
     done = last_of_user | gap | sid_change
-    returned = done & ~last_of_user & (next_ts - ev.ts <= return_window_s).to_numpy()
     known = done & (ev.ts + return_window_s <= log_end).to_numpy()
+    returned = known & ~last_of_user & (next_ts - ev.ts <= return_window_s).to_numpy()
     return ev.assign(done=done.astype(np.int8), returned=returned.astype(np.int8), return_known=known.astype(np.int8))
 
 

@@ -50,7 +50,7 @@ from mtrec_dist.data.ids import IdKeys, intern_ids
 from mtrec_dist.data.readers import REASON_COLUMN, InputError, join_path, resolve_filesystem
 from mtrec_dist.data.schema import SCHEMA_VERSION
 from mtrec_dist.data.sessionize import annotate_users, index_transitions
-from mtrec_dist.data.stats import collect_stats, sum_by, total
+from mtrec_dist.data.stats import collect_stats, largest, sum_by, total
 from mtrec_dist.data.summaries import summarize_manifest
 from mtrec_dist.data.validate import (ORDER_COLUMN, ROW_CHECKS, USER_CHECKS, count_reasons, read_units, reason_code,
                                       to_rejects, validate_local, validate_rows, work_units)
@@ -193,8 +193,7 @@ def _per_user_stage(run: _Run, staged):
     users = sum_by(run.stats, "user", "id")
     user_counts = users.column("count_sum").to_numpy()
     ok = staged.filter(expr=col(REASON_COLUMN).is_null())
-    log_end = ok.max("ts")  # session ends later than this minus the return window have unknown returns
-    run.log_end = None if log_end is None else int(log_end)
+    run.log_end = largest(run.stats, "ts_max")  # session ends within a return window of it: returns unknown
     user_ids = users.column("id").to_numpy()
     if cfg.id_type == "string":
         run.keys = _id_keys(run)

@@ -165,7 +165,7 @@ def _first_of_user(u: np.ndarray) -> np.ndarray:
 
 def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s: int,
                     log_end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """For rows sorted by (user, ts): ``returned`` = the row ends a session and the same user's next engaged
+    """For rows sorted by (user, ts): ``returned`` = the return is known and the same user's next engaged
     event is within ``window_s``; ``return_known`` = the row ends a session and the log runs the whole
     window after it (``ts + window_s <= log_end``; ``log_end`` defaults to the rows' latest ts).  Whether
     a return is known never depends on whether it happened: counting early returns near the log's end as
@@ -176,8 +176,8 @@ def session_returns(user: np.ndarray, ts: np.ndarray, done: np.ndarray, window_s
     same_next = np.append(user[1:] == user[:-1], False)
     gap = np.append(ts[1:] - ts[:-1], np.iinfo(np.int64).max)
     done = np.asarray(done).astype(bool)
-    returned = done & same_next & (gap <= window_s)
     known = done & (ts + window_s <= log_end)
+    returned = known & same_next & (gap <= window_s)  # a label only where it is known
     return returned.astype(np.float32), known.astype(np.float32)
 
 

@@ -27,11 +27,21 @@ def _id_counts(t: pa.Table) -> list[pa.Table]:
 
 
 def block_stats(t: pa.Table) -> pa.Table:
-    """Per block: rows per user and per item among the rows not refused, and counts of each reject reason.
+    """Per block: rows per user and per item among the rows not refused, counts of each reject reason, and
+    the latest ts of the rows not refused ("ts_max": where the log ends, for the return labels).
 
     After stage 1 the user counts give the row_id offsets (and, for string ids, users and items give the
     id keys); after the per-user stage they are the vocab's counts, plus the split-user check."""
-    return pa.concat_tables(_id_counts(t) + [_reason_counts(t)])
+    return pa.concat_tables(_id_counts(t) + [_reason_counts(t), _ts_max(t)])
+
+
+def _ts_max(t: pa.Table) -> pa.Table:
+    """One "ts_max" row with the block's latest ts among the rows not refused (none if there are none)."""
+    ts = t.filter(pc.is_null(t.column(REASON_COLUMN))).column("ts")
+    latest = pc.max(ts).as_py() if len(ts) else None
+    n = 0 if latest is None else 1
+    return pa.table({"kind": pa.array(["ts_max"] * n, pa.string()), "id": pa.nulls(n, t.schema.field("user_id").type),
+                     "reason": pa.nulls(n, pa.string()), "count": pa.array([latest] * n, pa.int64())})
 
 
 def _reason_counts(t: pa.Table) -> pa.Table:
@@ -68,6 +78,12 @@ def sum_by(stats: pa.Table, kind: str, key: str) -> pa.Table:
     """Counts of ``kind`` summed per ``key`` ("id" or "reason"), sorted by it (``count_sum``)."""
     t = stats.filter(pc.equal(stats.column("kind"), kind))
     return t.group_by(key).aggregate([("count", "sum")]).sort_by(key)
+
+
+def largest(stats: pa.Table, kind: str) -> int | None:
+    """The largest count of ``kind`` (None where there is none)."""
+    t = stats.filter(pc.equal(stats.column("kind"), kind))
+    return pc.max(t.column("count")).as_py() if t.num_rows else None
 
 
 def total(stats: pa.Table, kind: str) -> int:

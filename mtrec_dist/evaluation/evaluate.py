@@ -177,8 +177,9 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
 
     recs = []
+    if rec_summaries:  # one line for all of them: each takes seconds
+        progress("[evaluate] offline ranking: " + ", ".join(f"{s['backbone']}/{s['guidance']}" for s in rec_summaries))
     for s in rec_summaries:
-        progress(f"[evaluate] offline ranking: {s['backbone']}/{s['guidance']}")
         recs.append({"backbone": s["backbone"], "guidance": s["guidance"],
                      "checkpoint": s["checkpoint_path"],
                      "curve": [h for h in read_history(s["output_dir"]) if "loss" in h],
