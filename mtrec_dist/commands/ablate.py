@@ -4,8 +4,9 @@ simulated worlds, or on real logs (source=logs); report reward validity, offline
 satisfaction/return with paired 95% CIs vs A and B.
 
 On the simulator (source: simulator) it runs rows A-I over several worlds (mtrec_dist/ablation.py); on real logs
-(source: logs) it prepares them (again where the prepared data are missing or of other settings) and compares the rewards' validity against the withheld
-satisfaction signal and the guided recommenders offline (mtrec_dist/real_data.py).
+(source: logs) it prepares them (again where the prepared data are missing or of other settings) and compares
+the rewards' validity against the withheld satisfaction signal and the guided recommenders offline
+(mtrec_dist/real_data.py).
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prepared_matches(prepared: str, prep) -> bool:
     """Whether ``prepared`` holds a complete dataset of this schema version prepared with the same
     sessions, states and return window (else the logs are prepared again)."""
+    from mtrec_dist.data.dataset import load_manifest
+    from mtrec_dist.data.readers import InputError
     from mtrec_dist.data.schema import SCHEMA_VERSION
 
-    path = os.path.join(prepared, "manifest.json")
-    if not os.path.exists(path):
+    try:
+        m = load_manifest(prepared, any_version=True)
+    except InputError:  # none there (or unreadable): prepare it
         return False
-    with open(path) as f:
-        m = json.load(f)
     return (m.get("schema_version"), m.get("state_len"), m.get("session_gap_s"), m.get("return_window_s")) == (
         SCHEMA_VERSION, prep.state_len, prep.session_gap_s, prep.return_window_s)
 

@@ -205,9 +205,7 @@ def _per_user_stage(run: _Run, staged):
     carry_ref = (ray.put(carry_arrays(run.carried, cfg.state_len, run.keys)) if run.carried is not None
                  else None)
     rows_ok_staged = run.rows_in - total(run.stats, "reason")
-    run.partitions = max(1, min(cfg.max_partitions, -(-rows_ok_staged // cfg.rows_per_partition)))
-    grouped = (ok.repartition(1) if run.partitions == 1
-               else ok.repartition(run.partitions, keys=["user_id"], sort=True))
+    grouped, run.partitions = whole_user_blocks(ok, "user_id", rows_ok_staged, cfg)
     annotated = grouped.map_batches(
         annotate_users, batch_size=None, batch_format="pyarrow",
         fn_kwargs=dict(state_len=cfg.state_len, session_gap_s=cfg.session_gap_s, row_base=row_base,
@@ -224,6 +222,14 @@ def _per_user_stage(run: _Run, staged):
     run.say(f"[prepare] sessionize + windows: {run.num_transitions:,} transitions in "
             f"{run.timings['sessionize']:.1f}s")
     return annotated
+
+
+def whole_user_blocks(ds, user_column: str, rows: int, cfg: PrepareConfig):
+    """``(ds repartitioned so that each block holds whole users, the number of blocks)``: a hash repartition
+    on ``user_column`` into ``rows / rows_per_partition`` blocks (at most ``max_partitions``; the same
+    guarantee groupby().map_groups() relies on), or one block for small inputs (no hash shuffle)."""
+    parts = max(1, min(cfg.max_partitions, -(-rows // cfg.rows_per_partition)))
+    return (ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=[user_column], sort=True)), parts
 
 
 def _id_keys(run: _Run) -> IdKeys:

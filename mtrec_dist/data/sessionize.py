@@ -313,7 +313,7 @@ def _row_uniforms(row_id: np.ndarray, k: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
-def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: int, seed: int = 0,
+def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: int,
                      row_id: np.ndarray | None = None) -> np.ndarray:
     """For transitions sorted by (user, ts) with ``done`` = 1 on each session's last row: ``k`` of the actions
     that come strictly later (a larger ts) in the same session, ``[N, k]``, 0-padded (0 is never an item
@@ -322,8 +322,9 @@ def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: in
     Choices with the same ts have no order, so they are never compared.
 
     In a self-directed log (ratings, search) the user, not a feed, sets the order in which a session's items
-    are chosen; the order term of QR-IQL v2 (objectives.mental_reward.order_nll) reads it.  With ``row_id``
-    the strata are drawn from each row's id, so the sample does not depend on which rows share the call."""
+    are chosen; the order term of QR-IQL v2 (objectives.mental_reward.order_nll) reads it.  The strata are
+    drawn from each row's id (``row_id``; default: its position), so the sample does not depend on which
+    rows share the call."""
     n = len(action)
     later = np.zeros((n, k), dtype=np.asarray(action).dtype)
     if n == 0 or k == 0:
@@ -337,8 +338,7 @@ def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: in
     key = session.astype(np.int64) * (int(t.max() - t.min()) + 1) + (t - t.min())  # sorted: (session, ts)
     first = np.searchsorted(key, key, side="right")  # the session's first row with a larger ts (or past it)
     rest = last - first + 1  # how many later choices
-    u = _row_uniforms(row_id, k) if row_id is not None else np.random.default_rng(seed).random((n, k))
-    strata = np.arange(k) + u
+    strata = np.arange(k) + _row_uniforms(np.arange(n) if row_id is None else row_id, k)
     offset = np.where(rest[:, None] <= k, np.arange(k)[None, :], np.floor(strata / k * rest[:, None]).astype(np.int64))
     valid = offset < rest[:, None]
     later[valid] = np.asarray(action)[(first[:, None] + offset)[valid]]

@@ -14,9 +14,8 @@ import pyarrow.compute as pc
 from mtrec_dist.data.readers import REASON_COLUMN
 
 
-def _id_counts(t: pa.Table) -> list[pa.Table]:
-    """Rows per item and per user among the rows not refused (ids of either type: int, or string)."""
-    ok = t.filter(pc.is_null(t.column(REASON_COLUMN)))
+def _id_counts(ok: pa.Table) -> list[pa.Table]:
+    """Rows per item and per user among ``ok``, the rows not refused (ids of either type: int, or string)."""
     kinds = (("item", "item_id"), ("user", "user_id"))
     parts = []
     for kind, c in kinds:
@@ -32,15 +31,15 @@ def block_stats(t: pa.Table) -> pa.Table:
 
     After stage 1 the user counts give the row_id offsets (and, for string ids, users and items give the
     id keys); after the per-user stage they are the vocab's counts, plus the split-user check."""
-    return pa.concat_tables(_id_counts(t) + [_reason_counts(t), _ts_max(t)])
+    ok = t.filter(pc.is_null(t.column(REASON_COLUMN)))
+    return pa.concat_tables(_id_counts(ok) + [_reason_counts(t), _ts_max(ok)])
 
 
-def _ts_max(t: pa.Table) -> pa.Table:
-    """One "ts_max" row with the block's latest ts among the rows not refused (none if there are none)."""
-    ts = t.filter(pc.is_null(t.column(REASON_COLUMN))).column("ts")
-    latest = pc.max(ts).as_py() if len(ts) else None
+def _ts_max(ok: pa.Table) -> pa.Table:
+    """One "ts_max" row with the latest ts of ``ok``, the rows not refused (none if there are none)."""
+    latest = pc.max(ok.column("ts")).as_py() if ok.num_rows else None
     n = 0 if latest is None else 1
-    return pa.table({"kind": pa.array(["ts_max"] * n, pa.string()), "id": pa.nulls(n, t.schema.field("user_id").type),
+    return pa.table({"kind": pa.array(["ts_max"] * n, pa.string()), "id": pa.nulls(n, ok.schema.field("user_id").type),
                      "reason": pa.nulls(n, pa.string()), "count": pa.array([latest] * n, pa.int64())})
 
 

@@ -75,14 +75,14 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int):
     (``reward.order_items`` > 0): a hash repartition by user gives each block whole users, whose sessions
     :func:`~mtrec_dist.data.sessionize.with_later_items` reads (as prepare's per-user stage does)."""
     from mtrec_dist.data.pipeline import read_transitions
+    from mtrec_dist.data.prepare import whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items
 
     ds = read_transitions(prepared_dir)
     k = cfg.reward.order_items if cfg.reward.objective == "v2" else 0
     if k == 0:
         return ds
-    parts = max(1, min(cfg.prepare.max_partitions, -(-rows // cfg.prepare.rows_per_partition)))
-    grouped = ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=["user_idx"], sort=True)
+    grouped, _ = whole_user_blocks(ds, "user_idx", rows, cfg.prepare)
     # materialised: the shuffle runs once, not again for each schema or epoch read of the dataset
     return grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow",
                                fn_kwargs=dict(k=k)).materialize()
