@@ -101,6 +101,15 @@ def _agree_on_rank0(flag: bool, device: torch.device, world_size: int) -> bool:
     return bool(t.item())
 
 
+def _wait_for_every_rank(device: torch.device, world_size: int) -> None:
+    """Return only once every rank has got here (a one-element all-reduce: nobody finishes it alone)."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    dist.all_reduce(torch.zeros(1, device=device))
+
+
 def _quiet_library_loggers() -> None:
     """FBGEMM/TorchRec log every kernel's full argument list at INFO and Ray Train logs every report: on a
     console that buries the progress lines.  ``MTREC_WORKER_LOG_LEVEL=INFO`` brings them back."""
@@ -267,6 +276,11 @@ def _report_if_due(w: _Worker, s: _RunState) -> None:
         # checkpoint's result, so a failure from here on restores at least that checkpoint (steps redone
         # stay within one checkpoint interval).
         ray.train.report(s.last_metrics)
+        if s.confirm_checkpoint:
+            # Each rank's report returns once the controller has taken *that rank's* checkpoint result, and
+            # Ray registers the checkpoint only when it holds every rank's.  Until all ranks are past this
+            # point, killing one can still lose the checkpoint (rank 0 would already have logged the step).
+            _wait_for_every_rank(w.device, w.world)
         s.last_ray_report = time.monotonic()
         s.confirm_checkpoint = False
     w.writer.metrics(s.last_metrics)
