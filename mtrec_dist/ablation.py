@@ -249,7 +249,8 @@ def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str],
                 users = HELDOUT_USER_OFFSET + np.arange(ab.online_users) + o * ab.online_users
                 env = SimulatorEnv(online_cfg, item_truth=truth, seed=o)
                 rec_online = run_days(env, policy, users, days=ab.online_days)
-                out[row].append(dict(train_seed=t, online_seed=o, **rec_online, **offline, **validity))
+                out[row].append(dict(world=sim.seed, train_seed=t, online_seed=o, **rec_online, **offline,
+                                     **validity))
             say(f"[ablate] world {sim.seed} seed {t} row {row} ({ROW_NAMES[row]}): "
                 f"sat/session {np.mean([r['satisfaction_per_session'] for r in out[row][-ab.online_seeds:]]):.3f} "
                 f"return {np.mean([r['return_rate'] for r in out[row][-ab.online_seeds:]]):.3f} "
@@ -301,6 +302,21 @@ def _model_means(recs: list, metric: str) -> Dict[tuple, float]:
     return {k: float(np.mean(v)) for k, v in by_model.items()}
 
 
+def pool_records(runs: List[Dict[str, list]]) -> Dict[str, list]:
+    """The default-world records of several ablation runs (e.g. a replicate on other worlds) as one set, for
+    :func:`summarise`.  Rows missing from any run are left out; a trained model (world, training seed) that
+    two runs share would be counted twice, so that is an error."""
+    rows = [r for r in runs[0] if all(r in run for run in runs[1:])]
+    seen: Dict[tuple, int] = {}
+    for k, run in enumerate(runs):
+        for key in {(r["world"], r["train_seed"]) for r in run[rows[0]]}:
+            if key in seen:
+                raise ValueError(f"runs {seen[key]} and {k} both hold world {key[0]}, training seed {key[1]}: "
+                                 "pool runs of different worlds (simulator.seed) only")
+            seen[key] = k
+    return {row: [rec for run in runs for rec in run[row]] for row in rows}
+
+
 def markdown_table(summary: Dict[str, dict]) -> str:
     cols = [("spearman_vs_satisfaction", "Spearman"), ("auc_good_vs_bad", "AUC bad"),
             ("satisfaction_per_session", "sat/session"), ("cumulative_satisfaction", "7-day sat"),
@@ -331,7 +347,7 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
     for w in range(ab.worlds):
         sim = dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w)
         for row, recs in run_world(cfg, sim, rows, os.path.join(out_dir, f"world{w}"), say).items():
-            records[row] += [dict(r, world=w) for r in recs]
+            records[row] += recs
     result = {"default": summarise(records), "settings": dataclasses.asdict(ab), "sweep": {},
               "records": {"default": records}}
     for beta in ab.beta_sweep:

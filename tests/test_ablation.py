@@ -57,6 +57,19 @@ def test_summary_counts_trained_models_not_online_seeds_as_units():
     assert s["half"] == pytest.approx(12.706 * np.std([2.0, 4.0], ddof=1) / np.sqrt(2), rel=1e-3)
 
 
+def test_pooled_runs_add_their_trained_models_and_refuse_a_shared_one():
+    rec = lambda w, t, v: dict(world=w, train_seed=t, online_seed=0, **{m: v for m in ablation.ONLINE},  # noqa: E731
+                               **{"ndcg@10_satisfied": v, "hr@10": v})
+    run1 = {"A": [rec(0, 0, 1.0), rec(0, 1, 2.0)], "B": [rec(0, 0, 2.0), rec(0, 1, 2.0)], "C": [rec(0, 0, 9.0)]}
+    run2 = {"A": [rec(1000, 0, 3.0)], "B": [rec(1000, 0, 5.0)]}
+    pooled = ablation.pool_records([run1, run2])
+    assert set(pooled) == {"A", "B"} and len(pooled["A"]) == 3  # C is in one run only
+    gain = ablation.summarise(pooled)["B"]["gain_vs_A:satisfaction_per_session"]
+    assert gain["mean"] == pytest.approx((1.0 + 0.0 + 2.0) / 3)  # three paired models, one per (world, seed)
+    with pytest.raises(ValueError, match="world 0, training seed 1"):
+        ablation.pool_records([run1, {"A": [rec(0, 1, 1.0)], "B": [rec(0, 1, 1.0)]}])
+
+
 @pytest.mark.slow
 def test_tiny_ablation_runs_and_the_oracle_is_valid(tmp_path):
     cfg = load_config("configs/tiny.yaml", [

@@ -20,6 +20,23 @@ from mtrec_dist.config import load_config
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
+    p.add_argument("--pool", nargs="+", metavar="RESULTS_JSON",
+                   help="run nothing: print the table of the default-world records of these results.json files "
+                        "together (runs on different worlds, e.g. a replicate with another simulator.seed)")
+
+
+def _pool(paths: list) -> int:
+    from mtrec_dist.ablation import markdown_table, pool_records, summarise
+
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f)["records"]["default"])
+    records = pool_records(runs)
+    models = {(r["world"], r["train_seed"]) for r in records["A"]}
+    print(markdown_table(summarise(records)))
+    print(f"pooled {len(paths)} run(s): {len(models)} trained models in {len({w for w, _ in models})} worlds")
+    return 0
 
 
 def _prepared_matches(prepared: str, prep) -> bool:
@@ -59,6 +76,8 @@ def _real_logs(cfg, say) -> dict:
 
 
 def run(args) -> int:
+    if args.pool:
+        return _pool(args.pool)
     cfg = load_config(args.config, args.overrides)
     say = (lambda m: None) if args.quiet else None
     if cfg.source == "logs":
