@@ -56,7 +56,7 @@ def test_kuairand_watch_ratio_and_eval_labels(tmp_path):
     p.write_text(
         "user_id,video_id,date,hourmin,time_ms,is_click,is_like,long_view,play_time_ms,duration_ms,tab\n"
         "0,10,20220408,1200,1649412000000,1,0,0,5000,10000,1\n"
-        "0,11,20220408,1201,1649412060000,1,1,1,30000,10000,1\n"   # replays: capped at 1
+        "0,11,20220408,1201,1649412060000,1,1,1,30000,10000,1\n"   # replays: capped at 1, one play of dwell
         "0,12,20220408,1202,1649412120000,0,0,0,0,0,1\n"           # no duration: unknown ratio
         "1,13,20220408,1203,1649412180000,1,0,0,abc,10000,1\n")    # unparsable play time
     r = rd.read_kuairand(str(p))
@@ -65,7 +65,7 @@ def test_kuairand_watch_ratio_and_eval_labels(tmp_path):
     assert _by(r.events, "click") == [1, 1, 0]
     wr = _by(r.events, "watch_ratio")
     assert wr[0] == pytest.approx(0.5) and wr[1] == 1.0 and wr[2] is None
-    assert _by(r.events, "dwell_s") == [5.0, 30.0, 0.0]
+    assert _by(r.events, "dwell_s") == [5.0, 10.0, 0.0]  # dwell / watch ratio = the item's 10 s length
     assert _by(r.events, "eval_like") == [0, 1, 0]
     assert _by(r.events, "eval_long_view") == [0, 1, 0]
     assert _by(r.rejects, "reject_reason") == ["invalid_dwell_s"]

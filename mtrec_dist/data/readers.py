@@ -11,7 +11,8 @@ Supported formats (``PrepareConfig.format``):
   event (``click = 0``, ``eval_purchase = 1``), so it is counted but never becomes a training action.
 * ``kuairand`` -- KuaiRand-style CSV logs (``user_id, video_id, time_ms, is_click`` required;
   ``play_time_ms, duration_ms, long_view, is_like`` optional).  ``watch_ratio = play / duration`` capped
-  at 1 (replays), null where the duration is unknown; ``dwell_s = play_time_ms / 1000``;
+  at 1 (replays), null where the duration is unknown; ``dwell_s = play_time_ms / 1000``, one play (the
+  duration) for a replayed item, so that dwell / watch ratio is the item's length;
   ``is_like`` / ``long_view`` become ``eval_like`` / ``eval_long_view``.
 * ``parquet`` / ``csv`` -- any table whose columns are the schema's names, or are renamed to them by
   ``column_map`` (raw name -> schema name).  Columns the schema does not know are ignored.  (MovieLens

@@ -270,8 +270,12 @@ def iter_kuairand(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
                 dur = pc.if_else(pc.greater(dur, 0), dur, pa.scalar(None, pa.float64()))
                 ratio = pc.divide(play, dur)
                 # replays make play > duration: cap at 1; negative values stay negative and get quarantined
-                ratio = pc.if_else(pc.greater(ratio, 1.0), 1.0, ratio)
+                replayed = pc.fill_null(pc.greater(ratio, 1.0), False)
+                ratio = pc.if_else(replayed, 1.0, ratio)
                 fixed["watch_ratio"] = pc.cast(ratio, pa.float32())
+                # ...and count one play in the dwell, so dwell / watch ratio stays the item's length (prepare's
+                # duration covariate): with the replays' play time it would be the outcome itself
+                fixed["dwell_s"] = pc.cast(pc.divide(pc.if_else(replayed, dur, play), 1000.0), pa.float32())
         mapping = {"user_id": "user_id", "item_id": "video_id", "click": "is_click"}
         if "is_like" in raw.column_names:
             mapping["eval_like"] = "is_like"
