@@ -275,6 +275,9 @@ class TrainConfig:
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
+    # training sets of at most this many rows are read once into Ray's object store and every later epoch
+    # splits the cached blocks instead of reading the Parquet files again (0 = always stream)
+    cache_rows: int = 2_000_000
     fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
     score_batch_size: int = 512  # score-rewards: rows per map_batches call
     score_concurrency: int = 1  # score-rewards: scoring actors (each loads the model once)
@@ -293,7 +296,7 @@ class TrainConfig:
         _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")
-        for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches"):
+        for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches", "cache_rows"):
             _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
 
 

@@ -148,7 +148,8 @@ def _stream_worker(config):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["streamed", "cached"])
+def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_path, cached):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -166,7 +167,8 @@ def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="stream", storage_path=str(tmp_path / "ray")),
         datasets={"train": ds},
-        dataset_config=NoDropDataConfig(),
+        # cached: the topped-up dataset is materialised once and every epoch splits the cached blocks
+        dataset_config=NoDropDataConfig(row_counts={"train": rows}, cache_rows=rows if cached else 0),
     )
     trainer.fit()
     logs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -223,7 +223,8 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=NoDropDataConfig(row_counts=row_counts),
+        dataset_config=NoDropDataConfig(row_counts=row_counts,
+                                        cache_rows=train_cfg.cache_rows if train_cfg.epochs > 1 else 0),
     )
 
 
