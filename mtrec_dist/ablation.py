@@ -305,8 +305,11 @@ def _model_means(recs: list, metric: str) -> Dict[tuple, float]:
 def pool_records(runs: List[Dict[str, list]]) -> Dict[str, list]:
     """The default-world records of several ablation runs (e.g. a replicate on other worlds) as one set, for
     :func:`summarise`.  Rows missing from any run are left out; a trained model (world, training seed) that
-    two runs share would be counted twice, so that is an error."""
+    two runs share would be counted twice, so that is an error.  (Runs before session 6 recorded a world by
+    its index, which is its simulator seed only where ``simulator.seed`` was 0.)"""
     rows = [r for r in runs[0] if all(r in run for run in runs[1:])]
+    if "A" not in rows:
+        raise ValueError("the runs share no row A (the click model every gain is paired with): nothing to pool")
     seen: Dict[tuple, int] = {}
     for k, run in enumerate(runs):
         for key in {(r["world"], r["train_seed"]) for r in run[rows[0]]}:

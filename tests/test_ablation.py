@@ -68,6 +68,8 @@ def test_pooled_runs_add_their_trained_models_and_refuse_a_shared_one():
     assert gain["mean"] == pytest.approx((1.0 + 0.0 + 2.0) / 3)  # three paired models, one per (world, seed)
     with pytest.raises(ValueError, match="world 0, training seed 1"):
         ablation.pool_records([run1, {"A": [rec(0, 1, 1.0)], "B": [rec(0, 1, 1.0)]}])
+    with pytest.raises(ValueError, match="no row A"):
+        ablation.pool_records([run1, {"B": [rec(7, 0, 1.0)]}])
 
 
 @pytest.mark.slow

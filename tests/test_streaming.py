@@ -147,6 +147,21 @@ def _stream_worker(config):
 
 
 @pytest.mark.integration
+def test_only_a_training_set_that_fits_is_cached(ray_cluster, tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    from mtrec_dist.data.pipeline import NoDropDataConfig
+
+    ds = read_transitions(str(write_prepared(tmp_path / "prep", rows=50, files=2)))
+    config = NoDropDataConfig(cache_rows=50)
+    cached = config.cached(ds, 50)
+    assert isinstance(cached, MaterializedDataset) and cached.count() == 50
+    assert not isinstance(config.cached(ds, 51), MaterializedDataset)  # too many rows
+    assert not isinstance(config.cached(ds, 0), MaterializedDataset)  # rows not known
+    assert not isinstance(NoDropDataConfig().cached(ds, 50), MaterializedDataset)  # caching off
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [False, True], ids=["streamed", "cached"])
 def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_path, cached):

@@ -25,17 +25,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "together (runs on different worlds, e.g. a replicate with another simulator.seed)")
 
 
+# settings that may differ between pooled runs (which rows and worlds ran, and where); all others must match
+POOL_MAY_DIFFER = ("rows", "worlds", "train_seeds", "beta_sweep", "sweep_rows", "pipeline_rows", "out")
+
+
 def _pool(paths: list) -> int:
     from mtrec_dist.ablation import markdown_table, pool_records, summarise
 
-    runs = []
+    results = []
     for path in paths:
         with open(path) as f:
-            runs.append(json.load(f)["records"]["default"])
+            results.append(json.load(f))
+    same = [{k: v for k, v in r["settings"].items() if k not in POOL_MAY_DIFFER} for r in results]
+    for path, settings in zip(paths[1:], same[1:]):
+        if settings != same[0]:
+            diff = sorted(k for k in set(settings) | set(same[0]) if settings.get(k) != same[0].get(k))
+            raise SystemExit(f"mtrec ablate --pool: {path} was run with other settings than {paths[0]} ({diff})")
+    runs = [r["records"]["default"] for r in results]
     records = pool_records(runs)
+    left_out = sorted({row for run in runs for row in run} - set(records))
     models = {(r["world"], r["train_seed"]) for r in records["A"]}
     print(markdown_table(summarise(records)))
-    print(f"pooled {len(paths)} run(s): {len(models)} trained models in {len({w for w, _ in models})} worlds")
+    print(f"pooled {len(paths)} run(s): {len(models)} trained models in {len({w for w, _ in models})} worlds"
+          + (f"; rows not in every run left out: {', '.join(left_out)}" if left_out else ""))
     return 0
 
 

@@ -133,9 +133,11 @@ class NoDropDataConfig(_DataConfig):  # type: ignore[misc,valid-type]
     :func:`count_transitions`, read from Parquet footers) saves a ``Dataset.count()``.  A dataset without a
     ``row_id`` column cannot carry filler rows and is split with ``equal=False`` instead.
 
-    ``cache_rows``: a dataset of at most this many rows (as counted for the top-up) is materialised once
-    into the object store, so that each epoch's split starts from cached blocks instead of reading and
-    decoding the Parquet files again (Ray Data's advice for data that fits in memory); 0 never caches.
+    ``cache_rows``: a dataset of at most this many rows (as counted for the top-up; one without ``row_id``
+    is never counted, so never cached) is materialised once into the object store, so that each epoch's
+    split starts from cached blocks instead of reading and decoding the Parquet files again (Ray Data's
+    advice for data that fits in memory); 0 never caches.  The read happens in ``configure`` (again after a
+    worker-group restart).
     """
 
     def __init__(self, *args, row_counts: Optional[Dict[str, int]] = None, cache_rows: int = 0, **kwargs) -> None:
@@ -144,6 +146,7 @@ class NoDropDataConfig(_DataConfig):  # type: ignore[misc,valid-type]
         self._cache_rows = int(cache_rows)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        counts = dict(self._row_counts)  # this call's datasets only: a count is never reused for another one
         output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             if ds.name is None:
@@ -152,9 +155,8 @@ class NoDropDataConfig(_DataConfig):  # type: ignore[misc,valid-type]
         locality_hints = worker_node_ids if self._enable_shard_locality else None
         for name, ds in datasets.items():
             if name in to_split:
-                ds, equal = self._top_up(name, ds, world_size)
-                if 0 < self._row_counts.get(name, 0) <= self._cache_rows:  # known without a pass over the data
-                    ds = ds.materialize()
+                ds, equal = self._top_up(name, ds, world_size, counts)
+                ds = self.cached(ds, counts.get(name, 0))
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
                 for i, split in enumerate(ds.streaming_split(world_size, equal=equal, locality_hints=locality_hints)):
@@ -166,22 +168,22 @@ class NoDropDataConfig(_DataConfig):  # type: ignore[misc,valid-type]
                     output[i][name] = ds.iterator()
         return output
 
-    def _top_up(self, name: str, ds, world_size: int):
+    def cached(self, ds, rows: int):
+        """``ds`` materialised in the object store when its ``rows`` (0 = not known) are at most ``cache_rows``."""
+        return ds.materialize() if 0 < rows <= self._cache_rows else ds
+
+    def _top_up(self, name: str, ds, world_size: int, counts: Dict[str, int]):
         import ray.data
 
         schema = ds.schema().base_schema
         if "row_id" not in schema.names:
             return ds, False
-        missing = (-self._rows(name, ds)) % world_size
+        if name not in counts:  # from the Parquet footers where the caller gave them, else counted once
+            counts[name] = int(ds.count())
+        missing = (-counts[name]) % world_size
         if missing == 0:
             return ds, True
         return ds.union(ray.data.from_arrow(filler_rows(schema, missing))), True
-
-    def _rows(self, name: str, ds) -> int:
-        """The dataset's rows: from ``row_counts`` where given (Parquet footers), else counted once."""
-        if name not in self._row_counts:
-            self._row_counts[name] = int(ds.count())
-        return int(self._row_counts[name])
 
 
 def filler_rows(schema: pa.Schema, n: int) -> pa.Table:

@@ -107,7 +107,9 @@ def _wait_for_every_rank(device: torch.device, world_size: int) -> None:
         return
     import torch.distributed as dist
 
-    dist.all_reduce(torch.zeros(1, device=device))
+    t = torch.zeros(1, device=device)
+    dist.all_reduce(t)
+    t.item()  # on NCCL the all-reduce is only queued: wait for it on the host
 
 
 def _quiet_library_loggers() -> None:
