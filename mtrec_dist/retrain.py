@@ -165,7 +165,26 @@ def describe_run(run_dir: str) -> Dict[str, Any]:
         "reward_checkpoint": json.loads(reward_ptr.read_text())["checkpoint_path"] if reward_ptr.exists() else None,
         "rec_checkpoints": recs,
         "completed_at": info.get("completed_at") or manifest.get("created_at"),
+        "previous": info.get("previous"),
+        "schema_version": manifest.get("schema_version"),
     }
+
+
+def reward_history(prev: Optional[Dict[str, Any]], cfg: PipelineConfig) -> List[str]:
+    """Prepared data of the days before the new one whose return labels the new day can still complete:
+    ``ceil(prepare.return_window_s / 1 day)`` of them, newest first, along the chain of previous runs
+    (none when the reward does not read returns, or where a run's data predate return labels)."""
+    from mtrec_dist.data.schema import SCHEMA_VERSION
+
+    if cfg.reward.objective != "v2" or "return" not in cfg.reward.consequences:
+        return []
+    days = -(-cfg.prepare.return_window_s // 86400)
+    out: List[str] = []
+    run = prev
+    while run is not None and len(out) < days and run.get("schema_version") == SCHEMA_VERSION:
+        out.append(run["prepared"])
+        run = describe_run(run["previous"]) if run.get("previous") else None
+    return out
 
 
 def _fingerprint(cfg: PipelineConfig, files: list, prev: Optional[Dict[str, Any]]) -> str:
@@ -281,7 +300,11 @@ def _completed_fields(done: Dict[str, Any], prev: Optional[Dict[str, Any]], cfg:
                   "users_before": old_users, "users": manifest["num_users"], "new_users": manifest["num_users"] - old_users},
         "carry": {"input": carry_in, "users_in": carried_users, **(manifest.get("carry") or {})},
         "reward": {"checkpoint_path": reward["checkpoint_path"], "warm_start": reward["warm_start"],
-                   "warm_start_reason": reward["warm_start_reason"], "metrics": _numbers(reward["metrics"])},
+                   "warm_start_reason": reward["warm_start_reason"], "metrics": _numbers(reward["metrics"]),
+                   # the earlier days it read for their completed return labels, and the rows with one
+                   "earlier_prepared": reward.get("earlier_prepared", []),
+                   "rows": reward.get("rows", manifest["num_transitions"]),
+                   "return_known_rows": reward.get("return_known_rows")},
         "recommenders": recs,
         "timings_s": timings,
     }
@@ -365,7 +388,8 @@ def _retrain_stages(ctx: RunContext, cfg: PipelineConfig, input_uri: str, prev: 
 
     prep_cfg = dataclasses.replace(cfg.prepare, input="", output="", vocab_dir="")
     return [prepare_stage(ctx, input_uri, layout.prepared, prepare_cfg=prep_cfg, setup=setup),
-            *model_stages(ctx, layout.prepared, warm=warm, always_score=False)]
+            *model_stages(ctx, layout.prepared, warm=warm, always_score=False,
+                          reward_history=reward_history(prev, cfg))]
 
 
 def _carry_from_pipeline_run(prev: Dict[str, Any], out: str) -> str:

@@ -250,14 +250,16 @@ def rec_stage_name(backbone: str, guidance: str) -> str:
 
 
 def model_stages(ctx: RunContext, prepared: str, *, after: Sequence[str] = ("prepare",),
-                 warm: Optional[WarmRule] = None, always_score: bool = True) -> List[Stage]:
+                 warm: Optional[WarmRule] = None, always_score: bool = True,
+                 reward_history: Sequence[str] = ()) -> List[Stage]:
     """train-reward -> score-rewards -> train-rec for every backbone x guidance.
 
     ``warm``: how retrain picks each model's warm start (none: cold, as the pipeline trains).
     ``always_score``: False skips scoring when no recommender is guided (retrain: then they train on the
-    prepared transitions directly)."""
+    prepared transitions directly).  ``reward_history``: earlier days' prepared data the reward model also
+    trains on, for their completed return labels (retrain)."""
     cfg, layout = ctx.cfg, ctx.layout
-    stages = [_train_reward_stage(ctx, prepared, after, warm)]
+    stages = [_train_reward_stage(ctx, prepared, after, warm, reward_history)]
     guided = any(g != "none" for g in cfg.rec.guidances)
     if always_score or guided:
         stages.append(_score_stage(ctx, prepared, after))
@@ -270,7 +272,8 @@ def model_stages(ctx: RunContext, prepared: str, *, after: Sequence[str] = ("pre
     return stages
 
 
-def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], warm: Optional[WarmRule]) -> Stage:
+def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], warm: Optional[WarmRule],
+                        history: Sequence[str] = ()) -> Stage:
     cfg, layout = ctx.cfg, ctx.layout
 
     def run(done: Dict[str, Outputs]) -> Outputs:
@@ -280,7 +283,10 @@ def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], wa
         if warm is not None:
             ws, why = warm("reward", model_spec(cfg, load_training_manifest(prepared)))
             ctx.line(f"reward model: {why}")
-        out = train_reward_model(cfg, prepared, layout.reward, progress=ctx.progress, warm_start=ws)
+        if history:
+            ctx.line(f"reward model: also the {len(history)} previous day(s), for the return labels this day completes")
+        out = train_reward_model(cfg, prepared, layout.reward, progress=ctx.progress, warm_start=ws,
+                                 earlier_prepared=history)
         return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
 
     return Stage("train-reward", run, config=config_sections(cfg, "model", "reward", "train:reward"),

@@ -17,7 +17,7 @@ from mtrec_dist.config import PrepareConfig
 from mtrec_dist.data import prepare as prep
 from mtrec_dist.data.readers import PARSED_SCHEMA, InputError
 from mtrec_dist.data.schema import EVAL_COLUMNS, EVENT_SCHEMA, TRANSITION_COLUMNS
-from mtrec_dist.data.sessionize import session_returns
+from mtrec_dist.data.sessionize import session_returns, with_returns_relabelled
 
 DAY1, DAY2 = 1767225600, 1767312000  # 2026-01-01, 2026-01-02 (UTC)
 
@@ -110,6 +110,26 @@ def test_session_ends_carry_return_labels_and_items_their_log_length():
     # without log_end the rows' latest ts ends the log; a return within the last window is not known either
     returned, known = session_returns(np.array([1, 1, 1]), np.array([0, 10, 12]), np.array([1, 1, 1]), 5)
     assert returned.tolist() == [0.0, 0.0, 0.0] and known.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_earlier_days_get_the_return_labels_later_days_complete():
+    """Two days of one user's prepared rows, out of order; window 10 s.  Day 1 alone (log end 100) knew
+    no label for its session ends at 95 and 98; with day 2 (log end 200) they are known: 95 -> next event
+    98 (returned), 98 -> next event 150 (not within 10 s).  Day 2's end at 195 stays unknown (195 + 10 >
+    200), and user 2's end at 30 returns at 35."""
+    day = pa.table({
+        "row_id": pa.array([11, 10, 20, 21, 30, 31], pa.int64()),
+        "user_idx": pa.array([1, 1, 1, 1, 2, 2], pa.int64()),
+        "ts": pa.array([98, 95, 150, 195, 30, 35], pa.int64()),
+        "done": pa.array([1, 1, 0, 1, 1, 0], pa.int8()),
+        "returned": pa.array([0] * 6, pa.int8()),
+        "return_known": pa.array([0] * 6, pa.int8()),
+    })
+    out = with_returns_relabelled(day, window_s=10, log_end=200)
+    assert out.column("row_id").to_pylist() == [10, 11, 20, 21, 30, 31]  # each user's order
+    assert out.column("returned").to_pylist() == [1, 0, 0, 0, 1, 0]
+    assert out.column("return_known").to_pylist() == [1, 1, 0, 0, 1, 0]
+    assert out.schema == day.schema
 
 
 def test_validate_rows_reasons_in_order():

@@ -23,7 +23,7 @@ import torch
 from mtrec_dist.config import PipelineConfig, from_dict
 from mtrec_dist.data.prepare import load_carry, load_manifest, load_vocab
 from mtrec_dist.data.simulator import day_label, simulate_logs
-from mtrec_dist.retrain import RetrainError, list_versions, retrain_day
+from mtrec_dist.retrain import RetrainError, describe_run, list_versions, retrain_day
 from mtrec_dist.training.checkpoint import (checkpoint_tensor_shapes, load_unsharded_model, read_checkpoint_meta,
                                             warm_start_module)
 from mtrec_dist.training.loop import read_history
@@ -115,6 +115,21 @@ def test_versions_are_chained_and_every_event_is_used_once(chain):
     all_rows = np.concatenate(seen_rows)
     assert np.unique(all_rows).size == all_rows.size  # unique across days
     assert len(set(seen_events)) == len(seen_events)  # no event used twice across versions
+
+
+def test_the_reward_model_reads_earlier_days_for_the_return_labels_a_day_completes(chain):
+    runs = chain["runs"]
+    prepared = [str(describe_run(str(_version_dir(chain, k)))["prepared"]) for k in range(3)]
+    # a one-day partition is shorter than the 36 h return window: no session end of a day has its label in
+    # that day's own data
+    for p in prepared:
+        assert pc.sum(_table(Path(p) / "transitions").column("return_known")).as_py() == 0
+    assert runs[0]["reward"]["earlier_prepared"] == [] and runs[0]["reward"]["return_known_rows"] is None
+    # ceil(36 h / 1 day) = 2 earlier days, newest first, and their labels completed by the newer days
+    assert runs[1]["reward"]["earlier_prepared"] == prepared[:1]
+    assert runs[2]["reward"]["earlier_prepared"] == [prepared[1], prepared[0]]
+    assert runs[2]["reward"]["rows"] == sum(r["rows"]["num_transitions"] for r in runs)
+    assert 0 < runs[1]["reward"]["return_known_rows"] < runs[2]["reward"]["return_known_rows"]
 
 
 def test_states_carry_over_the_day_boundary(chain):

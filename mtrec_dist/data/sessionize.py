@@ -345,6 +345,20 @@ def later_in_session(action: np.ndarray, ts: np.ndarray, done: np.ndarray, k: in
     return later
 
 
+def with_returns_relabelled(block: pa.Table, *, window_s: int, log_end: int) -> pa.Table:
+    """Ray Data UDF over prepared transitions whose blocks hold whole users (several days' prepared data
+    together): ``returned`` / ``return_known`` computed again over the whole block (:func:`session_returns`
+    with ``log_end``), so that a session end near the end of its own day gets the label the following days'
+    events give it.  The block comes back in each user's order (``ts``, then ``row_id``)."""
+    block = block.sort_by([("user_idx", "ascending"), ("ts", "ascending"), ("row_id", "ascending")])
+    returned, known = session_returns(block.column("user_idx").to_numpy(), block.column("ts").to_numpy(),
+                                      block.column("done").to_numpy(), window_s, log_end)
+    for name, values in (("returned", returned), ("return_known", known)):
+        i = block.schema.get_field_index(name)
+        block = block.set_column(i, block.schema.field(i), pa.array(values.astype(np.int8)).cast(block.schema.field(i).type))
+    return block
+
+
 def with_later_items(block: pa.Table, *, k: int) -> pa.Table:
     """Ray Data UDF over prepared transitions whose blocks hold whole users: the block in each user's order
     (``row_id``) with a ``later_items`` column (list<int64> of ``k``, :func:`later_in_session`), which the

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 from mtrec_dist.config import PipelineConfig, RewardConfig
+from mtrec_dist.runtime import init_ray
 from mtrec_dist.training.launch import launch_fit, read_pointer
 from mtrec_dist.training.specs import configs_from_spec
 
@@ -70,35 +71,49 @@ def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray]
                              item_counts=counts)
 
 
-def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int):
-    """The prepared transitions as a Ray Dataset, with ``later_items`` when the order term is on
-    (``reward.order_items`` > 0): a hash repartition by user gives each block whole users, whose sessions
-    :func:`~mtrec_dist.data.sessionize.with_later_items` reads (as prepare's per-user stage does)."""
+def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earlier: Sequence[str] = (),
+                         log_end: Optional[int] = None):
+    """The prepared transitions as a Ray Dataset, the ``earlier`` prepared datasets (daily retraining's
+    previous days) added, with ``later_items`` when the order term is on (``reward.order_items`` > 0).
+
+    With ``earlier`` the return labels are computed again over all the days up to ``log_end`` (the newest
+    day's end): a session end in the last ``prepare.return_window_s`` of its own day has no label in its
+    day's data, and the following days' events give it one.  Both need each user's rows together: a hash
+    repartition by user gives each block whole users, as prepare's per-user stage does."""
     from mtrec_dist.data.pipeline import read_transitions
     from mtrec_dist.data.prepare import whole_user_blocks
-    from mtrec_dist.data.sessionize import with_later_items
+    from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
 
     ds = read_transitions(prepared_dir)
+    if earlier:
+        ds = ds.union(*[read_transitions(d) for d in earlier])
     k = cfg.reward.order_items if cfg.reward.objective == "v2" else 0
-    if k == 0:
+    if k == 0 and not earlier:
         return ds
     grouped, _ = whole_user_blocks(ds, "user_idx", rows, cfg.prepare)
+    if earlier:
+        grouped = grouped.map_batches(with_returns_relabelled, batch_size=None, batch_format="pyarrow",
+                                      fn_kwargs=dict(window_s=cfg.prepare.return_window_s, log_end=int(log_end)))
+    if k:
+        grouped = grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
     # materialised: the shuffle runs once, not again for each schema or epoch read of the dataset
-    return grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow",
-                               fn_kwargs=dict(k=k)).materialize()
+    return grouped.materialize()
 
 
 def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
                        resume: Optional[str] = None, *, progress: bool = True,
-                       warm_start: Optional[str] = None) -> Dict[str, Any]:
+                       warm_start: Optional[str] = None, earlier_prepared: Sequence[str] = ()) -> Dict[str, Any]:
     """Train the QR-IQL reward model on ``<prepared_dir>/transitions`` with Ray Train + TorchRec.
 
     Writes metrics (``metrics.jsonl``, ``tensorboard/``) under ``output_dir``, checkpoints under
     ``cfg.train.storage_path`` (default ``<output_dir>/ray_results``), and ``<output_dir>/reward_model.json``
     naming the final checkpoint.  ``resume``: ``"latest"`` or a checkpoint path.  ``warm_start``: an
     earlier reward-model checkpoint whose weights initialise a fresh run (daily retraining; the catalog may
-    have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).  Returns
-    ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir"}``.
+    have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).  ``earlier_prepared``: prepared
+    datasets of the previous days (daily retraining), trained on again with their return labels completed
+    by the newer days (:func:`training_transitions`).  Returns ``{"metrics", "checkpoint_path", "run_name",
+    "storage_path", "output_dir"}`` (with ``earlier_prepared``: also ``"rows"`` and ``"return_known_rows"``,
+    the training rows and those with a return label).
     """
     from mtrec_dist.data.pipeline import count_transitions
 
@@ -113,11 +128,20 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     counts = item_counts_for(prepared_dir, manifest["num_items"]) if cfg.reward.negative_sampler == "popularity" \
         and cfg.reward.num_negatives > 0 else None
     spec = model_spec(cfg, manifest)
-    return launch_fit(cfg, "reward", reward_model_factory(spec, counts),
-                      lambda: {"train": training_transitions(cfg, prepared_dir, rows)}, spec=spec,
+    extra: Dict[str, Any] = {}
+    datasets = lambda: {"train": training_transitions(cfg, prepared_dir, rows)}  # noqa: E731
+    if earlier_prepared:
+        rows += sum(count_transitions(d) for d in earlier_prepared)
+        init_ray(cfg.ray_address)
+        ds = training_transitions(cfg, prepared_dir, rows, earlier_prepared, manifest["log_end"])
+        extra = {"rows": rows, "return_known_rows": int(ds.sum("return_known") or 0),
+                 "earlier_prepared": list(earlier_prepared)}
+        datasets = lambda: {"train": ds}  # noqa: E731
+    return launch_fit(cfg, "reward", reward_model_factory(spec, counts), datasets, spec=spec,
                       output_dir=output_dir,
                       run_prefix=REWARD_RUN_PREFIX, pointer=LATEST_POINTER, label="train-reward",
-                      row_counts={"train": rows}, resume=resume, progress=progress, warm_start=warm_start)
+                      row_counts={"train": rows}, resume=resume, progress=progress, warm_start=warm_start,
+                      extra=extra)
 
 
 def default_reward_checkpoint(output_dir: str) -> str:
