@@ -198,6 +198,17 @@ def _resolve_warm_start(warm_start: Optional[str]) -> Optional[str]:
     return warm_start if "://" in warm_start else os.path.abspath(warm_start)
 
 
+def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> bool:
+    """Whether training reads its data more than once (caching it then pays): more than one epoch, and no
+    ``max_steps`` that ends within the first (where the rows are known)."""
+    if train_cfg.epochs <= 1:
+        return False
+    rows = (row_counts or {}).get("train")
+    if not (train_cfg.max_steps and rows):
+        return True
+    return train_cfg.max_steps * train_cfg.batch_size * train_cfg.num_workers > rows
+
+
 def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu: bool, datasets: Dict[str, Any],
                   run_name: str, storage: str, row_counts: Optional[Dict[str, int]], callbacks: List[Any]):
     """The ``TorchTrainer`` that runs :func:`~mtrec_dist.training.worker.train_worker` on every worker."""
@@ -224,7 +235,7 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
         ),
         datasets=datasets,
         dataset_config=NoDropDataConfig(row_counts=row_counts,
-                                        cache_rows=train_cfg.cache_rows if train_cfg.epochs > 1 else 0),
+                                        cache_rows=train_cfg.cache_rows if _reads_twice(train_cfg, row_counts) else 0),
     )
 
 
