@@ -263,7 +263,7 @@ def iter_kuairand(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
         if "play_time_ms" in raw.column_names:
             play, bad_play = coerce_column(raw.column("play_time_ms"), pa.float64())
             reasons.append((bad_play, "invalid_dwell_s"))
-            fixed["dwell_s"] = pc.cast(pc.divide(play, 1000.0), pa.float32())
+            dwell_ms = play
             if "duration_ms" in raw.column_names:
                 dur, bad_dur = coerce_column(raw.column("duration_ms"), pa.float64())
                 reasons.append((bad_dur, "invalid_duration_ms"))
@@ -275,7 +275,8 @@ def iter_kuairand(fs: pafs.FileSystem, f: InputFile) -> Iterator[pa.Table]:
                 fixed["watch_ratio"] = pc.cast(ratio, pa.float32())
                 # ...and count one play in the dwell, so dwell / watch ratio stays the item's length (prepare's
                 # duration covariate): with the replays' play time it would be the outcome itself
-                fixed["dwell_s"] = pc.cast(pc.divide(pc.if_else(replayed, dur, play), 1000.0), pa.float32())
+                dwell_ms = pc.if_else(replayed, dur, play)
+            fixed["dwell_s"] = pc.cast(pc.divide(dwell_ms, 1000.0), pa.float32())
         mapping = {"user_id": "user_id", "item_id": "video_id", "click": "is_click"}
         if "is_like" in raw.column_names:
             mapping["eval_like"] = "is_like"

@@ -200,13 +200,12 @@ def _resolve_warm_start(warm_start: Optional[str]) -> Optional[str]:
 
 def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> bool:
     """Whether training reads its data more than once (caching it then pays): more than one epoch, and no
-    ``max_steps`` that ends within the first (where the rows are known)."""
+    ``max_steps`` that ends within the first (where the rows are known; :func:`expected_steps`)."""
     if train_cfg.epochs <= 1:
         return False
-    rows = (row_counts or {}).get("train")
-    if not (train_cfg.max_steps and rows):
-        return True
-    return train_cfg.max_steps * train_cfg.batch_size * train_cfg.num_workers > rows
+    rows = (row_counts or {}).get(TRAIN_DATASET)
+    one_epoch = expected_steps(dataclasses.replace(train_cfg, epochs=1, max_steps=0), rows)
+    return one_epoch is None or expected_steps(train_cfg, rows) > one_epoch
 
 
 def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu: bool, datasets: Dict[str, Any],
