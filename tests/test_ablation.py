@@ -72,6 +72,18 @@ def test_pooled_runs_add_their_trained_models_and_refuse_a_shared_one():
         ablation.pool_records([run1, {"B": [rec(7, 0, 1.0)]}])
 
 
+def test_pool_names_a_file_that_is_not_an_ablation_result(tmp_path):
+    from mtrec_dist.cli import main as cli
+
+    bad, broken = tmp_path / "bad.json", tmp_path / "broken.json"
+    bad.write_text('{"a": 1}')
+    broken.write_text("not json")
+    with pytest.raises(SystemExit, match=r"bad\.json is not the results\.json of a simulator ablation"):
+        cli(["ablate", "--pool", str(bad)])
+    with pytest.raises(SystemExit, match=r"cannot read .*broken\.json"):
+        cli(["ablate", "--pool", str(broken)])
+
+
 @pytest.mark.slow
 def test_tiny_ablation_runs_and_the_oracle_is_valid(tmp_path):
     cfg = load_config("configs/tiny.yaml", [

@@ -29,13 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 POOL_MAY_DIFFER = ("rows", "worlds", "train_seeds", "beta_sweep", "sweep_rows", "pipeline_rows", "out")
 
 
+def _ablation_results(path: str) -> dict:
+    """An ``mtrec ablate`` results.json (simulator source), or an error naming the file and what is wrong."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"mtrec ablate --pool: cannot read {path}: {e}")
+    missing = [k for k in ("settings", "records") if not isinstance(result, dict) or k not in result]
+    if missing or "default" not in result["records"]:
+        raise SystemExit(f"mtrec ablate --pool: {path} is not the results.json of a simulator ablation "
+                         f"(no {', '.join(missing) or 'records.default'})")
+    return result
+
+
 def _pool(paths: list) -> int:
     from mtrec_dist.ablation import markdown_table, pool_records, summarise
 
-    results = []
-    for path in paths:
-        with open(path) as f:
-            results.append(json.load(f))
+    results = [_ablation_results(path) for path in paths]
     same = [{k: v for k, v in r["settings"].items() if k not in POOL_MAY_DIFFER} for r in results]
     for path, settings in zip(paths[1:], same[1:]):
         if settings != same[0]:
