@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import yaml
 
 from mtrec_dist.choices import (
-    ABLATION_ROWS, BACKBONES, GUIDANCE_MODES, AblationRow, Backbone, GuidanceMode,
+    ABLATION_ROWS, BACKBONES, GUIDANCE_MODES, AblationRow, Backbone, GuidanceMode, ScoreRunner,
 )
 from mtrec_dist.config_build import (  # noqa: F401  (re-exported: the config's public face)
     ConfigError, _check, field_docs, from_dict, parse_override, set_path,
@@ -284,6 +284,10 @@ class TrainConfig:
     score_cpus: float = 1.0  # score-rewards: CPUs per scoring actor
     score_full_catalog_max: int = 50_000  # score-rewards: catalogs up to this size get the exact policy baseline
     score_candidates: int = 1024  # score-rewards: sampled candidates for the baseline on larger catalogs
+    # "actors" each load the whole model; "sharded" scores in num_workers workers with the item table sharded
+    # as in training (no process holds all of it); "auto" shards a table over score_unsharded_max_mb
+    score_runner: ScoreRunner = "auto"  # score-rewards: actors | sharded | auto (by the item table's size)
+    score_unsharded_max_mb: float = 1024.0  # score-rewards: auto shards an item table larger than this (MiB)
     seed: int = 0  # random seed of model initialisation and data shuffling
 
     def validate(self, key: str = "train") -> None:
@@ -294,6 +298,7 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _check(self.ray_report_min_interval_s >= 0, f"{key}.ray_report_min_interval_s", "must be >= 0")
         _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
+        _check(self.score_unsharded_max_mb > 0, f"{key}.score_unsharded_max_mb", "must be > 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")
         for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches", "cache_rows"):

@@ -249,6 +249,14 @@ def test_qriql_scoring_shapes_and_baseline_consistency(objective):
     assert close(base["reward_baseline"], (pi * rq.mean(-1)).sum(1), tol=1e-5)
     assert close(base["reward_cvar_baseline"], (pi * cvar(rq, rc.cvar_alpha)).sum(1), tol=1e-5)
     assert close(base["value"], 0.7 * torch.logsumexp(sc["q"] / 0.7, 1), tol=1e-5)
+    # over a drawn set (repeats allowed): the soft policy renormalised over that set, the same for every row
+    drawn = torch.tensor([2, 5, 5, 9])
+    with torch.no_grad():
+        sub = model.reward_baseline_over(s, fb, drawn)
+        sc = model.score(s, fb, drawn.view(1, -1).expand(3, -1))
+    pi = torch.softmax(sc["q"] / 0.7, dim=1)
+    assert close(sub["reward_baseline"], (pi * sc["reward_q"].mean(-1)).sum(1), tol=1e-5)
+    assert close(sub["reward_cvar_baseline"], (pi * cvar(sc["reward_q"], rc.cvar_alpha)).sum(1), tol=1e-5)
 
 
 def test_sampled_soft_value_approaches_full_catalog():

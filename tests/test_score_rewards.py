@@ -72,6 +72,24 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
     summary = json.loads((run / "rewards" / "_scores.json").read_text())
     assert summary["rows"] == transitions.num_rows and summary["baseline"] == "full_catalog"
 
+    # the sharded runner (2 workers, each loading only its rows of the item table) writes the same scores;
+    # the catalog (60 items) is under score_full_catalog_max, so the baseline is exact in both runners
+    assert cli(["score-rewards", "--out", str(tmp_path / "sharded"), "--set", "train.score_runner=sharded",
+                "--set", "train.sharding=row_wise"] + sets) == 0
+    printed = capsys.readouterr().out
+    assert "2 workers, item table sharded; peak RSS per worker" in printed
+    sharded = read_scores(str(tmp_path / "sharded")).sort_by("row_id")
+    ref = scores.sort_by("row_id")
+    assert sharded.schema.names == ref.schema.names
+    assert sharded.column("row_id").to_pylist() == ref.column("row_id").to_pylist()
+    for name in ("reward_mean", "reward_cvar", "reward_baseline", "reward_cvar_baseline"):
+        np.testing.assert_allclose(sharded.column(name).to_numpy(), ref.column(name).to_numpy(), rtol=1e-4, atol=1e-5)
+    ranks = json.loads((tmp_path / "sharded" / "_scores.json").read_text())["ranks"]
+    assert sum(r["rows"] for r in ranks) == transitions.num_rows and all(r["rows"] > 0 for r in ranks)
+    rows_held = [sum(shape[0] for key, shapes in r["shard_sizes"].items() if "item_table" in key for shape in shapes)
+                 for r in ranks]
+    assert sum(rows_held) == 61 and max(rows_held) < 61  # each worker holds part of the table, not all of it
+
     # a second run refuses to mix with existing output unless told to replace it
     assert cli(["score-rewards"] + sets) == 1
     assert "--overwrite" in capsys.readouterr().err

@@ -31,7 +31,11 @@ def run(args) -> int:
     prepared = None if args.pairs else prepared_dir(args, cfg)
     out = args.out or layout.rewards
     summary = score_rewards(cfg, checkpoint, prepared, out, pairs_path=args.pairs, overwrite=args.overwrite)
+    how = "scoring actors, each holding the whole model"
+    if summary["runner"] == "sharded":
+        peaks = ", ".join(f"{r['peak_rss_mb']:,.0f}" for r in summary["ranks"])
+        how = f"{len(summary['ranks'])} workers, item table sharded; peak RSS per worker {peaks} MiB"
     print(f"scored {summary['rows']:,} {summary['mode']} rows in {summary['seconds']}s "
-          f"({summary['rows_per_s']:,} rows/s) -> {summary['out_dir']}")
+          f"({summary['rows_per_s']:,} rows/s; {how}) -> {summary['out_dir']}")
     print(json.dumps(summary, default=str))
     return 0

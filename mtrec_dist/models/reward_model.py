@@ -394,13 +394,23 @@ class QRIQLModel(nn.Module):
     @torch.no_grad()
     def catalog_reward_baseline(self, state_items: torch.Tensor, state_feedback: torch.Tensor,
                                 chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        """Per state, over the full catalog under the model's soft policy ``pi(a|s) ∝ exp(Q(s,a)/alpha)``:
-        "reward_baseline" ``E_pi R_mean(s,a)``, "reward_cvar_baseline" ``E_pi CVaR(R(s,a))``, "value" ``V(s)`` ([B] each).
-        One embedding lookup (the catalog); scoring in chunks of ``chunk`` (default reward.catalog_chunk)."""
+        """:meth:`reward_baseline_over` the whole catalog: the exact ``E_pi`` under the soft policy."""
+        return self.reward_baseline_over(state_items, state_feedback, self.catalog_ids(state_items.device), chunk)
+
+    @torch.no_grad()
+    def reward_baseline_over(self, state_items: torch.Tensor, state_feedback: torch.Tensor, item_ids: torch.Tensor,
+                             chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Per state, under the model's soft policy restricted to ``item_ids`` [C] (one set for every row),
+        ``pi(a|s) = exp((Q(s,a) - V(s)) / alpha)`` with ``V(s) = alpha logsumexp_{a in set} Q(s,a)/alpha``:
+        "reward_baseline" ``E_pi R_mean(s,a)``, "reward_cvar_baseline" ``E_pi CVaR(R(s,a))``, "value" ``V(s)``
+        ([B] each).  Over the whole catalog it is exact; over items drawn uniformly (repeats allowed) it is
+        the self-normalised estimate (the uniform proposal cancels).  One embedding lookup of the set (under
+        DMP a collective: every rank calls it with its own set), scoring in chunks of ``chunk`` (default
+        reward.catalog_chunk)."""
         cfg = self.reward_cfg
         chunk = chunk or cfg.catalog_chunk
         s = state_items.long()
-        ids = self.catalog_ids(s.device)
+        ids = item_ids.long()
         emb = self.item_embedding({"state": s, "catalog": ids})
         h = self._encode(self.encoder, emb["state"], s, state_feedback.float())
         qbar = self.policy_projection(h)

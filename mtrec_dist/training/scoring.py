@@ -20,8 +20,11 @@ Output columns (besides the key / pass-through columns):
   items drawn uniformly (the uniform proposal cancels in the self-normalised weights).  The guided
   recommender uses the advantage ``reward_mean - reward_baseline``.
 
-Each scoring actor (``train.score_concurrency`` of them, ``train.score_cpus`` each) loads the model once
-from the sharded checkpoint into a plain single-process model.
+Two runners (``train.score_runner``; :func:`score_runner` resolves ``auto``): scoring actors
+(``train.score_concurrency`` of them, ``train.score_cpus`` each), each loading the whole model once from the
+sharded checkpoint into a plain single-process model; or, for a catalog no process should hold, the training
+worker group with the item table sharded exactly as in training (:mod:`~mtrec_dist.training.sharded_scoring`).
+Both score a batch with the same :class:`TableScorer`.
 """
 from __future__ import annotations
 
@@ -42,27 +45,28 @@ PAIR_CANDIDATE = "candidate"
 SUMMARY_FILE = "_scores.json"
 
 
-class RewardScorer:
-    """Ray Data ``map_batches`` callable: Arrow batch of states + candidates -> the same rows with scores."""
+class TableScorer:
+    """Scores an Arrow batch of states + candidates with a reward model: the same rows back, with scores.
 
-    def __init__(self, checkpoint_path: str, spec: Dict[str, Any], *, candidate_column: str = "action",
+    ``model`` is a plain :class:`QRIQLModel` (the scoring actors) or one whose item table is sharded in place
+    under DMP (:mod:`~mtrec_dist.training.sharded_scoring`); there every call is a collective, so
+    ``pad_to`` pads each call to a fixed row count on every rank (a rank with no rows left still calls).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: Dict[str, Any], *, candidate_column: str = "action",
                  drop_columns: tuple = ("state_items", "state_feedback"), full_catalog_max: int = 50_000,
-                 num_candidates: int = 1024, seed: int = 0, threads: int = 1) -> None:
-        from mtrec_dist.training.checkpoint import load_unsharded_model
-        from mtrec_dist.training.reward import reward_model_factory
-
-        torch.set_num_threads(max(1, threads))
+                 num_candidates: int = 1024, seed: int = 0, pad_to: Optional[int] = None) -> None:
+        self.model = model
         self.spec = spec
         self.num_items = int(spec["num_items"])
         self.state_len = int(spec["state_len"])
         self.cvar_level = float(spec["reward"]["cvar_alpha"])
-        self.alpha = float(spec["reward"]["alpha"])
         self.candidate_column = candidate_column
         self.drop_columns = set(drop_columns)
         self.full_catalog = self.num_items <= full_catalog_max
         self.num_candidates = num_candidates
         self.generator = torch.Generator().manual_seed(seed)
-        self.model = load_unsharded_model(reward_model_factory(spec, for_inference=True), checkpoint_path)
+        self.pad_to = pad_to
 
     def _ids(self, table: pa.Table, name: str, low: int) -> torch.Tensor:
         from mtrec_dist.data.pipeline import collate_transitions
@@ -82,45 +86,80 @@ class RewardScorer:
             return (states != 0).float()
         return collate_transitions(table.select(["state_feedback"]), state_len=self.state_len)["state_feedback"]
 
-    @torch.no_grad()
-    def _baseline(self, states: torch.Tensor, feedback: torch.Tensor) -> Dict[str, torch.Tensor]:
-        from mtrec_dist.objectives.qr_iql import cvar
-
+    def _baseline_items(self) -> torch.Tensor:
+        """The whole catalog (exact baseline), or ``score_candidates`` items drawn uniformly (self-normalised)."""
         if self.full_catalog:
-            out = self.model.catalog_reward_baseline(states, feedback)
-            return {"reward_baseline": out["reward_baseline"], "reward_cvar_baseline": out["reward_cvar_baseline"]}
+            return torch.arange(1, self.num_items + 1)
         m = min(self.num_candidates, self.num_items)
-        cands = torch.randint(1, self.num_items + 1, (m,), generator=self.generator)
-        scored = self.model.score(states, feedback, cands.expand(states.shape[0], m))
-        pi = torch.softmax(scored["q"] / self.alpha, dim=1)  # self-normalised: the uniform q cancels
-        rq = scored["reward_q"]
-        return {"reward_baseline": (pi * rq.mean(-1)).sum(1),
-                "reward_cvar_baseline": (pi * cvar(rq, self.cvar_level)).sum(1)}
+        return torch.randint(1, self.num_items + 1, (m,), generator=self.generator)
+
+    def _padded(self, states: torch.Tensor, feedback: torch.Tensor, cand: torch.Tensor):
+        n = states.shape[0]
+        extra = (self.pad_to or n) - n
+        if extra <= 0:
+            return states, feedback, cand
+        return (torch.cat([states, states.new_zeros(extra, self.state_len)]),
+                torch.cat([feedback, feedback.new_zeros(extra, self.state_len)]),
+                torch.cat([cand, cand.new_ones(extra)]))  # item 1: a valid index for the lookup
 
     @torch.no_grad()
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def score(self, states: torch.Tensor, feedback: torch.Tensor, cand: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Scores of ``n`` rows ([n] each; ``reward_q`` [n, N] sorted ascending): two lookups, same on every rank."""
         from mtrec_dist.objectives.qr_iql import cvar
 
+        n = states.shape[0]
+        states, feedback, cand = self._padded(states, feedback, cand)
+        rq = self.model.reward_quantiles(states, feedback, cand.view(-1, 1))[:n, 0]  # [n, N]
+        rq, _ = torch.sort(rq, dim=-1)  # monotone rearrangement: independent quantile heads can cross
+        base = self.model.reward_baseline_over(states, feedback, self._baseline_items())
+        return {"reward_q": rq, "reward_mean": rq.mean(-1), "reward_cvar": cvar(rq, self.cvar_level),
+                "reward_baseline": base["reward_baseline"][:n], "reward_cvar_baseline": base["reward_cvar_baseline"][:n]}
+
+    def idle(self) -> None:
+        """The same collectives as :meth:`score` with no rows (a sharded rank whose split has run out)."""
+        empty = torch.zeros(0, self.state_len, dtype=torch.long)
+        self.score(empty, empty.float(), torch.zeros(0, dtype=torch.long))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
         if self.candidate_column not in table.column_names:
             raise ValueError(f"input has no {self.candidate_column!r} column; found {table.column_names}")
         states = self._ids(table, "state_items", 0)
-        feedback = self._feedback(table, states)
-        cand = self._ids(table, self.candidate_column, 1)
-        rq = self.model.reward_quantiles(states, feedback, cand.view(-1, 1))[:, 0]  # [B, N]
-        rq, _ = torch.sort(rq, dim=-1)
-        base = self._baseline(states, feedback)
+        scores = self.score(states, self._feedback(table, states), self._ids(table, self.candidate_column, 1))
+        rq = scores["reward_q"]
         n_q = rq.shape[1]
         flat = pa.array(rq.reshape(-1).numpy().astype(np.float32))
         offsets = pa.array(np.arange(0, rq.shape[0] * n_q + 1, n_q, dtype=np.int32))
-        keep = [c for c in table.column_names if c not in self.drop_columns]
-        out = table.select(keep)
-        for name, values in (("reward_mean", rq.mean(-1)), ("reward_cvar", cvar(rq, self.cvar_level)),
-                             ("reward_q", None), ("reward_baseline", base["reward_baseline"]),
-                             ("reward_cvar_baseline", base["reward_cvar_baseline"])):
-            col = pa.ListArray.from_arrays(offsets, flat) if values is None else \
-                pa.array(values.numpy().astype(np.float32))
+        out = table.select([c for c in table.column_names if c not in self.drop_columns])
+        for name in SCORE_COLUMNS:
+            col = pa.ListArray.from_arrays(offsets, flat) if name == "reward_q" else \
+                pa.array(scores[name].numpy().astype(np.float32))
             out = out.append_column(name, col)
         return out
+
+
+class RewardScorer(TableScorer):
+    """Ray Data ``map_batches`` callable: each scoring actor loads the whole model once, unsharded."""
+
+    def __init__(self, checkpoint_path: str, spec: Dict[str, Any], *, threads: int = 1, **kwargs) -> None:
+        from mtrec_dist.training.checkpoint import load_unsharded_model
+        from mtrec_dist.training.reward import reward_model_factory
+
+        torch.set_num_threads(max(1, threads))
+        super().__init__(load_unsharded_model(reward_model_factory(spec, for_inference=True), checkpoint_path),
+                         spec, **kwargs)
+
+
+def table_mb(spec: Dict[str, Any]) -> float:
+    """MiB of the model's float32 item table (padding row included)."""
+    return (int(spec["num_items"]) + 1) * int(spec["model"]["embedding_dim"]) * 4 / 2**20
+
+
+def score_runner(tc, spec: Dict[str, Any]) -> str:
+    """``train.score_runner``, with ``auto`` resolved: sharded when the item table is over
+    ``train.score_unsharded_max_mb`` (each scoring actor would hold all of it) and there are >= 2 workers."""
+    if tc.score_runner != "auto":
+        return tc.score_runner
+    return "sharded" if tc.num_workers >= 2 and table_mb(spec) > tc.score_unsharded_max_mb else "actors"
 
 
 def _prepare_out_dir(out_dir: str, overwrite: bool):
@@ -169,20 +208,25 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
         candidate, mode, expected = "action", "transitions", count_transitions(prepared_dir)
     drop = ("state_items", "state_feedback") if mode == "pairs" else ()
     tc = cfg.train
-    scored = ds.map_batches(
-        RewardScorer,
-        fn_constructor_kwargs={"checkpoint_path": checkpoint_path, "spec": spec, "candidate_column": candidate,
-                               "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates,
-                               "seed": tc.seed, "threads": max(1, int(tc.score_cpus)), "drop_columns": drop},
-        batch_size=tc.score_batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency),
-        num_cpus=tc.score_cpus,
-    )
-    import pyarrow.dataset as pads
-
+    scorer_kwargs = {"spec": spec, "candidate_column": candidate, "drop_columns": drop, "seed": tc.seed,
+                     "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates}
+    runner = score_runner(tc, spec)
     out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     fs, base = _prepare_out_dir(out_dir, overwrite)
-    scored.write_parquet(out_dir)
+    ranks = None
+    if runner == "sharded":
+        from mtrec_dist.training.sharded_scoring import score_sharded
+
+        ranks = score_sharded(tc, checkpoint_path, ds, out_dir, scorer_kwargs, expected)
+    else:
+        ds.map_batches(
+            RewardScorer, fn_constructor_kwargs=dict(scorer_kwargs, checkpoint_path=checkpoint_path,
+                                                     threads=max(1, int(tc.score_cpus))),
+            batch_size=tc.score_batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency), num_cpus=tc.score_cpus,
+        ).write_parquet(out_dir)
+    import pyarrow.dataset as pads
+
     written = pads.dataset(base, filesystem=fs, format="parquet")
     rows = int(written.count_rows())
     if expected is not None and rows != expected:
@@ -192,8 +236,10 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
         "num_quantiles": int(spec["reward"]["num_quantiles"]), "cvar_alpha": float(spec["reward"]["cvar_alpha"]),
         "baseline": ("full_catalog" if spec["num_items"] <= tc.score_full_catalog_max
                      else f"sampled_{tc.score_candidates}"),
-        "columns": written.schema.names, "seconds": round(time.time() - t0, 2),
+        "columns": written.schema.names, "seconds": round(time.time() - t0, 2), "runner": runner,
     }
+    if ranks is not None:
+        summary["ranks"] = ranks  # per worker: rows scored, its shard of the item table, peak RSS
     summary["rows_per_s"] = round(rows / max(summary["seconds"], 1e-9), 1)
     with fs.open_output_stream(f"{base.rstrip('/')}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=1).encode())
