@@ -101,6 +101,24 @@ def catalog_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
                  f"ms at {r['smallest']:,}")]
 
 
+def sharded_scoring_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One scoring actor's peak RSS / one sharded worker's, and their speeds, on the same big model."""
+    label = "scoring a big catalog: one actor's peak RSS / one sharded worker's"
+    if "error" in c:
+        return [_failed("sharded_scoring_memory", label, c)]
+    runs, r = c["runs"], c["ratios"]
+    ranks = runs["sharded"]["ranks"]
+    shard_mb = [sum(rows for key, shapes in k["shard_sizes"].items() if "item_table" in key for rows, _ in shapes)
+                * c["table_mb"] / (c["items"] + 1) for k in ranks]
+    workers = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {mb:,.1f})" for k, mb in zip(ranks, shard_mb))
+    return [_row("sharded_scoring_memory", label.replace("a big catalog", f"{c['items']:,} items"),
+                 r["actor_rss_vs_worker_rss"], f"workers {workers}; one actor {c['one_actor_peak_rss_mb']:,.0f} MiB "
+                 f"(whole table {c['table_mb']:,.1f} MiB); {c['rows']:,} pairs, baseline {runs['sharded']['baseline']}"),
+            _row("sharded_scoring_speed", f"scoring {c['items']:,} items: sharded (2 workers) / actors, rows/s",
+                 r["sharded_vs_actors_speed"], f"{runs['sharded']['rows_per_s']:,.0f} vs "
+                 f"{runs['actors']['rows_per_s']:,.0f} rows/s (start-up included)")]
+
+
 def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every ratio the run measured, in a fixed order."""
     stages = result["stages"]
@@ -114,6 +132,8 @@ def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows += scoring_rows(stages["scoring"], stages.get("qriql"))
     if "catalog" in stages:
         rows += catalog_rows(stages["catalog"])
+    if "sharded_scoring" in stages:
+        rows += sharded_scoring_rows(stages["sharded_scoring"])
     return rows
 
 

@@ -133,6 +133,10 @@ def score_sharded(tc: TrainConfig, checkpoint_path: str, ds, out_dir: str, score
     fs, base = pafs.FileSystem.from_uri(uri)
     fs.create_dir(base, recursive=True)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    if "row_id" not in ds.schema().names:
+        # no row ids, so no equal split (NoDropDataConfig): whole blocks go to whichever worker asks, and a
+        # single-file input is a single block; blocks of one batch each spread it over the workers
+        ds = ds.repartition(target_num_rows_per_block=tc.score_batch_size)
     config = {"train_cfg": tc, "use_gpu": use_gpu, "checkpoint_path": checkpoint_path, "out_dir": uri,
               "scorer": scorer_kwargs}
     with tempfile.TemporaryDirectory(prefix="mtrec-score-") as storage:  # Ray Train's run state; no checkpoints
