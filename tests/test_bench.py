@@ -273,3 +273,37 @@ def test_catalog_step_times_cover_sampled_and_full_soft_values():
         (50, "sampled 8"), (50, "full catalog"), (200, "sampled 8")]  # no full catalog above full_max
     assert all(r["steps"] >= 3 and r["step_s_median"] > 0 for r in out["runs"])
     assert (out["ratios"]["smallest"], out["ratios"]["largest"]) == (50, 200)
+
+
+def test_sharded_scoring_report_puts_each_worker_next_to_its_shard():
+    from mtrec_dist.bench.report import sharded_scoring_rows
+
+    key = "model.item_embedding.ec.embeddings.item_table.weight"
+    stage = {"items": 999, "rows": 100, "table_mb": 1000.0, "one_actor_peak_rss_mb": 2000.0,
+             "runs": {"sharded": {"rows_per_s": 50.0, "baseline": "sampled_1024",
+                                  "ranks": [{"peak_rss_mb": 1200.0, "end_rss_mb": 900.0, "shard_sizes": {key: [[500, 32]]}},
+                                            {"peak_rss_mb": 1100.0, "end_rss_mb": 800.0,
+                                             "shard_sizes": {key: [[500, 32]]}}]},
+                      "actors": {"rows_per_s": 100.0}},
+             "ratios": {"actor_rss_vs_worker_rss": 2000 / 1200, "sharded_vs_actors_speed": 0.5}}
+    memory, speed = sharded_scoring_rows(stage)
+    assert memory["value"] == pytest.approx(2000 / 1200) and speed["value"] == 0.5
+    assert "workers 1,200 MiB (shard 500.0; 900 at the end), 1,100 MiB (shard 500.0; 800 at the end); one actor 2,000" in memory["detail"]
+    assert sharded_scoring_rows({"error": "RuntimeError: x"})[0]["value"] is None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sharded_scoring_bench_scores_every_pair_both_ways(ray_cluster, tmp_path):
+    from mtrec_dist.bench.sharded_scoring_bench import bench_sharded_scoring
+    from mtrec_dist.training.scoring import read_scores
+
+    cfg = tiny_config(train={"batch_size": 32, "score_batch_size": 32})  # 150 pairs: 5 blocks for 2 workers
+    out = bench_sharded_scoring(cfg, 300, 150, 4, tmp_path, say=lambda m: None)
+    ranks = out["runs"]["sharded"]["ranks"]
+    assert [r["rows"] > 0 for r in ranks] == [True, True] and sum(r["rows"] for r in ranks) == 150
+    assert out["runs"]["actors"]["rows"] == 150 and out["one_actor_peak_rss_mb"] > 0
+    sharded, actors = (read_scores(str(tmp_path / "sharded_scoring_300" / f"scores_{r}")).sort_by("query")
+                       for r in ("sharded", "actors"))
+    np.testing.assert_allclose(sharded.column("reward_mean").to_numpy(), actors.column("reward_mean").to_numpy(),
+                               rtol=1e-5, atol=1e-6)

@@ -110,7 +110,8 @@ def sharded_scoring_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
     ranks = runs["sharded"]["ranks"]
     shard_mb = [sum(rows for key, shapes in k["shard_sizes"].items() if "item_table" in key for rows, _ in shapes)
                 * c["table_mb"] / (c["items"] + 1) for k in ranks]
-    workers = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {mb:,.1f})" for k, mb in zip(ranks, shard_mb))
+    workers = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {mb:,.1f}; {k.get('end_rss_mb') or 0:,.0f} at the end)"
+                        for k, mb in zip(ranks, shard_mb))
     return [_row("sharded_scoring_memory", label.replace("a big catalog", f"{c['items']:,} items"),
                  r["actor_rss_vs_worker_rss"], f"workers {workers}; one actor {c['one_actor_peak_rss_mb']:,.0f} MiB "
                  f"(whole table {c['table_mb']:,.1f} MiB); {c['rows']:,} pairs, baseline {runs['sharded']['baseline']}"),

@@ -58,6 +58,15 @@ def _any_rank_has_rows(has_rows: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _current_rss_mb() -> Optional[float]:
+    """This process's resident memory now (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _score_worker(config: Dict[str, Any]) -> None:
     """Ray Train worker: shard, load this rank's rows of the table, score this rank's split, write parts."""
     import pyarrow.fs as pafs
@@ -97,8 +106,9 @@ def _score_worker(config: Dict[str, Any]) -> None:
         pq.write_table(out, f"{base}/part-r{rank:03d}-{parts:05d}.parquet", filesystem=fs)
         rows, parts = rows + out.num_rows, parts + 1
     report = {"rank": rank, "rows": rows, "parts": parts, "shard_sizes": local_shard_sizes(sharded.dmp),
-              # ru_maxrss is in KiB on Linux
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              # ru_maxrss is in KiB on Linux; the peak includes loading, which reads the shard's bytes first
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "end_rss_mb": _current_rss_mb()}
     with fs.open_output_stream(f"{base}/{RANK_REPORT.format(rank=rank)}") as f:
         f.write(json.dumps(report).encode())
 
