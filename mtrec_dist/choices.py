@@ -11,13 +11,12 @@ from typing import Literal, get_args
 Backbone = Literal["sasrec", "gru4rec", "caser", "nextitnet"]
 # How the learned reward guides recommender training (objectives/guidance.py).
 GuidanceMode = Literal["none", "reweight", "actor_critic", "risk_averse"]
-# How `mtrec score-rewards` runs: scoring actors that each load the whole model, or the training worker group
-# with the item table sharded as in training (training/sharded_scoring.py); auto picks by the table's size.
+# How `mtrec score-rewards` and offline ranking run: actors that each load the whole model, or a worker group
+# with the item table sharded as in training (training/sharded_inference.py); auto picks by the table's size.
 ScoreRunner = Literal["auto", "actors", "sharded"]
 # Rows of `mtrec ablate` (docs/method.md, "The ablation").
 AblationRow = Literal["A", "B", "C", "D", "E", "F", "G", "H", "I"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
-SCORE_RUNNERS: tuple[str, ...] = get_args(ScoreRunner)
 ABLATION_ROWS: tuple[str, ...] = get_args(AblationRow)

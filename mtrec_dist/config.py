@@ -284,10 +284,11 @@ class TrainConfig:
     score_cpus: float = 1.0  # score-rewards: CPUs per scoring actor
     score_full_catalog_max: int = 50_000  # score-rewards: catalogs up to this size get the exact policy baseline
     score_candidates: int = 1024  # score-rewards: sampled candidates for the baseline on larger catalogs
-    # "actors" each load the whole model; "sharded" scores in num_workers workers with the item table sharded
-    # as in training (no process holds all of it); "auto" shards a table over score_unsharded_max_mb
-    score_runner: ScoreRunner = "auto"  # score-rewards: actors | sharded | auto (by the item table's size)
-    score_unsharded_max_mb: float = 1024.0  # score-rewards: auto shards an item table larger than this (MiB)
+    # score-rewards and offline ranking: "actors" each load the whole model; "sharded" runs in num_workers
+    # workers with the item table sharded as in training (no process holds all of it); "auto" shards a table
+    # over score_unsharded_max_mb when there are >= 2 workers
+    score_runner: ScoreRunner = "auto"  # score-rewards / ranking: actors | sharded | auto (by the table's size)
+    score_unsharded_max_mb: float = 1024.0  # score-rewards / ranking: auto shards an item table over this (MiB)
     seed: int = 0  # random seed of model initialisation and data shuffling
 
     def validate(self, key: str = "train") -> None:

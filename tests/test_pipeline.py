@@ -80,3 +80,30 @@ def test_guided_training_saw_exactly_the_non_test_rows(tiny_run):
         assert 0 < s["train_rows"] < manifest["num_transitions"]
         if test_rows is not None:
             assert s["train_rows"] == manifest["num_transitions"] - test_rows
+
+
+def test_sharded_ranking_gives_the_ranking_actors_ranks(tiny_run):
+    """Offline ranking with the item table sharded row-wise over 2 workers (each counts, on its own rows, the
+    items that beat each target) equals the ranking actors', which each hold the whole table."""
+    import dataclasses
+
+    import numpy as np
+
+    from mtrec_dist.data.prepare import load_manifest
+    from mtrec_dist.evaluation.evaluate import _recommender_factory
+    from mtrec_dist.evaluation.offline import rank_test_rows
+
+    cfg, out, _ = tiny_run
+    prepared = out["paths"]["prepared"]
+    summary = json.loads((Path(out["paths"]["recommenders"][0]) / "recommender.json").read_text())
+    factory, _ = _recommender_factory(summary)
+    num_items = int(load_manifest(prepared)["num_items"])
+    args = (factory, summary["checkpoint_path"], prepared, num_items, cfg.eval.sampled_negatives)
+    actors = rank_test_rows(*args, seed=cfg.eval.seed).sort_by("row_id")
+    sharded = rank_test_rows(*args, seed=cfg.eval.seed,
+                             sharded_on=dataclasses.replace(cfg.train, num_workers=2)).sort_by("row_id")
+    assert sharded.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
+    for name in ("rank_full", "rank_sampled"):
+        np.testing.assert_array_equal(sharded.column(name).to_numpy(), actors.column(name).to_numpy())
+    np.testing.assert_allclose(sharded.column("score_target").to_numpy(), actors.column("score_target").to_numpy(),
+                               rtol=1e-5, atol=1e-5)

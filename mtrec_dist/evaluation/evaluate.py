@@ -120,9 +120,13 @@ def _recommender_factory(summary: Dict[str, Any]):
 
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
                     num_items: int) -> Dict[str, Any]:
-    factory, _ = _recommender_factory(summary)
+    from mtrec_dist.training.scoring import score_runner
+
+    factory, spec = _recommender_factory(summary)
+    sharded = score_runner(cfg.train, spec) == "sharded"  # a table too big for every ranking actor to hold
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
-                                    cfg.eval.sampled_negatives, seed=cfg.eval.seed)
+                                    cfg.eval.sampled_negatives, seed=cfg.eval.seed,
+                                    sharded_on=cfg.train if sharded else None)
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
 
 

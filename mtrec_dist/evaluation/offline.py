@@ -11,11 +11,12 @@
   score of the same events and the item's click frequency.
 
 Scoring runs as Ray Data ``map_batches`` over actors that each load the trained model once (the model is
-exported from its sharded DCP checkpoint into a plain module).
+exported from its sharded DCP checkpoint into a plain module); ranking a catalog too big for one process runs
+in a worker group with the table sharded as in training instead (:mod:`.sharded_ranking`).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,28 +69,33 @@ class RankingScorer:
 
     def _negatives(self, row_ids: np.ndarray, state_items: np.ndarray, action: np.ndarray,
                    users: np.ndarray) -> np.ndarray:
-        """``sampled_negatives`` items per row, uniform over items the user never engaged with (SASRec's
-        protocol: not in the user's history, not the target; the state where no history is given).
+        return sampled_negatives(row_ids, state_items, action, users, self.sampled_negatives, self.num_items,
+                                 self.seed, self.histories)
 
-        Deterministic per row (seeded by row id), so every model is ranked against the same negatives.
-        """
-        n = self.sampled_negatives
-        out = np.empty((len(row_ids), n), dtype=np.int64)
-        empty = np.zeros(0, dtype=np.int64)
-        for r, rid in enumerate(row_ids):
-            rng = np.random.default_rng([self.seed, int(rid)])
-            banned = set(state_items[r].tolist()) | {int(action[r]), 0}
-            banned.update(self.histories.get(int(users[r]), empty).tolist())
-            picked: list[int] = []
-            while len(picked) < n:
-                cand = rng.integers(1, self.num_items + 1, size=2 * n)
-                picked.extend(int(c) for c in cand if c not in banned)
-                if len(banned) >= self.num_items:  # tiny catalogs: allow repeats of the allowed items
-                    break
-            if len(picked) < n:
-                picked = (picked or [1]) * n
-            out[r] = picked[:n]
-        return out
+
+def sampled_negatives(row_ids: np.ndarray, state_items: np.ndarray, action: np.ndarray, users: np.ndarray,
+                      n: int, num_items: int, seed: int, histories: Dict[int, np.ndarray]) -> np.ndarray:
+    """``n`` items per row, uniform over items the user never engaged with (SASRec's protocol: not in the
+    user's history, not the target; the state where no history is given).
+
+    Deterministic per row (seeded by row id), so every model is ranked against the same negatives.
+    """
+    out = np.empty((len(row_ids), n), dtype=np.int64)
+    empty = np.zeros(0, dtype=np.int64)
+    for r, rid in enumerate(row_ids):
+        rng = np.random.default_rng([seed, int(rid)])
+        banned = set(state_items[r].tolist()) | {int(action[r]), 0}
+        banned.update(histories.get(int(users[r]), empty).tolist())
+        picked: list[int] = []
+        while len(picked) < n:
+            cand = rng.integers(1, num_items + 1, size=2 * n)
+            picked.extend(int(c) for c in cand if c not in banned)
+            if len(banned) >= num_items:  # tiny catalogs: allow repeats of the allowed items
+                break
+        if len(picked) < n:
+            picked = (picked or [1]) * n
+        out[r] = picked[:n]
+    return out
 
 
 class TargetScorer:
@@ -166,8 +172,10 @@ def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]
 
 def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
                    sampled_negatives: int, seed: int = 0, concurrency: int = 2,
-                   pos_from_end: int = 0) -> pa.Table:
-    """Rank every test transition (``pos_from_end``) with the trained recommender, on Ray Data."""
+                   pos_from_end: int = 0, sharded_on: Optional[Any] = None) -> pa.Table:
+    """Rank every test transition (``pos_from_end``) with the trained recommender: on Ray Data actors that
+    each load the whole model, or, given ``sharded_on`` (a TrainConfig: its workers, devices and timeouts),
+    in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`)."""
     from mtrec_dist.data.pipeline import read_transitions
 
     import ray
@@ -177,6 +185,15 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     ds = read_transitions(prepared_dir, columns=["row_id", "user_idx", "state_items", "state_feedback", "action",
                                                  "pos_from_end"])
     ds = ds.filter(expr=col("pos_from_end") == int(pos_from_end))
+    if sharded_on is not None:
+        from mtrec_dist.data.dataset import load_manifest
+        from mtrec_dist.evaluation.sharded_ranking import rank_sharded
+
+        ranked, _ = rank_sharded(model_factory, checkpoint_path, ds, sharded_on, num_items=num_items,
+                                 state_len=int(load_manifest(prepared_dir)["state_len"]),
+                                 sampled_negatives=sampled_negatives, seed=seed,
+                                 histories=user_histories(prepared_dir))
+        return ranked
     histories_ref = [ray.put(user_histories(prepared_dir))]
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
