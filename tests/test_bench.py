@@ -294,8 +294,8 @@ def test_sharded_scoring_report_puts_each_worker_next_to_its_shard():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sharded_scoring_bench_scores_every_pair_both_ways(ray_cluster, tmp_path):
-    from mtrec_dist.bench.sharded_scoring_bench import bench_sharded_scoring
+def test_sharded_bench_scores_every_pair_both_ways_and_ranks_sharded(ray_cluster, tmp_path):
+    from mtrec_dist.bench.sharded_bench import bench_sharded_ranking, bench_sharded_scoring
     from mtrec_dist.training.scoring import read_scores
 
     cfg = tiny_config(train={"batch_size": 32, "score_batch_size": 32})  # 150 pairs: 5 blocks for 2 workers
@@ -307,3 +307,5 @@ def test_sharded_scoring_bench_scores_every_pair_both_ways(ray_cluster, tmp_path
                        for r in ("sharded", "actors"))
     np.testing.assert_allclose(sharded.column("reward_mean").to_numpy(), actors.column("reward_mean").to_numpy(),
                                rtol=1e-5, atol=1e-6)
+    ranking = bench_sharded_ranking(cfg, 300, 40, 4, tmp_path, say=lambda m: None)
+    assert ranking["rows"] == 40 and len(ranking["ranks"]) == 2 and 0 <= ranking["median_rank_full"] < 300

@@ -120,6 +120,23 @@ def sharded_scoring_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
                  f"{runs['actors']['rows_per_s']:,.0f} rows/s (start-up included)")]
 
 
+def sharded_ranking_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Ranking a big catalog, sharded: each worker's peak RSS / its shard plus the smallest worker's
+    resident memory before the table (context: there is no unsharded run to compare with at this size)."""
+    label = "ranking a big catalog, sharded over 2 workers: rows/s"
+    if "error" in c:
+        return [_failed("sharded_ranking", label, c)]
+    ranks = c["ranks"]
+    shard_mb = [sum(rows for key, shapes in k["shard_sizes"].items() if "item_table" in key for rows, _ in shapes)
+                * c["table_mb"] / (c["items"] + 1) for k in ranks]
+    workers = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {mb:,.1f}; {k.get('end_rss_mb') or 0:,.0f} at the end)"
+                        for k, mb in zip(ranks, shard_mb))
+    return [_row("sharded_ranking", label.replace("a big catalog", f"{c['items']:,} items"), None,
+                 f"{c['rows_per_s']:,.1f} test rows/s ({c['rows']:,} rows, full catalog + sampled); workers "
+                 f"{workers}; whole table {c['table_mb']:,.1f} MiB; a ranking actor would also need a "
+                 f"[256 x {c['items']:,}] score matrix ({256 * c['items'] * 4 / 2**30:,.1f} GiB)")]
+
+
 def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every ratio the run measured, in a fixed order."""
     stages = result["stages"]
@@ -135,11 +152,13 @@ def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows += catalog_rows(stages["catalog"])
     if "sharded_scoring" in stages:
         rows += sharded_scoring_rows(stages["sharded_scoring"])
+    if "sharded_ranking" in stages:
+        rows += sharded_ranking_rows(stages["sharded_ranking"])
     return rows
 
 
 def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"**{value:.2f}x**"
+    return "–" if value is None else f"**{value:.2f}x**"  # no ratio: not measured, or context only
 
 
 def breakdown_lines(result: Dict[str, Any]) -> List[str]:

@@ -21,7 +21,7 @@ from .prepare_bench import bench_prepare
 from .report import collect_ratios
 from .scoring_bench import bench_scoring
 from .catalog_steps import bench_catalog
-from .sharded_scoring_bench import bench_sharded_scoring
+from .sharded_bench import RANKING_ROWS, bench_sharded_ranking, bench_sharded_scoring
 from .sizes import BenchSizes
 from .train_bench import bench_model
 from .world import ensure_prepared, simulate_world
@@ -57,10 +57,11 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
 
 
 def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
-              workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), sharded_scoring_items: int = 0,
-              sharded_scoring_rows: int = 20_000, command: str = "mtrec bench", say=print) -> Dict[str, Any]:
-    """Run the chosen stages (and the step time per catalog size when ``catalog_sizes`` are given, and both
-    scoring runners on an ``sharded_scoring_items``-item model when it is > 0); the whole result (see
+              workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), sharded_items: int = 0,
+              sharded_rows: int = 20_000, command: str = "mtrec bench", say=print) -> Dict[str, Any]:
+    """Run the chosen stages (and the step time per catalog size when ``catalog_sizes`` are given, and scoring
+    ``sharded_rows`` pairs both ways and ranking with the table sharded on ``sharded_items``-item models when it
+    is > 0); the whole result (see
     :mod:`.report` for its ratios)."""
     from mtrec_dist.runtime import resolve_use_gpu
 
@@ -94,9 +95,11 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
     if catalog_sizes:
         done["catalog"] = _attempt("catalog", lambda: _with_threads(sizes.threads, lambda: bench_catalog(
             base, catalog_sizes, manifest["state_len"], say=say)), say)
-    if sharded_scoring_items:
+    if sharded_items:
         done["sharded_scoring"] = _attempt("sharded_scoring", lambda: bench_sharded_scoring(
-            base, sharded_scoring_items, sharded_scoring_rows, manifest["state_len"], work, say), say)
+            base, sharded_items, sharded_rows, manifest["state_len"], work, say), say)
+        done["sharded_ranking"] = _attempt("sharded_ranking", lambda: bench_sharded_ranking(
+            base, sharded_items, RANKING_ROWS, manifest["state_len"], work, say), say)
     result["load_after"] = load_average()
     result["total_s"] = time.time() - t0
     result["ratios"] = collect_ratios(result)

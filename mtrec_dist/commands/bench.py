@@ -35,11 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog-sizes", default="", metavar="N,N,...",
                    help="also time one QR-IQL step per catalog size (DMP, one rank, synthetic batches; sampled vs "
                         "full-catalog soft value), e.g. 10000,100000,1000000 (default: skipped)")
-    p.add_argument("--sharded-scoring-items", type=int, default=0, metavar="N",
-                   help="also score random pairs with an N-item reward model both ways: item table sharded over 2 "
-                        "workers vs scoring actors holding all of it (peak RSS per process, rows/s; default: skipped)")
-    p.add_argument("--sharded-scoring-rows", type=int, default=20_000, metavar="R",
-                   help="pairs scored by --sharded-scoring-items (default 20,000)")
+    p.add_argument("--sharded-items", type=int, default=0, metavar="N",
+                   help="also score random pairs with an N-item reward model both ways (item table sharded over 2 "
+                        "workers vs scoring actors holding all of it) and rank 1,024 test rows of an N-item SASRec "
+                        "sharded; peak RSS per process, rows/s (default: skipped)")
+    p.add_argument("--sharded-rows", type=int, default=20_000, metavar="R",
+                   help="pairs scored by --sharded-items (default 20,000)")
     p.add_argument("--work", default=None, metavar="DIR",
                    help="scratch folder; simulated logs are reused between runs (default: <run_dir>/bench)")
     p.add_argument("--json", default=None, metavar="PATH", help="where the JSON result goes (default: <work>/bench.json)")
@@ -53,7 +54,7 @@ def _command_line(args) -> str:
     parts = ["mtrec bench"] + (["--quick"] if args.quick else [])
     parts += [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if getattr(args, f) is not None]
     parts += [f"--catalog-sizes {args.catalog_sizes}"] if args.catalog_sizes else []
-    parts += [f"--sharded-scoring-items {args.sharded_scoring_items}"] if args.sharded_scoring_items else []
+    parts += [f"--sharded-items {args.sharded_items}"] if args.sharded_items else []
     return " ".join(parts)
 
 
@@ -73,7 +74,7 @@ def run(args) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     catalog = [int(n) for n in args.catalog_sizes.split(",") if n.strip()]
     result = run_bench(cfg, sizes, work, stages=stages, catalog_sizes=catalog,
-                       sharded_scoring_items=args.sharded_scoring_items, sharded_scoring_rows=args.sharded_scoring_rows,
+                       sharded_items=args.sharded_items, sharded_rows=args.sharded_rows,
                        command=_command_line(args), say=lambda m: print(m, file=sys.stderr, flush=True))
     text = markdown(result)
     print(text)

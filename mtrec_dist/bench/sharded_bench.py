@@ -1,12 +1,15 @@
-"""Scoring a catalog no process should hold (issue 9): ``score-rewards`` with the item table sharded over 2
-workers against the scoring actors, which each load the whole model, on the same reward checkpoint.
+"""A catalog no process should hold (issue 9): ``score-rewards`` and offline ranking with the item table
+sharded over 2 workers, on ``items``-item models.
 
-The checkpoint is written by 2 Ray Train workers, each initialising only its row-wise shard (so no process of
-the benchmark ever builds the whole table), with the config's model at ``items`` items; its weights are the
-initial ones (what is measured is memory and throughput, not what the model knows).  The rows are random
-``(state, candidate)`` pairs.  Figures: rows/s of each runner, the peak RSS of each sharded worker next to
-the MiB of its shard, and the peak RSS of one process that does what one scoring actor does (load the whole
-model, score one batch).
+Each checkpoint is written by 2 Ray Train workers, each initialising only its row-wise shard (so no process of
+the benchmark ever builds the whole table), with the config's model; its weights are the initial ones (what is
+measured is memory and throughput, not what the model knows).
+
+* Scoring: random ``(state, candidate)`` pairs, both runners: rows/s, the peak RSS of each sharded worker
+  next to the MiB of its shard, and the peak RSS of one process that does what one scoring actor does (load
+  the whole model, score one batch).
+* Ranking: random test rows of a SASRec, sharded only: the ranking actors would each hold the table *and*
+  a ``[256, items]`` score matrix per batch (10 GB at 10^7 items), which this machine cannot hold.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import pyarrow.parquet as pq
 from mtrec_dist.config import PipelineConfig
 
 WORKERS = 2
+RANKING_ROWS = 1024  # test rows ranked against the whole catalog (each costs items x dim multiply-adds)
 
 
 def _write_checkpoint(config: Dict[str, Any]) -> None:
@@ -34,31 +38,30 @@ def _write_checkpoint(config: Dict[str, Any]) -> None:
     import torch
 
     from mtrec_dist.training.checkpoint import save_checkpoint
-    from mtrec_dist.training.reward import reward_model_factory
     from mtrec_dist.training.sharding import shard_model
 
     ctx = ray.train.get_context()
     torch.manual_seed(0)
-    model = reward_model_factory(config["spec"], for_inference=True)(torch.device("meta"))
-    sharded = shard_model(model, config["train_cfg"], torch.device("cpu"), ctx.get_world_size(),
-                          ctx.get_local_world_size())
+    sharded = shard_model(config["factory"](torch.device("meta")), config["train_cfg"], torch.device("cpu"),
+                          ctx.get_world_size(), ctx.get_local_world_size())
     save_checkpoint(config["dir"], sharded.dmp, sharded.optimizer, rank=ctx.get_world_rank(),
                     meta={"model_spec": config["spec"], "step": 0, "epoch": 0, "rows_seen": 0,
                           "world_size": ctx.get_world_size()}, consumed_row_ids=np.zeros(0, np.int64))
 
 
-def write_sharded_checkpoint(base: PipelineConfig, spec: Dict[str, Any], directory: Path) -> float:
-    """A fresh reward checkpoint of ``spec`` written by 2 workers; seconds it took."""
+def write_sharded_checkpoint(base: PipelineConfig, spec: Dict[str, Any], factory, directory: Path) -> float:
+    """A fresh checkpoint of ``factory``'s model (described by ``spec``) written by 2 workers; seconds it took."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.perf_counter()
     train_cfg = dataclasses.replace(base.train, num_workers=WORKERS, sharding="row_wise")
     result = TorchTrainer(
-        _write_checkpoint, train_loop_config={"spec": spec, "train_cfg": train_cfg, "dir": str(directory)},
+        _write_checkpoint,
+        train_loop_config={"spec": spec, "factory": factory, "train_cfg": train_cfg, "dir": str(directory)},
         torch_config=TorchConfig(backend="gloo", timeout_s=base.train.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": base.train.cpus_per_worker}),
-        run_config=RunConfig(name="bench-sharded-checkpoint", storage_path=str(directory.parent / "ray")),
+        run_config=RunConfig(name=f"bench-checkpoint-{spec['kind']}", storage_path=str(directory.parent / "ray")),
     ).fit()
     if result.error is not None:
         raise RuntimeError(f"writing the {spec['num_items']:,}-item checkpoint failed: {result.error}")
@@ -98,15 +101,15 @@ def one_actor_peak_rss_mb(base: PipelineConfig, checkpoint: Path, pairs: Path) -
 
 def bench_sharded_scoring(base: PipelineConfig, items: int, rows: int, state_len: int, work: Path,
                           say=print) -> Dict[str, Any]:
-    """Both runners on ``rows`` pairs of an ``items``-item model; rows/s and peak RSS per process."""
-    from mtrec_dist.training.reward import model_spec
+    """Both scoring runners on ``rows`` pairs of an ``items``-item reward model; rows/s and peak RSS."""
+    from mtrec_dist.training.reward import model_spec, reward_model_factory
     from mtrec_dist.training.scoring import score_rewards, table_mb
 
     folder = work / f"sharded_scoring_{items}"
     folder.mkdir(parents=True, exist_ok=True)
     spec = model_spec(base, {"num_items": items, "state_len": state_len})
     checkpoint = folder / "checkpoint"
-    written_s = write_sharded_checkpoint(base, spec, checkpoint)
+    written_s = write_sharded_checkpoint(base, spec, reward_model_factory(spec, for_inference=True), checkpoint)
     pairs = folder / "pairs.parquet"
     write_pairs(pairs, items, rows, state_len)
     runs: Dict[str, Any] = {}
@@ -127,3 +130,42 @@ def bench_sharded_scoring(base: PipelineConfig, items: int, rows: int, state_len
             "runs": runs, "one_actor_peak_rss_mb": actor_rss,
             "ratios": {"actor_rss_vs_worker_rss": actor_rss / worker_rss,
                        "sharded_vs_actors_speed": runs["sharded"]["rows_per_s"] / runs["actors"]["rows_per_s"]}}
+
+
+def test_rows(items: int, rows: int, state_len: int, seed: int = 1) -> pa.Table:
+    """``rows`` random test transitions (one per user) over ``items`` items."""
+    rng = np.random.default_rng(seed)
+    states = rng.integers(1, items + 1, (rows, state_len))
+    return pa.table({"row_id": np.arange(rows), "user_idx": np.arange(rows), "state_items": list(states),
+                     "state_feedback": list(np.ones((rows, state_len), np.float32)),
+                     "action": rng.integers(1, items + 1, rows)})
+
+
+def bench_sharded_ranking(base: PipelineConfig, items: int, rows: int, state_len: int, work: Path,
+                          say=print) -> Dict[str, Any]:
+    """Full-catalog and sampled ranks of ``rows`` random test rows under an ``items``-item SASRec, sharded."""
+    import ray.data
+
+    from mtrec_dist.evaluation.sharded_ranking import rank_sharded
+    from mtrec_dist.training.recommender import rec_model_spec, recommender_factory
+    from mtrec_dist.training.scoring import table_mb
+
+    folder = work / f"sharded_ranking_{items}"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = rec_model_spec(base, {"num_items": items, "state_len": state_len}, "sasrec", "none")
+    factory = recommender_factory(spec, for_inference=True)
+    checkpoint = folder / "checkpoint"
+    written_s = write_sharded_checkpoint(base, spec, factory, checkpoint)
+    t0 = time.perf_counter()
+    ranked, reports = rank_sharded(factory, str(checkpoint), ray.data.from_arrow(test_rows(items, rows, state_len)),
+                                   dataclasses.replace(base.train, num_workers=WORKERS), num_items=items,
+                                   state_len=state_len, sampled_negatives=base.eval.sampled_negatives,
+                                   seed=base.eval.seed, histories={})
+    wall = time.perf_counter() - t0
+    if ranked.num_rows != rows:
+        raise RuntimeError(f"sharded ranking returned {ranked.num_rows:,} rows for {rows:,} test rows")
+    say(f"[bench] sharded ranking, {items:,} items: {rows / wall:,.1f} rows/s, peak RSS per worker "
+        f"{max(r['peak_rss_mb'] for r in reports):,.0f} MiB")
+    return {"items": items, "rows": rows, "table_mb": table_mb(spec), "checkpoint_written_s": written_s,
+            "wall_s": wall, "rows_per_s": rows / wall, "ranks": reports,
+            "median_rank_full": float(np.median(ranked.column("rank_full").to_numpy()))}
