@@ -101,40 +101,40 @@ def catalog_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
                  f"ms at {r['smallest']:,}")]
 
 
+def _workers_text(c: Dict[str, Any], ranks: List[Dict[str, Any]]) -> str:
+    """Each sharded worker's peak RSS next to the MiB of its shard of the item table and its RSS at the end."""
+    parts = []
+    for k in ranks:
+        rows = sum(r for key, shapes in k["shard_sizes"].items() if "item_table" in key for r, _ in shapes)
+        parts.append(f"{k['peak_rss_mb']:,.0f} MiB (shard {rows * c['table_mb'] / (c['items'] + 1):,.1f}; "
+                     f"{k.get('end_rss_mb') or 0:,.0f} at the end)")
+    return ", ".join(parts)
+
+
 def sharded_scoring_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One scoring actor's peak RSS / one sharded worker's, and their speeds, on the same big model."""
     label = "scoring a big catalog: one actor's peak RSS / one sharded worker's"
     if "error" in c:
         return [_failed("sharded_scoring_memory", label, c)]
     runs, r = c["runs"], c["ratios"]
-    ranks = runs["sharded"]["ranks"]
-    shard_mb = [sum(rows for key, shapes in k["shard_sizes"].items() if "item_table" in key for rows, _ in shapes)
-                * c["table_mb"] / (c["items"] + 1) for k in ranks]
-    workers = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {mb:,.1f}; {k.get('end_rss_mb') or 0:,.0f} at the end)"
-                        for k, mb in zip(ranks, shard_mb))
     return [_row("sharded_scoring_memory", label.replace("a big catalog", f"{c['items']:,} items"),
-                 r["actor_rss_vs_worker_rss"], f"workers {workers}; one actor {c['one_actor_peak_rss_mb']:,.0f} MiB "
-                 f"(whole table {c['table_mb']:,.1f} MiB); {c['rows']:,} pairs, baseline {runs['sharded']['baseline']}"),
+                 r["actor_rss_vs_worker_rss"], f"workers {_workers_text(c, runs['sharded']['ranks'])}; one actor "
+                 f"{c['one_actor_peak_rss_mb']:,.0f} MiB (whole table {c['table_mb']:,.1f} MiB); {c['rows']:,} pairs, "
+                 f"baseline {runs['sharded']['baseline']}"),
             _row("sharded_scoring_speed", f"scoring {c['items']:,} items: sharded (2 workers) / actors, rows/s",
                  r["sharded_vs_actors_speed"], f"{runs['sharded']['rows_per_s']:,.0f} vs "
                  f"{runs['actors']['rows_per_s']:,.0f} rows/s (start-up included)")]
 
 
 def sharded_ranking_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Ranking a big catalog, sharded: each worker's peak RSS / its shard plus the smallest worker's
-    resident memory before the table (context: there is no unsharded run to compare with at this size)."""
+    """Ranking a big catalog, sharded: rows/s and each worker's memory (context only: no unsharded run fits)."""
     label = "ranking a big catalog, sharded over 2 workers: rows/s"
     if "error" in c:
         return [_failed("sharded_ranking", label, c)]
-    ranks = c["ranks"]
-    shard_mb = [sum(rows for key, shapes in k["shard_sizes"].items() if "item_table" in key for rows, _ in shapes)
-                * c["table_mb"] / (c["items"] + 1) for k in ranks]
-    workers = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {mb:,.1f}; {k.get('end_rss_mb') or 0:,.0f} at the end)"
-                        for k, mb in zip(ranks, shard_mb))
     return [_row("sharded_ranking", label.replace("a big catalog", f"{c['items']:,} items"), None,
                  f"{c['rows_per_s']:,.1f} test rows/s ({c['rows']:,} rows, full catalog + sampled); workers "
-                 f"{workers}; whole table {c['table_mb']:,.1f} MiB; a ranking actor would also need a "
-                 f"[256 x {c['items']:,}] score matrix ({256 * c['items'] * 4 / 2**30:,.1f} GiB)")]
+                 f"{_workers_text(c, c['ranks'])}; whole table {c['table_mb']:,.1f} MiB; a ranking actor would "
+                 f"also need a [256 x {c['items']:,}] score matrix ({256 * c['items'] * 4 / 2**30:,.1f} GiB)")]
 
 
 def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -54,7 +54,7 @@ def _command_line(args) -> str:
     parts = ["mtrec bench"] + (["--quick"] if args.quick else [])
     parts += [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if getattr(args, f) is not None]
     parts += [f"--catalog-sizes {args.catalog_sizes}"] if args.catalog_sizes else []
-    parts += [f"--sharded-items {args.sharded_items}"] if args.sharded_items else []
+    parts += [f"--sharded-items {args.sharded_items} --sharded-rows {args.sharded_rows}"] if args.sharded_items else []
     return " ".join(parts)
 
 

@@ -1,5 +1,6 @@
 """Full-catalog ranking of the test rows with the item table sharded as in training (issue 9): no process
-holds the whole table, and no table row leaves the rank that owns it.
+holds the whole table; only the rows the states and candidates look up travel, and the catalog is scored where
+it lies.
 
 A recommender scores ``<h(s), e_a>``.  Each worker encodes its own rows (the state lookups are collectives),
 then the ranks all-gather the user vectors ``h``, the targets and their scores, and each rank counts, on its
@@ -7,11 +8,11 @@ own rows of the table, the items that score at least as high as each target (the
 :class:`~mtrec_dist.evaluation.offline.RankingScorer`: every *other* item scoring >= the target ranks above
 it; the padding item never counts).  Summing the counts over ranks gives every row's full-catalog rank; a
 chunk of ``chunk`` table rows at a time bounds the buffer.  The sampled protocol looks its negatives up like
-the target.  Results equal the scoring actors' (:func:`~mtrec_dist.evaluation.offline.rank_test_rows`).
+the target.  Results equal the ranking actors' (:func:`~mtrec_dist.evaluation.offline.rank_test_rows`) up to
+floating-point near-ties: the target's score and the catalog's are summed in different orders here.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -78,6 +79,10 @@ def _rank_worker(config: Dict[str, Any]) -> None:
     device = worker_device(config)
     sharded = sharded_model(config["factory"], cfg, config["checkpoint_path"], device)
     model, pieces = sharded.model, local_item_rows(sharded.dmp)
+    held = torch.tensor([sum(w.shape[0] for _, w in pieces)], device=device)
+    dist.all_reduce(held)
+    if int(held.item()) != config["num_items"] + 1:  # else some rows would never be counted: ranks look too good
+        raise RuntimeError(f"the ranks hold {int(held.item()):,} rows of the item table, not {config['num_items'] + 1:,}")
     fs, base = storage(config["out_dir"])
     histories = ray.get(config["histories_ref"][0])
     L, K, B = config["state_len"], config["negatives"], RANK_BATCH
@@ -118,7 +123,7 @@ def _rank_worker(config: Dict[str, Any]) -> None:
 def rank_sharded(factory, checkpoint_path: str, ds, train_cfg, *, num_items: int, state_len: int,
                  sampled_negatives: int, seed: int, histories: Dict[int, np.ndarray],
                  chunk: int = 65_536) -> Tuple[pa.Table, List[Dict[str, Any]]]:
-    """Rank the rows of ``ds`` (test transitions) on ``train_cfg.num_workers`` row-wise sharded workers;
+    """Rank the rows of ``ds`` (test transitions) on ``train_cfg.num_workers`` sharded workers;
     (ranked rows as :func:`~mtrec_dist.evaluation.offline.rank_test_rows` returns them, each rank's report).
     The ranked rows (one per test user) go through a :func:`~mtrec_dist.training.sharded_inference.scratch_dir`."""
     import pyarrow.dataset as pads
@@ -126,7 +131,7 @@ def rank_sharded(factory, checkpoint_path: str, ds, train_cfg, *, num_items: int
 
     from mtrec_dist.training.sharded_inference import run_sharded, scratch_dir, storage
 
-    tc = dataclasses.replace(train_cfg, sharding="row_wise")
+    tc = train_cfg
     with scratch_dir(tc, "ranked") as out_dir:
         config = {"factory": factory, "checkpoint_path": checkpoint_path, "out_dir": out_dir, "chunk": chunk,
                   "state_len": state_len, "num_items": num_items, "seed": seed,

@@ -51,12 +51,16 @@ class TableScorer:
     ``model`` is a plain :class:`QRIQLModel` (the scoring actors) or one whose item table is sharded in place
     under DMP (:mod:`~mtrec_dist.training.sharded_scoring`); there every call is a collective, so
     ``pad_to`` pads each call to a fixed row count on every rank (a rank with no rows left still calls).
+    Inputs go to ``device`` (the model's); scores come back on the CPU.  The sampled baseline's items are
+    drawn from a generator seeded once per scorer, so two runners (or worker counts) draw different items.
     """
 
     def __init__(self, model: torch.nn.Module, spec: Dict[str, Any], *, candidate_column: str = "action",
                  drop_columns: tuple = ("state_items", "state_feedback"), full_catalog_max: int = 50_000,
-                 num_candidates: int = 1024, seed: int = 0, pad_to: Optional[int] = None) -> None:
+                 num_candidates: int = 1024, seed: int = 0, pad_to: Optional[int] = None,
+                 device: Optional[torch.device] = None) -> None:
         self.model = model
+        self.device = device or torch.device("cpu")
         self.spec = spec
         self.num_items = int(spec["num_items"])
         self.state_len = int(spec["state_len"])
@@ -108,12 +112,13 @@ class TableScorer:
         from mtrec_dist.objectives.qr_iql import cvar
 
         n = states.shape[0]
-        states, feedback, cand = self._padded(states, feedback, cand)
+        states, feedback, cand = (t.to(self.device) for t in self._padded(states, feedback, cand))
         rq = self.model.reward_quantiles(states, feedback, cand.view(-1, 1))[:n, 0]  # [n, N]
         rq, _ = torch.sort(rq, dim=-1)  # monotone rearrangement: independent quantile heads can cross
-        base = self.model.reward_baseline_over(states, feedback, self._baseline_items())
-        return {"reward_q": rq, "reward_mean": rq.mean(-1), "reward_cvar": cvar(rq, self.cvar_level),
-                "reward_baseline": base["reward_baseline"][:n], "reward_cvar_baseline": base["reward_cvar_baseline"][:n]}
+        base = self.model.reward_baseline_over(states, feedback, self._baseline_items().to(self.device))
+        out = {"reward_q": rq, "reward_mean": rq.mean(-1), "reward_cvar": cvar(rq, self.cvar_level),
+               "reward_baseline": base["reward_baseline"][:n], "reward_cvar_baseline": base["reward_cvar_baseline"][:n]}
+        return {k: v.cpu() for k, v in out.items()}
 
     def idle(self) -> None:
         """The same collectives as :meth:`score` with no rows (a sharded rank whose split has run out)."""
@@ -200,7 +205,7 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
         if missing:
             raise ValueError(f"{pairs_path}: missing column(s) {missing}; need state_items, {PAIR_CANDIDATE} "
                              "[, state_feedback]")
-        candidate, mode, expected = PAIR_CANDIDATE, "pairs", None
+        candidate, mode, expected = PAIR_CANDIDATE, "pairs", int(ds.count())  # Parquet footers: no data read
     else:
         if not prepared_dir:
             raise ValueError("score-rewards needs a prepared dataset (--prepared) or a pairs file (--pairs)")
@@ -229,8 +234,8 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
 
     written = pads.dataset(base, filesystem=fs, format="parquet")
     rows = int(written.count_rows())
-    if expected is not None and rows != expected:
-        raise RuntimeError(f"scored {rows} rows but {prepared_dir} holds {expected} transitions")
+    if rows != expected:
+        raise RuntimeError(f"scored {rows} rows but {pairs_path or prepared_dir} holds {expected}")
     summary = {
         "mode": mode, "rows": rows, "out_dir": out_dir, "checkpoint": checkpoint_path, "step": meta.get("step"),
         "num_quantiles": int(spec["reward"]["num_quantiles"]), "cvar_alpha": float(spec["reward"]["cvar_alpha"]),

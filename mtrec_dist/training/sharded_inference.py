@@ -51,13 +51,18 @@ def load_model_shard(dmp: torch.nn.Module, checkpoint_path: str) -> None:
 
 def sharded_model(factory: Callable[[torch.device], torch.nn.Module], cfg: TrainConfig, checkpoint_path: str,
                   device: torch.device):
-    """In a worker: ``factory``'s model sharded over the worker group, this rank's shard loaded, in eval mode."""
+    """In a worker: ``factory``'s model sharded row-wise over the worker group (every rank holds a share of the
+    rows, whatever the training plan was), this rank's rows loaded, in eval mode.  The fused sparse optimizer
+    is plain SGD, which keeps no state: nothing table-sized besides the weights."""
+    import dataclasses
+
     import ray.train
 
     from mtrec_dist.training.sharding import shard_model
 
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)
+    cfg = dataclasses.replace(cfg, sharding="row_wise", sparse_optimizer="exact_sgd")
     sharded = shard_model(factory(torch.device("meta")), cfg, device, ctx.get_world_size(), ctx.get_local_world_size())
     load_model_shard(sharded.dmp, checkpoint_path)
     sharded.dmp.eval()
@@ -116,10 +121,19 @@ def storage(uri: str):
     return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{os.path.abspath(uri)}")
 
 
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) if ray.is_initialized() else 1
+
+
 @contextlib.contextmanager
 def scratch_dir(tc: TrainConfig, name: str) -> Iterator[str]:
     """A folder every worker can write to, removed afterwards: under ``train.storage_path`` (shared storage on
     a multi-node cluster) when it is set, else a temporary folder on this machine."""
+    if not tc.storage_path and _alive_nodes() > 1:
+        raise ValueError(f"sharded {name} on a cluster of several nodes needs train.storage_path on storage every "
+                         "node can write (the workers' outputs and reports meet there)")
     with tempfile.TemporaryDirectory(prefix=f"mtrec-{name}-") as tmp:
         uri = f"{tc.storage_path.rstrip('/')}/_{name}-{os.getpid()}" if tc.storage_path else tmp
         fs, base = storage(uri)

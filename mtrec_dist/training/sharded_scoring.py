@@ -30,7 +30,8 @@ def _score_worker(config: Dict[str, Any]) -> None:
     scorer_kwargs = config["scorer"]
     sharded = sharded_model(reward_model_factory(scorer_kwargs["spec"], for_inference=True), cfg,
                             config["checkpoint_path"], device)
-    scorer = TableScorer(sharded.model, **dict(scorer_kwargs, seed=cfg.seed + rank), pad_to=cfg.score_batch_size)
+    scorer = TableScorer(sharded.model, **dict(scorer_kwargs, seed=cfg.seed + rank), pad_to=cfg.score_batch_size,
+                         device=device)
     fs, base = pafs.FileSystem.from_uri(config["out_dir"])
     rows = parts = 0
     for table in lockstep_tables(cfg.score_batch_size, cfg.prefetch_batches, device):
@@ -53,6 +54,6 @@ def score_sharded(tc: TrainConfig, checkpoint_path: str, ds, out_dir: str, score
 
     uri = out_dir if "://" in out_dir else f"file://{out_dir}"
     fs, base = pafs.FileSystem.from_uri(uri)
-    fs.create_dir(base, recursive=True)
+    fs.create_dir(base, recursive=True)  # the workers write into it (Ray Data's writer creates it itself)
     return run_sharded(_score_worker, tc, ds, {"checkpoint_path": checkpoint_path, "out_dir": uri,
                                                "scorer": scorer_kwargs}, "score", expected_rows)
