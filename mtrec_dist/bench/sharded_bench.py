@@ -78,15 +78,16 @@ def write_pairs(path: Path, items: int, rows: int, state_len: int, seed: int = 0
 
 
 _ONE_ACTOR = """
-import json, resource, sys
+import json, sys
 import pyarrow.parquet as pq
 from mtrec_dist.training.checkpoint import read_checkpoint_meta
 from mtrec_dist.training.scoring import RewardScorer
+from mtrec_dist.training.sharded_inference import peak_rss_mb
 ckpt, pairs, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 scorer = RewardScorer(ckpt, read_checkpoint_meta(ckpt)["model_spec"], candidate_column="candidate",
                       full_catalog_max=int(sys.argv[4]), num_candidates=int(sys.argv[5]))
 scorer(pq.read_table(pairs).slice(0, batch))
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 """
 
 

@@ -38,6 +38,20 @@ def current_rss_mb() -> Optional[float]:
         return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: ``VmHWM`` of Linux ``/proc/self/status``, which is this program's
+    own; ``ru_maxrss`` (the fallback) also counts, after fork + exec, the peak of the process it was forked
+    from (Linux keeps the larger across exec), which made a small child look as big as its parent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def load_model_shard(dmp: torch.nn.Module, checkpoint_path: str) -> None:
     """Model weights only (no optimizer state); each rank reads just the rows its shard owns."""
     from mtrec_dist.training.checkpoint import local_checkpoint_dir
@@ -106,8 +120,7 @@ def report(config: Dict[str, Any], rank: int, sharded, **fields) -> None:
     from mtrec_dist.training.sharding import local_shard_sizes
 
     body = dict(rank=rank, shard_sizes=local_shard_sizes(sharded.dmp), **fields,
-                # ru_maxrss is in KiB on Linux; the peak includes loading, which reads the shard's bytes first
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                peak_rss_mb=peak_rss_mb(),  # includes loading, which reads the shard's bytes before copying them
                 end_rss_mb=current_rss_mb())
     fs, base = storage(config["report_dir"])
     with fs.open_output_stream(f"{base}/{_REPORT.format(rank=rank)}") as f:
