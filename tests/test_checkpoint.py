@@ -106,7 +106,8 @@ def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
         _step(a, _batch(100 * rank + i))
     ck1, ck2 = os.path.join(root, "ck1"), os.path.join(root, "ck2")
     save_checkpoint(ck1, a.dmp, a.optimizer, rank=rank, meta={"step": 3, "epoch": 0, "rows_seen": 96,
-                                                              "world_size": world}, consumed_row_ids=np.array([rank, 7]))
+                                                              "world_size": world}, consumed_row_ids=np.array([rank, 7]),
+                    chunk_rows=7)  # the table's 41 rows saved in pieces of at most 7 rows
     b = build(table)  # another layout: the whole table on one rank
     load_checkpoint(ck1, b.dmp, b.optimizer)
     save_checkpoint(ck2, b.dmp, b.optimizer, rank=rank, meta={"step": 3, "epoch": 0, "rows_seen": 96,
@@ -133,6 +134,9 @@ def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
         "skip": meta["skip_row_ids"].tolist(), "step": meta["step"],
         "plan_b": plan_summary(b.plan)["item_table"]["sharding_type"],
         "optim_keys": sorted(_flatten(a.optimizer.state_dict())),
+        "pieces": {name: [len(m.chunks) for k, m in SafeFileSystemReader(os.path.join(root, name)).read_metadata()
+                          .state_dict_metadata.items() if k.startswith("model.") and k.endswith("item_table.weight")]
+                   for name in ("ck1", "ck2")},
     }))
     dist.destroy_process_group()
 
@@ -145,6 +149,7 @@ def test_checkpoint_round_trip_is_bit_exact_across_layouts(tmp_path):
         assert r["loss_a"] == r["loss_c"]
         assert r["skip"] == [0, 1, 7] and r["step"] == 3
         assert r["plan_b"] == "table_wise"
+        assert r["pieces"] == {"ck1": [6], "ck2": [1]}  # 21 + 20 rows in pieces of 7 rows; one table-wise piece
         assert f"[{NUM_ITEMS + 1}, {DIM}] there, [{NUM_ITEMS + 9}, {DIM}] in the model" in r["refused"]
         # the fused sparse optimizer state (row-wise Adagrad) and Adam's state are in the checkpoint
         assert any("item_table.momentum1" in k for k in r["optim_keys"])

@@ -48,13 +48,40 @@ def config_hash(fingerprint: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+SAVE_CHUNK_ROWS = 1 << 20  # rows per saved piece of a sharded table (128 MiB at 32 dims)
+
+
+def in_row_chunks(model_state: Dict[str, Any], rows: int) -> Dict[str, Any]:
+    """``model_state`` with every 2-D ShardedTensor's local shards cut into pieces of at most ``rows`` rows
+    (views: nothing is copied), so that DCP saves each piece as its own item and any later load, sharded or
+    not, reads one piece at a time: the load's extra memory is one piece, not one shard.  Collective: every
+    rank calls it with the same keys (a rank may hold no shard of a table)."""
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+    out = dict(model_state)
+    for key, value in model_state.items():
+        if not isinstance(value, ShardedTensor) or value.dim() != 2:
+            continue
+        pieces = []
+        for shard in value.local_shards():
+            first, col = shard.metadata.shard_offsets
+            for lo in range(0, shard.tensor.shape[0], rows):
+                pieces.append(Shard.from_tensor_and_offsets(shard.tensor[lo: lo + rows], [first + lo, col],
+                                                            dist.get_rank()))
+        out[key] = ShardedTensor._init_from_local_shards(pieces, *value.size())
+    return out
+
+
 def save_checkpoint(directory: str, dmp: nn.Module, optimizer, *, rank: int, meta: Dict[str, Any],
-                    consumed_row_ids: np.ndarray) -> None:
-    """Write this rank's part of a checkpoint into local ``directory`` (every rank calls it)."""
+                    consumed_row_ids: np.ndarray, chunk_rows: int = SAVE_CHUNK_ROWS) -> None:
+    """Write this rank's part of a checkpoint into local ``directory`` (every rank calls it); sharded tables
+    are saved in pieces of ``chunk_rows`` rows (:func:`in_row_chunks`)."""
     import torch.distributed.checkpoint as dcp
 
     os.makedirs(directory, exist_ok=True)
-    dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=directory)
+    dcp.save({"model": in_row_chunks(dmp.state_dict(), chunk_rows), "optim": optimizer.state_dict()},
+             checkpoint_id=directory)
     state_dir = os.path.join(directory, DATA_STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
     np.save(os.path.join(state_dir, f"consumed_rank{rank}.npy"), np.asarray(consumed_row_ids, dtype=np.int64))
