@@ -11,7 +11,7 @@ import torch
 
 from helpers_training import ship_by_value, write_prepared
 from mtrec_dist.data.pipeline import (
-    _filter_and_rebatch,
+    filter_and_rebatch,
     collate_transitions,
     filler_rows,
     iter_train_batches,
@@ -74,7 +74,7 @@ def test_split_filler_rows_are_dropped():
     t = _table(n=4, extra=False)
     filler = filler_rows(t.schema, 2)
     assert filler.column("row_id").to_pylist() == [-1, -1] and filler.column("action").null_count == 2
-    out = list(_filter_and_rebatch([pa.concat_tables([t, filler])], 3, None))
+    out = list(filter_and_rebatch([pa.concat_tables([t, filler])], 3, None))
     assert [c.column("row_id").to_pylist() for c in out] == [[0, 1, 2], [3]]
 
 
@@ -91,7 +91,7 @@ def test_pad_and_masked_batches():
 def test_skip_rows_and_rebatch():
     t = _table(n=10, extra=False)
     chunks = [t.slice(0, 4), t.slice(4, 4), t.slice(8, 2)]
-    out = list(_filter_and_rebatch(chunks, 3, np.array([1, 2, 5, 9])))
+    out = list(filter_and_rebatch(chunks, 3, np.array([1, 2, 5, 9])))
     ids = [r for c in out for r in c.column("row_id").to_pylist()]
     assert ids == [0, 3, 4, 6, 7, 8]
     assert [c.num_rows for c in out] == [3, 3]

@@ -59,10 +59,9 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
 def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
               workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), sharded_items: int = 0,
               sharded_rows: int = 20_000, command: str = "mtrec bench", say=print) -> Dict[str, Any]:
-    """Run the chosen stages (and the step time per catalog size when ``catalog_sizes`` are given, and scoring
-    ``sharded_rows`` pairs both ways and ranking with the table sharded on ``sharded_items``-item models when it
-    is > 0); the whole result (see
-    :mod:`.report` for its ratios)."""
+    """Run the chosen stages; with ``catalog_sizes``, also the step time per catalog size; with
+    ``sharded_items`` > 0, also scoring ``sharded_rows`` pairs both ways and ranking with the table sharded, on
+    ``sharded_items``-item models.  The whole result (see :mod:`.report` for its ratios)."""
     from mtrec_dist.runtime import resolve_use_gpu
 
     unknown = sorted(set(stages) - set(STAGES))

@@ -133,7 +133,7 @@ def bench_sharded_scoring(base: PipelineConfig, items: int, rows: int, state_len
                        "sharded_vs_actors_speed": runs["sharded"]["rows_per_s"] / runs["actors"]["rows_per_s"]}}
 
 
-def test_rows(items: int, rows: int, state_len: int, seed: int = 1) -> pa.Table:
+def random_test_rows(items: int, rows: int, state_len: int, seed: int = 1) -> pa.Table:
     """``rows`` random test transitions (one per user) over ``items`` items."""
     rng = np.random.default_rng(seed)
     states = rng.integers(1, items + 1, (rows, state_len))
@@ -158,7 +158,7 @@ def bench_sharded_ranking(base: PipelineConfig, items: int, rows: int, state_len
     checkpoint = folder / "checkpoint"
     written_s = write_sharded_checkpoint(base, spec, factory, checkpoint)
     t0 = time.perf_counter()
-    ranked, reports = rank_sharded(factory, str(checkpoint), ray.data.from_arrow(test_rows(items, rows, state_len)),
+    ranked, reports = rank_sharded(factory, str(checkpoint), ray.data.from_arrow(random_test_rows(items, rows, state_len)),
                                    dataclasses.replace(base.train, num_workers=WORKERS), num_items=items,
                                    state_len=state_len, sampled_negatives=base.eval.sampled_negatives,
                                    seed=base.eval.seed, histories={})

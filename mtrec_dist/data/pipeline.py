@@ -297,7 +297,7 @@ def masked_like(template: Dict[str, torch.Tensor], batch_size: int) -> Dict[str,
     return out
 
 
-def _filter_and_rebatch(tables: Iterable[pa.Table], batch_size: int, skip_row_ids: Optional[np.ndarray]) -> Iterator[pa.Table]:
+def filter_and_rebatch(tables: Iterable[pa.Table], batch_size: int, skip_row_ids: Optional[np.ndarray]) -> Iterator[pa.Table]:
     """Drop split-filler rows (``row_id < 0``) and rows whose ``row_id`` is in ``skip_row_ids`` (sorted),
     and re-form full batches."""
     buffer: List[pa.Table] = []
@@ -324,7 +324,7 @@ def _filter_and_rebatch(tables: Iterable[pa.Table], batch_size: int, skip_row_id
         yield pa.concat_tables(buffer)
 
 
-def _all_ranks(flags: torch.Tensor) -> torch.Tensor:
+def max_over_ranks(flags: torch.Tensor) -> torch.Tensor:
     """Element-wise max of ``flags`` over all ranks (identity without a process group)."""
     import torch.distributed as dist
 
@@ -378,7 +378,7 @@ def iter_train_batches(
     )
     if skip_row_ids is not None:
         skip_row_ids = np.unique(np.asarray(skip_row_ids, dtype=np.int64))
-    local = iter(_filter_and_rebatch(tables, batch_size, skip_row_ids))
+    local = iter(filter_and_rebatch(tables, batch_size, skip_row_ids))
     template: Optional[Dict[str, torch.Tensor]] = None
     flag_device = device if device.type != "cpu" else torch.device("cpu")
     while True:
@@ -391,7 +391,7 @@ def iter_train_batches(
         # flags[0]: this rank has a batch; flags[1]: this rank needs a template (exhausted before any row)
         flags = torch.tensor([batch is not None, batch is None and template is None], dtype=torch.int32,
                              device=flag_device)
-        flags = _all_ranks(flags)
+        flags = max_over_ranks(flags)
         if int(flags[0]) == 0:
             return
         if int(flags[1]) == 1:
@@ -414,7 +414,8 @@ def skip_set(parts: Iterable[np.ndarray]) -> np.ndarray:
 
 
 __all__ = [
-    "LIST_COLUMNS", "MASK", "NoDropDataConfig", "collate_transitions", "count_transitions", "filler_rows", "consumed_row_ids", "iter_train_batches",
+    "LIST_COLUMNS", "MASK", "NoDropDataConfig", "collate_transitions", "count_transitions", "filler_rows", "consumed_row_ids",
+    "filter_and_rebatch", "iter_train_batches", "max_over_ranks",
     "masked_like", "pad_batch", "read_transitions", "skip_set", "transition_files",
     "transition_schema", "transitions_path",
 ]

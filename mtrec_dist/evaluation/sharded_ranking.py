@@ -71,19 +71,20 @@ def _rank_worker(config: Dict[str, Any]) -> None:
 
     from mtrec_dist.data.pipeline import collate_transitions
     from mtrec_dist.evaluation.offline import sampled_negatives
-    from mtrec_dist.training.sharded_inference import (lockstep_tables, report, sharded_model, storage,
-                                                       worker_device)
+    from mtrec_dist.data.input_files import resolve_filesystem
+    from mtrec_dist.training.sharded_inference import lockstep_tables, report, sharded_model
+    from mtrec_dist.training.worker import worker_device
 
     cfg = config["train_cfg"]
     rank = ray.train.get_context().get_world_rank()
-    device = worker_device(config)
+    device = worker_device(config["use_gpu"])
     sharded = sharded_model(config["factory"], cfg, config["checkpoint_path"], device)
     model, pieces = sharded.model, local_item_rows(sharded.dmp)
     held = torch.tensor([sum(w.shape[0] for _, w in pieces)], device=device)
     dist.all_reduce(held)
     if int(held.item()) != config["num_items"] + 1:  # else some rows would never be counted: ranks look too good
         raise RuntimeError(f"the ranks hold {int(held.item()):,} rows of the item table, not {config['num_items'] + 1:,}")
-    fs, base = storage(config["out_dir"])
+    fs, base = resolve_filesystem(config["out_dir"])
     histories = ray.get(config["histories_ref"][0])
     L, K, B = config["state_len"], config["negatives"], RANK_BATCH
     written = 0
@@ -129,7 +130,8 @@ def rank_sharded(factory, checkpoint_path: str, ds, train_cfg, *, num_items: int
     import pyarrow.dataset as pads
     import ray
 
-    from mtrec_dist.training.sharded_inference import run_sharded, scratch_dir, storage
+    from mtrec_dist.data.input_files import resolve_filesystem
+    from mtrec_dist.training.sharded_inference import run_sharded, scratch_dir
 
     tc = train_cfg
     with scratch_dir(tc, "ranked") as out_dir:
@@ -137,6 +139,6 @@ def rank_sharded(factory, checkpoint_path: str, ds, train_cfg, *, num_items: int
                   "state_len": state_len, "num_items": num_items, "seed": seed,
                   "negatives": min(sampled_negatives, max(num_items - 1, 1)), "histories_ref": [ray.put(histories)]}
         reports = run_sharded(_rank_worker, tc, ds, config, "rank")
-        fs, base = storage(out_dir)
+        fs, base = resolve_filesystem(out_dir)
         ranked = pads.dataset(base, filesystem=fs, format="parquet").to_table()
     return ranked, reports

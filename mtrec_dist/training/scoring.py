@@ -170,7 +170,9 @@ def score_runner(tc, spec: Dict[str, Any]) -> str:
 def _prepare_out_dir(out_dir: str, overwrite: bool):
     import pyarrow.fs as pafs
 
-    fs, base = (pafs.FileSystem.from_uri(out_dir) if "://" in out_dir else (pafs.LocalFileSystem(), out_dir))
+    from mtrec_dist.data.input_files import resolve_filesystem
+
+    fs, base = resolve_filesystem(out_dir)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.File:
         raise ValueError(f"output {out_dir} is a file, not a directory")

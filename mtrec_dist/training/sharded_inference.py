@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 
 from mtrec_dist.config import TrainConfig
+from mtrec_dist.data.input_files import resolve_filesystem
 
 INFERENCE_DATASET = "rows"
 _REPORT = "rank{rank:03d}.json"
@@ -83,36 +84,21 @@ def sharded_model(factory: Callable[[torch.device], torch.nn.Module], cfg: Train
     return sharded
 
 
-def worker_device(config: Dict[str, Any]) -> torch.device:
-    import ray.train.torch
-
-    return ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-
-
-def _any_rank_has_rows(has_rows: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
-
-    flag = torch.tensor([int(has_rows)], dtype=torch.int32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def lockstep_tables(batch_size: int, prefetch_batches: int, device: torch.device) -> Iterator[Optional[Any]]:
-    """This rank's Arrow batches of the dataset (split-filler rows dropped), then ``None`` while any other
-    rank still has rows; stops on every rank at the same step.  Must be called by all ranks."""
-    import pyarrow.compute as pc
+    """This rank's Arrow batches of the dataset (split-filler rows dropped, full batches re-formed, as
+    :func:`~mtrec_dist.data.pipeline.iter_train_batches` does), then ``None`` while any other rank still has
+    rows; stops on every rank at the same step.  Must be called by all ranks."""
     import ray.train
 
-    batches = iter(ray.train.get_dataset_shard(INFERENCE_DATASET).iter_batches(
-        batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch_batches))
+    from mtrec_dist.data.pipeline import filter_and_rebatch, max_over_ranks
+
+    local = iter(filter_and_rebatch(ray.train.get_dataset_shard(INFERENCE_DATASET).iter_batches(
+        batch_size=batch_size, batch_format="pyarrow", prefetch_batches=prefetch_batches), batch_size, None))
     while True:
-        table = next(batches, None)
-        if not _any_rank_has_rows(table is not None, device):
+        table = next(local, None)
+        if not int(max_over_ranks(torch.tensor([int(table is not None)], dtype=torch.int32, device=device))[0]):
             return
-        if table is not None and "row_id" in table.column_names:  # NoDropDataConfig's filler rows: row_id -1
-            table = table.filter(pc.greater_equal(table.column("row_id"), 0))
-        yield table if table is not None and table.num_rows else None
+        yield table
 
 
 def report(config: Dict[str, Any], rank: int, sharded, **fields) -> None:
@@ -122,16 +108,9 @@ def report(config: Dict[str, Any], rank: int, sharded, **fields) -> None:
     body = dict(rank=rank, shard_sizes=local_shard_sizes(sharded.dmp), **fields,
                 peak_rss_mb=peak_rss_mb(),  # includes loading, which reads the shard's bytes before copying them
                 end_rss_mb=current_rss_mb())
-    fs, base = storage(config["report_dir"])
+    fs, base = resolve_filesystem(config["report_dir"])
     with fs.open_output_stream(f"{base}/{_REPORT.format(rank=rank)}") as f:
         f.write(json.dumps(body).encode())
-
-
-def storage(uri: str):
-    """``(pyarrow filesystem, path)`` of a local path or URI."""
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{os.path.abspath(uri)}")
 
 
 def _alive_nodes() -> int:
@@ -149,7 +128,7 @@ def scratch_dir(tc: TrainConfig, name: str) -> Iterator[str]:
                          "node can write (the workers' outputs and reports meet there)")
     with tempfile.TemporaryDirectory(prefix=f"mtrec-{name}-") as tmp:
         uri = f"{tc.storage_path.rstrip('/')}/_{name}-{os.getpid()}" if tc.storage_path else tmp
-        fs, base = storage(uri)
+        fs, base = resolve_filesystem(uri)
         fs.create_dir(base, recursive=True)
         try:
             yield uri
@@ -188,7 +167,7 @@ def run_sharded(worker: Callable[[Dict[str, Any]], None], tc: TrainConfig, ds, c
         ).fit()
         if result.error is not None:
             raise RuntimeError(f"{name} on {tc.num_workers} sharded workers failed: {result.error}") from result.error
-        fs, base = storage(report_dir)
+        fs, base = resolve_filesystem(report_dir)
         reports = []
         for rank in range(tc.num_workers):
             with fs.open_input_stream(f"{base}/{_REPORT.format(rank=rank)}") as f:

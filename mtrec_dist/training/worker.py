@@ -127,19 +127,26 @@ def _quiet_library_loggers() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def worker_device(use_gpu: bool) -> torch.device:
+    """This Ray Train worker's device (its GPU, made the current CUDA device, or the CPU)."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _set_up(config: Dict[str, Any]) -> _Worker:
     """Seed, pick the device, build ``model_factory`` on the meta device and shard it with its optimizer."""
     import ray.train
-    import ray.train.torch
 
     from mtrec_dist.training.sharding import shard_model
 
     cfg: TrainConfig = config["train_cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = worker_device(config["use_gpu"])
     torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank (DDP also syncs it)
     np.random.seed(cfg.seed + rank)
 
