@@ -30,6 +30,7 @@ from mtrec_dist.data.simulator import (
     LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
     user_tastes,
 )
+from mtrec_dist.data.schema import NO_SLATE
 from mtrec_dist.data.sessionize import item_log_duration, session_returns
 from mtrec_dist.evaluation.metrics import mean_ci95, ndcg_at_k, hit_rate_at_k, roc_auc, spearman
 from mtrec_dist.evaluation.online import catalog_score_fn, recommender_policy, run_days
@@ -50,13 +51,16 @@ HELDOUT_USER_OFFSET = 10_000_000  # online users' ids: never in the logs
 def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, np.ndarray]:
     """Windowed transitions of simulator events sorted by (user, ts): states of the last ``state_len``
     items (index = raw id + 1) with watch ratios, ``done`` at session ends, and whether the user came
-    back within ``return_window_s`` of a session end (``return_known`` is 0 where the log ends too early)."""
+    back within ``return_window_s`` of a session end (``return_known`` is 0 where the log ends too early), and
+    each event's ``slate_id`` (-1 where none), as prepared transitions carry them."""
     col = lambda n: events.column(n).to_numpy(zero_copy_only=False)  # noqa: E731
     user, ts, item, wr, sess = col("user_id"), col("ts"), col("item_id") + 1, col("watch_ratio"), col("session_id")
     order = np.lexsort((ts, user))
     user, ts, item, wr, sess = user[order], ts[order], item[order], wr[order].astype(np.float32), sess[order]
     # the item's length is observable (dwell / watch ratio): the watch link's duration covariate
     dwell = col("dwell_s")[order] if "dwell_s" in events.column_names else np.full(len(order), np.nan)
+    slate = (np.nan_to_num(col("slate_id").astype(np.float64), nan=NO_SLATE).astype(np.int64)[order]
+             if "slate_id" in events.column_names else np.full(len(order), NO_SLATE, np.int64))
     sat = col("eval_true_satisfaction")[order]
     n, L = len(user), state_len
     s_items, s_fb = np.zeros((n, L), np.int64), np.zeros((n, L), np.float32)
@@ -71,12 +75,30 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
                 next_state_items=np.concatenate([s_items[:, 1:], item[:, None]], 1),
                 next_state_feedback=np.concatenate([s_fb[:, 1:], wr[:, None]], 1),
                 done=done.astype(np.float32), returned=returned, return_known=known, satisfaction=sat,
-                action_log_duration=item_log_duration(dwell, wr),
+                action_log_duration=item_log_duration(dwell, wr), slate_id=slate,
                 satisfied=sat > LONG_VIEW_SATISFACTION)
 
 
+def shown_slates(user: np.ndarray, slate_id: np.ndarray, impressions, width: int) -> np.ndarray:
+    """``[n, width]`` item indices (raw id + 1) of the slate each transition's click was shown in
+    (``user``, ``slate_id``: the columns of :func:`log_transitions`); 0 where ``impressions`` lack the slate
+    (the reward model then fits the click over the catalog)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = pa.table({"user_id": user, "slate_id": slate_id, "_row": np.arange(len(user))})
+    shown = pa.table({"user_id": impressions.column("user_id"), "slate_id": impressions.column("slate_id"),
+                      "_slate": np.arange(impressions.num_rows)})  # Arrow joins carry no list columns
+    joined = keys.join(shown, ["user_id", "slate_id"], join_type="inner")
+    items = impressions.column("items").combine_chunks().take(joined.column("_slate").to_numpy())
+    out = np.zeros((len(user), width), np.int64)
+    out[joined.column("_row").to_numpy()] = pc.list_flatten(items).to_numpy().reshape(-1, width) + 1
+    return out
+
+
 TRAIN_KEYS = ("state_items", "state_feedback", "action", "action_feedback", "next_state_items",
-              "next_state_feedback", "done", "returned", "return_known", "action_log_duration", "later_items")
+              "next_state_feedback", "done", "returned", "return_known", "action_log_duration", "later_items",
+              "slate_items")
 
 
 def batches(data: Dict[str, np.ndarray], rows: np.ndarray, batch_size: int, epochs: int, seed: int,
@@ -218,8 +240,11 @@ def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str],
     ab = cfg.ablation
     simulate_logs(sim, work_dir, progress=lambda m: None)
     truth = make_item_truth(sim)
-    data = log_transitions(pq.read_table(os.path.join(work_dir, "logs")), cfg.prepare.state_len,
-                           cfg.prepare.return_window_s)
+    events = pq.read_table(os.path.join(work_dir, "logs"))
+    data = log_transitions(events, cfg.prepare.state_len, cfg.prepare.return_window_s)
+    if cfg.reward.slate_choice and sim.write_exposures:  # the v2 rewards fit clicks over the slates shown (R2)
+        data["slate_items"] = shown_slates(data["user"], data["slate_id"],
+                                           pq.read_table(os.path.join(work_dir, "impressions")), sim.slate_size)
     heldout = (data["user"] * 2654435761 % 1000) < ab.heldout_user_share * 1000
     train_rows, test_rows = np.flatnonzero(~heldout), np.flatnonzero(heldout)
     num_items = sim.num_items

@@ -110,6 +110,9 @@ class PrepareConfig:
     vocab_dir: str = ""  # existing vocab/ to extend (daily retraining keeps old indices); "" = fresh
     overwrite: bool = False  # replace an existing prepared dataset at `output`
     progress: bool = True  # Ray Data progress bars and stage lines on stderr
+    # Parquet impressions (slates shown, EXPOSURE_SCHEMA) -> slates/: "" = auto (<sim>/impressions beside an input
+    # <sim>/logs or <sim>/logs/day=..., if it exists), "none" = do not read, else a file/dir/URI that must exist
+    impressions: str = ""
 
     def validate(self, key: str = "prepare") -> None:
         _check(self.state_len >= 1, f"{key}.state_len", "must be >= 1")
@@ -131,6 +134,8 @@ class PrepareConfig:
                    f"maps to {col!r}, which is not an event column; choose from {sorted(names)}")
         _check(len(set(self.column_map.values())) == len(self.column_map), f"{key}.column_map",
                "two raw columns map to the same event column")
+        _check(isinstance(self.impressions, str), f"{key}.impressions",
+               '"" (auto), "none" or a path/URI of Parquet impressions')
 
 
 @dataclass
@@ -201,6 +206,9 @@ class RewardConfig:
     # later choices of the session each choice is ranked against by a per-item level of the mental reward
     # (objectives.mental_reward.order_nll); 0 = no order term.
     order_items: int = 0
+    # v2, prepared data with a slates/ table (impressions): fit the decision utility to the click among the slate
+    # the user was shown (R2) rather than among the whole catalog, which the logging policy never showed
+    slate_choice: bool = True
 
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 1, f"{key}.num_quantiles", "must be >= 1")

@@ -43,8 +43,9 @@ def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarr
     choice's later choices in its session (``later_items``, where ``order_items`` > 0) and the withheld
     satisfaction (``satisfaction`` graded, ``satisfied`` bool) aligned by row id.
 
-    Prepared logs are self-directed (prepare reads no impressions: the user, not a feed, chose what came
-    next), so the order of a session's choices is the user's own and the order term may read it."""
+    Real logs are self-directed (they come without impressions, so prepare writes no slates/: the user, not
+    a feed, chose what came next), so the order of a session's choices is the user's own and the order term
+    may read it."""
     load_manifest(prepared_dir)  # refuses a dataset of another schema version, naming it
     table = pads.dataset(os.path.join(prepared_dir, "transitions"), format="parquet").to_table()
     if order_items > 0:

@@ -28,7 +28,7 @@ else
     "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 fi
 "${pip[@]}" "$FBGEMM" "ray[default,train,data]==2.60.0" pyarrow pytest "hypothesis==6.170.17" tensordict "torchmetrics==1.0.3" \
-  tqdm pyre-extensions pyyaml matplotlib tensorboard
+  tqdm pyre-extensions pyyaml matplotlib tensorboard "polars==2.1.0"
 "${pip[@]}" --no-deps "torchrec==1.8.0"
 "${pip[@]}" --no-deps -e "$ROOT"
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, ray; print('[bootstrap] torch', torch.__version__, 'torchrec', torchrec.__version__, 'ray', ray.__version__)" >&2

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrec_dist.data.schema import SCHEMA_VERSION, TRANSITION_COLUMNS
+from mtrec_dist.data.schema import NO_SLATE, SCHEMA_VERSION, TRANSITION_COLUMNS
 from mtrec_dist.models.embeddings import ItemEmbedding
 
 # Ray workers cannot import this file (tests/ is not a package on their path): ship it by value.
@@ -79,6 +79,7 @@ def write_prepared(root: Path, *, num_items: int = 40, num_users: int = 30, stat
             recs["returned"].append(0)
             recs["return_known"].append(0)
             recs["action_log_duration"].append(0.0)
+            recs["slate_id"].append(NO_SLATE)
             sat.append(float(rng.normal()))
             row += 1
     assert row == rows, (row, rows)
@@ -88,6 +89,7 @@ def write_prepared(root: Path, *, num_items: int = 40, num_users: int = 30, stat
         "next_state_items": pa.list_(pa.int64()), "next_state_feedback": pa.list_(pa.float32()),
         "done": pa.int8(), "ts": pa.int64(), "pos_from_end": pa.int32(),
         "returned": pa.int8(), "return_known": pa.int8(), "action_log_duration": pa.float32(),
+        "slate_id": pa.int64(),
     }
     table = pa.table({c: pa.array(recs[c], type=types[c]) for c in TRANSITION_COLUMNS})
     bounds = np.linspace(0, rows, files + 1).astype(int)

@@ -17,7 +17,7 @@ import torch
 from mtrec_dist.evaluation.metrics import spearman
 from mtrec_dist.objectives.mental_reward import (
     ConsequenceModel, choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward,
-    watch_logit,
+    shown_choice_nll, watch_logit,
 )
 from mtrec_dist.data.sessionize import later_in_session, with_later_items
 from mtrec_dist.objectives.qr_iql import distributional_soft_target, quantile_huber_loss, quantile_midpoints
@@ -141,6 +141,59 @@ def test_mental_return_target_and_choice_nll_by_hand():
     assert torch.equal(t, torch.tensor([[1.0, 6.0], [2.0, 2.0]]))
     logits = torch.tensor([[0.0, math.log(3.0)]])
     assert choice_nll(logits, torch.tensor([1])).item() == pytest.approx(-math.log(0.75), rel=1e-6)
+
+
+def test_slate_choice_nll_by_hand():
+    # row 0: P(clicked) = 2 / (2 + 1 + 3); row 1: nothing else shown -> 0; row 2: 1 / (1 + e^0), one slot padded
+    chosen = torch.tensor([math.log(2.0), 0.0, 0.0])
+    shown = torch.tensor([[0.0, math.log(3.0)], [5.0, 5.0], [0.0, 9.0]])
+    keep = torch.tensor([[1, 1], [0, 0], [1, 0]])
+    assert shown_choice_nll(chosen, shown, keep).tolist() == pytest.approx([math.log(3.0), 0.0, math.log(2.0)])
+    # rows on a slate use the slate's NLL, the others the catalog's: (log 3 + -log 0.75) / 2
+    catalog = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    on_slate = torch.tensor([True, False])
+    l_u = choice_nll(catalog, torch.tensor([1, 1]), None, shown_choice_nll(chosen[:2], shown[:2], keep[:2]), on_slate)
+    assert l_u.item() == pytest.approx((math.log(3.0) - math.log(0.75)) / 2, rel=1e-6)
+
+
+def _fit_item_utility(choice_sets: torch.Tensor, clicked: torch.Tensor, num_items: int, on_slate: bool) -> np.ndarray:
+    """A per-item utility fitted by :func:`choice_nll`: over the slates shown (R2) or over the whole catalog."""
+    u = torch.zeros(num_items, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=0.1)
+    for _ in range(300):
+        logits = u.expand(len(clicked), num_items)
+        if on_slate:
+            others = choice_sets != clicked.unsqueeze(1)
+            nll = shown_choice_nll(u[clicked], u[choice_sets], others)
+            loss = choice_nll(logits, clicked, None, nll, torch.ones_like(clicked, dtype=torch.bool))
+        else:
+            loss = choice_nll(logits, clicked)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return u.detach().numpy()
+
+
+def test_slate_choice_recovers_appeal_that_the_catalog_confounds_with_exposure():
+    """The logging policy shows some items far more often, whatever their appeal; clicks follow appeal within
+    the slate.  Over the catalog a fitted utility ranks items by how often they were shown; over the slate it
+    ranks them by appeal (R2: the shown slate is the choice set)."""
+    rng = np.random.default_rng(0)
+    n_items, n_slates, k = 30, 20000, 5
+    appeal = rng.normal(0, 1, n_items)
+    exposure = np.exp(2.0 * rng.normal(0, 1, n_items))  # independent of appeal
+    p_show = exposure / exposure.sum()
+    slates = np.stack([rng.choice(n_items, k, replace=False, p=p_show) for _ in range(n_slates)])
+    p_click = np.exp(appeal[slates])
+    p_click /= p_click.sum(1, keepdims=True)
+    col = (rng.random((n_slates, 1)) > np.cumsum(p_click, 1)).sum(1)
+    clicked = torch.as_tensor(slates[np.arange(n_slates), col])
+    sets = torch.as_tensor(slates)
+    slate_u = _fit_item_utility(sets, clicked, n_items, on_slate=True)
+    catalog_u = _fit_item_utility(sets, clicked, n_items, on_slate=False)
+    assert spearman(slate_u, appeal) > 0.9
+    assert spearman(catalog_u, appeal) < 0.6
+    assert spearman(catalog_u, exposure) > spearman(catalog_u, appeal)
 
 
 def test_order_nll_by_hand():

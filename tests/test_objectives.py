@@ -335,3 +335,41 @@ def test_consumption_implied_reward_is_the_inverse_of_a_soft_binary_choice():
     mixed = realised_reward_target(implied, y, 2.0, choice_weight=0.5, consumption_weight=1.0)
     torch.testing.assert_close(mixed, 0.5 * implied.detach() + expected)
     assert not mixed.requires_grad  # a regression target: no gradient into the critic
+
+
+@pytest.mark.parametrize("num_negatives", [0, 5])
+def test_v2_choice_term_reads_the_slate_where_a_row_has_one(num_negatives):
+    """Rows with a slate are fitted to the click among the slate (R2), the others to the catalog choice; a
+    row of padding means no slate, and the clicked item inside its own slate is not its own competitor."""
+    torch.manual_seed(0)
+    rc = RewardConfig(num_quantiles=4, num_negatives=num_negatives, objective="v2")
+    model = QRIQLModel(20, MODEL_CFG, rc, state_len=3)
+    batch = _batch(20)
+    torch.manual_seed(1)
+    without = model(batch)["choice"]
+    slate = torch.zeros(6, 4, dtype=torch.long)
+    slate[1] = torch.tensor([batch["action"][1].item(), 3, 4, 0])  # shown with items 3 and 4
+    slate[2, 0] = batch["action"][2]  # shown alone: no choice among others, the catalog stays
+    torch.manual_seed(1)
+    out = model({**batch, "slate_items": slate})
+    assert torch.isfinite(out["loss"])
+    # by hand: row 1's catalog NLL replaced by its slate NLL
+    with torch.no_grad():
+        s, fb = batch["state_items"], batch["state_feedback"]
+        emb = model.item_embedding({"state": s})["state"]
+        h = model._encode(model.encoder, emb, s, fb)
+        u = model.policy_projection(h) @ model.item_embedding({"catalog": model.catalog_ids(s.device)})["catalog"].T
+        a = batch["action"]
+        slate_nll = torch.logsumexp(u[1, torch.stack([a[1], torch.tensor(3), torch.tensor(4)]) - 1], 0) - u[1, a[1] - 1]
+        catalog_rows = torch.nn.functional.cross_entropy(u, a - 1, reduction="none")
+    if num_negatives == 0:
+        assert without.item() == pytest.approx(catalog_rows.mean().item(), rel=1e-5)
+        expected = (catalog_rows.sum() - catalog_rows[1] + slate_nll) / 6
+        assert out["choice"].item() == pytest.approx(expected.item(), rel=1e-5)
+    else:  # sampled catalog rows: only row 1 can differ from the run without slates
+        assert out["choice"].item() != pytest.approx(without.item())
+    off = RewardConfig(num_quantiles=4, num_negatives=num_negatives, objective="v2", slate_choice=False)
+    model_off = QRIQLModel(20, MODEL_CFG, off, state_len=3)
+    model_off.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    assert model_off({**batch, "slate_items": slate})["choice"].item() == pytest.approx(without.item(), rel=1e-6)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtrec_dist import cli
+from mtrec_dist.models.embeddings import DEFAULT_FEATURES
 from mtrec_dist.planning import ALL_TO_ALL_FORMULA, GIB, CapacityError, format_plan, plan_capacity
 
 
@@ -32,7 +33,7 @@ def test_small_cpu_topology_plans_quickly_and_accounts_every_row():
 
 
 def test_row_wise_all_to_all_matches_the_closed_form():
-    B, n, d, W, F = 128, 21, 64, 4, 5
+    B, n, d, W, F = 128, 21, 64, 4, len(DEFAULT_FEATURES)  # every declared feature sends its lengths
     r = plan_capacity(num_items=4000, embedding_dim=d, world_size=W, compute_device="cpu", ddr_gb_per_rank=1,
                       batch_size_per_rank=B, ids_per_sample=n, sharding="row_wise")
     assert r["plan"]["sharding_type"] == "row_wise" and r["plan"]["num_shards"] == W

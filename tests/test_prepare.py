@@ -261,6 +261,10 @@ def test_simulate_prepare_inspect_end_to_end(ray_cluster, tmp_path, capsys):
     assert len(m["source_files"]) == 2 and all(f["bytes"] > 0 for f in m["source_files"])
     assert sum(s["rows"] for s in m["shards"]["transitions"]) == m["num_transitions"]
     assert len(m["shards"]["transitions"]) >= 2  # rows_per_shard=2000 splits the output
+    # the simulator's impressions/ beside logs/ are read: every click's slate is found and clicked the action
+    sl = m["slates"]
+    assert sl["input"].endswith("impressions") and sl["rows_in"] == sl["rows_ok"] + sl["rows_rejected"]
+    assert sl["click_matches_action"] == sl["transitions_in_slates"] == m["num_transitions"]
 
     tr = _table(out / "transitions")
     assert tr.schema.names == TRANSITION_COLUMNS

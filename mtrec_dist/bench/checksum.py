@@ -2,7 +2,7 @@
 
 Two ``prepare`` implementations agree when they write the same transitions, whatever their shard layout
 or row order: each row is hashed from its values (by default ``user_idx``, ``action``, the ``state_items``
-list, ``done``, the return labels and the item duration) and the row hashes are summed modulo 2^64, so the
+list, ``done``, the return labels, the item duration and the slate id) and the row hashes are summed modulo 2^64, so the
 checksum does not depend on the order rows come in.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CHECKSUM_COLUMNS = ("user_idx", "action", "state_items", "done", "returned", "return_known", "action_log_duration")
+CHECKSUM_COLUMNS = ("user_idx", "action", "state_items", "done", "returned", "return_known", "action_log_duration",
+                    "slate_id")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 

@@ -6,10 +6,11 @@ ids, out-of-range ids / timestamps / clicks / watch ratios / dwell, ts outside t
 duplicate (user, item, ts) events dropped keeping the first, events earlier than an earlier event of the
 same session dropped, engaged events (click 1 or missing) sorted per user, sessions cut at gaps over
 ``session_gap_s`` or session-id changes, vocabularies in raw-id order (items 1.., users 0..), states of
-the last ``state_len`` items with their watch ratios, and the ``transitions/`` and ``eval/`` tables.
-What it leaves out, because a user's script would: the rejects table, readers for other formats, the
-reasons' hints, bounded memory (everything is in memory at once), and the distinction between a null
-and a NaN watch ratio (pandas reads both as NaN; both mean "no signal" here).
+the last ``state_len`` items with their watch ratios, the event's slate id (-1 where none), and the
+``transitions/`` and ``eval/`` tables.
+What it leaves out, because a user's script would: the rejects table, the slates of impressions, readers
+for other formats, the reasons' hints, bounded memory (everything is in memory at once), and the
+distinction between a null and a NaN watch ratio (pandas reads both as NaN; both mean "no signal" here).
 
 :mod:`.prepare_bench` checks that its transitions match the library's (row count and checksum) before
 the two are timed against each other.
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from mtrec_dist.config import PrepareConfig
 from mtrec_dist.data.dataset import EVAL_DIR, EVAL_SCHEMA, TRANSITION_SCHEMA, TRANSITIONS_DIR, list_array
-from mtrec_dist.data.schema import EVAL_COLUMNS
+from mtrec_dist.data.schema import EVAL_COLUMNS, NO_SLATE
 
 DAY_PARTITION = re.compile(r"day=(\d{4}-\d{2}-\d{2})")
 
@@ -132,7 +133,8 @@ def transitions_table(ev: pd.DataFrame, items: np.ndarray, users: np.ndarray, ro
             "next_state_feedback": list_array(np.c_[state_fb[:, 1:], fb], state_len, pa.float32()),
             "done": ev.done.to_numpy(), "ts": ev.ts.to_numpy(), "pos_from_end": pos,
             "returned": ev.returned.to_numpy(), "return_known": ev.return_known.to_numpy(),
-            "action_log_duration": log_duration(ev.dwell_s.to_numpy(np.float64), ev.watch_ratio.to_numpy(np.float64))}
+            "action_log_duration": log_duration(ev.dwell_s.to_numpy(np.float64), ev.watch_ratio.to_numpy(np.float64)),
+            "slate_id": ev.slate_id.fillna(NO_SLATE).to_numpy(np.int64)}
     transitions = pa.Table.from_arrays([pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
                                         else cols[f.name] for f in TRANSITION_SCHEMA], schema=TRANSITION_SCHEMA)
     eval_cols = {"row_id": row_id, "user_idx": user_idx, "pos_from_end": pos, "action": action,

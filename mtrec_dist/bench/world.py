@@ -41,7 +41,8 @@ class World:
 
 
 def simulator_config(base: PipelineConfig, sizes: BenchSizes) -> SimulatorConfig:
-    """The config's simulator at the benchmark's size (no impressions: prepare never reads them)."""
+    """The config's simulator at the benchmark's size, without impressions: the single-process prepare it is
+    timed against reads only the event logs, so the library's prepare must not read more."""
     return dataclasses.replace(base.simulator, num_users=sizes.users, num_items=sizes.items, days=sizes.days,
                                write_exposures=False, seed=sizes.seed)
 

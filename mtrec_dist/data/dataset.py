@@ -3,9 +3,10 @@
 ``mtrec prepare`` (:mod:`mtrec_dist.data.prepare`) writes, under one output directory:
 ``transitions/`` (exactly ``TRANSITION_COLUMNS``), ``eval/`` (the only home of the ``eval_*`` signals,
 keyed by ``row_id``), ``rejects/`` (original columns + ``reject_reason`` + ``source_file`` +
-``raw_line``), ``vocab/`` (see :mod:`mtrec_dist.data.vocab`) and ``manifest.json``.  Everything that
-reads a prepared dataset back (training, scoring, evaluation, retraining, ``mtrec inspect``) goes
-through the names and loaders here.
+``raw_line``), ``vocab/`` (see :mod:`mtrec_dist.data.vocab`), where the logs come with impressions
+``slates/`` (``SLATE_SCHEMA``) and ``slates_rejects/`` (see :mod:`mtrec_dist.data.slates`), and
+``manifest.json``.  Everything that reads a prepared dataset back (training, scoring, evaluation,
+retraining, ``mtrec inspect``) goes through the names and loaders here.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from mtrec_dist.data.schema import EVAL_COLUMNS, EVENT_SCHEMA, SCHEMA_VERSION, T
 
 TRANSITIONS_DIR, EVAL_DIR, REJECTS_DIR, VOCAB_DIR, MANIFEST_FILE = (
     "transitions", "eval", "rejects", "vocab", "manifest.json")
-OUTPUTS = (TRANSITIONS_DIR, EVAL_DIR, REJECTS_DIR, VOCAB_DIR, MANIFEST_FILE)
+# written only when the logs come with impressions (mtrec_dist.data.slates)
+SLATES_DIR, SLATE_REJECTS_DIR = "slates", "slates_rejects"
+OUTPUTS = (TRANSITIONS_DIR, EVAL_DIR, REJECTS_DIR, VOCAB_DIR, SLATES_DIR, SLATE_REJECTS_DIR, MANIFEST_FILE)
 
 TRANSITION_SCHEMA = pa.schema(
     typed_fields(row_id=pa.int64(), user_idx=pa.int64(), nullable=False)
@@ -29,8 +32,13 @@ TRANSITION_SCHEMA = pa.schema(
     + typed_fields(action=pa.int64(), nullable=False)
     + typed_fields(action_feedback=pa.float32(), next_state_items=pa.list_(pa.int64()),
                    next_state_feedback=pa.list_(pa.float32()), done=pa.int8(), ts=pa.int64(), pos_from_end=pa.int32(),
-                   returned=pa.int8(), return_known=pa.int8(), action_log_duration=pa.float32()))
+                   returned=pa.int8(), return_known=pa.int8(), action_log_duration=pa.float32(),
+                   slate_id=pa.int64()))
 assert TRANSITION_SCHEMA.names == TRANSITION_COLUMNS
+# slates/: one row per impression kept -- the K items shown (vocab indices; 0 = an item no accepted event has)
+# and the position clicked (-1 = no click); (user_idx, slate_id) is unique and is what a transition names
+SLATE_SCHEMA = pa.schema(typed_fields(user_idx=pa.int64(), slate_id=pa.int64(), slate_items=pa.list_(pa.int64()),
+                                      click_index=pa.int8()))
 EVAL_SCHEMA = pa.schema([pa.field("row_id", pa.int64()), pa.field("user_idx", pa.int64()),
                          pa.field("pos_from_end", pa.int32()), pa.field("action", pa.int64())]
                         + [EVENT_SCHEMA.field(c) for c in EVAL_COLUMNS])

@@ -11,8 +11,10 @@ This module is the driver; each stage's logic lives in a module of its own:
 3. **vocabularies** (:mod:`mtrec_dist.data.vocab`) -- of the accepted rows (per-block id counts merged
    here): items get indices ``1..num_items`` (0 is padding), users ``0..num_users-1``.  With an existing
    vocab the old indices are kept and unseen ids are appended (daily retraining never crashes on a new id).
-4. **write** (:mod:`mtrec_dist.data.dataset`) -- ``transitions/``, ``eval/``, ``rejects/``, ``vocab/``
-   and, last, ``manifest.json``.
+4. **write** (:mod:`mtrec_dist.data.dataset`) -- ``transitions/``, ``eval/``, ``rejects/``, ``vocab/``;
+5. **slates** (:mod:`mtrec_dist.data.slates`) -- where the logs come with impressions (``prepare.impressions``;
+   by default the simulator's ``impressions/`` beside its ``logs/``), each slate shown in vocab indices:
+   ``slates/`` and ``slates_rejects/``; and, last, ``manifest.json``.
 
 Row accounting is checked in code: ``rows_in == rows_ok + rows_rejected`` or :class:`AccountingError`.
 
@@ -43,13 +45,15 @@ import pyarrow.compute as pc
 
 from mtrec_dist.config import PrepareConfig
 from mtrec_dist.data import readers as rd
-from mtrec_dist.data.dataset import (EVAL_DIR, EVAL_SCHEMA, MANIFEST_FILE, REJECTS_DIR, TRANSITION_SCHEMA,
-                                     TRANSITIONS_DIR, VOCAB_DIR, AccountingError, EmptyDatasetError, list_shards,
-                                     load_manifest, prepare_output_dir, write_manifest)
+from mtrec_dist.data.dataset import (EVAL_DIR, EVAL_SCHEMA, MANIFEST_FILE, REJECTS_DIR, SLATES_DIR,
+                                     TRANSITION_SCHEMA, TRANSITIONS_DIR, VOCAB_DIR, AccountingError,
+                                     EmptyDatasetError, list_shards, load_manifest, prepare_output_dir,
+                                     write_manifest)
 from mtrec_dist.data.ids import IdKeys, intern_ids
 from mtrec_dist.data.readers import REASON_COLUMN, InputError, join_path, resolve_filesystem
 from mtrec_dist.data.schema import SCHEMA_VERSION
 from mtrec_dist.data.sessionize import annotate_users, index_transitions
+from mtrec_dist.data.slates import Impressions, find_impressions, summary_line, write_slates
 from mtrec_dist.data.stats import collect_stats, largest, sum_by, total
 from mtrec_dist.data.summaries import summarize_manifest
 from mtrec_dist.data.validate import (ORDER_COLUMN, ROW_CHECKS, USER_CHECKS, count_reasons, read_units, reason_code,
@@ -60,7 +64,7 @@ from mtrec_dist.data.vocab import (CARRY_SCHEMA, PAD_RAW, VOCAB_SCHEMA, Vocab, c
 __all__ = [
     "prepare_dataset", "default_paths", "summarize_manifest",
     # dataset I/O
-    "TRANSITIONS_DIR", "EVAL_DIR", "REJECTS_DIR", "VOCAB_DIR", "MANIFEST_FILE", "TRANSITION_SCHEMA",
+    "TRANSITIONS_DIR", "EVAL_DIR", "REJECTS_DIR", "VOCAB_DIR", "SLATES_DIR", "MANIFEST_FILE", "TRANSITION_SCHEMA",
     "EVAL_SCHEMA", "AccountingError", "EmptyDatasetError", "load_manifest",
     # validation
     "ORDER_COLUMN", "ROW_CHECKS", "USER_CHECKS", "count_reasons", "reason_code", "validate_local",
@@ -106,6 +110,7 @@ class _Run:
     units: list = field(default_factory=list)
     base_vocab: Optional[Vocab] = None
     carried: Optional[pa.Table] = None
+    impressions: Optional[Impressions] = None
     fs_out: object = None
     out_root: str = ""
     out_display: str = ""
@@ -144,6 +149,7 @@ def _resolve(cfg: PrepareConfig, input, output, vocab_dir, progress, carry_in, c
                carry_out, row_id_offset, say)
     run.fs_in, run.files = rd.list_input_files(input_uri, cfg.format)
     run.units, _ = work_units(run.fs_in, run.files, cfg.format, cfg.column_map, cfg.delimiter, say)
+    run.impressions = find_impressions(cfg.impressions, input_uri)
     run.base_vocab = load_vocab(run.vocab_dir) if run.vocab_dir else None
     if run.base_vocab is not None and run.base_vocab.num_items and run.base_vocab.id_type != cfg.id_type:
         raise InputError(f"vocab {run.vocab_dir} holds {run.base_vocab.id_type} ids, prepare.id_type is "
@@ -228,8 +234,13 @@ def whole_user_blocks(ds, user_column: str, rows: int, cfg: PrepareConfig):
     """``(ds repartitioned so that each block holds whole users, the number of blocks)``: a hash repartition
     on ``user_column`` into ``rows / rows_per_partition`` blocks (at most ``max_partitions``; the same
     guarantee groupby().map_groups() relies on), or one block for small inputs (no hash shuffle)."""
-    parts = max(1, min(cfg.max_partitions, -(-rows // cfg.rows_per_partition)))
+    parts = partitions_for(rows, cfg)
     return (ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=[user_column], sort=True)), parts
+
+
+def partitions_for(rows: int, cfg: PrepareConfig) -> int:
+    """How many blocks a shuffle of ``rows`` rows makes: ``rows / rows_per_partition``, 1 to ``max_partitions``."""
+    return max(1, min(cfg.max_partitions, -(-rows // cfg.rows_per_partition)))
 
 
 def _id_keys(run: _Run) -> IdKeys:
@@ -282,11 +293,8 @@ def _write(run: _Run, staged, annotated, lookup) -> None:
     shard = dict(min_rows_per_file=run.cfg.rows_per_shard, max_rows_per_file=run.cfg.rows_per_shard)
     fs_out, out_root = run.fs_out, run.out_root
     if run.num_transitions:
-        transitions = annotated.filter(expr=col("_is_transition") == 1)
         for part, sub in (("transitions", TRANSITIONS_DIR), ("eval", EVAL_DIR)):
-            transitions.map_batches(index_transitions, batch_size=None, batch_format="pyarrow",
-                                    fn_kwargs=dict(lookup=lookup, part=part)).write_parquet(
-                join_path(out_root, sub), filesystem=fs_out, **shard)
+            _indexed(annotated, lookup, part).write_parquet(join_path(out_root, sub), filesystem=fs_out, **shard)
     if total(run.stats, "reason") + total(run.ann_stats, "reason"):
         sources = [f.display for f in run.files]
         keys = ray.put(run.keys) if run.keys is not None else None
@@ -297,6 +305,28 @@ def _write(run: _Run, staged, annotated, lookup) -> None:
         staged_rejects.union(user_rejects).write_parquet(join_path(out_root, REJECTS_DIR), filesystem=fs_out,
                                                          **shard)
     run.lap("write")
+
+
+def _slates(run: _Run, annotated, lookup) -> Optional[dict]:
+    """Stage 5: the impressions' slates in vocab indices (:mod:`mtrec_dist.data.slates`), matched to the
+    transitions; the manifest's ``slates`` entry (None without impressions)."""
+    import ray
+
+    if run.impressions is None:
+        return None
+    entry = write_slates(run.impressions, ray.put(run.vocab), run.cfg, run.fs_out, run.out_root,
+                         _indexed(annotated, lookup, "transitions"), run.num_transitions)
+    run.lap("slates")
+    run.say(summary_line(entry))
+    return entry
+
+
+def _indexed(annotated, lookup, part: str):
+    """The ``transitions/`` (``part`` = "transitions") or ``eval/`` ("eval") rows of the annotated events."""
+    from ray.data.expressions import col
+
+    return annotated.filter(expr=col("_is_transition") == 1).map_batches(
+        index_transitions, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(lookup=lookup, part=part))
 
 
 def _account(run: _Run) -> dict:
@@ -390,6 +420,7 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         annotated = _per_user_stage(run, staged)
         lookup = _build_vocab(run)
         _write(run, staged, annotated, lookup)
+        slates = _slates(run, annotated, lookup)
     except Exception as e:
         err = _unwrap_input_error(e)
         if err is not None and err is not e:
@@ -397,6 +428,7 @@ def prepare_dataset(cfg: PrepareConfig, input: Optional[str] = None, output: Opt
         raise
     counts = _account(run)
     manifest = _manifest(run, counts)
+    manifest["slates"] = slates
     carry = _carry_over(run)
     if carry is not None:
         manifest["carry"] = carry

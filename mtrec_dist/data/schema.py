@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: transitions carry return labels and the item's log duration
+SCHEMA_VERSION = 3  # 2: transitions carry return labels and the item's log duration; 3: and the slate_id
 
 
 
@@ -90,7 +90,10 @@ TRANSITION_COLUMNS = [
     "returned",             # int8: 1 where the return is known and the user came back within the return window
     "return_known",         # int8: 1 where the row ends a session and the log runs long enough to tell
     "action_log_duration",  # float32 log(item length / 60 s), length = dwell / watch ratio (0 where unknown)
+    "slate_id",             # int64 the event's slate_id (NO_SLATE where the event has none); with user_idx it
+                            # names the row of slates/ the action was chosen from
 ]
+NO_SLATE = -1  # slate_id of a transition whose event names no slate (never null: batches refuse nulls)
 for _c in TRANSITION_COLUMNS:
     assert not is_eval_column(_c)
 
@@ -98,5 +101,5 @@ for _c in TRANSITION_COLUMNS:
 #   state_items [B, L] long, state_feedback [B, L] float, action [B] long, action_feedback [B] float,
 #   next_state_items [B, L] long, next_state_feedback [B, L] float, done [B] float, row_id [B] long,
 #   user_idx [B] long, pos_from_end [B] long, returned [B] long, return_known [B] long,
-#   action_log_duration [B] float, mask [B] float (1 = real row, 0 = padding row added so
+#   action_log_duration [B] float, slate_id [B] long, mask [B] float (1 = real row, 0 = padding row added so
 #   that every worker runs the same number of steps).

@@ -19,7 +19,8 @@ and is vectorised over all users of a block:
   enough to tell) and ``action_log_duration``, the item's observable length (:func:`item_log_duration`).
 
 The transition fields stay in *raw* ids until the vocabulary of the accepted rows is known;
-:func:`index_transitions` then maps them to indices and builds the ``transitions/`` and ``eval/`` rows.
+:func:`index_transitions` then maps them to indices and builds the ``transitions/`` and ``eval/`` rows
+(``slate_id`` is the event's own, ``NO_SLATE`` where it has none).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 from mtrec_dist.data.dataset import EVAL_SCHEMA, TRANSITION_SCHEMA, AccountingError, list_array
 from mtrec_dist.data.dataset import resolve_broadcast as _get
 from mtrec_dist.data.readers import RAW_LINE_COLUMN, REASON_COLUMN
-from mtrec_dist.data.schema import TRANSITION_COLUMNS
+from mtrec_dist.data.schema import NO_SLATE, TRANSITION_COLUMNS
 from mtrec_dist.data.validate import ORDER_COLUMN
 from mtrec_dist.data.vocab import PAD_RAW
 
@@ -296,6 +297,7 @@ def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> 
         "done": t.column("done"), "ts": t.column("ts"), "pos_from_end": t.column("pos_from_end"),
         "returned": t.column("returned"), "return_known": t.column("return_known"),
         "action_log_duration": t.column("action_log_duration"),
+        "slate_id": pc.fill_null(t.column("slate_id"), NO_SLATE),
     }
     return pa.Table.from_arrays([cols[c] for c in TRANSITION_COLUMNS], schema=TRANSITION_SCHEMA)
 

@@ -22,7 +22,8 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 ITEM_TABLE = "item_table"
-DEFAULT_FEATURES = ("state", "next_state", "action", "candidates", "catalog")
+# "slate": the other items of the slate an action was clicked in (the reward model's choice sets, R2)
+DEFAULT_FEATURES = ("state", "next_state", "action", "candidates", "catalog", "slate")
 
 
 class ItemEmbedding(nn.Module):

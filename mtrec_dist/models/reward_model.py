@@ -39,7 +39,7 @@ from ..objectives.qr_iql import (
 )
 from ..objectives.mental_reward import (
     ConsequenceModel, choice_nll, consequence_nll, mental_return_target, order_nll, realised_mental_reward,
-    watch_logit,
+    shown_choice_nll, watch_logit,
 )
 from ..objectives.ranking import masked_mean
 from .embeddings import ItemEmbedding
@@ -188,6 +188,8 @@ class QRIQLModel(nn.Module):
         action, done = batch["action"].long(), batch["done"].float()
         mask = batch["mask"].float() if "mask" in batch else torch.ones_like(done)
         ids = {"state": s, "next_state": s2, "action": action.view(-1, 1)}
+        if self.v2 and self.reward_cfg.slate_choice and "slate_items" in batch:
+            ids["slate"] = batch["slate_items"].long()
         negatives = None
         if self.sampler is None:
             ids["catalog"] = self.catalog_ids(s.device)
@@ -231,11 +233,26 @@ class QRIQLModel(nn.Module):
                     returned=batch["returned"].float() if "returned" in batch else zeros,
                     return_known=known * ("return" in used))
 
+    def _slate_choice(self, batch, u_proj: torch.Tensor, e_a: torch.Tensor, emb, action: torch.Tensor):
+        """``(per-row NLL of the click among its slate, rows that have a slate)`` for :func:`choice_nll`
+        (R2: the slate shown is the choice set), or ``(None, None)`` when the batch has no ``slate_items``.
+        The slate's padding (0: no slate, or an item the vocab does not know) and the clicked item itself
+        are left out of the other items."""
+        if "slate" not in emb:
+            return None, None
+        slate = batch["slate_items"].long()
+        others = (slate > 0) & (slate != action.view(-1, 1))
+        alpha = self.reward_cfg.alpha
+        u_shown = torch.einsum("bd,bkd->bk", u_proj, emb["slate"]) / alpha
+        nll = shown_choice_nll((u_proj * e_a).sum(-1) / alpha, u_shown, others)
+        return nll, others.any(1)
+
     def losses_v2(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """QR-IQL v2 (docs/method.md "QR-IQL v2"):
         ``L = L_U + L_cons + L_o + lambda_r * QH(M_i; m) + lambda_qr * QH(Z_i; m + gamma (1-d) Z'_j)``.
 
-        ``L_U`` fits the decision utility to the logged choice over the catalog (or sampled candidates);
+        ``L_U`` fits the decision utility to the logged choice over the slate it was clicked in where the batch
+        has ``slate_items`` (``reward.slate_choice``), else over the catalog (or sampled candidates);
         ``L_cons`` fits the mean mental reward to the consequences (those in ``reward.consequences``);
         ``L_o`` (``reward.order_items`` > 0 and a batch with ``later_items``) ranks the per-item level
         ``b_M(a)`` of ``Mbar`` by the order of a self-directed session's choices; ``m`` is the realised mental reward
@@ -248,14 +265,15 @@ class QRIQLModel(nn.Module):
         e_a = emb["action"][:, 0]
         items = emb["catalog"] if self.sampler is None else emb["candidates"]
         u_proj = self.policy_projection(h_both)
+        slate = self._slate_choice(batch, u_proj[:b], e_a, emb, action)
         if self.sampler is None:
-            l_u = choice_nll(u_proj[:b] @ items.T / cfg.alpha, (action - 1).clamp_min(0), mask)
+            l_u = choice_nll(u_proj[:b] @ items.T / cfg.alpha, (action - 1).clamp_min(0), mask, *slate)
         else:  # sampled softmax with log-q correction; the logged item is column 0
             log_q = self.sampler.log_expected_count(negatives, cfg.num_negatives)
             log_q_pos = self.sampler.log_expected_count(action, cfg.num_negatives).unsqueeze(1)
             pos = (u_proj[:b] * e_a).sum(-1, keepdim=True) / cfg.alpha - log_q_pos
             neg = (u_proj[:b] @ items.T / cfg.alpha - log_q).masked_fill(negatives.view(1, -1) == action.view(-1, 1), float("-inf"))
-            l_u = choice_nll(torch.cat([pos, neg], 1), torch.zeros(b, dtype=torch.long, device=dev), mask)
+            l_u = choice_nll(torch.cat([pos, neg], 1), torch.zeros(b, dtype=torch.long, device=dev), mask, *slate)
 
         r_q = torch.einsum("bnd,bd->bn", self._project(h, self.reward_weight, self.reward_item_bias), e_a)
         r_q = self._plus_item_level(r_q, action)

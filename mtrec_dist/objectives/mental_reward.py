@@ -32,6 +32,7 @@ __all__ = [
     "consequence_nll",
     "realised_mental_reward",
     "mental_return_target",
+    "shown_choice_nll",
     "choice_nll",
     "order_nll",
 ]
@@ -129,13 +130,32 @@ def mental_return_target(realised: torch.Tensor, next_quantiles: torch.Tensor, d
     return (realised.unsqueeze(1) + gamma * not_done * next_quantiles).detach()
 
 
-def choice_nll(utility_logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def shown_choice_nll(chosen: torch.Tensor, shown: torch.Tensor, shown_mask: torch.Tensor) -> torch.Tensor:
+    """Luce choice of one item among the items shown with it, per row:
+    ``-log( exp(u_a) / (exp(u_a) + sum_k mask_k exp(u_k)) )``.
+
+    The top of any subset of a softmax is a softmax over that subset, so a click conditional on clicking is a
+    choice among the slate it was shown in, and a session's first choice one among its later choices.
+    chosen [B] (utility of the chosen item), shown [B, K] (utilities of the other shown items), shown_mask
+    [B, K] (1 for a real item) -> [B]; a row with nothing else shown is 0 (a choice among one says nothing).
+    """
+    keep = shown_mask.to(chosen.dtype)
+    logits = torch.cat([chosen.unsqueeze(1), shown.masked_fill(keep == 0, float("-inf"))], 1)
+    return -torch.log_softmax(logits, 1)[:, 0]
+
+
+def choice_nll(utility_logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               slate_nll: Optional[torch.Tensor] = None, on_slate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decision utility fitted to choices: ``L_U = E[ -log softmax_a U(s,a) [logged a] ]``.
 
-    utility_logits [B, C] over the choice set (the catalog, or a shown slate plus the no-click option);
-    target [B] column of the chosen item.
+    utility_logits [B, C] over the catalog (or sampled candidates); target [B] column of the chosen item.
+    Rows ``on_slate`` [B] (bool) use ``slate_nll`` [B] (:func:`shown_choice_nll` over the slate the item was
+    clicked in, R2) instead: the slate is the choice set the user actually had.
     """
-    return masked_mean(F.cross_entropy(utility_logits, target, reduction="none"), mask)
+    nll = F.cross_entropy(utility_logits, target, reduction="none")
+    if slate_nll is not None:
+        nll = torch.where(on_slate, slate_nll, nll)
+    return masked_mean(nll, mask)
 
 
 def order_nll(first: torch.Tensor, later: torch.Tensor, later_mask: torch.Tensor,
@@ -148,8 +168,6 @@ def order_nll(first: torch.Tensor, later: torch.Tensor, later_mask: torch.Tensor
     first [B] (Mbar of the logged item), later [B, K] (Mbar of the session's next K items, same state),
     later_mask [B, K] (1 for real items).  Rows without a later item say nothing and are left out.
     """
-    keep = later_mask.to(first.dtype)
-    logits = torch.cat([first.unsqueeze(1), later.masked_fill(keep == 0, float("-inf"))], 1)
-    nll = -torch.log_softmax(logits, 1)[:, 0]
-    w = (keep.sum(1) > 0).to(first.dtype) * (1.0 if mask is None else mask.to(first.dtype))
+    nll = shown_choice_nll(first, later, later_mask)
+    w = (later_mask.sum(1) > 0).to(first.dtype) * (1.0 if mask is None else mask.to(first.dtype))
     return (nll * w).sum() / w.sum().clamp_min(1.0)

@@ -74,22 +74,29 @@ def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray]
 def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earlier: Sequence[str] = (),
                          log_end: Optional[int] = None):
     """The prepared transitions as a Ray Dataset, the ``earlier`` prepared datasets (daily retraining's
-    previous days) added, with ``later_items`` when the order term is on (``reward.order_items`` > 0).
+    previous days) added, with ``later_items`` when the order term is on (``reward.order_items`` > 0) and
+    ``slate_items`` when the data have slates (``reward.slate_choice``; :mod:`mtrec_dist.data.slate_join`).
 
     With ``earlier`` the return labels are computed again over all the days up to ``log_end`` (the newest
     day's end): a session end in the last ``prepare.return_window_s`` of its own day has no label in its
     day's data, and the following days' events give it one.  Both need each user's rows together: a hash
     repartition by user gives each block whole users, as prepare's per-user stage does."""
     from mtrec_dist.data.pipeline import read_transitions
-    from mtrec_dist.data.prepare import whole_user_blocks
+    from mtrec_dist.data.prepare import partitions_for, whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
+    from mtrec_dist.data.slate_join import slate_tables, with_slates
 
     ds = read_transitions(prepared_dir)
     if earlier:
         ds = ds.union(*[read_transitions(d) for d in earlier])
-    k = cfg.reward.order_items if cfg.reward.objective == "v2" else 0
+    v2 = cfg.reward.objective == "v2"
+    slate_dirs = slate_tables([prepared_dir, *earlier]) if v2 and cfg.reward.slate_choice else []
+    joined = bool(slate_dirs)
+    if joined:
+        ds = with_slates(ds, slate_dirs, partitions_for(rows, cfg.prepare))
+    k = cfg.reward.order_items if v2 else 0
     if k == 0 and not earlier:
-        return ds
+        return ds.materialize() if joined else ds  # the join runs once, not again for each epoch
     grouped, _ = whole_user_blocks(ds, "user_idx", rows, cfg.prepare)
     if earlier:
         grouped = grouped.map_batches(with_returns_relabelled, batch_size=None, batch_format="pyarrow",
