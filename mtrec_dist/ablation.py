@@ -376,7 +376,9 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
         sim = dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w)
         for row, recs in run_world(cfg, sim, rows, os.path.join(out_dir, f"world{w}"), say).items():
             records[row] += recs
-    result = {"default": summarise(records), "settings": dataclasses.asdict(ab), "sweep": {},
+    # the models' settings too: pooled runs (commands/ablate.py) must have trained the same rows
+    settings = dataclasses.asdict(ab) | {k: dataclasses.asdict(getattr(cfg, k)) for k in ("reward", "model", "rec")}
+    result = {"default": summarise(records), "settings": settings, "sweep": {},
               "records": {"default": records}}
     for beta in ab.beta_sweep:
         sim = dataclasses.replace(cfg.simulator, watch_satisfaction=float(beta))

@@ -1,6 +1,8 @@
 """The ablation's pieces (mtrec_dist/ablation.py): windowing by hand, paired gains, and a tiny end-to-end run."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -93,6 +95,17 @@ def test_pool_names_a_file_that_is_not_an_ablation_result(tmp_path):
         cli(["ablate", "--pool", str(bad)])
     with pytest.raises(SystemExit, match=r"cannot read .*broken\.json"):
         cli(["ablate", "--pool", str(broken)])
+
+
+def test_pool_refuses_runs_whose_rewards_were_trained_otherwise(tmp_path):
+    from mtrec_dist.cli import main as cli
+
+    rec = dict(world=0, train_seed=0, online_seed=0, **{m: 1.0 for m in ablation.ONLINE})
+    for name, slates in (("on.json", True), ("off.json", False)):
+        settings = {"online_users": 300, "reward": {"slate_choice": slates}}
+        (tmp_path / name).write_text(json.dumps({"settings": settings, "records": {"default": {"A": [rec]}}}))
+    with pytest.raises(SystemExit, match=r"off\.json was run with other settings .*\['reward'\]"):
+        cli(["ablate", "--pool", str(tmp_path / "on.json"), str(tmp_path / "off.json")])
 
 
 @pytest.mark.slow
