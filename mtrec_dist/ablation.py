@@ -22,12 +22,13 @@ import time
 from typing import Callable, Dict, List
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from mtrec_dist.config import PipelineConfig, SimulatorConfig
 from mtrec_dist.data.simulator import (
-    LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
+    IMPRESSIONS_DIR, LOGS_DIR, LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
     user_tastes,
 )
 from mtrec_dist.data.schema import NO_SLATE
@@ -59,7 +60,7 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
     user, ts, item, wr, sess = user[order], ts[order], item[order], wr[order].astype(np.float32), sess[order]
     # the item's length is observable (dwell / watch ratio): the watch link's duration covariate
     dwell = col("dwell_s")[order] if "dwell_s" in events.column_names else np.full(len(order), np.nan)
-    slate = (np.nan_to_num(col("slate_id").astype(np.float64), nan=NO_SLATE).astype(np.int64)[order]
+    slate = (pc.fill_null(events.column("slate_id"), NO_SLATE).to_numpy()[order]
              if "slate_id" in events.column_names else np.full(len(order), NO_SLATE, np.int64))
     sat = col("eval_true_satisfaction")[order]
     n, L = len(user), state_len
@@ -82,17 +83,18 @@ def log_transitions(events, state_len: int, return_window_s: int) -> Dict[str, n
 def shown_slates(user: np.ndarray, slate_id: np.ndarray, impressions, width: int) -> np.ndarray:
     """``[n, width]`` item indices (raw id + 1) of the slate each transition's click was shown in
     (``user``, ``slate_id``: the columns of :func:`log_transitions`); 0 where ``impressions`` lack the slate
-    (the reward model then fits the click over the catalog)."""
+    or hold it at another length (the reward model then fits the click over the catalog)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     keys = pa.table({"user_id": user, "slate_id": slate_id, "_row": np.arange(len(user))})
     shown = pa.table({"user_id": impressions.column("user_id"), "slate_id": impressions.column("slate_id"),
                       "_slate": np.arange(impressions.num_rows)})  # Arrow joins carry no list columns
     joined = keys.join(shown, ["user_id", "slate_id"], join_type="inner")
     items = impressions.column("items").combine_chunks().take(joined.column("_slate").to_numpy())
+    whole = pc.equal(pc.list_value_length(items), width).to_numpy(zero_copy_only=False)  # others stay 0
     out = np.zeros((len(user), width), np.int64)
-    out[joined.column("_row").to_numpy()] = pc.list_flatten(items).to_numpy().reshape(-1, width) + 1
+    out[joined.column("_row").to_numpy()[whole]] = (
+        pc.list_flatten(items.filter(pa.array(whole))).to_numpy().reshape(-1, width) + 1)
     return out
 
 
@@ -240,11 +242,11 @@ def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str],
     ab = cfg.ablation
     simulate_logs(sim, work_dir, progress=lambda m: None)
     truth = make_item_truth(sim)
-    events = pq.read_table(os.path.join(work_dir, "logs"))
+    events = pq.read_table(os.path.join(work_dir, LOGS_DIR))
     data = log_transitions(events, cfg.prepare.state_len, cfg.prepare.return_window_s)
     if cfg.reward.slate_choice and sim.write_exposures:  # the v2 rewards fit clicks over the slates shown (R2)
         data["slate_items"] = shown_slates(data["user"], data["slate_id"],
-                                           pq.read_table(os.path.join(work_dir, "impressions")), sim.slate_size)
+                                           pq.read_table(os.path.join(work_dir, IMPRESSIONS_DIR)), sim.slate_size)
     heldout = (data["user"] * 2654435761 % 1000) < ab.heldout_user_share * 1000
     train_rows, test_rows = np.flatnonzero(~heldout), np.flatnonzero(heldout)
     num_items = sim.num_items

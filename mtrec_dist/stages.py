@@ -206,13 +206,19 @@ def whole_config(cfg: PipelineConfig, *drop: str) -> Dict[str, Any]:
     return config_sections(cfg, *names)
 
 
-def input_files(uri: str, fmt: str) -> list:
-    """``[[path, size, mtime_ns], ...]`` of prepare's input files: a changed or touched file reruns prepare."""
+def input_files(uri: str, fmt: str, impressions: str = "") -> list:
+    """``[[path, size, mtime_ns], ...]`` of prepare's input files, the impressions it reads
+    (``prepare.impressions``) included: a changed or touched file reruns prepare."""
     from mtrec_dist.data import readers as rd
+    from mtrec_dist.data.slates import find_impressions
 
     fs, files = rd.list_input_files(uri, fmt)
-    infos = fs.get_file_info([f.path for f in files])
-    return [[f.display, f.size, i.mtime_ns] for f, i in zip(files, infos)]
+    listed = [(fs, files)]
+    imp = find_impressions(impressions, uri)
+    if imp is not None:
+        listed.append((imp.fs, imp.files))
+    return [[f.display, f.size, i.mtime_ns] for fs, fl in listed
+            for f, i in zip(fl, fs.get_file_info([f.path for f in fl]))]
 
 
 # ---- stages --------------------------------------------------------------------------------------------
@@ -237,7 +243,8 @@ def prepare_stage(ctx: RunContext, input_uri: str, output: str, *, inputs: Seque
 
     sections = config_sections(dataclasses.replace(cfg, prepare=pcfg), "source", "prepare")
     return Stage("prepare", run, config=sections, inputs=inputs,
-                 files=lambda: input_files(input_uri, pcfg.format), paths=lambda out: [out["prepared"]])
+                 files=lambda: input_files(input_uri, pcfg.format, pcfg.impressions),
+                 paths=lambda out: [out["prepared"]])
 
 
 def rec_variants(cfg: PipelineConfig) -> List[Tuple[str, str]]:

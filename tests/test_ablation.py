@@ -38,9 +38,9 @@ def test_log_transitions_by_hand():
 
 
 def test_shown_slates_follow_the_transitions_order_and_pad_clicks_without_a_slate():
-    events = _events().append_column("slate_id", pa.array([11, 50, 10, 99]))  # slate 99 has no impression
-    impressions = pa.table({"user_id": [7, 7, 9, 9], "slate_id": [10, 11, 50, 51],
-                            "items": [[3, 8], [4, 2], [1, 6], [0, 5]]})
+    events = _events().append_column("slate_id", pa.array([11, 50, 10, 99]))
+    impressions = pa.table({"user_id": [7, 7, 9, 9, 7], "slate_id": [10, 11, 50, 51, 99],
+                            "items": [[3, 8], [4, 2], [1, 6], [0, 5], [5]]})  # slate 99 is too short: none
     t = ablation.log_transitions(events, state_len=2, return_window_s=90)
     slates = ablation.shown_slates(t["user"], t["slate_id"], impressions, width=2)
     # transitions order: user 7 at t=0 (slate 10), t=10 (11), t=100 (99: none), user 9 (50); index = raw id + 1

@@ -340,7 +340,8 @@ def test_consumption_implied_reward_is_the_inverse_of_a_soft_binary_choice():
 @pytest.mark.parametrize("num_negatives", [0, 5])
 def test_v2_choice_term_reads_the_slate_where_a_row_has_one(num_negatives):
     """Rows with a slate are fitted to the click among the slate (R2), the others to the catalog choice; a
-    row of padding means no slate, and the clicked item inside its own slate is not its own competitor."""
+    row of padding means no slate, the clicked item inside its own slate is not its own competitor, and a
+    slate that does not hold the clicked item is not its choice set."""
     torch.manual_seed(0)
     rc = RewardConfig(num_quantiles=4, num_negatives=num_negatives, objective="v2")
     model = QRIQLModel(20, MODEL_CFG, rc, state_len=3)
@@ -350,6 +351,8 @@ def test_v2_choice_term_reads_the_slate_where_a_row_has_one(num_negatives):
     slate = torch.zeros(6, 4, dtype=torch.long)
     slate[1] = torch.tensor([batch["action"][1].item(), 3, 4, 0])  # shown with items 3 and 4
     slate[2, 0] = batch["action"][2]  # shown alone: no choice among others, the catalog stays
+    others = [i for i in range(1, 21) if i != batch["action"][3].item()][:3]
+    slate[3, :3] = torch.tensor(others)  # a slate without the clicked item: the catalog stays
     torch.manual_seed(1)
     out = model({**batch, "slate_items": slate})
     assert torch.isfinite(out["loss"])

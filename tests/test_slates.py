@@ -176,7 +176,7 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
             entry["slates_with_click_in_transitions"], entry["click_matches_action"]) == (3, 3, 3, 3)
     assert sum(s["rows"] for s in entry["shards"][SLATES_DIR]) == 4
     assert prep.load_manifest(str(out))["slates"] == entry
-    assert "  slates: 9 impressions = ok 4 + rejected 5" in summarize_manifest(m)  # `mtrec inspect`
+    assert "  slates: 9 impressions in = 4 ok + 5 rejected" in summarize_manifest(m)  # `mtrec inspect`
     assert any(line.startswith("[prepare] slates: 9 impressions in = 4 ok + 5 rejected") and "25.0%" in line
                for line in lines), lines
 

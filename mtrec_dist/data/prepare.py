@@ -317,7 +317,7 @@ def _slates(run: _Run, annotated, lookup) -> Optional[dict]:
     entry = write_slates(run.impressions, ray.put(run.vocab), run.cfg, run.fs_out, run.out_root,
                          _indexed(annotated, lookup, "transitions"), run.num_transitions)
     run.lap("slates")
-    run.say(summary_line(entry))
+    run.say(f"[prepare] {summary_line(entry)}")
     return entry
 
 

@@ -46,6 +46,8 @@ USER_TRUTH_SCHEMA = pa.schema([
     pa.field("taste", pa.list_(pa.float32())),
     pa.field("favourite_topic", pa.int32()),
 ])
+# the run folder of the simulator: observable logs/ and impressions/, hidden truth/
+LOGS_DIR, IMPRESSIONS_DIR, TRUTH_DIR = "logs", "impressions", "truth"
 EXPOSURE_SCHEMA = pa.schema([
     pa.field("user_id", pa.int64(), nullable=False),
     pa.field("session_id", pa.int64()),
@@ -271,21 +273,21 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
     t_start = time.time()
     fs, root = resolve_filesystem(out_dir)
     fs.create_dir(root, recursive=True)
-    for sub in ("logs", "impressions", "truth"):  # a re-run replaces the previous output instead of mixing with it
+    for sub in (LOGS_DIR, IMPRESSIONS_DIR, TRUTH_DIR):  # a re-run replaces the previous output instead of mixing with it
         if fs.get_file_info(join_path(root, sub)).type == pafs.FileType.Directory:
             fs.delete_dir(join_path(root, sub))
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     items = make_item_truth(cfg)
     index = TopicIndex(items, cfg.num_topics)
-    _write_table(fs, join_path(root, "truth", "items.parquet"), items.to_table())
+    _write_table(fs, join_path(root, TRUTH_DIR, "items.parquet"), items.to_table())
     zeros = lambda dt_: np.zeros(cfg.num_items, dtype=dt_)  # noqa: E731
     stats = _Stats(zeros(np.int64), zeros(np.int64), zeros(np.float64), zeros(np.float64))
     n_events, users_with_events, sizes = 0, 0, {}
     wr_sample: list = []
     sat_sample: list = []
     n_chunks = math.ceil(cfg.num_users / cfg.chunk_users)
-    users_path = join_path(root, "truth", "users.parquet")
-    fs.create_dir(join_path(root, "truth"), recursive=True)
+    users_path = join_path(root, TRUTH_DIR, "users.parquet")
+    fs.create_dir(join_path(root, TRUTH_DIR), recursive=True)
     with fs.open_output_stream(users_path) as uf, pq.ParquetWriter(uf, USER_TRUTH_SCHEMA) as users_writer:
         for chunk in range(n_chunks):
             users = np.arange(chunk * cfg.chunk_users, min((chunk + 1) * cfg.chunk_users, cfg.num_users),
@@ -307,11 +309,11 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
                                         stats if day + 1 < cfg.days else None)
                 part = f"part-{chunk:05d}.parquet"
                 day_dir = f"day={day_label(cfg, day)}"
-                path = join_path(root, "logs", day_dir, part)
+                path = join_path(root, LOGS_DIR, day_dir, part)
                 _write_table(fs, path, events)
                 sizes[path] = events.num_rows
                 if exposures is not None:
-                    _write_table(fs, join_path(root, "impressions", day_dir, part), exposures)
+                    _write_table(fs, join_path(root, IMPRESSIONS_DIR, day_dir, part), exposures)
                 n_events += events.num_rows
                 if len(wr_sample) < 50:  # Spearman(watch ratio, satisfaction) over (a bounded share of) the logs
                     wr_sample.append(events.column("watch_ratio").to_numpy(zero_copy_only=False))
@@ -325,7 +327,7 @@ def simulate_logs(cfg: SimulatorConfig, out_dir: str,
     summary.update(out_dir=out_dir, files=len(sizes), seconds=round(time.time() - t_start, 3))
     if wr_sample:
         summary["watch_ratio_vs_satisfaction_spearman"] = spearman(np.concatenate(wr_sample), np.concatenate(sat_sample))
-    with fs.open_output_stream(join_path(root, "truth", "summary.json")) as f:
+    with fs.open_output_stream(join_path(root, TRUTH_DIR, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return summary
 

@@ -41,6 +41,7 @@ from mtrec_dist.data.dataset import (SLATE_REJECTS_DIR, SLATE_SCHEMA, SLATES_DIR
 from mtrec_dist.data.input_files import InputError, InputFile, join_path, list_input_files, resolve_filesystem
 from mtrec_dist.data.parsed import REASON_COLUMN, SOURCE_COLUMN
 from mtrec_dist.data.schema import NO_SLATE
+from mtrec_dist.data.simulator import IMPRESSIONS_DIR, LOGS_DIR  # the simulator's layout
 from mtrec_dist.data.vocab import as_raw_ids
 
 IMPRESSION_COLUMNS = ("user_id", "slate_id", "items", "click_index")
@@ -57,7 +58,6 @@ IMPRESSION_CHECKS = (
     f"{UNKNOWN_USER} (the user is not in the vocab: no accepted event here or in the vocab extended)",
     f"{DUPLICATE} (another kept row has the same user and slate_id; the one from the first file stays)",
 )
-LOGS_DIR, IMPRESSIONS_DIR = "logs", "impressions"  # the simulator's layout (mtrec_dist.data.simulator)
 
 
 # ---- which impressions: resolved and checked before any cluster work ------------------------------------
@@ -346,8 +346,8 @@ def _matches(kept, transitions, rows: int, cfg) -> dict:
 
 
 def summary_line(entry: dict) -> str:
-    """The ``[prepare] slates: ...`` line of a manifest's ``slates`` entry."""
-    return (f"[prepare] slates: {entry['rows_in']:,} impressions in = {entry['rows_ok']:,} ok + "
+    """The ``slates: ...`` line of a manifest's ``slates`` entry (`mtrec prepare`, `mtrec inspect`)."""
+    return (f"slates: {entry['rows_in']:,} impressions in = {entry['rows_ok']:,} ok + "
             f"{entry['rows_rejected']:,} rejected ({entry['rejects_by_reason']}); "
             f"{entry['items_unknown_share']:.1%} of slate items unknown; slate length {entry['slate_len']}; "
             f"{entry['transitions_in_slates']:,} of {entry['transitions_with_slate_id']:,} transitions with a "

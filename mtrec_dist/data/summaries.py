@@ -21,19 +21,13 @@ def summarize_manifest(m: dict) -> str:
     if m.get("reject_hints"):
         lines.append("  hints: " + ", ".join(f"{k} ({v:,})" for k, v in m["reject_hints"].items()))
     if m.get("slates"):
-        lines.append(slates_line(m["slates"]))
+        from mtrec_dist.data.slates import summary_line
+
+        lines.append("  " + summary_line(m["slates"]))
     lines.append("  shards: " + ", ".join(f"{k} {len(v)} file(s)/{sum(s['rows'] for s in v):,} rows"
                                         for k, v in m["shards"].items()))
     lines.append(f"  time {m['total_seconds']}s ({m['events_per_s']:,} events/s): {m['seconds']}")
     return "\n".join(lines)
-
-
-def slates_line(sl: dict) -> str:
-    """The manifest's ``slates`` entry (impressions read by prepare) in one line."""
-    rejects = "".join(f", {k} {v:,}" for k, v in sl["rejects_by_reason"].items())
-    return (f"  slates: {sl['rows_in']:,} impressions = ok {sl['rows_ok']:,} + rejected {sl['rows_rejected']:,}"
-            f"{rejects}; slate length {sl['slate_len']}; {sl['items_unknown_share']:.1%} of slate items never engaged; "
-            f"{sl['transitions_in_slates']:,} of {sl['transitions_with_slate_id']:,} clicks with a slate id find it")
 
 
 def manifest_line(m: dict) -> str:

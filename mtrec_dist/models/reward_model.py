@@ -181,8 +181,9 @@ class QRIQLModel(nn.Module):
         return self.losses_v2(batch) if self.v2 else self.losses_v1(batch)
 
     def _lookup(self, batch: Dict[str, torch.Tensor]):
-        """The batch's columns, ONE item-table lookup (states, next states, actions, and the catalog or
-        the shared sampled negatives) and the encodings of ``s`` and ``s'`` stacked as ``[2B, D]``."""
+        """The batch's columns, ONE item-table lookup (states, next states, actions, the slates shown where
+        the batch has them, and the catalog or the shared sampled negatives) and the encodings of ``s`` and
+        ``s'`` stacked as ``[2B, D]``."""
         s, fb = batch["state_items"].long(), batch["state_feedback"].float()
         s2, fb2 = batch["next_state_items"].long(), batch["next_state_feedback"].float()
         action, done = batch["action"].long(), batch["done"].float()
@@ -237,15 +238,17 @@ class QRIQLModel(nn.Module):
         """``(per-row NLL of the click among its slate, rows that have a slate)`` for :func:`choice_nll`
         (R2: the slate shown is the choice set), or ``(None, None)`` when the batch has no ``slate_items``.
         The slate's padding (0: no slate, or an item the vocab does not know) and the clicked item itself
-        are left out of the other items."""
+        are left out of the other items; a row uses its slate only where the slate holds the clicked item."""
         if "slate" not in emb:
             return None, None
         slate = batch["slate_items"].long()
-        others = (slate > 0) & (slate != action.view(-1, 1))
+        clicked = slate == action.view(-1, 1)
+        others = (slate > 0) & ~clicked
         alpha = self.reward_cfg.alpha
         u_shown = torch.einsum("bd,bkd->bk", u_proj, emb["slate"]) / alpha
         nll = shown_choice_nll((u_proj * e_a).sum(-1) / alpha, u_shown, others)
-        return nll, others.any(1)
+        # a slate that does not hold the clicked item tells another story than the click: the catalog it is
+        return nll, others.any(1) & clicked.any(1)
 
     def losses_v2(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """QR-IQL v2 (docs/method.md "QR-IQL v2"):

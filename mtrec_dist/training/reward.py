@@ -81,30 +81,36 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     day's end): a session end in the last ``prepare.return_window_s`` of its own day has no label in its
     day's data, and the following days' events give it one.  Both need each user's rows together: a hash
     repartition by user gives each block whole users, as prepare's per-user stage does."""
+    from mtrec_dist.data.dataset import AccountingError
     from mtrec_dist.data.pipeline import read_transitions
     from mtrec_dist.data.prepare import partitions_for, whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
-    from mtrec_dist.data.slate_join import slate_tables, with_slates
+    from mtrec_dist.data.slate_join import slate_table, with_slates
 
-    ds = read_transitions(prepared_dir)
-    if earlier:
-        ds = ds.union(*[read_transitions(d) for d in earlier])
     v2 = cfg.reward.objective == "v2"
-    slate_dirs = slate_tables([prepared_dir, *earlier]) if v2 and cfg.reward.slate_choice else []
-    joined = bool(slate_dirs)
-    if joined:
-        ds = with_slates(ds, slate_dirs, partitions_for(rows, cfg.prepare))
+
+    days = (prepared_dir, *earlier)
+    slates = {d: slate_table(d) if v2 and cfg.reward.slate_choice else None for d in days}
+    # each day's transitions joined to that day's slates only (slate ids are unique within one dataset)
+    per_day = [with_slates(read_transitions(d), *slates[d], partitions_for(rows, cfg.prepare)) if slates[d]
+               else read_transitions(d) for d in days]
+    ds = per_day[0].union(*per_day[1:]) if earlier else per_day[0]
+    joined = any(slates.values())
     k = cfg.reward.order_items if v2 else 0
-    if k == 0 and not earlier:
-        return ds.materialize() if joined else ds  # the join runs once, not again for each epoch
-    grouped, _ = whole_user_blocks(ds, "user_idx", rows, cfg.prepare)
+    if k == 0 and not earlier and not joined:
+        return ds
+    if k or earlier:
+        ds, _ = whole_user_blocks(ds, "user_idx", rows, cfg.prepare)
     if earlier:
-        grouped = grouped.map_batches(with_returns_relabelled, batch_size=None, batch_format="pyarrow",
-                                      fn_kwargs=dict(window_s=cfg.prepare.return_window_s, log_end=int(log_end)))
+        ds = ds.map_batches(with_returns_relabelled, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs=dict(window_s=cfg.prepare.return_window_s, log_end=int(log_end)))
     if k:
-        grouped = grouped.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
-    # materialised: the shuffle runs once, not again for each schema or epoch read of the dataset
-    return grouped.materialize()
+        ds = ds.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
+    # materialised: the shuffle and the join run once, not again for each schema or epoch read of the dataset
+    ds = ds.materialize()
+    if joined and ds.count() != rows:  # a key seen twice in slates/ would copy a transition
+        raise AccountingError(f"{prepared_dir}: joining slates/ gave {ds.count()} transitions, not {rows}")
+    return ds
 
 
 def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
