@@ -53,6 +53,7 @@ from mtrec_dist.data.ids import IdKeys, intern_ids
 from mtrec_dist.data.readers import REASON_COLUMN, InputError, join_path, resolve_filesystem
 from mtrec_dist.data.schema import SCHEMA_VERSION
 from mtrec_dist.data.sessionize import annotate_users, index_transitions
+from mtrec_dist.data.shuffle import whole_user_blocks
 from mtrec_dist.data.slates import Impressions, find_impressions, summary_line, write_slates
 from mtrec_dist.data.stats import collect_stats, largest, sum_by, total
 from mtrec_dist.data.summaries import summarize_manifest
@@ -228,19 +229,6 @@ def _per_user_stage(run: _Run, staged):
     run.say(f"[prepare] sessionize + windows: {run.num_transitions:,} transitions in "
             f"{run.timings['sessionize']:.1f}s")
     return annotated
-
-
-def whole_user_blocks(ds, user_column: str, rows: int, cfg: PrepareConfig):
-    """``(ds repartitioned so that each block holds whole users, the number of blocks)``: a hash repartition
-    on ``user_column`` into ``rows / rows_per_partition`` blocks (at most ``max_partitions``; the same
-    guarantee groupby().map_groups() relies on), or one block for small inputs (no hash shuffle)."""
-    parts = partitions_for(rows, cfg)
-    return (ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=[user_column], sort=True)), parts
-
-
-def partitions_for(rows: int, cfg: PrepareConfig) -> int:
-    """How many blocks a shuffle of ``rows`` rows makes: ``rows / rows_per_partition``, 1 to ``max_partitions``."""
-    return max(1, min(cfg.max_partitions, -(-rows // cfg.rows_per_partition)))
 
 
 def _id_keys(run: _Run) -> IdKeys:

@@ -41,6 +41,7 @@ from mtrec_dist.data.dataset import (SLATE_REJECTS_DIR, SLATE_SCHEMA, SLATES_DIR
 from mtrec_dist.data.input_files import InputError, InputFile, join_path, list_input_files, resolve_filesystem
 from mtrec_dist.data.parsed import REASON_COLUMN, SOURCE_COLUMN
 from mtrec_dist.data.schema import NO_SLATE
+from mtrec_dist.data.shuffle import whole_user_blocks
 from mtrec_dist.data.simulator import IMPRESSIONS_DIR, LOGS_DIR  # the simulator's layout
 from mtrec_dist.data.vocab import as_raw_ids
 
@@ -276,8 +277,6 @@ def write_slates(imp: Impressions, vocab_ref, cfg, fs_out: pafs.FileSystem, out_
     import ray
     from ray.data.expressions import col
 
-    from mtrec_dist.data.prepare import whole_user_blocks  # the driver's shuffle (prepare imports this module)
-
     udf = dict(batch_size=None, batch_format="pyarrow")
     # read once (each Parquet read costs seconds of planning): K from the lengths, then the slates
     raw = ray.data.read_parquet([f.path for f in imp.files], filesystem=imp.fs, partitioning=None,
@@ -333,8 +332,6 @@ def _matches(kept, transitions, rows: int, cfg) -> dict:
     """:data:`MATCH_COUNTS` of the transitions against the kept slates, hash-joined per user (``rows``: how many
     rows the two hold, which sizes the shuffle)."""
     from ray.data.expressions import col
-
-    from mtrec_dist.data.prepare import whole_user_blocks
 
     udf = dict(batch_size=None, batch_format="pyarrow")
     both = transitions.filter(expr=col("slate_id") != NO_SLATE).map_batches(

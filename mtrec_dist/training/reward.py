@@ -83,7 +83,7 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     repartition by user gives each block whole users, as prepare's per-user stage does."""
     from mtrec_dist.data.dataset import AccountingError
     from mtrec_dist.data.pipeline import read_transitions
-    from mtrec_dist.data.prepare import partitions_for, whole_user_blocks
+    from mtrec_dist.data.shuffle import partitions_for, whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
     from mtrec_dist.data.slate_join import slate_table, with_slates
 
