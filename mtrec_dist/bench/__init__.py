@@ -15,6 +15,9 @@ One module per idea:
 * :mod:`.train_bench` -- one model: plain vs 1 vs 2 workers;
 * :mod:`.scoring_bench` -- ``score-rewards`` vs a plain scoring loop (same scores checked) and training;
 * :mod:`.catalog_steps` -- QR-IQL step time against catalog size (``--catalog-sizes``);
+* :mod:`.sharded_bench` -- scoring and ranking a catalog with the table sharded (``--sharded-items``);
+* :mod:`.peer` -- our four backbones against RecBole 1.2.1's on MovieLens-1M (``--peer recbole``), RecBole
+  run by :mod:`.recbole_peer_run` in its own venv;
 * :mod:`.report` -- the ratios side by side: JSON, a console table, a Markdown section for bench/RESULTS.md;
 * :mod:`.runner` -- one whole run in order.
 

@@ -18,7 +18,9 @@ GOALS = {  # key -> (goal, what the goal says)
     "scoring_vs_training": (2.0, ">= 2.0"),
     "scoring_vs_plain": (1.0, ">= 1.0"),
     "catalog_sampled_speed": (1 / 1.3, ">= 0.77 (step time at 10^7 items <= 1.3x at 10^4)"),
+    "peer_speed": (2.0, ">= 2.0 at equal or better NDCG@10"),
 }
+PEER_NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser", "nextitnet": "NextItNet"}
 
 
 def _row(key: str, label: str, value: Optional[float], detail: str, goal_key: Optional[str] = None) -> Dict[str, Any]:
@@ -137,6 +139,45 @@ def sharded_ranking_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
                  f"also need a [256 x {c['items']:,}] score matrix ({256 * c['items'] * 4 / 2**30:,.1f} GiB)")]
 
 
+def peer_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Ours / RecBole training samples/s per model; the goal is met only at equal or better NDCG@10."""
+    label = "{}: ours (Ray Train) / RecBole 1.2.1, training samples/s"
+    if "error" in p:
+        return [_failed("peer", label.format("peer"), p)]
+    rows = []
+    for r in p["rows"]:
+        row = _row(f"peer_{r['model']}_speed", label.format(PEER_NAMES[r["model"]]), r["speed_ratio"],
+                   f"{r['ours_samples_per_s']:,.0f} vs {r['recbole_samples_per_s']:,.0f} samples/s; NDCG@10 "
+                   f"{r['ours_ndcg10']:.4f} vs {r['recbole_ndcg10']:.4f} ({r['epochs']} epoch(s))", "peer_speed")
+        row["met"] = row["met"] and r["ours_ndcg10"] >= r["recbole_ndcg10"]
+        rows.append(row)
+    rows += [_row(f"peer_{m}_speed", label.format(PEER_NAMES[m]), None, f"not measured: {e}")
+             for m, e in p.get("errors", {}).items()]
+    return rows
+
+
+def peer_lines(result: Dict[str, Any]) -> List[str]:
+    """The side-by-side table of the RecBole comparison, with its settings."""
+    p = result["stages"].get("peer")
+    if not p or "error" in p or not p["rows"]:
+        return []
+    s, d = p["settings"], p["data"]
+    lines = ["", f"Peer: RecBole 1.2.1 on {d['events']:,} MovieLens-1M ratings ({d['users']:,} users, {d['items']:,} "
+             f"items): {s['layers']} layers, d={s['dim']}, {s['heads']} heads, max length {s['state_len']}, dropout "
+             f"{s['dropout']}, global batch {s['batch_size']}, lr {s['lr']}, full softmax, {s['epochs']} epoch(s); "
+             f"ours on {s['workers']} Ray Train workers x {s['threads']} thread(s), RecBole on "
+             f"{s['recbole_threads'] or s['workers'] * s['threads']} thread(s). NDCG@10: full ranking, the user's "
+             "other items masked (RecBole's protocol; ours unmasked in brackets).", "",
+             "| model | ours samples/s | RecBole samples/s | ratio | ours NDCG@10 | RecBole NDCG@10 | ours HR@10 | "
+             "RecBole HR@10 | training s (ours / RecBole) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        lines.append(f"| {PEER_NAMES[r['model']]} | {r['ours_samples_per_s']:,.0f} | {r['recbole_samples_per_s']:,.0f} | "
+                     f"**{r['speed_ratio']:.2f}x** | {r['ours_ndcg10']:.4f} ({r['ours_ndcg10_unmasked']:.4f}) | "
+                     f"{r['recbole_ndcg10']:.4f} | {r['ours_hr10']:.4f} | {r['recbole_hr10']:.4f} | "
+                     f"{r['ours_train_s']:.0f} / {r['recbole_train_s']:.0f} |")
+    return lines
+
+
 def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every ratio the run measured, in a fixed order."""
     stages = result["stages"]
@@ -154,6 +195,8 @@ def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows += sharded_scoring_rows(stages["sharded_scoring"])
     if "sharded_ranking" in stages:
         rows += sharded_ranking_rows(stages["sharded_ranking"])
+    if "peer" in stages:
+        rows += peer_rows(stages["peer"])
     return rows
 
 
@@ -182,15 +225,12 @@ def breakdown_lines(result: Dict[str, Any]) -> List[str]:
 
 def markdown(result: Dict[str, Any]) -> str:
     """The run as a Markdown section: machine and load, every ratio side by side, the time breakdown."""
-    m, s, lb, la = result["machine"], result["sizes"], result["load_before"], result["load_after"]
+    m, lb, la = result["machine"], result["load_before"], result["load_after"]
     lines = [f"### `{result['command']}`: {result['started']}", "",
              f"{m['cores']} cores, torch {m['torch']}, Ray {m['ray']}, Python {m['python']}"
              f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}, commit {m.get('commit')}. "
              f"**Load average before {lb['1m']} / {lb['5m']} / {lb['15m']}, after {la['1m']} / {la['5m']} / {la['15m']}** "
-             f"(1 / 5 / 15 min). {result['world']['events']:,} simulated events ({s['users']:,} users, "
-             f"{s['items']:,} items, {s['days']} day(s)); {s['steps']} training steps per run, the first "
-             f"{s['warmup_steps']} left out of steady state; plain runs on {s['threads']} torch thread(s). "
-             f"Whole run {result['total_s']:.0f} s.", "",
+             f"(1 / 5 / 15 min). {_world_text(result)}Whole run {result['total_s']:.0f} s.", "",
              "| ratio (library / baseline) | value | goal | measured |", "|---|---|---|---|"]
     for r in result["ratios"]:
         met = "" if r["met"] is None else (" (met)" if r["met"] else " (not met)")
@@ -198,7 +238,18 @@ def markdown(result: Dict[str, Any]) -> str:
     breakdown = breakdown_lines(result)
     if breakdown:
         lines += ["", "Where the time goes (plain run before the Ray runs; Ray Train with 1 worker):", ""] + breakdown
+    lines += peer_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _world_text(result: Dict[str, Any]) -> str:
+    """The simulated world and budget, when the run used them (the peer alone does not)."""
+    if "world" not in result:
+        return ""
+    s = result["sizes"]
+    return (f"{result['world']['events']:,} simulated events ({s['users']:,} users, {s['items']:,} items, "
+            f"{s['days']} day(s)); {s['steps']} training steps per run, the first {s['warmup_steps']} left out of "
+            f"steady state; plain runs on {s['threads']} torch thread(s). ")
 
 
 RESULTS_HEADING = "## `mtrec bench` runs"

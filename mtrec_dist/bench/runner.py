@@ -10,13 +10,14 @@ import datetime as dt
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from mtrec_dist.config import PipelineConfig
 
 from .machine import load_average, machine_info
+from .peer import PeerSettings, bench_peer
 from .prepare_bench import bench_prepare
 from .report import collect_ratios
 from .scoring_bench import bench_scoring
@@ -58,10 +59,12 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
 
 def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
               workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), sharded_items: int = 0,
-              sharded_rows: int = 20_000, command: str = "mtrec bench", say=print) -> Dict[str, Any]:
+              sharded_rows: int = 20_000, peer: Optional[PeerSettings] = None, command: str = "mtrec bench",
+              say=print) -> Dict[str, Any]:
     """Run the chosen stages; with ``catalog_sizes``, also the step time per catalog size; with
     ``sharded_items`` > 0, also scoring ``sharded_rows`` pairs both ways and ranking with the table sharded, on
-    ``sharded_items``-item models.  The whole result (see :mod:`.report` for its ratios)."""
+    ``sharded_items``-item models; with ``peer``, our recommenders against RecBole's on MovieLens-1M (:mod:`.peer`).
+    The whole result (see :mod:`.report` for its ratios)."""
     from mtrec_dist.runtime import resolve_use_gpu
 
     unknown = sorted(set(stages) - set(STAGES))
@@ -74,9 +77,12 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
                               "stages": {}}
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda") if resolve_use_gpu(base.train.use_gpu) else torch.device("cpu")
+    done = result["stages"]
+    if not (stages or catalog_sizes or sharded_items):  # the peer alone reads MovieLens, not the simulated world
+        start_ray(base, sizes.threads)
+        return _finish(result, done, work, peer, t0, say)
     world = simulate_world(base, sizes, work, say)
     start_ray(base, sizes.threads)
-    done = result["stages"]
     if "prepare" in stages:
         done["prepare"] = _attempt("prepare", lambda: bench_prepare(base, world, say), say)
     manifest = ensure_prepared(base, world)
@@ -99,6 +105,14 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
             base, sharded_items, sharded_rows, manifest["state_len"], work, say), say)
         done["sharded_ranking"] = _attempt("sharded_ranking", lambda: bench_sharded_ranking(
             base, sharded_items, RANKING_ROWS, manifest["state_len"], work, say), say)
+    return _finish(result, done, work, peer, t0, say)
+
+
+def _finish(result: Dict[str, Any], done: Dict[str, Any], work: Path, peer: Optional[PeerSettings], t0: float,
+            say) -> Dict[str, Any]:
+    """The peer comparison (when asked for), the load after, the ratios."""
+    if peer is not None:
+        done["peer"] = _attempt("peer", lambda: bench_peer(peer, work, say), say)
     result["load_after"] = load_average()
     result["total_s"] = time.time() - t0
     result["ratios"] = collect_ratios(result)
@@ -107,4 +121,4 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
 
 def failed_stages(result: Dict[str, Any]) -> list:
     """Names of the stages that recorded an error."""
-    return [name for name, stage in result["stages"].items() if "error" in stage]
+    return [name for name, stage in result["stages"].items() if "error" in stage or stage.get("errors")]

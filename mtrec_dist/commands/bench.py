@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 
+from mtrec_dist.bench.peer import DEFAULT_RATINGS, PEER_MODELS
+
 SIZE_FLAGS = ("users", "items", "days", "steps", "report_every", "warmup_intervals", "threads")
 
 
@@ -31,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"{size_help[name]} ({_preset(name)})")
     p.add_argument("--stages", default="prepare,qriql,sasrec,scoring",
-                   help="comma-separated stages to run (scoring needs qriql; default: all)")
+                   help="comma-separated stages to run (scoring needs qriql; default: all; 'none' with --peer runs "
+                        "only the peer comparison)")
     p.add_argument("--catalog-sizes", default="", metavar="N,N,...",
                    help="also time one QR-IQL step per catalog size (DMP, one rank, synthetic batches; sampled vs "
                         "full-catalog soft value), e.g. 10000,100000,1000000 (default: skipped)")
@@ -41,6 +44,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sharded; peak RSS per process, rows/s (default: skipped)")
     p.add_argument("--sharded-rows", type=int, default=20_000, metavar="R",
                    help="pairs scored by --sharded-items (default 20,000)")
+    p.add_argument("--peer", choices=["recbole"], default=None,
+                   help="also train our SASRec, GRU4Rec, Caser and NextItNet and RecBole 1.2.1's on the same "
+                        "MovieLens-1M subset, split, architecture and budget: samples/s and NDCG@10 side by side "
+                        "(RecBole runs in its own venv: bash scripts/peer_recbole_env.sh; default: skipped)")
+    p.add_argument("--peer-epochs", type=int, default=1, help="epochs of every peer run, both sides (default 1)")
+    p.add_argument("--peer-models", default=",".join(PEER_MODELS), metavar="M,M,...",
+                   help=f"peer models (default all: {','.join(PEER_MODELS)})")
+    p.add_argument("--peer-users", type=int, default=0, metavar="N",
+                   help="only the N smallest user ids of the ratings file, on both sides (default 0: all)")
+    p.add_argument("--peer-ratings", default=None, metavar="PATH",
+                   help="MovieLens ratings.dat (default $MTREC_ML1M_RATINGS, else " + DEFAULT_RATINGS + ")")
+    p.add_argument("--peer-recbole-threads", type=int, default=0, metavar="T",
+                   help="RecBole's torch threads (default 0: as many as ours uses in all, workers x --threads)")
     p.add_argument("--work", default=None, metavar="DIR",
                    help="scratch folder; simulated logs are reused between runs (default: <run_dir>/bench)")
     p.add_argument("--json", default=None, metavar="PATH", help="where the JSON result goes (default: <work>/bench.json)")
@@ -55,7 +71,28 @@ def _command_line(args) -> str:
     parts += [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if getattr(args, f) is not None]
     parts += [f"--catalog-sizes {args.catalog_sizes}"] if args.catalog_sizes else []
     parts += [f"--sharded-items {args.sharded_items} --sharded-rows {args.sharded_rows}"] if args.sharded_items else []
+    if args.peer:
+        parts += [f"--stages {args.stages}", f"--peer {args.peer} --peer-epochs {args.peer_epochs} "
+                  f"--peer-models {args.peer_models}"]
+        parts += [f"--peer-users {args.peer_users}"] if args.peer_users else []
+        parts += [f"--peer-recbole-threads {args.peer_recbole_threads}"] if args.peer_recbole_threads else []
     return " ".join(parts)
+
+
+def peer_settings(args, threads: int):
+    """The peer comparison's settings from the flags (``None`` without ``--peer``); raises PeerUnavailable with
+    the one command to run when the peer environment or the data is missing, before anything starts."""
+    from mtrec_dist.bench.peer import PeerSettings, check_ratings, parse_models, peer_python
+
+    if not args.peer:
+        return None
+    s = PeerSettings(models=parse_models(args.peer_models), epochs=args.peer_epochs, max_users=args.peer_users,
+                     threads=threads, recbole_threads=args.peer_recbole_threads)
+    if args.peer_ratings:
+        s.ratings = args.peer_ratings
+    peer_python(s.venv)
+    check_ratings(s.ratings)
+    return s
 
 
 def run(args) -> int:
@@ -71,11 +108,18 @@ def run(args) -> int:
     work = Path(args.work or Path(cfg.run_dir) / "bench")
     if "://" in str(work):
         raise ValueError(f"--work {work}: the benchmark needs a local folder (the baselines read it directly)")
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip() and s.strip() != "none"]
+    from mtrec_dist.bench.peer import PeerUnavailable
+
+    try:
+        peer = peer_settings(args, sizes.threads)
+    except PeerUnavailable as e:
+        print(f"mtrec bench --peer {args.peer}: {e}", file=sys.stderr)
+        return 2
     catalog = [int(n) for n in args.catalog_sizes.split(",") if n.strip()]
     result = run_bench(cfg, sizes, work, stages=stages, catalog_sizes=catalog,
                        sharded_items=args.sharded_items, sharded_rows=args.sharded_rows,
-                       command=_command_line(args), say=lambda m: print(m, file=sys.stderr, flush=True))
+                       peer=peer, command=_command_line(args), say=lambda m: print(m, file=sys.stderr, flush=True))
     text = markdown(result)
     print(text)
     json_path = Path(args.json) if args.json else work / "bench.json"
