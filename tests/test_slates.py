@@ -19,7 +19,7 @@ from mtrec_dist.data.dataset import SLATE_REJECTS_DIR, SLATE_SCHEMA, SLATES_DIR
 from mtrec_dist.data.readers import InputError
 from mtrec_dist.data.schema import EVENT_SCHEMA, NO_SLATE, TRANSITION_COLUMNS
 from mtrec_dist.data.simulator import EXPOSURE_SCHEMA
-from mtrec_dist.data.summaries import summarize_manifest
+from mtrec_dist.data.summaries import manifest_line, summarize_manifest
 from mtrec_dist.data.vocab import extend_vocab
 from mtrec_dist.training.reward import training_transitions
 
@@ -177,6 +177,7 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
     assert sum(s["rows"] for s in entry["shards"][SLATES_DIR]) == 4
     assert prep.load_manifest(str(out))["slates"] == entry
     assert "  slates: 9 impressions in = 4 ok + 5 rejected" in summarize_manifest(m)  # `mtrec inspect`
+    assert "; 4 slates shown (impressions in 9 = ok 4 + rejected 5)" in manifest_line(m)  # `mtrec pipeline`
     assert any(line.startswith("[prepare] slates: 9 impressions in = 4 ok + 5 rejected") and "25.0%" in line
                for line in lines), lines
 

@@ -33,8 +33,11 @@ def summarize_manifest(m: dict) -> str:
 def manifest_line(m: dict) -> str:
     """One line of a manifest for a whole run's output (``mtrec inspect`` shows all of it)."""
     rejects = "".join(f", {k} {v:,}" for k, v in m["rejects_by_reason"].items())
+    sl = m.get("slates")
+    slates = (f"; {sl['rows_ok']:,} slates shown (impressions in {sl['rows_in']:,} = ok {sl['rows_ok']:,} + "
+              f"rejected {sl['rows_rejected']:,})" if sl else "")
     return (f"prepared {m['num_transitions']:,} transitions, {m['num_items']:,} items, {m['num_users']:,} users "
-            f"(rows_in {m['rows_in']:,} = ok {m['rows_ok']:,} + rejected {m['rows_rejected']:,}{rejects}) "
+            f"(rows_in {m['rows_in']:,} = ok {m['rows_ok']:,} + rejected {m['rows_rejected']:,}{rejects}){slates} "
             f"in {m['total_seconds']}s")
 
 
