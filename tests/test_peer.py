@@ -44,9 +44,16 @@ def test_max_users_keeps_the_smallest_user_ids(tmp_path):
     assert peer.read_ratings(str(subset)) == rows  # our prepare reads exactly the events RecBole reads
 
 
-def test_nonzero_counts_of_left_padded_states():
-    states = pa.chunked_array([pa.array([[0, 0, 0], [0, 5, 7], [1, 2, 3]]), pa.array([[0, 0, 4]])])
-    assert peer._nonzero_counts(states).to_pylist() == [0, 2, 3, 1]
+def test_training_input_skips_empty_states_and_validation_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    (tmp_path / "prepared" / "transitions").mkdir(parents=True)
+    table = pa.table({"state_items": pa.array([[0, 0, 0], [0, 5, 7], [1, 2, 3], [0, 0, 4]], pa.list_(pa.int64())),
+                      "pos_from_end": pa.array([3, 2, 1, 4], pa.int32())})
+    pq.write_table(table, tmp_path / "prepared" / "transitions" / "part-0.parquet")
+    out = peer.training_input(tmp_path / "prepared", tmp_path / "train_input")
+    # row 0 has no real item (a user's first), row 2 is validation: both marked like test rows; the rest kept
+    assert pq.read_table(out / "part-0.parquet").column("pos_from_end").to_pylist() == [0, 2, 0, 4]
 
 
 def _row(model: str, ours: float, theirs: float, ndcg: float, their_ndcg: float) -> dict:

@@ -135,27 +135,17 @@ def training_input(prepared: Path, out: Path) -> Path:
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
+    from mtrec_dist.data.pipeline import collate_transitions
+
     table = pads.dataset(str(prepared / "transitions"), format="parquet", ignore_prefixes=["_", "."]).to_table()
-    empty = pc.equal(_nonzero_counts(table["state_items"]), 0)
+    state = collate_transitions(table.select(["state_items"]))["state_items"]
+    empty = pa.array((state == 0).all(1).numpy())
     skip = pc.or_(pc.equal(table["pos_from_end"], 1), empty)
     pos = pc.if_else(skip, pa.scalar(0, pa.int32()), table["pos_from_end"])
     table = table.set_column(table.schema.get_field_index("pos_from_end"), "pos_from_end", pos)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, str(out / "part-0.parquet"))
     return out
-
-
-def _nonzero_counts(lists) -> Any:
-    """Real (non-padding) items per state."""
-    import numpy as np
-    import pyarrow as pa
-
-    arr = lists.combine_chunks() if hasattr(lists, "combine_chunks") else lists
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    offsets = arr.offsets.to_numpy()
-    nonzero = np.add.reduceat((values != 0).astype(np.int64), offsets[:-1]) if len(values) else np.zeros(0)
-    nonzero = np.where(offsets[1:] > offsets[:-1], nonzero, 0)  # reduceat repeats the next value for empty lists
-    return pa.array(nonzero)
 
 
 def our_config(s: PeerSettings, backbone: str, run_dir: Path):
@@ -208,6 +198,7 @@ def rank_ours(summary: Dict[str, Any], prepared: Path, num_items: int) -> Dict[s
     import pyarrow.dataset as pads
     import torch
 
+    from mtrec_dist.data.pipeline import collate_transitions
     from mtrec_dist.evaluation.evaluate import _recommender_factory
     from mtrec_dist.evaluation.metrics import ranking_report
     from mtrec_dist.evaluation.offline import user_histories
@@ -218,10 +209,9 @@ def rank_ours(summary: Dict[str, Any], prepared: Path, num_items: int) -> Dict[s
     t = pads.dataset(str(prepared / "transitions"), format="parquet", ignore_prefixes=["_", "."]).to_table(
         columns=["user_idx", "state_items", "state_feedback", "action"], filter=pc.field("pos_from_end") == 0)
     histories = user_histories(str(prepared))
-    items = torch.as_tensor(np.stack(t["state_items"].to_numpy(zero_copy_only=False)), dtype=torch.long)
-    feedback = torch.as_tensor(np.stack(t["state_feedback"].to_numpy(zero_copy_only=False)), dtype=torch.float32)
-    action = torch.as_tensor(t["action"].to_numpy().copy(), dtype=torch.long)
-    users = t["user_idx"].to_numpy()
+    batch = collate_transitions(t)
+    items, feedback, action = batch["state_items"], batch["state_feedback"], batch["action"]
+    users = batch["user_idx"].numpy()
     masked, plain = [], []
     with torch.no_grad():
         for lo in range(0, len(action), 512):
