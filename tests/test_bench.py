@@ -258,21 +258,90 @@ def test_tiny_bench_run_passes_every_check(ray_cluster, tmp_path):
     assert "| prepare: library / plain pandas+pyarrow |" in markdown(result)
 
 
-def test_catalog_step_times_cover_sampled_and_full_soft_values():
-    import torch.distributed as dist
+def test_catalog_runs_cover_sampled_and_full_soft_values_smallest_first():
+    from mtrec_dist.bench.catalog_steps import plan_runs
 
+    assert plan_runs([200, 50], negatives=8, full_max=100) == [(50, 8), (50, 0), (200, 8)]  # no full above full_max
+
+
+def test_catalog_run_takes_the_slowest_rank_and_keeps_each_ranks_memory():
+    from mtrec_dist.bench.catalog_steps import merge_ranks
+
+    ranks = [{"items": 10, "soft_value": "sampled 8", "rank": r, "step_s_median": 0.1 + r, "steps": 5,
+              "warmup_s": 1.0, "peak_rss_mb": 100.0 + r, "shard_rows": 5, "shard_mb": 2.0} for r in range(2)]
+    merged = merge_ranks(ranks)
+    assert merged["step_s_median"] == 1.1 and merged["workers"] == 2
+    assert [k["peak_rss_mb"] for k in merged["ranks"]] == [100.0, 101.0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_catalog_steps_shard_the_table_over_two_workers(ray_cluster, tmp_path):
     from mtrec_dist.bench.catalog_steps import bench_catalog
 
-    try:
-        out = bench_catalog(tiny_config(), [50, 200], state_len=4, negatives=8, full_max=100, budget_s=0.05,
-                            say=lambda m: None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    out = bench_catalog(tiny_config(), [50, 200], state_len=4, work=tmp_path, negatives=8, full_max=100,
+                        budget_s=0.05, say=lambda m: None)
     assert [(r["items"], r["soft_value"]) for r in out["runs"]] == [
-        (50, "sampled 8"), (50, "full catalog"), (200, "sampled 8")]  # no full catalog above full_max
-    assert all(r["steps"] >= 3 and r["step_s_median"] > 0 for r in out["runs"])
+        (50, "sampled 8"), (50, "full catalog"), (200, "sampled 8")]
+    for run in out["runs"]:
+        assert run["steps"] >= 3 and run["step_s_median"] > 0 and [k["rank"] for k in run["ranks"]] == [0, 1]
+        # row-wise: the two shards hold the whole table (items + the padding row), each a part of it
+        rows = [k["shard_rows"] for k in run["ranks"]]
+        assert sum(rows) == run["items"] + 1 and min(rows) > 0
+        assert run["ranks"][0]["shard_mb"] == pytest.approx(rows[0] * 8 * 4 / 2**20)
+        assert all(k["peak_rss_mb"] > 0 for k in run["ranks"])
     assert (out["ratios"]["smallest"], out["ratios"]["largest"]) == (50, 200)
+
+
+def _scale_result() -> dict:
+    def prepare(events, library_s, plain_s):
+        return {"events": events, "check": {"library": {"transitions": events - 1, "checksum": "ab"}},
+                "library": {"wall_s": library_s, "stages_s": {"read_validate": 1.0, "sessionize": 2.0, "write": 3.0}},
+                "ratios": {"plain_s": plain_s, "library_vs_plain": plain_s / library_s}}
+
+    ranks = lambda peak: [{"rank": r, "peak_rss_mb": peak + r, "shard_mb": peak / 4, "step_s_median": 0.05} for r in (0, 1)]
+    catalog = {"workers": 2, "runs": [
+        {"items": 10_000, "soft_value": "sampled 256", "step_s_median": 0.050, "ranks": ranks(400.0)},
+        {"items": 10_000, "soft_value": "full catalog", "step_s_median": 0.100, "ranks": ranks(410.0)},
+        {"items": 10_000_000, "soft_value": "sampled 256", "step_s_median": 0.060, "ranks": ranks(1200.0)}],
+        "ratios": {"sampled_speed_largest_vs_smallest": 0.05 / 0.06, "smallest": 10_000, "largest": 10_000_000}}
+    result = _fake_result()
+    result["stages"] = {"catalog": catalog, "prepare_scale": {
+        "runs": [prepare(1_000_000, 20.0, 4.0), {"error": "X: y"}, prepare(10_000_000, 60.0, 50.0)], "errors": ["X: y"]}}
+    return result
+
+
+def test_scale_report_rows_and_tables():
+    from mtrec_dist.bench.report import scale_lines
+
+    result = _scale_result()
+    rows = {r["key"]: r for r in collect_ratios(result)}
+    assert rows["prepare_scale_library_vs_plain"]["value"] == pytest.approx(50 / 60)
+    assert rows["prepare_scale_library_vs_plain"]["met"] is False and "10,000,000 events" in rows[
+        "prepare_scale_library_vs_plain"]["label"]
+    assert rows["prepare_scale_linearity"]["value"] == pytest.approx((60 / 20) / 10)  # sub-linear: 0.3
+    assert rows["catalog_sampled_speed"]["met"] is True and "1,200 MiB (shard 300.0)" in rows["catalog_sampled_speed"]["detail"]
+    text = "\n".join(scale_lines(result))
+    assert "| 10,000,000 | sampled 256 | 60.0 | 1,200 (300.0), 1,201 (300.0) |" in text
+    assert "| 10,000,000 | 60.00 | 50.00 | 0.83x |" in text
+
+
+def test_scale_plot_is_drawn_only_when_there_are_curves(tmp_path):
+    from mtrec_dist.bench.plots import plot_scale
+
+    path = plot_scale(_scale_result(), tmp_path / "scale.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_scale(_fake_result(), tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_size_lists_name_the_flag_on_bad_input():
+    from mtrec_dist.commands.bench import _int_list
+
+    assert _int_list("--prepare-scale", "40000, 400_000") == [40000, 400000]
+    with pytest.raises(ValueError, match="--catalog-sizes '1e4'"):
+        _int_list("--catalog-sizes", "1e4")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _int_list("--prepare-scale", "0")
 
 
 def test_sharded_scoring_report_puts_each_worker_next_to_its_shard():

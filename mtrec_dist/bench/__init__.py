@@ -14,7 +14,9 @@ One module per idea:
 * :mod:`.ray_train` -- the library's training entry points with N Ray Train workers, timed;
 * :mod:`.train_bench` -- one model: plain vs 1 vs 2 workers;
 * :mod:`.scoring_bench` -- ``score-rewards`` vs a plain scoring loop (same scores checked) and training;
-* :mod:`.catalog_steps` -- QR-IQL step time against catalog size (``--catalog-sizes``);
+* :mod:`.catalog_steps` -- QR-IQL step time and peak memory per rank against catalog size, the table
+  row-wise over 2 workers (``--catalog-sizes``);
+* :mod:`.plots` -- the scale curves (catalog, ``--prepare-scale``) as ``<work>/bench_scale.png``;
 * :mod:`.sharded_bench` -- scoring and ranking a catalog with the table sharded (``--sharded-items``);
 * :mod:`.peer` -- our four backbones against RecBole 1.2.1's on MovieLens-1M (``--peer recbole``), RecBole
   run by :mod:`.recbole_peer_run` in its own venv;

@@ -1,35 +1,30 @@
-"""Step time against catalog size: the real ``QRIQLModel`` under TorchRec DMP with one in-process gloo
-rank (forward, backward, fused sparse optimizer, target update; no Ray, no data pipeline) on synthetic
-batches, with the sampled soft value (``reward.num_negatives``) and with the full-catalog one.
+"""Step time and peak memory per rank against catalog size: the real ``QRIQLModel`` with its item table
+sharded row-wise over 2 Ray Train workers (gloo or NCCL; forward, backward, fused sparse optimizer, target
+update; no data pipeline) on synthetic batches, with the sampled soft value (``reward.num_negatives``) and
+with the full-catalog one.
 
-This isolates what the catalog costs a step: with sampled candidates the step should stay flat as the
-table grows (issue 9: at most 1.3x from 10^4 to 10^7 items); the full-catalog soft value grows with it.
-Moved here from the former ``bench/bench_train.py`` part (c); ``mtrec bench --catalog-sizes`` runs it.
+This isolates what the catalog costs a step and a process: with sampled candidates the step should stay flat
+as the table grows (issue 9: at most 1.3x from 10^4 to 10^7 items), and each rank should hold its half of the
+table plus a part that does not grow with it; the full-catalog soft value grows with the table.
+``mtrec bench --catalog-sizes`` runs it; :mod:`.plots` draws the curves.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
-import socket
+import json
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from mtrec_dist.config import PipelineConfig
 
-
-def init_single_rank() -> None:
-    """A one-rank gloo process group in this process (DMP needs one), once."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+WORKERS = 2
+DEFAULT_NEGATIVES = 256  # sampled candidates when the config uses the full catalog (reward.num_negatives 0)
+_RESULT = "catalog_steps.json"
 
 
 def synthetic_batch(num_items: int, batch_size: int, state_len: int, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -44,21 +39,37 @@ def synthetic_batch(num_items: int, batch_size: int, state_len: int, seed: int =
             "done": (torch.rand(batch_size, generator=g) < 0.1).float(), "mask": torch.ones(batch_size)}
 
 
-def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: int, budget_s: float,
-              min_steps: int = 3, max_steps: int = 200) -> Dict[str, Any]:
-    """Median seconds per step over the steps that fit in ``budget_s`` (at least ``min_steps``) after one
-    warm-up step."""
-    from mtrec_dist.models.reward_model import QRIQLModel
-    from mtrec_dist.training.sharding import shard_model
+def agreed_steps(first_step_s: float, budget_s: float, min_steps: int, max_steps: int,
+                 device: torch.device = torch.device("cpu")) -> int:
+    """Steps that fit in ``budget_s`` at this rank's pace, the largest over ranks: every rank must make the
+    same number of steps (each is a round of collectives), so they agree before timing."""
+    from mtrec_dist.data.pipeline import max_over_ranks
 
-    init_single_rank()
+    mine = int(np.clip(budget_s / max(first_step_s, 1e-9), min_steps, max_steps))
+    return int(max_over_ranks(torch.tensor([mine], dtype=torch.int64, device=device))[0])
+
+
+def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: int, budget_s: float, *,
+              rank: int = 0, world_size: int = 1, local_world_size: int = 1, device: torch.device = torch.device("cpu"),
+              min_steps: int = 3, max_steps: int = 200) -> Dict[str, Any]:
+    """On every rank of the default process group together: this rank's median seconds per step over the
+    steps that fit in ``budget_s`` (at least ``min_steps``) after two warm-up steps, its peak resident
+    memory while the model existed and the MiB of table rows it holds."""
+    from mtrec_dist.models.reward_model import QRIQLModel
+    from mtrec_dist.training.sharded_inference import peak_rss_mb, reset_peak_rss
+    from mtrec_dist.training.sharding import local_shard_sizes, shard_model
+
+    gc.collect()
+    reset_peak_rss()
     reward = dataclasses.replace(cfg.reward, num_negatives=negatives)
     torch.manual_seed(0)
     model = QRIQLModel(num_items, cfg.model, reward, state_len, device=torch.device("meta"))
-    sharded = shard_model(model, dataclasses.replace(cfg.train, num_workers=1), torch.device("cpu"), 1, 1)
+    train = dataclasses.replace(cfg.train, num_workers=world_size, sharding="row_wise")
+    sharded = shard_model(model, train, device, world_size, local_world_size)
     dmp, opt = sharded.dmp, sharded.optimizer
     dmp.train()
-    batches = [synthetic_batch(num_items, cfg.train.batch_size, state_len, seed=i) for i in range(4)]
+    batches = [{k: v.to(device) for k, v in synthetic_batch(num_items, cfg.train.batch_size, state_len,
+                                                           seed=1000 * rank + i).items()} for i in range(4)]
 
     def one(i: int) -> float:
         t = time.perf_counter()
@@ -67,36 +78,93 @@ def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: in
         out["loss"].backward()
         opt.step()
         sharded.call_hook("update_target")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t
 
     warmup = one(0)
-    times: List[float] = []
-    t0 = time.perf_counter()
-    while len(times) < max_steps and (len(times) < min_steps or time.perf_counter() - t0 < budget_s):
-        times.append(one(len(times) + 1))
-    del dmp, opt, sharded, model
+    steps = agreed_steps(one(1), budget_s, min_steps, max_steps, device)
+    times: List[float] = [one(i + 2) for i in range(steps)]
+    shard_rows = sum(s[0] for shapes in local_shard_sizes(dmp).values() for s in shapes)
+    shard_mb = shard_rows * cfg.model.embedding_dim * 4 / 2**20
+    out = {"items": num_items, "soft_value": f"sampled {negatives}" if negatives else "full catalog",
+           "rank": rank, "step_s_median": float(np.median(times)), "steps": len(times), "warmup_s": warmup,
+           "peak_rss_mb": peak_rss_mb(), "shard_rows": shard_rows, "shard_mb": shard_mb}
+    del dmp, opt, sharded, model, batches
     gc.collect()
-    return {"items": num_items, "soft_value": f"sampled {negatives}" if negatives else "full catalog",
-            "step_s_median": float(np.median(times)), "steps": len(times), "warmup_s": warmup}
+    return out
 
 
-DEFAULT_NEGATIVES = 256  # sampled candidates when the config uses the full catalog (reward.num_negatives 0)
+def _catalog_worker(config: Dict[str, Any]) -> None:
+    """Ray Train worker: every (items, negatives) run in order, all ranks together; rank 0 writes them all."""
+    import ray.train
+    import torch.distributed as dist
 
-
-def bench_catalog(base: PipelineConfig, sizes: Sequence[int], state_len: int, negatives: Optional[int] = None,
-                  full_max: int = 1_000_000, budget_s: float = 15.0, say=print) -> Dict[str, Any]:
-    """Sampled (``negatives``, default the config's ``reward.num_negatives`` or 256) and full-catalog step
-    times for each catalog size (full catalog only up to ``full_max`` items: beyond that one step takes
-    minutes on a CPU)."""
-    negatives = negatives or base.reward.num_negatives or DEFAULT_NEGATIVES
+    ctx = ray.train.get_context()
+    torch.set_num_threads(config["threads"])
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if config["use_gpu"] else torch.device("cpu")
     runs = []
-    for n in sorted(sizes):
-        for neg in (negatives, 0):
-            if neg == 0 and n > full_max:
-                continue
-            runs.append(step_time(base, n, neg, state_len, budget_s))
-            say(f"[bench] catalog {n:,} items, {runs[-1]['soft_value']}: {runs[-1]['step_s_median'] * 1e3:.1f} ms/step")
-    sampled = [r for r in runs if r["soft_value"].startswith("sampled")]
-    return {"runs": runs, "ratios": {"sampled_speed_largest_vs_smallest":
-                                     sampled[0]["step_s_median"] / sampled[-1]["step_s_median"],
-                                     "smallest": sampled[0]["items"], "largest": sampled[-1]["items"]}}
+    for items, negatives in config["runs"]:
+        mine = step_time(config["base"], items, negatives, config["state_len"], config["budget_s"], rank=rank,
+                         world_size=world, local_world_size=ctx.get_local_world_size(), device=device)
+        ranks: List[Optional[Dict[str, Any]]] = [None] * world
+        dist.all_gather_object(ranks, mine)
+        runs.append(ranks)
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(runs))
+
+
+def plan_runs(sizes: Sequence[int], negatives: int, full_max: int) -> List[Tuple[int, int]]:
+    """``(items, negatives)`` per run, smallest catalog first: sampled for every size, the full catalog
+    (negatives 0) up to ``full_max`` items (beyond that one step takes minutes on a CPU)."""
+    return [(n, neg) for n in sorted(sizes) for neg in (negatives, 0) if neg or n <= full_max]
+
+
+def merge_ranks(ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One run's figures from every rank's: the slowest rank's median step (the ranks step together) and
+    each rank's peak memory next to its shard."""
+    first = ranks[0]
+    return {"items": first["items"], "soft_value": first["soft_value"], "workers": len(ranks),
+            "step_s_median": max(r["step_s_median"] for r in ranks), "steps": first["steps"],
+            "warmup_s": max(r["warmup_s"] for r in ranks),
+            "ranks": [{k: r[k] for k in ("rank", "peak_rss_mb", "shard_rows", "shard_mb", "step_s_median")} for r in ranks]}
+
+
+def bench_catalog(base: PipelineConfig, sizes: Sequence[int], state_len: int, work: Path,
+                  negatives: Optional[int] = None, full_max: int = 1_000_000, budget_s: float = 15.0,
+                  threads: int = 1, say=print) -> Dict[str, Any]:
+    """Sampled (``negatives``, default the config's ``reward.num_negatives`` or 256) and full-catalog step
+    times and peak memory per rank for each catalog size, on :data:`WORKERS` Ray Train workers."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mtrec_dist.runtime import dist_backend, resolve_use_gpu
+
+    use_gpu = resolve_use_gpu(base.train.use_gpu)
+    negatives = negatives or base.reward.num_negatives or DEFAULT_NEGATIVES
+    runs = plan_runs(sizes, negatives, full_max)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / _RESULT
+    out.unlink(missing_ok=True)
+    result = TorchTrainer(
+        _catalog_worker,
+        train_loop_config={"base": base, "runs": runs, "state_len": state_len, "budget_s": budget_s,
+                           "threads": threads, "use_gpu": use_gpu, "out": str(out)},
+        torch_config=TorchConfig(backend=dist_backend(use_gpu), timeout_s=base.train.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=WORKERS, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": base.train.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name="bench-catalog", storage_path=str(work / "ray")),
+    ).fit()
+    if result.error is not None:
+        raise RuntimeError(f"catalog step times on {WORKERS} workers failed: {result.error}") from result.error
+    merged = [merge_ranks(ranks) for ranks in json.loads(out.read_text())]
+    for r in merged:
+        peaks = ", ".join(f"{k['peak_rss_mb']:,.0f}" for k in r["ranks"])
+        say(f"[bench] catalog {r['items']:,} items, {r['soft_value']}: {r['step_s_median'] * 1e3:.1f} ms/step, "
+            f"peak RSS per rank {peaks} MiB")
+    sampled = [r for r in merged if r["soft_value"].startswith("sampled")]
+    return {"runs": merged, "workers": WORKERS, "sharding": "row_wise", "device": "cuda" if use_gpu else "cpu",
+            "ratios": {"sampled_speed_largest_vs_smallest": sampled[0]["step_s_median"] / sampled[-1]["step_s_median"],
+                       "smallest": sampled[0]["items"], "largest": sampled[-1]["items"]}}

@@ -92,15 +92,67 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
 
 
 def catalog_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """QR-IQL step speed at the largest catalog / at the smallest, sampled soft value (DMP, one rank)."""
+    """QR-IQL step speed at the largest catalog / at the smallest, sampled soft value (row-wise over the
+    workers), with each rank's peak memory at the largest next to its shard."""
     label = "QR-IQL step (sampled soft value): speed at the largest / smallest catalog"
     if "error" in c:
         return [_failed("catalog_sampled_speed", label, c)]
     r = c["ratios"]
-    times = {x["items"]: x["step_s_median"] for x in c["runs"] if x["soft_value"].startswith("sampled")}
-    return [_row("catalog_sampled_speed", label, r["sampled_speed_largest_vs_smallest"],
-                 f"{times[r['largest']] * 1e3:.1f} ms at {r['largest']:,} items vs {times[r['smallest']] * 1e3:.1f} "
-                 f"ms at {r['smallest']:,}")]
+    sampled = {x["items"]: x for x in c["runs"] if x["soft_value"].startswith("sampled")}
+    big, small = sampled[r["largest"]], sampled[r["smallest"]]
+    peaks = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {k['shard_mb']:,.1f})" for k in big["ranks"])
+    return [_row("catalog_sampled_speed", label + f", row-wise over {c['workers']} workers",
+                 r["sampled_speed_largest_vs_smallest"],
+                 f"{big['step_s_median'] * 1e3:.1f} ms at {r['largest']:,} items vs {small['step_s_median'] * 1e3:.1f} "
+                 f"ms at {r['smallest']:,}; peak RSS per rank at {r['largest']:,}: {peaks}")]
+
+
+def prepare_scale_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """prepare at the largest world: library / plain; and how the library's time grows with the events."""
+    label = "prepare at the largest --prepare-scale world: library / plain pandas+pyarrow"
+    if "error" in p:
+        return [_failed("prepare_scale_library_vs_plain", label, p)]
+    runs = [r for r in p["runs"] if "error" not in r]
+    if not runs:
+        return [_row("prepare_scale_library_vs_plain", label, None, "not measured: every world failed")]
+    big, small = runs[-1], runs[0]
+    rows = [_row("prepare_scale_library_vs_plain", label.replace("the largest --prepare-scale world",
+                                                                 f"{big['events']:,} events"),
+                 big["ratios"]["library_vs_plain"], f"{big['library']['wall_s']:.2f} s vs {big['ratios']['plain_s']:.2f} s; "
+                 f"same {big['check']['library']['transitions']:,} transitions", goal_key="prepare_library_vs_plain")]
+    if len(runs) > 1:
+        growth = (big["library"]["wall_s"] / small["library"]["wall_s"]) / (big["events"] / small["events"])
+        rows.append(_row("prepare_scale_linearity", f"prepare seconds per event, {big['events']:,} / "
+                         f"{small['events']:,} events (1.0 = linear, below = sub-linear)", growth,
+                         f"library {small['library']['wall_s']:.1f} s -> {big['library']['wall_s']:.1f} s, plain "
+                         f"{small['ratios']['plain_s']:.1f} s -> {big['ratios']['plain_s']:.1f} s for "
+                         f"{big['events'] / small['events']:.1f}x the events"))
+    return rows
+
+
+def scale_lines(result: Dict[str, Any]) -> List[str]:
+    """The scale curves as tables: step time and peak memory per rank by catalog size; prepare time by events."""
+    stages, lines = result["stages"], []
+    catalog = stages.get("catalog", {})
+    if catalog.get("runs"):
+        lines += ["", f"QR-IQL step by catalog size (item table row-wise over {catalog['workers']} workers, "
+                  "synthetic batches):", "", "| items | soft value | ms/step | peak RSS per rank, MiB (its shard) |",
+                  "|---|---|---|---|"]
+        for r in catalog["runs"]:
+            peaks = ", ".join(f"{k['peak_rss_mb']:,.0f} ({k['shard_mb']:,.1f})" for k in r["ranks"])
+            lines.append(f"| {r['items']:,} | {r['soft_value']} | {r['step_s_median'] * 1e3:.1f} | {peaks} |")
+    runs = [r for r in stages.get("prepare_scale", {}).get("runs", []) if "error" not in r]
+    if runs:
+        lines += ["", "prepare by events:", "", "| events | library s | plain s | library / plain | library stages s "
+                  "(read+validate / sessionize / write) |", "|---|---|---|---|---|"]
+        for r in runs:
+            st = r["library"]["stages_s"]
+            lines.append(f"| {r['events']:,} | {r['library']['wall_s']:.2f} | {r['ratios']['plain_s']:.2f} | "
+                         f"{r['ratios']['library_vs_plain']:.2f}x | {st.get('read_validate', 0):.2f} / "
+                         f"{st.get('sessionize', 0):.2f} / {st.get('write', 0):.2f} |")
+    if result.get("plots"):
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in result["plots"])]
+    return lines
 
 
 def _workers_text(c: Dict[str, Any], ranks: List[Dict[str, Any]]) -> str:
@@ -189,6 +241,8 @@ def collect_ratios(result: Dict[str, Any]) -> List[Dict[str, Any]]:
             rows += training_rows(model, stages[model])
     if "scoring" in stages:
         rows += scoring_rows(stages["scoring"], stages.get("qriql"))
+    if "prepare_scale" in stages:
+        rows += prepare_scale_rows(stages["prepare_scale"])
     if "catalog" in stages:
         rows += catalog_rows(stages["catalog"])
     if "sharded_scoring" in stages:
@@ -238,6 +292,7 @@ def markdown(result: Dict[str, Any]) -> str:
     breakdown = breakdown_lines(result)
     if breakdown:
         lines += ["", "Where the time goes (plain run before the Ray runs; Ray Train with 1 worker):", ""] + breakdown
+    lines += scale_lines(result)
     lines += peer_lines(result)
     return "\n".join(lines) + "\n"
 

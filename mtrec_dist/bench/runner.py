@@ -6,6 +6,7 @@ and the run goes on: the other ratios still count, and the command exits non-zer
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import traceback
@@ -22,6 +23,7 @@ from .prepare_bench import bench_prepare
 from .report import collect_ratios
 from .scoring_bench import bench_scoring
 from .catalog_steps import bench_catalog
+from .plots import SCALE_FIGURE, plot_scale
 from .sharded_bench import RANKING_ROWS, bench_sharded_ranking, bench_sharded_scoring
 from .sizes import BenchSizes
 from .train_bench import bench_model
@@ -40,14 +42,12 @@ def _attempt(name: str, fn: Callable[[], Dict[str, Any]], say) -> Dict[str, Any]
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def _with_threads(threads: int, fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    """``fn()`` on ``threads`` torch threads (as the plain runs and each Ray worker use)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
+def _prepare_scale(base: PipelineConfig, sizes: BenchSizes, users: Sequence[int], work: Path, say) -> Dict[str, Any]:
+    """prepare, library vs plain, on a world of each size in ``users`` (simulated users), smallest first."""
+    runs = [_attempt(f"prepare at {u:,} users", lambda u=u: bench_prepare(
+        base, simulate_world(base, dataclasses.replace(sizes, users=u), work / f"scale_users_{u}", say), say), say)
+        for u in sorted(users)]
+    return {"runs": runs, "errors": [r["error"] for r in runs if "error" in r]}
 
 
 def start_ray(base: PipelineConfig, threads: int) -> None:
@@ -58,10 +58,12 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
 
 
 def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
-              workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), sharded_items: int = 0,
-              sharded_rows: int = 20_000, peer: Optional[PeerSettings] = None, command: str = "mtrec bench",
-              say=print) -> Dict[str, Any]:
-    """Run the chosen stages; with ``catalog_sizes``, also the step time per catalog size; with
+              workers: Sequence[int] = (1, 2), catalog_sizes: Sequence[int] = (), prepare_scale: Sequence[int] = (),
+              sharded_items: int = 0, sharded_rows: int = 20_000, peer: Optional[PeerSettings] = None,
+              command: str = "mtrec bench", say=print) -> Dict[str, Any]:
+    """Run the chosen stages; with ``catalog_sizes``, also the step time and peak memory per rank per catalog
+    size; with ``prepare_scale`` (simulated users per world), also prepare against the plain script on each
+    of those worlds (the scale curves are drawn into ``<work>/bench_scale.png``); with
     ``sharded_items`` > 0, also scoring ``sharded_rows`` pairs both ways and ranking with the table sharded, on
     ``sharded_items``-item models; with ``peer``, our recommenders against RecBole's on MovieLens-1M (:mod:`.peer`).
     The whole result (see :mod:`.report` for its ratios)."""
@@ -78,7 +80,7 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda") if resolve_use_gpu(base.train.use_gpu) else torch.device("cpu")
     done = result["stages"]
-    if not (stages or catalog_sizes or sharded_items):  # the peer alone reads MovieLens, not the simulated world
+    if not (stages or catalog_sizes or prepare_scale or sharded_items):  # the peer alone reads MovieLens, not the simulated world
         start_ray(base, sizes.threads)
         return _finish(result, done, work, peer, t0, say)
     world = simulate_world(base, sizes, work, say)
@@ -97,9 +99,11 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
         done["scoring"] = (_attempt("scoring", lambda: bench_scoring(base, checkpoint, world.prepared, work,
                                                                      sizes.threads, say), say)
                            if checkpoint else {"error": "needs the QR-IQL stage's 1-worker checkpoint"})
+    if prepare_scale:
+        done["prepare_scale"] = _prepare_scale(base, sizes, prepare_scale, work, say)
     if catalog_sizes:
-        done["catalog"] = _attempt("catalog", lambda: _with_threads(sizes.threads, lambda: bench_catalog(
-            base, catalog_sizes, manifest["state_len"], say=say)), say)
+        done["catalog"] = _attempt("catalog", lambda: bench_catalog(
+            base, catalog_sizes, manifest["state_len"], work / "catalog", threads=sizes.threads, say=say), say)
     if sharded_items:
         done["sharded_scoring"] = _attempt("sharded_scoring", lambda: bench_sharded_scoring(
             base, sharded_items, sharded_rows, manifest["state_len"], work, say), say)
@@ -115,6 +119,9 @@ def _finish(result: Dict[str, Any], done: Dict[str, Any], work: Path, peer: Opti
         done["peer"] = _attempt("peer", lambda: bench_peer(peer, work, say), say)
     result["load_after"] = load_average()
     result["total_s"] = time.time() - t0
+    figure = plot_scale(result, work / SCALE_FIGURE)
+    if figure is not None:
+        result["plots"] = [str(figure)]
     result["ratios"] = collect_ratios(result)
     return result
 

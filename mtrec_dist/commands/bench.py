@@ -36,8 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated stages to run (scoring needs qriql; default: all; 'none' with --peer runs "
                         "only the peer comparison)")
     p.add_argument("--catalog-sizes", default="", metavar="N,N,...",
-                   help="also time one QR-IQL step per catalog size (DMP, one rank, synthetic batches; sampled vs "
-                        "full-catalog soft value), e.g. 10000,100000,1000000 (default: skipped)")
+                   help="also time a QR-IQL step and each rank's peak memory per catalog size (item table row-wise "
+                        "over 2 Ray Train workers, synthetic batches; sampled vs full-catalog soft value), e.g. "
+                        "10000,100000,1000000,10000000; plotted in <work>/bench_scale.png (default: skipped)")
+    p.add_argument("--prepare-scale", default="", metavar="USERS,USERS,...",
+                   help="also time prepare against the plain pandas/pyarrow script on a simulated world of each "
+                        "size (users; about 24 events each over the default 2 days: 40000,400000 is about 10^6 "
+                        "and 10^7 events); plotted in <work>/bench_scale.png (default: skipped)")
     p.add_argument("--sharded-items", type=int, default=0, metavar="N",
                    help="also score random pairs with an N-item reward model both ways (item table sharded over 2 "
                         "workers vs scoring actors holding all of it) and rank 1,024 test rows of an N-item SASRec "
@@ -70,6 +75,7 @@ def _command_line(args) -> str:
     parts = ["mtrec bench"] + (["--quick"] if args.quick else [])
     parts += [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if getattr(args, f) is not None]
     parts += [f"--catalog-sizes {args.catalog_sizes}"] if args.catalog_sizes else []
+    parts += [f"--prepare-scale {args.prepare_scale}"] if args.prepare_scale else []
     parts += [f"--sharded-items {args.sharded_items} --sharded-rows {args.sharded_rows}"] if args.sharded_items else []
     if args.peer:
         parts += [f"--stages {args.stages}", f"--peer {args.peer} --peer-epochs {args.peer_epochs} "
@@ -77,6 +83,17 @@ def _command_line(args) -> str:
         parts += [f"--peer-users {args.peer_users}"] if args.peer_users else []
         parts += [f"--peer-recbole-threads {args.peer_recbole_threads}"] if args.peer_recbole_threads else []
     return " ".join(parts)
+
+
+def _int_list(flag: str, text: str) -> list:
+    """``"10000,100000"`` -> ``[10000, 100000]``; a clear error naming the flag for anything else."""
+    try:
+        values = [int(n.replace("_", "")) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 10000,100000") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag} {text!r}: every size must be >= 1")
+    return values
 
 
 def peer_settings(args, threads: int):
@@ -116,8 +133,9 @@ def run(args) -> int:
     except PeerUnavailable as e:
         print(f"mtrec bench --peer {args.peer}: {e}", file=sys.stderr)
         return 2
-    catalog = [int(n) for n in args.catalog_sizes.split(",") if n.strip()]
-    result = run_bench(cfg, sizes, work, stages=stages, catalog_sizes=catalog,
+    catalog = _int_list("--catalog-sizes", args.catalog_sizes)
+    scale = _int_list("--prepare-scale", args.prepare_scale)
+    result = run_bench(cfg, sizes, work, stages=stages, catalog_sizes=catalog, prepare_scale=scale,
                        sharded_items=args.sharded_items, sharded_rows=args.sharded_rows,
                        peer=peer, command=_command_line(args), say=lambda m: print(m, file=sys.stderr, flush=True))
     text = markdown(result)
@@ -125,6 +143,8 @@ def run(args) -> int:
     json_path = Path(args.json) if args.json else work / "bench.json"
     write_json(result, json_path)
     print(f"JSON: {json_path}", file=sys.stderr)
+    if result.get("plots"):
+        print(f"plots: {', '.join(result['plots'])}", file=sys.stderr)
     if args.append_results is not None:
         results = Path(args.append_results) if args.append_results else DEFAULT_RESULTS
         append_results(text, results)

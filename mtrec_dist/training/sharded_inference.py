@@ -53,6 +53,18 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's ``VmHWM`` again from its current resident memory (Linux: writing 5 to
+    ``/proc/self/clear_refs``), so that :func:`peak_rss_mb` measures from here on; ``False`` where it cannot
+    (the peak then also covers what came before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def load_model_shard(dmp: torch.nn.Module, checkpoint_path: str) -> None:
     """Model weights only (no optimizer state); each rank reads just the rows its shard owns."""
     from mtrec_dist.training.checkpoint import local_checkpoint_dir
