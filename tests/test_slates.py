@@ -231,3 +231,16 @@ def test_string_ids_slates(ray_cluster, tmp_path):
     assert [r["user_idx"] for r in rows] == vocab.user_index(["ua", "ub"]).tolist()
     assert rows[0]["slate_items"] == [int(vocab.item_index(["x"])[0]), 0]
     assert sorted(_table(out / "transitions").column("slate_id").to_pylist()) == [NO_SLATE, 1, 2]
+
+
+def test_the_order_term_on_logs_with_impressions_gets_a_note():
+    import dataclasses
+
+    from mtrec_dist.training.reward import order_term_note
+
+    cfg = PipelineConfig()
+    with_slates = {"slates": {"rows_ok": 1200}}
+    assert order_term_note(cfg, with_slates) is None  # the order term is off by default
+    cfg.reward = dataclasses.replace(cfg.reward, order_items=8)
+    assert "1,200 slates" in order_term_note(cfg, with_slates)
+    assert order_term_note(cfg, {"slates": {"rows_ok": 0}}) is None and order_term_note(cfg, {}) is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -113,6 +114,19 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     return ds
 
 
+def order_term_note(cfg: PipelineConfig, manifest: Dict[str, Any]) -> Optional[str]:
+    """A note when the order term is on for logs with impressions: it reads the order in which a user chose
+    items as a preference, which holds where the user set the order (rating sessions) but not where a feed
+    did (the slates say what was shown, and in which order it was offered)."""
+    slates = manifest.get("slates") or {}
+    if cfg.reward.objective != "v2" or cfg.reward.order_items <= 0 or not slates.get("rows_ok"):
+        return None
+    return (f"reward.order_items is {cfg.reward.order_items}, but these logs come with impressions "
+            f"({slates['rows_ok']:,} slates): the order term is meant for self-directed logs, where the user chose "
+            "the order; in a feed the order follows what was shown. Set reward.order_items: 0 unless that is "
+            "what you mean.")
+
+
 def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
                        resume: Optional[str] = None, *, progress: bool = True,
                        warm_start: Optional[str] = None, earlier_prepared: Sequence[str] = ()) -> Dict[str, Any]:
@@ -141,6 +155,9 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     counts = item_counts_for(prepared_dir, manifest["num_items"]) if cfg.reward.negative_sampler == "popularity" \
         and cfg.reward.num_negatives > 0 else None
     spec = model_spec(cfg, manifest)
+    note = order_term_note(cfg, manifest)
+    if note and progress:
+        print(f"train-reward: note: {note}", file=sys.stderr, flush=True)
     extra: Dict[str, Any] = {}
     datasets = lambda: {"train": training_transitions(cfg, prepared_dir, rows)}  # noqa: E731
     if earlier_prepared:
