@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         print(f"mtrec {args.command}: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"mtrec {args.command}: error: {e}", file=sys.stderr)
+        bare_path = isinstance(e, FileNotFoundError) and len(e.args) == 1  # FileNotFoundError(path) reads as the path
+        print(f"mtrec {args.command}: error: {'no such file or directory: ' if bare_path else ''}{e}", file=sys.stderr)
         return 1
 
 

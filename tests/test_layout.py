@@ -82,3 +82,25 @@ def test_prepare_paths_default_to_the_run_folder():
     assert prepare_paths(cfg) == ("runs/t/sim/logs", "runs/t/prepared")
     cfg.prepare.input, cfg.prepare.output = "logs/", "out/"
     assert prepare_paths(cfg) == ("logs/", "out/")
+
+
+def test_an_unguided_recommender_without_scores_reads_the_prepared_transitions(tmp_path):
+    from mtrec_dist.commands.train_rec import default_scores
+
+    rewards, prepared = str(tmp_path / "rewards"), str(tmp_path / "prepared")
+    assert default_scores(rewards, prepared, "none") == f"{prepared}/transitions"
+    assert default_scores(rewards, prepared, "reweight") == rewards  # a guided one needs the scores: its error
+    (tmp_path / "rewards").mkdir()
+    assert default_scores(rewards, prepared, "none") == rewards
+
+
+def test_a_missing_file_error_says_what_is_missing(capsys, monkeypatch):
+    from mtrec_dist import cli
+    from mtrec_dist.commands import inspect
+
+    def missing(args):
+        raise FileNotFoundError("/data/run/rewards")
+
+    monkeypatch.setattr(inspect, "run", missing)
+    assert cli.main(["inspect", "x"]) == 1
+    assert capsys.readouterr().err.strip() == "mtrec inspect: error: no such file or directory: /data/run/rewards"

@@ -15,11 +15,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", default=None, choices=["none", "reweight", "actor_critic", "risk_averse"],
                    help="how the mental reward steers the loss (default: rec.guidance; none = click-trained)")
     p.add_argument("--scores", default=None, metavar="DIR",
-                   help="scored transitions from `mtrec score-rewards` (default: <run_dir>/rewards)")
+                   help="scored transitions from `mtrec score-rewards` (default: <run_dir>/rewards; an unguided "
+                        "recommender without them trains on the prepared transitions)")
     add_prepared_flag(p, "the prepared dataset they were scored from")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output dir (default: <run_dir>/rec/<backbone>-<guidance>)")
     add_training_flags(p)
+
+
+def default_scores(rewards: str, prepared: str, guidance: str) -> str:
+    """Where the training rows come from without ``--scores``: the run's scored transitions; an unguided
+    recommender reads no reward, so without them it trains on the prepared transitions (as retrain does)."""
+    from mtrec_dist.data.dataset import TRANSITIONS_DIR
+    from mtrec_dist.data.input_files import join_path, resolve_filesystem
+
+    if guidance != "none":
+        return rewards
+    fs, path = resolve_filesystem(rewards)
+    missing = fs.get_file_info(path).type.name == "NotFound"
+    return join_path(prepared, TRANSITIONS_DIR) if missing else rewards
 
 
 def run(args) -> int:
@@ -34,8 +48,9 @@ def run(args) -> int:
         cfg.rec.guidance = args.guidance
     apply_training_flags(cfg, args)
     layout = RunLayout(cfg.run_dir)
-    scores = args.scores or layout.rewards
+    prepared = prepared_dir(args, cfg)
+    scores = args.scores or default_scores(layout.rewards, prepared, cfg.rec.guidance)
     out = args.out or layout.rec(cfg.rec.backbone, cfg.rec.guidance)
-    s = train_recommender(cfg, scores, prepared_dir(args, cfg), out, resume=args.resume, progress=not args.quiet)
+    s = train_recommender(cfg, scores, prepared, out, resume=args.resume, progress=not args.quiet)
     print_training_summary(f"{s['backbone']}/{s['guidance']} trained on {s['train_rows']:,} rows", s)
     return 0
