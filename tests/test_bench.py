@@ -264,6 +264,14 @@ def test_catalog_runs_cover_sampled_and_full_soft_values_smallest_first():
     assert plan_runs([200, 50], negatives=8, full_max=100) == [(50, 8), (50, 0), (200, 8)]  # no full above full_max
 
 
+def test_ranks_agree_on_the_steps_that_fit_the_budget():
+    from mtrec_dist.bench.catalog_steps import agreed_steps
+
+    assert agreed_steps(0.5, budget_s=10.0, min_steps=3, max_steps=200) == 20
+    assert agreed_steps(30.0, budget_s=10.0, min_steps=3, max_steps=200) == 3  # at least min_steps
+    assert agreed_steps(1e-6, budget_s=10.0, min_steps=3, max_steps=200) == 200
+
+
 def test_catalog_run_takes_the_slowest_rank_and_keeps_each_ranks_memory():
     from mtrec_dist.bench.catalog_steps import merge_ranks
 
@@ -289,7 +297,7 @@ def test_catalog_steps_shard_the_table_over_two_workers(ray_cluster, tmp_path):
         rows = [k["shard_rows"] for k in run["ranks"]]
         assert sum(rows) == run["items"] + 1 and min(rows) > 0
         assert run["ranks"][0]["shard_mb"] == pytest.approx(rows[0] * 8 * 4 / 2**20)
-        assert all(k["peak_rss_mb"] > 0 for k in run["ranks"])
+        assert all(k["peak_reset"] and k["peak_gpu_mb"] is None for k in run["ranks"])
     assert (out["ratios"]["smallest"], out["ratios"]["largest"]) == (50, 200)
 
 
@@ -319,11 +327,15 @@ def test_scale_report_rows_and_tables():
     assert rows["prepare_scale_library_vs_plain"]["value"] == pytest.approx(50 / 60)
     assert rows["prepare_scale_library_vs_plain"]["met"] is False and "10,000,000 events" in rows[
         "prepare_scale_library_vs_plain"]["label"]
-    assert rows["prepare_scale_linearity"]["value"] == pytest.approx((60 / 20) / 10)  # sub-linear: 0.3
+    assert "1 world(s) failed: X: y" in rows["prepare_scale_library_vs_plain"]["detail"]
+    assert rows["prepare_scale_linearity"]["value"] == pytest.approx(10 / (60 / 20))  # 10x the events in 3x the time
     assert rows["catalog_sampled_speed"]["met"] is True and "1,200 MiB (shard 300.0)" in rows["catalog_sampled_speed"]["detail"]
     text = "\n".join(scale_lines(result))
-    assert "| 10,000,000 | sampled 256 | 60.0 | 1,200 (300.0), 1,201 (300.0) |" in text
-    assert "| 10,000,000 | 60.00 | 50.00 | 0.83x |" in text
+    assert "| 10,000,000 | sampled 256 | 60.0 | 1,200 (shard 300.0), 1,201 (shard 300.0) |" in text
+    assert "| 10,000,000 | 60.00 | 50.00 | 0.83x |" in text and "| – | failed: X: y |" in text
+    small_world = _scale_result()
+    small_world["stages"]["prepare_scale"]["runs"].pop()  # the largest world is now 10^6 events: no goal
+    assert {r["key"]: r for r in collect_ratios(small_world)}["prepare_scale_library_vs_plain"]["met"] is None
 
 
 def test_scale_plot_is_drawn_only_when_there_are_curves(tmp_path):

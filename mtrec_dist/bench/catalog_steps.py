@@ -60,7 +60,9 @@ def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: in
     from mtrec_dist.training.sharding import local_shard_sizes, shard_model
 
     gc.collect()
-    reset_peak_rss()
+    peak_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     reward = dataclasses.replace(cfg.reward, num_negatives=negatives)
     torch.manual_seed(0)
     model = QRIQLModel(num_items, cfg.model, reward, state_len, device=torch.device("meta"))
@@ -86,10 +88,12 @@ def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: in
     steps = agreed_steps(one(1), budget_s, min_steps, max_steps, device)
     times: List[float] = [one(i + 2) for i in range(steps)]
     shard_rows = sum(s[0] for shapes in local_shard_sizes(dmp).values() for s in shapes)
-    shard_mb = shard_rows * cfg.model.embedding_dim * 4 / 2**20
     out = {"items": num_items, "soft_value": f"sampled {negatives}" if negatives else "full catalog",
            "rank": rank, "step_s_median": float(np.median(times)), "steps": len(times), "warmup_s": warmup,
-           "peak_rss_mb": peak_rss_mb(), "shard_rows": shard_rows, "shard_mb": shard_mb}
+           # peak_reset False: the peak also covers the runs before this one (smaller catalogs)
+           "peak_rss_mb": peak_rss_mb(), "peak_reset": peak_reset, "shard_rows": shard_rows,
+           "shard_mb": shard_rows * cfg.model.embedding_dim * 4 / 2**20,  # the rows' float32 weights
+           "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     del dmp, opt, sharded, model, batches
     gc.collect()
     return out
@@ -100,10 +104,12 @@ def _catalog_worker(config: Dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from mtrec_dist.training.worker import worker_device
+
     ctx = ray.train.get_context()
     torch.set_num_threads(config["threads"])
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if config["use_gpu"] else torch.device("cpu")
+    device = worker_device(config["use_gpu"])
     runs = []
     for items, negatives in config["runs"]:
         mine = step_time(config["base"], items, negatives, config["state_len"], config["budget_s"], rank=rank,
@@ -128,7 +134,8 @@ def merge_ranks(ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"items": first["items"], "soft_value": first["soft_value"], "workers": len(ranks),
             "step_s_median": max(r["step_s_median"] for r in ranks), "steps": first["steps"],
             "warmup_s": max(r["warmup_s"] for r in ranks),
-            "ranks": [{k: r[k] for k in ("rank", "peak_rss_mb", "shard_rows", "shard_mb", "step_s_median")} for r in ranks]}
+            "ranks": [{k: r.get(k) for k in ("rank", "peak_rss_mb", "peak_reset", "peak_gpu_mb", "shard_rows", "shard_mb",
+                                         "step_s_median")} for r in ranks]}
 
 
 def bench_catalog(base: PipelineConfig, sizes: Sequence[int], state_len: int, work: Path,
@@ -141,7 +148,11 @@ def bench_catalog(base: PipelineConfig, sizes: Sequence[int], state_len: int, wo
 
     from mtrec_dist.runtime import dist_backend, resolve_use_gpu
 
-    use_gpu = resolve_use_gpu(base.train.use_gpu)
+    import ray
+
+    # one GPU per worker: with fewer GPUs than workers in the cluster the run stays on the CPU (gloo)
+    use_gpu = resolve_use_gpu(base.train.use_gpu) and ray.cluster_resources().get("GPU", 0) >= WORKERS
+    work = work.resolve()  # Ray Train wants an absolute storage path, and workers run in their own folders
     negatives = negatives or base.reward.num_negatives or DEFAULT_NEGATIVES
     runs = plan_runs(sizes, negatives, full_max)
     work.mkdir(parents=True, exist_ok=True)

@@ -21,17 +21,20 @@ def _catalog_step_panel(ax, catalog: Dict[str, Any]) -> None:
         runs = [r for r in catalog["runs"] if r["soft_value"] == soft_value]
         ax.plot([r["items"] for r in runs], [r["step_s_median"] * 1e3 for r in runs], marker="o", label=soft_value)
     ax.set(xscale="log", yscale="log", xlabel="items in the catalog", ylabel="ms per step",
-           title=f"QR-IQL step, table row-wise over {catalog['workers']} workers")
+           title=f"QR-IQL step, table row-wise over {catalog['workers']} workers ({catalog.get('device', 'cpu')})")
     ax.legend()
 
 
 def _catalog_memory_panel(ax, catalog: Dict[str, Any]) -> None:
     sampled = [r for r in catalog["runs"] if r["soft_value"].startswith("sampled")]
     items = [r["items"] for r in sampled]
+    gpu = catalog.get("device") == "cuda"  # on CUDA the shard lives in GPU memory: plot that peak
+    key, what = ("peak_gpu_mb", "peak GPU memory") if gpu else ("peak_rss_mb", "peak RSS")
     for rank in range(catalog["workers"]):
-        ax.plot(items, [r["ranks"][rank]["peak_rss_mb"] for r in sampled], marker="o", label=f"rank {rank} peak RSS")
-    ax.plot(items, [r["ranks"][0]["shard_mb"] for r in sampled], linestyle="--", color="grey", label="its shard")
-    ax.set(xscale="log", xlabel="items in the catalog", ylabel="MiB", title="peak memory per rank (sampled soft value)")
+        ax.plot(items, [r["ranks"][rank][key] for r in sampled], marker="o", label=f"rank {rank} {what}")
+    ax.plot(items, [r["ranks"][0]["shard_mb"] for r in sampled], linestyle="--", color="grey",
+            label="its shard's weights")
+    ax.set(xscale="log", xlabel="items in the catalog", ylabel="MiB", title=f"{what} per rank (sampled soft value)")
     ax.legend()
 
 

@@ -91,6 +91,14 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
     return rows
 
 
+def _rank_memory(k: Dict[str, Any], unit: str = "") -> str:
+    """One rank's peak memory next to its shard's weights: host RSS, and GPU memory on CUDA; ``*`` marks a
+    peak that could not be reset before the run (it also covers the smaller catalogs before it)."""
+    gpu = f", GPU {k['peak_gpu_mb']:,.0f}{unit}" if k.get("peak_gpu_mb") is not None else ""
+    return (f"{k['peak_rss_mb']:,.0f}{unit}{'' if k.get('peak_reset', True) else '*'}{gpu} "
+            f"(shard {k['shard_mb']:,.1f})")
+
+
 def catalog_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
     """QR-IQL step speed at the largest catalog / at the smallest, sampled soft value (row-wise over the
     workers), with each rank's peak memory at the largest next to its shard."""
@@ -100,11 +108,14 @@ def catalog_rows(c: Dict[str, Any]) -> List[Dict[str, Any]]:
     r = c["ratios"]
     sampled = {x["items"]: x for x in c["runs"] if x["soft_value"].startswith("sampled")}
     big, small = sampled[r["largest"]], sampled[r["smallest"]]
-    peaks = ", ".join(f"{k['peak_rss_mb']:,.0f} MiB (shard {k['shard_mb']:,.1f})" for k in big["ranks"])
-    return [_row("catalog_sampled_speed", label + f", row-wise over {c['workers']} workers",
+    peaks = ", ".join(_rank_memory(k, " MiB") for k in big["ranks"])
+    return [_row("catalog_sampled_speed", label + f", row-wise over {c['workers']} workers ({c.get('device', 'cpu')})",
                  r["sampled_speed_largest_vs_smallest"],
                  f"{big['step_s_median'] * 1e3:.1f} ms at {r['largest']:,} items vs {small['step_s_median'] * 1e3:.1f} "
                  f"ms at {r['smallest']:,}; peak RSS per rank at {r['largest']:,}: {peaks}")]
+
+
+PREPARE_GOAL_EVENTS = 5_000_000  # the prepare goal is stated at 10^7 events: judged only on a world near that size
 
 
 def prepare_scale_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -113,17 +124,21 @@ def prepare_scale_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
     if "error" in p:
         return [_failed("prepare_scale_library_vs_plain", label, p)]
     runs = [r for r in p["runs"] if "error" not in r]
+    failed = f"; {len(p['runs']) - len(runs)} world(s) failed: {'; '.join(p.get('errors', []))}" \
+        if len(runs) < len(p["runs"]) else ""
     if not runs:
-        return [_row("prepare_scale_library_vs_plain", label, None, "not measured: every world failed")]
+        return [_row("prepare_scale_library_vs_plain", label, None, "not measured" + failed)]
     big, small = runs[-1], runs[0]
+    goal = "prepare_library_vs_plain" if big["events"] >= PREPARE_GOAL_EVENTS else None  # None: context only
     rows = [_row("prepare_scale_library_vs_plain", label.replace("the largest --prepare-scale world",
                                                                  f"{big['events']:,} events"),
                  big["ratios"]["library_vs_plain"], f"{big['library']['wall_s']:.2f} s vs {big['ratios']['plain_s']:.2f} s; "
-                 f"same {big['check']['library']['transitions']:,} transitions", goal_key="prepare_library_vs_plain")]
+                 f"same {big['check']['library']['transitions']:,} transitions{failed}", goal_key=goal)]
     if len(runs) > 1:
-        growth = (big["library"]["wall_s"] / small["library"]["wall_s"]) / (big["events"] / small["events"])
-        rows.append(_row("prepare_scale_linearity", f"prepare seconds per event, {big['events']:,} / "
-                         f"{small['events']:,} events (1.0 = linear, below = sub-linear)", growth,
+        growth = (big["events"] / small["events"]) / (big["library"]["wall_s"] / small["library"]["wall_s"])
+        rows.append(_row("prepare_scale_linearity", f"prepare scaling, {small['events']:,} -> {big['events']:,} "
+                         "events: growth of the events / growth of the library's time (1.0 = linear, above = "
+                         "sub-linear)", growth,
                          f"library {small['library']['wall_s']:.1f} s -> {big['library']['wall_s']:.1f} s, plain "
                          f"{small['ratios']['plain_s']:.1f} s -> {big['ratios']['plain_s']:.1f} s for "
                          f"{big['events'] / small['events']:.1f}x the events"))
@@ -136,16 +151,19 @@ def scale_lines(result: Dict[str, Any]) -> List[str]:
     catalog = stages.get("catalog", {})
     if catalog.get("runs"):
         lines += ["", f"QR-IQL step by catalog size (item table row-wise over {catalog['workers']} workers, "
-                  "synthetic batches):", "", "| items | soft value | ms/step | peak RSS per rank, MiB (its shard) |",
-                  "|---|---|---|---|"]
+                  f"{catalog.get('device', 'cpu')}, synthetic batches):", "",
+                  "| items | soft value | ms/step | peak RSS per rank, MiB (its shard's weights) |", "|---|---|---|---|"]
         for r in catalog["runs"]:
-            peaks = ", ".join(f"{k['peak_rss_mb']:,.0f} ({k['shard_mb']:,.1f})" for k in r["ranks"])
+            peaks = ", ".join(_rank_memory(k) for k in r["ranks"])
             lines.append(f"| {r['items']:,} | {r['soft_value']} | {r['step_s_median'] * 1e3:.1f} | {peaks} |")
-    runs = [r for r in stages.get("prepare_scale", {}).get("runs", []) if "error" not in r]
+    runs = stages.get("prepare_scale", {}).get("runs", [])
     if runs:
         lines += ["", "prepare by events:", "", "| events | library s | plain s | library / plain | library stages s "
                   "(read+validate / sessionize / write) |", "|---|---|---|---|---|"]
         for r in runs:
+            if "error" in r:
+                lines.append(f"| – | failed: {r['error']} | | | |")
+                continue
             st = r["library"]["stages_s"]
             lines.append(f"| {r['events']:,} | {r['library']['wall_s']:.2f} | {r['ratios']['plain_s']:.2f} | "
                          f"{r['ratios']['library_vs_plain']:.2f}x | {st.get('read_validate', 0):.2f} / "

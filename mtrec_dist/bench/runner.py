@@ -73,6 +73,7 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
     if unknown:
         raise ValueError(f"unknown bench stage(s) {unknown}; choose from {list(STAGES)}")
     t0 = time.time()
+    work = work.resolve()  # Ray Train storage paths must be absolute (the default --work is relative)
     result: Dict[str, Any] = {"command": command, "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "load_before": load_average(), "machine": machine_info(),
                               "sizes": {**sizes.__dict__, "warmup_steps": sizes.warmup_steps}, "workers": list(workers),
@@ -119,7 +120,12 @@ def _finish(result: Dict[str, Any], done: Dict[str, Any], work: Path, peer: Opti
         done["peer"] = _attempt("peer", lambda: bench_peer(peer, work, say), say)
     result["load_after"] = load_average()
     result["total_s"] = time.time() - t0
-    figure = plot_scale(result, work / SCALE_FIGURE)
+    try:
+        figure = plot_scale(result, work / SCALE_FIGURE)
+    except Exception as e:  # noqa: BLE001 - a figure must not cost the run's figures
+        traceback.print_exc()
+        say(f"[bench] plotting the scale curves FAILED: {type(e).__name__}: {e}")
+        figure = None
     if figure is not None:
         result["plots"] = [str(figure)]
     result["ratios"] = collect_ratios(result)
