@@ -22,7 +22,8 @@ import torch
 
 from mtrec_dist.config import PipelineConfig
 
-WORKERS = 2
+from .sharded_bench import WORKERS, run_worker_group
+
 DEFAULT_NEGATIVES = 256  # sampled candidates when the config uses the full catalog (reward.num_negatives 0)
 _RESULT = "catalog_steps.json"
 
@@ -56,6 +57,7 @@ def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: in
     steps that fit in ``budget_s`` (at least ``min_steps``) after two warm-up steps, its peak resident
     memory while the model existed and the MiB of table rows it holds."""
     from mtrec_dist.models.reward_model import QRIQLModel
+    from mtrec_dist.training.scoring import rows_mb
     from mtrec_dist.training.sharded_inference import peak_rss_mb, reset_peak_rss
     from mtrec_dist.training.sharding import local_shard_sizes, shard_model
 
@@ -92,7 +94,7 @@ def step_time(cfg: PipelineConfig, num_items: int, negatives: int, state_len: in
            "rank": rank, "step_s_median": float(np.median(times)), "steps": len(times), "warmup_s": warmup,
            # peak_reset False: the peak also covers the runs before this one (smaller catalogs)
            "peak_rss_mb": peak_rss_mb(), "peak_reset": peak_reset, "shard_rows": shard_rows,
-           "shard_mb": shard_rows * cfg.model.embedding_dim * 4 / 2**20,  # the rows' float32 weights
+           "shard_mb": rows_mb(shard_rows, cfg.model.embedding_dim),  # the rows' float32 weights
            "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     del dmp, opt, sharded, model, batches
     gc.collect()
@@ -143,12 +145,9 @@ def bench_catalog(base: PipelineConfig, sizes: Sequence[int], state_len: int, wo
                   threads: int = 1, say=print) -> Dict[str, Any]:
     """Sampled (``negatives``, default the config's ``reward.num_negatives`` or 256) and full-catalog step
     times and peak memory per rank for each catalog size, on :data:`WORKERS` Ray Train workers."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from mtrec_dist.runtime import dist_backend, resolve_use_gpu
-
     import ray
+
+    from mtrec_dist.runtime import resolve_use_gpu
 
     # one GPU per worker: with fewer GPUs than workers in the cluster the run stays on the CPU (gloo)
     use_gpu = resolve_use_gpu(base.train.use_gpu) and ray.cluster_resources().get("GPU", 0) >= WORKERS
@@ -158,18 +157,9 @@ def bench_catalog(base: PipelineConfig, sizes: Sequence[int], state_len: int, wo
     work.mkdir(parents=True, exist_ok=True)
     out = work / _RESULT
     out.unlink(missing_ok=True)
-    result = TorchTrainer(
-        _catalog_worker,
-        train_loop_config={"base": base, "runs": runs, "state_len": state_len, "budget_s": budget_s,
-                           "threads": threads, "use_gpu": use_gpu, "out": str(out)},
-        torch_config=TorchConfig(backend=dist_backend(use_gpu), timeout_s=base.train.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=WORKERS, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": base.train.cpus_per_worker,
-                                                           **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name="bench-catalog", storage_path=str(work / "ray")),
-    ).fit()
-    if result.error is not None:
-        raise RuntimeError(f"catalog step times on {WORKERS} workers failed: {result.error}") from result.error
+    run_worker_group(_catalog_worker, {"base": base, "runs": runs, "state_len": state_len, "budget_s": budget_s,
+                                       "threads": threads, "use_gpu": use_gpu, "out": str(out)},
+                     base, "bench-catalog", work / "ray", f"catalog step times on {WORKERS} workers", use_gpu=use_gpu)
     merged = [merge_ranks(ranks) for ranks in json.loads(out.read_text())]
     for r in merged:
         peaks = ", ".join(f"{k['peak_rss_mb']:,.0f}" for k in r["ranks"])

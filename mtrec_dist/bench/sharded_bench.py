@@ -49,22 +49,34 @@ def _write_checkpoint(config: Dict[str, Any]) -> None:
                           "world_size": ctx.get_world_size()}, consumed_row_ids=np.zeros(0, np.int64))
 
 
-def write_sharded_checkpoint(base: PipelineConfig, spec: Dict[str, Any], factory, directory: Path) -> float:
-    """A fresh checkpoint of ``factory``'s model (described by ``spec``) written by 2 workers; seconds it took."""
+def run_worker_group(fn, config: Dict[str, Any], base: PipelineConfig, name: str, storage: Path, what: str,
+                     use_gpu: bool = False) -> None:
+    """``fn(config)`` on :data:`WORKERS` Ray Train workers: gloo on CPUs, or NCCL with one GPU each; raises
+    ``RuntimeError("<what> failed: ...")`` when the run fails.  ``storage``: Ray Train's (absolute) folder."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t0 = time.perf_counter()
-    train_cfg = dataclasses.replace(base.train, num_workers=WORKERS, sharding="row_wise")
+    from mtrec_dist.runtime import dist_backend
+
     result = TorchTrainer(
-        _write_checkpoint,
-        train_loop_config={"spec": spec, "factory": factory, "train_cfg": train_cfg, "dir": str(directory)},
-        torch_config=TorchConfig(backend="gloo", timeout_s=base.train.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": base.train.cpus_per_worker}),
-        run_config=RunConfig(name=f"bench-checkpoint-{spec['kind']}", storage_path=str(directory.parent / "ray")),
+        fn, train_loop_config=config,
+        torch_config=TorchConfig(backend=dist_backend(use_gpu), timeout_s=base.train.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=WORKERS, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": base.train.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=str(storage)),
     ).fit()
     if result.error is not None:
-        raise RuntimeError(f"writing the {spec['num_items']:,}-item checkpoint failed: {result.error}")
+        raise RuntimeError(f"{what} failed: {result.error}") from result.error
+
+
+def write_sharded_checkpoint(base: PipelineConfig, spec: Dict[str, Any], factory, directory: Path) -> float:
+    """A fresh checkpoint of ``factory``'s model (described by ``spec``) written by 2 workers; seconds it took."""
+    t0 = time.perf_counter()
+    train_cfg = dataclasses.replace(base.train, num_workers=WORKERS, sharding="row_wise")
+    run_worker_group(_write_checkpoint, {"spec": spec, "factory": factory, "train_cfg": train_cfg, "dir": str(directory)},
+                     base, f"bench-checkpoint-{spec['kind']}", directory.parent / "ray",
+                     f"writing the {spec['num_items']:,}-item checkpoint")
     return time.perf_counter() - t0
 
 

@@ -26,13 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def default_scores(rewards: str, prepared: str, guidance: str) -> str:
     """Where the training rows come from without ``--scores``: the run's scored transitions; an unguided
     recommender reads no reward, so without them it trains on the prepared transitions (as retrain does)."""
+    import pyarrow.fs as pafs
+
     from mtrec_dist.data.dataset import TRANSITIONS_DIR
     from mtrec_dist.data.input_files import join_path, resolve_filesystem
 
     if guidance != "none":
         return rewards
     fs, path = resolve_filesystem(rewards)
-    missing = fs.get_file_info(path).type.name == "NotFound"
+    missing = fs.get_file_info(path).type == pafs.FileType.NotFound
     return join_path(prepared, TRANSITIONS_DIR) if missing else rewards
 
 

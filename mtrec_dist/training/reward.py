@@ -109,8 +109,9 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
         ds = ds.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
     # materialised: the shuffle and the join run once, not again for each schema or epoch read of the dataset
     ds = ds.materialize()
-    if joined and ds.count() != rows:  # a key seen twice in slates/ would copy a transition
-        raise AccountingError(f"{prepared_dir}: joining slates/ gave {ds.count()} transitions, not {rows}")
+    joined_rows = ds.count() if joined else rows
+    if joined_rows != rows:  # a key seen twice in slates/ would copy a transition
+        raise AccountingError(f"{prepared_dir}: joining slates/ gave {joined_rows} transitions, not {rows}")
     return ds
 
 

@@ -154,9 +154,14 @@ class RewardScorer(TableScorer):
                          spec, **kwargs)
 
 
+def rows_mb(rows: int, embedding_dim: int) -> float:
+    """MiB of ``rows`` float32 rows of an item table."""
+    return int(rows) * int(embedding_dim) * 4 / 2**20
+
+
 def table_mb(spec: Dict[str, Any]) -> float:
     """MiB of the model's float32 item table (padding row included)."""
-    return (int(spec["num_items"]) + 1) * int(spec["model"]["embedding_dim"]) * 4 / 2**20
+    return rows_mb(int(spec["num_items"]) + 1, spec["model"]["embedding_dim"])
 
 
 def score_runner(tc, spec: Dict[str, Any]) -> str:
