@@ -11,6 +11,7 @@ from mtrec_dist.models.reward_model import NegativeSampler, QRIQLModel, catalog_
 from mtrec_dist.objectives.qr_iql import (
     catalog_soft_value,
     cvar,
+    cvar_along,
     distributional_soft_target,
     implied_reward,
     iq_chi2_loss,
@@ -132,6 +133,28 @@ def test_cvar_hand_values():
         cvar(q, 0.0)
 
 
+def test_cvar_along_hand_values():
+    q = T([[4.0, 1.0, 3.0, 2.0]]).T  # the quantile axis first
+    assert close(cvar_along(q, 0.5, dim=0), [1.5])
+    assert close(cvar_along(q, 0.25, dim=0), [1.0])
+    assert close(cvar_along(q, 0.375, dim=0), [(0.25 * 1 + 0.125 * 2) / 0.375])
+    assert close(cvar_along(q, 1.0, dim=0), [2.5])
+    with pytest.raises(ValueError):
+        cvar_along(q, 0.0, dim=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 16, 17])
+def test_cvar_along_matches_the_sorted_formula(n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(7, 6, n, generator=g)
+    q[0] = q[0, :, :1]  # ties: every quantile of these rows the same
+    q[1, :, : n // 2] = 0.5  # and half of them tied
+    for level in (0.05, 0.25, 0.3, 0.5, 0.9, 1.0):
+        want = cvar(q, level)
+        assert close(cvar_along(q, level), want, tol=1e-5)
+        assert close(cvar_along(q.movedim(-1, 1), level, dim=1), want, tol=1e-5)
+
+
 def test_qr_iql_total_composes_terms():
     torch.manual_seed(0)
     b, n = 5, 4
@@ -232,11 +255,14 @@ def test_qriql_target_polyak_and_sync():
     assert model.encoder.training and not model.target_encoder.training
 
 
-@pytest.mark.parametrize("objective", ["v1", "v2"])
-def test_qriql_scoring_shapes_and_baseline_consistency(objective):
+@pytest.mark.parametrize("objective, order_items", [("v1", 0), ("v2", 0), ("v2", 4)])
+def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items):
     torch.manual_seed(0)
-    rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective)
+    rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective, order_items=order_items)
     model = QRIQLModel(9, MODEL_CFG, rc, state_len=3).eval()
+    if order_items:  # a per-item level, so the baseline must add it to every quantile
+        with torch.no_grad():
+            model.reward_item_level.copy_(torch.linspace(-0.05, 0.05, 10))
     b = _batch(9, b=3)
     s, fb = b["state_items"], b["state_feedback"]
     cands = torch.arange(1, 10).view(1, -1).expand(3, -1)
