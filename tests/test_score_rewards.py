@@ -90,6 +90,15 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
                  for r in ranks]
     assert sum(rows_held) == 61 and max(rows_held) < 61  # each worker holds part of the table, not all of it
 
+    # two scoring actors: the one-file day is cut into blocks, so both get rows; the same scores
+    assert cli(["score-rewards", "--out", str(tmp_path / "two_actors"), "--set", "train.score_concurrency=2",
+                "--set", "train.score_cpus=0.5"] + sets) == 0
+    two = read_scores(str(tmp_path / "two_actors")).sort_by("row_id")
+    assert two.column("row_id").to_pylist() == ref.column("row_id").to_pylist()
+    for name in ("reward_mean", "reward_cvar", "reward_baseline", "reward_cvar_baseline"):
+        np.testing.assert_allclose(two.column(name).to_numpy(), ref.column(name).to_numpy(), rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+
     # a second run refuses to mix with existing output unless told to replace it
     assert cli(["score-rewards"] + sets) == 1
     assert "--overwrite" in capsys.readouterr().err

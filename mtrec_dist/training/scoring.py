@@ -29,6 +29,7 @@ Both score a batch with the same :class:`TableScorer`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -154,6 +155,13 @@ class RewardScorer(TableScorer):
                          spec, **kwargs)
 
 
+def rows_per_actor_block(rows: int, tc) -> int:
+    """Rows per block for ``train.score_concurrency`` actors: about 4 blocks per actor (so a slow one does not
+    hold the rest up), whole scoring batches, at least one."""
+    batches = max(1, math.ceil(rows / (4 * tc.score_concurrency * tc.score_batch_size)))
+    return batches * tc.score_batch_size
+
+
 def rows_mb(rows: int, embedding_dim: int) -> float:
     """MiB of ``rows`` float32 rows of an item table."""
     return int(rows) * int(embedding_dim) * 4 / 2**20
@@ -231,6 +239,8 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
 
         ranks = score_sharded(tc, checkpoint_path, ds, out_dir, scorer_kwargs, expected)
     else:
+        if tc.score_concurrency > 1:  # a prepared day is often one file, i.e. one block: one actor would get it all
+            ds = ds.repartition(target_num_rows_per_block=rows_per_actor_block(expected, tc))
         ds.map_batches(
             RewardScorer, fn_constructor_kwargs=dict(scorer_kwargs, checkpoint_path=checkpoint_path,
                                                      threads=max(1, int(tc.score_cpus))),
