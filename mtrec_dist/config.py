@@ -282,6 +282,10 @@ class TrainConfig:
     ray_report_min_interval_s: float = 3.0  # Ray gets a result at most this often (metrics.jsonl: every report_every)
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
+    # "stream": Ray Data feeds each step while the worker trains; "memory": each worker first collates its
+    # whole shard of the epoch into torch batches, then trains with no data work beside the steps (fastest
+    # steps; holds the shard in the worker's memory: for training sets that fit)
+    feed: Literal["stream", "memory"] = "stream"
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
     # training sets of at most this many rows are read once into Ray's object store and every later epoch
     # splits the cached blocks instead of reading the Parquet files again (0 = always stream)

@@ -150,9 +150,10 @@ def _fake_result() -> dict:
     plain = {"samples_per_s": 1000.0, "step_time_s": 0.25, "data_wait_frac": 0.01, "wall_s": 3.0, "read_s": 0.1,
              "build_s": 0.1, "end_to_end_samples_per_s": 800.0}
     model = {"check": {"plain_loss": 1.5, "max_abs_diff": 0.0},
-             "runs": {"plain_before": plain, "plain_after": plain, "ray_1": run, "ray_2": dict(run, samples_per_s=1350.0)},
+             "runs": {"plain_before": plain, "plain_after": plain, "ray_1": run, "ray_2": dict(run, samples_per_s=1350.0),
+                      "ray_1_memory": dict(run, samples_per_s=1000.0)},
              "ratios": {"plain_samples_per_s": 1000.0, "one_worker_vs_plain": 0.9, "one_worker_vs_plain_end_to_end": 0.125,
-                        "two_workers_vs_one": 1.5}}
+                        "two_workers_vs_one": 1.5, "streaming_vs_memory": 0.9}}
     return {"command": "mtrec bench --quick", "started": "2026-01-01 00:00 UTC", "total_s": 100.0,
             "load_before": {"1m": 1.0, "5m": 2.0, "15m": 3.0}, "load_after": {"1m": 4.0, "5m": 5.0, "15m": 6.0},
             "machine": {"cores": 2, "torch": "t", "ray": "r", "python": "p", "commit": "abc"},
@@ -172,13 +173,16 @@ def test_report_puts_every_ratio_side_by_side(tmp_path):
     result = _fake_result()
     result["ratios"] = collect_ratios(result)
     keys = [r["key"] for r in result["ratios"]]
-    assert keys == ["prepare_library_vs_plain", "prepare_read_validate_vs_plain", "qriql_one_worker_vs_plain", "qriql_two_workers_vs_one", "qriql_one_worker_vs_plain_end_to_end",
-                    "sasrec_one_worker_vs_plain", "scoring_vs_training", "scoring_vs_plain"]
+    assert keys == ["prepare_library_vs_plain", "prepare_read_validate_vs_plain", "qriql_one_worker_vs_plain", "qriql_two_workers_vs_one", "qriql_streaming_vs_memory",
+                    "qriql_one_worker_vs_plain_end_to_end", "sasrec_one_worker_vs_plain", "scoring_vs_training",
+                    "scoring_vs_plain"]
     by_key = {r["key"]: r for r in result["ratios"]}
     assert by_key["qriql_two_workers_vs_one"]["met"] is True and by_key["qriql_one_worker_vs_plain"]["met"] is False
     assert by_key["sasrec_one_worker_vs_plain"]["value"] is None  # a failed check has no ratio
     assert by_key["scoring_vs_training"]["value"] == pytest.approx(500 / 900)
+    assert by_key["qriql_streaming_vs_memory"]["met"] is False  # 900 vs 1,000 samples/s: below 0.95
     text = markdown(result)
+    assert "| QR-IQL | 1 worker, fed from memory | 24.0 |" in text
     assert "Load average before 1.0 / 2.0 / 3.0, after 4.0 / 5.0 / 6.0" in text and "**0.90x**" in text
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
@@ -245,7 +249,7 @@ def test_tiny_bench_run_passes_every_check(ray_cluster, tmp_path):
     the result holds every ratio (their values are not asserted) and the report renders."""
     from mtrec_dist.bench.runner import failed_stages, run_bench
 
-    result = run_bench(tiny_config(), TINY, tmp_path / "work", workers=(1,), say=lambda m: None)
+    result = run_bench(tiny_config(), TINY, tmp_path / "work", workers=(1,), memory_feed=False, say=lambda m: None)
     assert failed_stages(result) == []
     assert result["stages"]["prepare"]["check"]["library"] == result["stages"]["prepare"]["check"]["plain"]
     for model in ("qriql", "sasrec"):

@@ -81,9 +81,11 @@ def test_two_worker_training_shards_lowers_the_loss_checkpoints_and_resumes(ray_
     assert t_loss < f_loss - 1.0 and t_acc > 0.5
     assert abs(t_loss - last["loss"]) < 0.5
 
-    # resume from the newest checkpoint under the storage path and finish the epoch
+    # resume from the newest checkpoint under the storage path and finish the epoch, this time with each
+    # worker's rows collated in memory before its first step (train.feed=memory): the same rows, once each
     assert find_latest_checkpoint(storage) == result.checkpoint_path
-    second = fit_distributed(factory, dataclasses.replace(cfg, max_steps=0), {"train": read_transitions(str(root))},
+    second = fit_distributed(factory, dataclasses.replace(cfg, max_steps=0, feed="memory"),
+                             {"train": read_transitions(str(root))},
                              "second", storage, resume="latest", state_len=4, row_counts={"train": ROWS},
                              progress=False)
     start2 = next(e for e in second.history if e["event"] == "start")

@@ -3,6 +3,7 @@ Train workers and timed from the driver, exactly as ``mtrec train-reward`` / ``t
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -34,13 +35,14 @@ def _train(model: Model, cfg: PipelineConfig, prepared: Path, out: Path) -> Dict
 
 
 def run_library_training(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, out: Path,
-                         workers: int) -> Dict[str, Any]:
-    """Train ``model`` for ``sizes.steps`` steps on ``workers`` workers; steady-state figures, the time
-    breakdown, end-to-end samples/s (rows / wall time of the call) and the final checkpoint."""
+                         workers: int, feed: str = "stream") -> Dict[str, Any]:
+    """Train ``model`` for ``sizes.steps`` steps on ``workers`` workers, fed as ``train.feed`` says; steady-state
+    figures, the time breakdown, end-to-end samples/s (rows / wall time of the call) and the final checkpoint."""
     from mtrec_dist.training.loop import read_history
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = bench_config(base, sizes, workers)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, feed=feed))
     t0 = time.time()
     summary = _train(model, cfg, prepared, out)
     t1 = time.time()

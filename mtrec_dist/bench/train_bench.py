@@ -72,8 +72,10 @@ def plain_run(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: P
 
 
 def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
-                workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """Check, then time: plain, 1 and 2 workers, plain again; the runs and the ratios."""
+                workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None,
+                memory_feed: bool = True) -> Dict[str, Any]:
+    """Check, then time: plain, 1 and 2 workers, 1 worker fed from memory, plain again; the runs and the
+    ratios."""
     check = check_model(model, base, sizes, prepared, manifest)
     say(f"[bench] {model}: plain model's loss = library's ({check['plain_loss']:.6g}; max |diff| "
         f"{check['max_abs_diff']:.2g} over {check['terms_compared']} terms)")
@@ -83,6 +85,11 @@ def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared:
         runs[f"ray_{w}"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w{w}", w)
         say(f"[bench] {model}: Ray Train {w} worker(s) {runs[f'ray_{w}']['samples_per_s']:,.0f} samples/s "
             f"(wall {runs[f'ray_{w}']['breakdown']['wall_s']:.1f}s)")
+    if memory_feed and 1 in workers:  # the same worker fed from tensors it collated before its first step: what streaming costs
+        runs["ray_1_memory"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w1_memory",
+                                                    1, feed="memory")
+        say(f"[bench] {model}: Ray Train 1 worker fed from memory {runs['ray_1_memory']['samples_per_s']:,.0f} "
+            "samples/s")
     runs["plain_after"] = plain_run(model, base, sizes, prepared, manifest, device)
     say(f"[bench] {model}: plain again {runs['plain_after']['samples_per_s']:,.0f} samples/s")
     return {"check": check, "runs": runs, "ratios": training_ratios(runs)}
@@ -93,12 +100,15 @@ def _mean(runs: Dict[str, Any], key: str) -> float:
 
 
 def training_ratios(runs: Dict[str, Any]) -> Dict[str, float]:
-    """``1 worker / plain`` and ``2 workers / 1 worker``, steady state and end to end (rows / wall time)."""
+    """``1 worker / plain``, ``2 workers / 1 worker`` and ``streamed / fed from memory`` (1 worker), steady
+    state, and the first two end to end (rows / wall time)."""
     out: Dict[str, float] = {"plain_samples_per_s": _mean(runs, "samples_per_s")}
     one, two = runs.get("ray_1"), runs.get("ray_2")
     if one:
         out["one_worker_vs_plain"] = one["samples_per_s"] / out["plain_samples_per_s"]
         out["one_worker_vs_plain_end_to_end"] = one["end_to_end_samples_per_s"] / _mean(runs, "end_to_end_samples_per_s")
+    if one and runs.get("ray_1_memory"):
+        out["streaming_vs_memory"] = one["samples_per_s"] / runs["ray_1_memory"]["samples_per_s"]
     if one and two:
         out["two_workers_vs_one"] = two["samples_per_s"] / one["samples_per_s"]
         out["two_workers_vs_one_end_to_end"] = two["end_to_end_samples_per_s"] / one["end_to_end_samples_per_s"]

@@ -332,6 +332,8 @@ def _train_epoch(w: _Worker, s: _RunState, shard: Any) -> bool:
         local_shuffle_seed=(cfg.seed * 1009 + s.epoch * 17 + rank) if cfg.shuffle_buffer_rows else None,
     )
     t_data = time.perf_counter()
+    if cfg.feed == "memory":  # the whole epoch collated before the first step (counts as the first data wait)
+        batches = list(batches)
     for batch in batches:
         t0 = time.perf_counter()
         s.stats.data_s += t0 - t_data
