@@ -108,7 +108,14 @@ class SASRecEncoder(nn.Module):
 
 
 class GRU4RecEncoder(nn.Module):
-    """GRU over the state; padding steps leave the hidden state unchanged (so left padding is inert)."""
+    """GRU over the state's valid steps only (padding steps are never fed, so left padding is inert).
+
+    Each row's valid steps are moved to the front in their order (a stable sort on "is padding") and one
+    fused ``nn.GRU`` call runs over the batch; a row's state is the last layer's output at its last valid
+    step (what follows it is padding and cannot reach back).  A row with no valid step keeps the zero state.
+    The same function as stepping the GRU position by position and skipping the padding, at one call instead
+    of ``state_len`` (:func:`stepwise_gru_state` is that loop, kept as the reference the tests compare with).
+    """
 
     def __init__(self, cfg: ModelConfig, state_len: int, device=None) -> None:
         super().__init__()
@@ -121,13 +128,27 @@ class GRU4RecEncoder(nn.Module):
         self.out = nn.Linear(d, d, device=device)  # its bias is the learned empty-state vector
 
     def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, l, d = emb.shape
+        b, _, d = emb.shape
         x = self.drop(self.inp(emb, feedback, valid))
-        h = emb.new_zeros(self.num_layers, b, d)
-        for t in range(l):
-            _, h_new = self.gru(x[:, t : t + 1], h)
-            h = torch.where(valid[:, t].view(1, b, 1), h_new, h)
-        return self.out(self.drop(h[-1]))
+        valid = valid.bool()
+        front = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid steps first, in order
+        outputs, _ = self.gru(torch.gather(x, 1, front.unsqueeze(-1).expand(-1, -1, d)))
+        lengths = valid.sum(1)
+        last = outputs[torch.arange(b, device=emb.device), (lengths - 1).clamp_min(0)]
+        h = torch.where((lengths > 0).unsqueeze(1), last, torch.zeros_like(last))
+        return self.out(self.drop(h))
+
+
+def stepwise_gru_state(gru: nn.GRU, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The last layer's state after stepping ``gru`` over ``x`` [B, L, D] one position at a time, padding
+    positions (``valid`` False) leaving the state unchanged: the definition :class:`GRU4RecEncoder` computes
+    in one fused call."""
+    b, l, d = x.shape
+    h = x.new_zeros(gru.num_layers, b, d)
+    for t in range(l):
+        _, h_new = gru(x[:, t : t + 1], h)
+        h = torch.where(valid[:, t].view(1, b, 1), h_new, h)
+    return h[-1]
 
 
 # ---- Caser (Tang & Wang 2018) --------------------------------------------------------------------
