@@ -124,3 +124,38 @@ def test_fused_gru_state_is_the_stepwise_one(layers):
     g_fused, = torch.autograd.grad(fused.pow(2).sum(), emb)
     g_ref, = torch.autograd.grad(reference.pow(2).sum(), emb)
     assert torch.allclose(g_fused, g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (3, 4), (2, 3), (1, 2), (3, 30)])
+def test_causal_conv_is_a_left_padded_conv1d(kernel, dilation):
+    """The matmul-and-shift convolution equals nn.Conv1d on the left-padded channels-first input (the
+    textbook causal convolution), gradients included; a dilation past the sequence's start reads zeros."""
+    from mtrec_dist.models.encoders import causal_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(5, 7, kernel, dilation=dilation)
+    x = torch.randn(3, 9, 5, requires_grad=True)
+    want = conv(torch.nn.functional.pad(x.transpose(1, 2), ((kernel - 1) * dilation, 0))).transpose(1, 2)
+    got = causal_conv(x, conv.weight, conv.bias, dilation)
+    assert got.shape == (3, 9, 7) and torch.allclose(got, want, atol=1e-5)
+    g_want, = torch.autograd.grad(want.sum(), x)
+    g_got, = torch.autograd.grad(got.sum(), x)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_caser_horizontal_filters_are_the_papers_2d_convolutions():
+    """Caser's horizontal filters, run as 1-D convolutions over positions, give the 2-D convolutions of the
+    L x D image that its parameters describe (relu, max over positions), gradients included."""
+    torch.manual_seed(0)
+    enc = build_encoder("caser", cfg(), state_len=5).eval()
+    emb = torch.randn(3, 5, D, requires_grad=True)
+    fb, valid = torch.rand(3, 5), torch.ones(3, 5, dtype=torch.bool)
+    img = enc.inp(emb, fb, valid).unsqueeze(1)
+    out_v = enc.conv_v(img).reshape(3, -1)
+    out_h = [torch.relu(conv(img).squeeze(3)).amax(dim=2) for conv in enc.conv_h]
+    want = enc.out(torch.relu(enc.fc(torch.cat([out_v, *out_h], dim=1))))
+    got = enc(emb, fb, valid)
+    assert torch.allclose(got, want, atol=1e-5)
+    g_want, = torch.autograd.grad(want.sum(), emb)
+    g_got, = torch.autograd.grad(got.sum(), emb)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
