@@ -159,3 +159,17 @@ def test_caser_horizontal_filters_are_the_papers_2d_convolutions():
     g_want, = torch.autograd.grad(want.sum(), emb)
     g_got, = torch.autograd.grad(got.sum(), emb)
     assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_sasrec_last_block_computes_only_the_position_it_returns(layers):
+    """The last block's output at the last position alone equals the full block's last position."""
+    torch.manual_seed(0)
+    enc = build_encoder("sasrec", cfg(num_layers=layers), state_len=4).eval()
+    emb, fb, valid = inputs()
+    keep = valid.unsqueeze(-1).float()
+    x = (enc.inp(emb, fb, valid) * enc.scale + enc.pos[:4]) * keep
+    mask = (torch.ones(4, 4, dtype=torch.bool).tril() & valid.unsqueeze(1)) | torch.eye(4, dtype=torch.bool)
+    for block in enc.blocks:
+        x = block(x, mask) * keep  # every position, every block
+    assert torch.allclose(enc(emb, fb, valid), enc.final_norm(x[:, -1]), atol=1e-5)

@@ -64,13 +64,19 @@ class SASRecBlock(nn.Module):
         self.ff2 = nn.Linear(dim, dim, device=device)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D]; with ``last_only`` only the last position's output, [B, 1, D] (its query
+        still attends to every position: the keys and values are computed for all of them)."""
         b, l, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = d // self.heads
+        qkv = self.qkv(self.ln1(x)).view(b, l, 3, self.heads, h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, h]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if last_only:
+            q, x, attn_mask = q[:, :, -1:], x[:, -1:], attn_mask[:, -1:]
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
         )
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, l, d)))
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, q.shape[2], d)))
         return x + self.drop(self.ff2(self.drop(F.relu(self.ff1(self.ln2(x))))))
 
 
@@ -99,8 +105,11 @@ class SASRecEncoder(nn.Module):
         # Attend to earlier real items; every position may attend to itself so that no softmax row is empty
         # (an all-padding state would otherwise produce NaN).
         attn_mask = (causal & valid.unsqueeze(1)) | torch.eye(l, dtype=torch.bool, device=emb.device)
-        for block in self.blocks:
-            x = block(x, attn_mask) * keep
+        # The state is read at the last position only, so the last block computes only that position's output
+        # (the others would be thrown away); every earlier block feeds the last block's keys and values.
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, last_only=(i == last)) * (keep[:, -1:] if i == last else keep)
         return self.final_norm(x[:, -1])
 
 
