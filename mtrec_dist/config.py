@@ -283,8 +283,8 @@ class TrainConfig:
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
     # "stream": Ray Data feeds each step while the worker trains; "memory": each worker first collates its
-    # whole shard of the epoch into torch batches, then trains with no data work beside the steps (fastest
-    # steps; holds the shard in the worker's memory: for training sets that fit)
+    # whole shard of the epoch into torch batches in host memory, then trains with no data work beside the
+    # steps (holds the shard in the worker's RAM: for training sets that fit)
     feed: Literal["stream", "memory"] = "stream"
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
     # training sets of at most this many rows are read once into Ray's object store and every later epoch

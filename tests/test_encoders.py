@@ -128,7 +128,7 @@ def test_fused_gru_state_is_the_stepwise_one(layers):
 
 @pytest.mark.parametrize("kernel, dilation", [(3, 1), (3, 4), (2, 3), (1, 2), (3, 30)])
 def test_causal_conv_is_a_left_padded_conv1d(kernel, dilation):
-    """The matmul-and-shift convolution equals nn.Conv1d on the left-padded channels-first input (the
+    """The channels-last 2-D convolution equals nn.Conv1d on the left-padded channels-first input (the
     textbook causal convolution), gradients included; a dilation past the sequence's start reads zeros."""
     from mtrec_dist.models.encoders import causal_conv
 

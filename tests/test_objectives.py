@@ -133,6 +133,15 @@ def test_cvar_hand_values():
         cvar(q, 0.0)
 
 
+def test_tail_chunks_fit_the_cache_on_cpu_only():
+    from mtrec_dist.models.reward_model import TAIL_CHUNK_ELEMENTS, tail_chunk_items
+
+    assert tail_chunk_items(8192, 512 * 16, torch.device("cpu")) == TAIL_CHUNK_ELEMENTS // (512 * 16)
+    assert tail_chunk_items(8192, 1, torch.device("cpu")) == 8192 and tail_chunk_items(8192, 0, torch.device("cpu")) == 8192
+    assert tail_chunk_items(8192, 10 ** 9, torch.device("cpu")) == 1
+    assert tail_chunk_items(8192, 512 * 16, torch.device("meta")) == 8192  # not a CPU: one launch per chunk
+
+
 def test_cvar_along_hand_values():
     q = T([[4.0, 1.0, 3.0, 2.0]]).T  # the quantile axis first
     assert close(cvar_along(q, 0.5, dim=0), [1.5])
@@ -255,8 +264,12 @@ def test_qriql_target_polyak_and_sync():
     assert model.encoder.training and not model.target_encoder.training
 
 
-@pytest.mark.parametrize("objective, order_items", [("v1", 0), ("v2", 0), ("v2", 4)])
-def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items):
+@pytest.mark.parametrize("objective, order_items, tail_floats", [("v1", 0, 1 << 18), ("v2", 0, 1 << 18),
+                                                                  ("v2", 4, 1 << 18), ("v2", 4, 20)])
+def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items, tail_floats, monkeypatch):
+    import mtrec_dist.models.reward_model as reward_model
+
+    monkeypatch.setattr(reward_model, "TAIL_CHUNK_ELEMENTS", tail_floats)  # 20 floats: 1 item per step
     torch.manual_seed(0)
     rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective, order_items=order_items)
     model = QRIQLModel(9, MODEL_CFG, rc, state_len=3).eval()

@@ -12,3 +12,4 @@ def test_blocks_hold_whole_batches_about_four_per_actor():
     assert rows_per_actor_block(100, tc) == 512  # never less than one batch
     assert rows_per_actor_block(0, tc) == 512
     assert rows_per_actor_block(49_344, TrainConfig(score_concurrency=4, score_batch_size=512)) == 7 * 512
+    assert rows_per_actor_block(10 ** 8, tc) == 64 * 512  # a large day: blocks stay small enough to stream

@@ -58,7 +58,8 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
 
 
 def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
-              workers: Sequence[int] = (1, 2), memory_feed: bool = True, catalog_sizes: Sequence[int] = (), prepare_scale: Sequence[int] = (),
+              workers: Sequence[int] = (1, 2), memory_feed: bool = True, catalog_sizes: Sequence[int] = (),
+              prepare_scale: Sequence[int] = (),
               sharded_items: int = 0, sharded_rows: int = 20_000, peer: Optional[PeerSettings] = None,
               command: str = "mtrec bench", say=print) -> Dict[str, Any]:
     """Run the chosen stages; with ``catalog_sizes``, also the step time and peak memory per rank per catalog

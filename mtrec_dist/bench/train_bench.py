@@ -74,7 +74,7 @@ def plain_run(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: P
 def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
                 workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None,
                 memory_feed: bool = True) -> Dict[str, Any]:
-    """Check, then time: plain, 1 and 2 workers, 1 worker fed from memory, plain again; the runs and the
+    """Check, then time: plain, 1 worker, 1 worker fed from memory, 2 workers, plain again; the runs and the
     ratios."""
     check = check_model(model, base, sizes, prepared, manifest)
     say(f"[bench] {model}: plain model's loss = library's ({check['plain_loss']:.6g}; max |diff| "
@@ -85,11 +85,11 @@ def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared:
         runs[f"ray_{w}"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w{w}", w)
         say(f"[bench] {model}: Ray Train {w} worker(s) {runs[f'ray_{w}']['samples_per_s']:,.0f} samples/s "
             f"(wall {runs[f'ray_{w}']['breakdown']['wall_s']:.1f}s)")
-    if memory_feed and 1 in workers:  # the same worker fed from tensors it collated before its first step: what streaming costs
-        runs["ray_1_memory"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w1_memory",
-                                                    1, feed="memory")
-        say(f"[bench] {model}: Ray Train 1 worker fed from memory {runs['ray_1_memory']['samples_per_s']:,.0f} "
-            "samples/s")
+        if memory_feed and w == 1:  # right after: the same worker fed from tensors collated before its first step
+            runs["ray_1_memory"] = run_library_training(model, base, sizes, prepared,
+                                                        work / f"train_{model}_w1_memory", 1, feed="memory")
+            say(f"[bench] {model}: Ray Train 1 worker fed from memory "
+                f"{runs['ray_1_memory']['samples_per_s']:,.0f} samples/s")
     runs["plain_after"] = plain_run(model, base, sizes, prepared, manifest, device)
     say(f"[bench] {model}: plain again {runs['plain_after']['samples_per_s']:,.0f} samples/s")
     return {"check": check, "runs": runs, "ratios": training_ratios(runs)}

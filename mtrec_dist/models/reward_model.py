@@ -57,6 +57,15 @@ ITEM_LEVEL_SCALE = 30.0
 TAIL_CHUNK_ELEMENTS = 1 << 18
 
 
+def tail_chunk_items(chunk: int, floats_per_item: int, device: torch.device) -> int:
+    """Items per step of the catalog baseline's CVaR network: on a CPU, as many as keep the [B, N, c] quantiles
+    near :data:`TAIL_CHUNK_ELEMENTS` floats (in cache through the network's many elementwise passes); on an
+    accelerator, where each of those passes is a kernel launch, the whole ``chunk``."""
+    if device.type != "cpu":
+        return max(1, chunk)
+    return max(1, min(chunk, TAIL_CHUNK_ELEMENTS // max(1, floats_per_item)))
+
+
 class QRIQLModel(nn.Module):
     def __init__(
         self,
@@ -445,12 +454,11 @@ class QRIQLModel(nn.Module):
         p_mean = p_r.mean(1)  # the quantiles' mean is linear in them: one [B, D] projection
         base = torch.zeros_like(v)
         cvar_base = torch.zeros_like(v)
-        # [B, N, c] quantiles per slice of items, small enough to stay in cache through the CVaR network
-        step = max(1, min(chunk, TAIL_CHUNK_ELEMENTS // max(1, p_r.shape[0] * p_r.shape[1])))
+        step = tail_chunk_items(chunk, p_r.shape[0] * p_r.shape[1], items.device)
         for start in range(0, items.shape[0], step):
             e, e_ids = items[start : start + step], ids[start : start + step]
             pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / alpha)  # [B, c]
-            level = self.item_level(e_ids) if self.order_term else 0.0  # shifts every quantile alike
-            base += (pi * (p_mean @ e.T + level)).sum(1)
-            cvar_base += (pi * (cvar_along(torch.matmul(p_r, e.T), cfg.cvar_alpha, dim=1) + level)).sum(1)
+            item_shift = self.item_level(e_ids) if self.order_term else 0.0  # shifts every quantile alike
+            base += (pi * (p_mean @ e.T + item_shift)).sum(1)
+            cvar_base += (pi * (cvar_along(torch.matmul(p_r, e.T), cfg.cvar_alpha, dim=1) + item_shift)).sum(1)
         return {"reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtrec_dist.config import PipelineConfig
+from mtrec_dist.config import PipelineConfig, TrainConfig
 
 SCORE_COLUMNS = ["reward_mean", "reward_cvar", "reward_q", "reward_baseline", "reward_cvar_baseline"]
 PAIR_CANDIDATE = "candidate"
@@ -155,11 +155,14 @@ class RewardScorer(TableScorer):
                          spec, **kwargs)
 
 
-def rows_per_actor_block(rows: int, tc) -> int:
+MAX_BATCHES_PER_BLOCK = 64  # a block of a large day stays a few MiB: Ray Data keeps streaming it
+
+
+def rows_per_actor_block(rows: int, tc: "TrainConfig") -> int:
     """Rows per block for ``train.score_concurrency`` actors: about 4 blocks per actor (so a slow one does not
-    hold the rest up), whole scoring batches, at least one."""
-    batches = max(1, math.ceil(rows / (4 * tc.score_concurrency * tc.score_batch_size)))
-    return batches * tc.score_batch_size
+    hold the rest up), whole scoring batches, at least one and at most :data:`MAX_BATCHES_PER_BLOCK`."""
+    batches = math.ceil(rows / (4 * tc.score_concurrency * tc.score_batch_size))
+    return min(max(1, batches), MAX_BATCHES_PER_BLOCK) * tc.score_batch_size
 
 
 def rows_mb(rows: int, embedding_dim: int) -> float:

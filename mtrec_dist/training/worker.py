@@ -332,8 +332,10 @@ def _train_epoch(w: _Worker, s: _RunState, shard: Any) -> bool:
         local_shuffle_seed=(cfg.seed * 1009 + s.epoch * 17 + rank) if cfg.shuffle_buffer_rows else None,
     )
     t_data = time.perf_counter()
-    if cfg.feed == "memory":  # the whole epoch collated before the first step (counts as the first data wait)
-        batches = list(batches)
+    if cfg.feed == "memory":  # the whole epoch collated before the first step (counts as the first data wait),
+        # held in host memory: on a GPU only the batch being trained on is on the device
+        held = [{k: v.cpu() for k, v in b.items()} for b in batches]
+        batches = ({k: v.to(w.device, non_blocking=True) for k, v in b.items()} for b in held)
     for batch in batches:
         t0 = time.perf_counter()
         s.stats.data_s += t0 - t_data
