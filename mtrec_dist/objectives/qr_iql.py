@@ -185,16 +185,28 @@ def cvar(quantiles: torch.Tensor, level: float) -> torch.Tensor:
     With sorted quantiles ``q_(1) <= ... <= q_(N)``, each of mass 1/N, ``k = floor(level N)``:
     ``CVaR_level = (1/level) [ (1/N) sum_{i<=k} q_(i) + (level - k/N) q_(k+1) ]``  (``level = 1`` = mean).
     """
-    if not 0.0 < level <= 1.0:
-        raise ValueError(f"CVaR level must be in (0, 1], got {level}")
     n = quantiles.shape[-1]
+    k, rest = _lower_tail(n, level)
     sorted_q, _ = torch.sort(quantiles, dim=-1)
-    k = min(int(level * n + 1e-9), n)
     total = sorted_q[..., :k].sum(dim=-1) / n
-    rest = level - k / n
-    if k < n and rest > 1e-12:
+    if rest:
         total = total + rest * sorted_q[..., k]
     return total / level
+
+
+def _lower_tail(n: int, level: float) -> Tuple[int, float]:
+    """``(k, rest)`` of :func:`cvar`'s formula for ``n`` atoms: the ``k`` whole atoms in the tail, and the mass
+    ``rest`` taken from atom ``k + 1`` (0.0 when the tail ends on an atom's edge)."""
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"CVaR level must be in (0, 1], got {level}")
+    k = min(int(level * n + 1e-9), n)
+    rest = level - k / n
+    return k, (rest if k < n and rest > 1e-12 else 0.0)
+
+
+def _padded_size(n: int) -> int:
+    """``n`` rounded up to a power of two (the width of Batcher's network)."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,7 +217,7 @@ def _tail_network(n: int, k: int, need_next: bool) -> Tuple[Tuple[int, int], ...
 
     Pruned backwards: a comparator is dropped when neither output is read later, or when both outputs only
     enter the final sum (swapping two terms of a sum changes nothing)."""
-    size = 1 << max(0, (n - 1).bit_length())
+    size = _padded_size(n)
     network = []
     p = 1
     while p < size:
@@ -235,19 +247,14 @@ def cvar_along(quantiles: torch.Tensor, level: float, dim: int = -1) -> torch.Te
     quantile slices, each slice a whole tensor (fast where there are many distributions of few quantiles,
     e.g. ``[B, N, C]`` for every catalog item; a sort of millions of 16-atom rows is not).  Same formula,
     same value as :func:`cvar` up to float rounding of the sum's order."""
-    if not 0.0 < level <= 1.0:
-        raise ValueError(f"CVaR level must be in (0, 1], got {level}")
     n = quantiles.shape[dim]
-    k = min(int(level * n + 1e-9), n)
-    rest = level - k / n
-    need_next = k < n and rest > 1e-12
+    k, rest = _lower_tail(n, level)
     slices = list(quantiles.unbind(dim))
-    size = 1 << max(0, (n - 1).bit_length())
-    slices += [torch.full_like(slices[0], float("inf"))] * (size - n)  # padding sorts last
-    for i, j in _tail_network(n, k, need_next):
+    slices += [torch.full_like(slices[0], float("inf"))] * (_padded_size(n) - n)  # padding sorts last
+    for i, j in _tail_network(n, k, bool(rest)):
         slices[i], slices[j] = torch.minimum(slices[i], slices[j]), torch.maximum(slices[i], slices[j])
     total = torch.stack(slices[:k]).sum(0) / n if k else torch.zeros_like(slices[0])
-    if need_next:
+    if rest:
         total = total + rest * slices[k]
     return total / level
 

@@ -158,7 +158,7 @@ class RewardScorer(TableScorer):
 MAX_BATCHES_PER_BLOCK = 64  # a block of a large day stays a few MiB: Ray Data keeps streaming it
 
 
-def rows_per_actor_block(rows: int, tc: "TrainConfig") -> int:
+def rows_per_actor_block(rows: int, tc: TrainConfig) -> int:
     """Rows per block for ``train.score_concurrency`` actors: about 4 blocks per actor (so a slow one does not
     hold the rest up), whole scoring batches, at least one and at most :data:`MAX_BATCHES_PER_BLOCK`."""
     batches = math.ceil(rows / (4 * tc.score_concurrency * tc.score_batch_size))
