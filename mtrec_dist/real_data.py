@@ -9,7 +9,9 @@ Real logs have no hidden truth, only a withheld satisfaction signal (ratings, li
 * C: a supervised leave/return classifier, D: IQ-Learn v1, F: QR-IQL v2 (the mental reward),
 
 and whether guidance by F (and B) keeps or improves the satisfied targets offline (HR/NDCG@10 on the
-held-out users' rows, all and satisfied).  The logs go through ``mtrec prepare`` first (the same readers,
+held-out users' rows, all and satisfied).  Row H guides by the withheld signal itself (the training users'
+ratings of their logged items, which no other row reads): the ceiling of what reweighting by a reward can do
+on these logs.  The logs go through ``mtrec prepare`` first (the same readers,
 validation and windowing as the pipeline), so any format prepare reads runs here, e.g. a generic CSV
 with ``user,item,rating,ts`` columns.
 """
@@ -36,6 +38,10 @@ from mtrec_dist.data.sessionize import with_later_items
 from mtrec_dist.evaluation.metrics import roc_auc, spearman
 from mtrec_dist.evaluation.offline import eval_rows, read_eval_table, satisfied_labels
 from mtrec_dist.models.recommender import SequentialRecommender
+
+
+# rows whose meaning on real logs differs from the simulator's (ROW_NAMES)
+LOG_ROW_NAMES = {"H": "oracle: the withheld signal of the logged item"}
 
 
 def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarray]:
@@ -82,15 +88,16 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
     pop = np.bincount(data["action"][train], minlength=num_items + 1).astype(np.float64)
     validity["popularity"] = _validity(pop[data["action"][test]], data, test)
     recs: Dict[str, dict] = {}
-    rows = [r for r in ["A"] + list(ab.rows) if r in ("A", "B", "C", "D", "F")]
+    rows = [r for r in ["A"] + list(ab.rows) if r in ("A", "B", "C", "D", "F", "H")]
     rows = [r for i, r in enumerate(rows) if r not in rows[:i] and (r != "B" or has_watch)]
     for row in rows:
         t = time.time()
-        scorer = row_scorer(row, cfg, None, None, data, train, num_items, seed, cache)
+        scorer = None if row == "H" else row_scorer(row, cfg, None, None, data, train, num_items, seed, cache)
         if scorer is not None:
             validity[row] = _validity(score_reward(scorer, data, test, num_items)["reward_mean"], data, test)
-        if row in ("A", "B", "F"):
-            cols = guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed)
+        if row in ("A", "B", "F", "H"):
+            cols = (withheld_signal_columns(data, train) if row == "H" else
+                    guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed))
             extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
             rec_cfg = dataclasses.replace(cfg.rec, guidance="none" if row == "A" else "reweight")
             rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
@@ -102,6 +109,14 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
             + f" ({time.time() - t:.0f}s)")
     return {"validity": validity, "offline": recs, "seconds": round(time.time() - t0, 1),
             "table": real_data_table(validity, recs), "has_watch": has_watch}
+
+
+def withheld_signal_columns(data, train: np.ndarray) -> Dict[str, np.ndarray]:
+    """Row H's guidance on real logs: the withheld graded signal of each training row's logged item (its
+    rating) as the reward, against a constant baseline (the weights standardise it over each batch)."""
+    signal = data["satisfaction"][train].astype(np.float32)
+    zero = np.zeros_like(signal)
+    return dict(reward_mean=signal, reward_baseline=zero, reward_cvar=signal, reward_cvar_baseline=zero)
 
 
 @torch.no_grad()
@@ -122,6 +137,7 @@ def real_data_table(validity: Dict[str, dict], recs: Dict[str, dict]) -> str:
         lines.append(f"| {label} | {v['auc_satisfied']:.4f} | {v['spearman_vs_signal']:.4f} |")
     lines += ["", "| SASRec guided by | HR@10 | NDCG@10 | HR@10 satisfied | NDCG@10 satisfied |", "|---|---|---|---|---|"]
     for name, r in recs.items():
-        lines.append(f"| {name} {ROW_NAMES[name]} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | "
+        label = LOG_ROW_NAMES.get(name, ROW_NAMES[name])
+        lines.append(f"| {name} {label} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | "
                      f"{r['hr@10_satisfied']:.4f} | {r['ndcg@10_satisfied']:.4f} |")
     return "\n".join(lines)

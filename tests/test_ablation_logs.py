@@ -36,14 +36,15 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     rows = _rating_log(tmp_path / "ratings.csv")
     sets = [f"run_dir={tmp_path / 'run'}", f"prepare.input={tmp_path / 'ratings.csv'}", "prepare.format=csv",
             "prepare.id_type=string", "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}",
-            "ablation.rows=[A,F]", "ablation.reward_epochs=3", "ablation.rec_epochs=1", "ablation.batch_size=64",
+            "ablation.rows=[A,F,H]", "ablation.reward_epochs=3", "ablation.rec_epochs=1", "ablation.batch_size=64",
             "ablation.heldout_user_share=0.3"]
     assert cli(["ablate", "--config", "configs/ml1m.yaml", "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
     res = json.loads((tmp_path / "run" / "ablation" / "results.json").read_text())
     validity = res["validity"]
     assert abs(validity["popularity"]["auc_satisfied"] - 0.5) < 0.1  # uniform draws: popularity is noise
     assert validity["F"]["auc_satisfied"] > 0.65  # the order of choices tells which items satisfy
-    assert {"A", "F"} <= set(res["offline"])
+    assert set(res["offline"]) == {"A", "F", "H"} and "H" not in validity  # H reads the signal: no validity
+    assert "| H oracle: the withheld signal of the logged item |" in res["table"]
     manifest = json.loads((tmp_path / "run" / "prepared" / "manifest.json").read_text())
     assert manifest["rows_in"] == rows == manifest["rows_ok"] + manifest["rows_rejected"]
 
