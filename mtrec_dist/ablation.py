@@ -313,6 +313,8 @@ def summarise(records: Dict[str, list]) -> Dict[str, dict]:
                 for m in ONLINE + ("ndcg@10_satisfied", "hr@10"):
                     mine, ref = _model_means(recs, m), _model_means(records[base], m)
                     diff = [v - ref[k] for k, v in mine.items() if k in ref]
+                    if not diff:  # a metric these rows do not have (real logs: no online metrics)
+                        continue
                     mean, half = mean_ci95(diff)
                     res[f"gain_vs_{base}:{m}"] = {"mean": mean, "half": half}
         out[row] = res

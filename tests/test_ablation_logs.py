@@ -37,13 +37,18 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     sets = [f"run_dir={tmp_path / 'run'}", f"prepare.input={tmp_path / 'ratings.csv'}", "prepare.format=csv",
             "prepare.id_type=string", "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}",
             "ablation.rows=[A,F,H]", "ablation.reward_epochs=3", "ablation.rec_epochs=1", "ablation.batch_size=64",
-            "ablation.heldout_user_share=0.3"]
+            "ablation.heldout_user_share=0.3", "ablation.train_seeds=2"]
     assert cli(["ablate", "--config", "configs/ml1m.yaml", "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
     res = json.loads((tmp_path / "run" / "ablation" / "results.json").read_text())
     validity = res["validity"]
-    assert abs(validity["popularity"]["auc_satisfied"] - 0.5) < 0.1  # uniform draws: popularity is noise
-    assert validity["F"]["auc_satisfied"] > 0.65  # the order of choices tells which items satisfy
+    assert abs(validity["popularity"]["auc_satisfied"]["mean"] - 0.5) < 0.1  # uniform draws: popularity is noise
+    # the order of choices tells which items satisfy, at each of the two training seeds
+    assert res["seeds"] == [0, 1] and min(r["auc_satisfied"] for r in res["records"]["validity"]["F"]) > 0.65
     assert set(res["offline"]) == {"A", "F", "H"} and "H" not in validity  # H reads the signal: no validity
+    gain = res["offline"]["F"]["gain_vs_A:ndcg@10_satisfied"]  # paired by seed
+    by_seed = {r["train_seed"]: r["ndcg@10_satisfied"] for r in res["records"]["offline"]["F"]}
+    base = {r["train_seed"]: r["ndcg@10_satisfied"] for r in res["records"]["offline"]["A"]}
+    assert np.isclose(gain["mean"], np.mean([by_seed[k] - base[k] for k in (0, 1)])) and gain["half"] >= 0
     assert "| H oracle: the withheld signal of the logged item |" in res["table"]
     manifest = json.loads((tmp_path / "run" / "prepared" / "manifest.json").read_text())
     assert manifest["rows_in"] == rows == manifest["rows_ok"] + manifest["rows_rejected"]
