@@ -311,11 +311,10 @@ def summarise(records: Dict[str, list]) -> Dict[str, dict]:
         for base in ("A", "B"):
             if base in records and base != row:
                 for m in ONLINE + ("ndcg@10_satisfied", "hr@10"):
-                    mine, ref = _model_means(recs, m), _model_means(records[base], m)
-                    diff = [v - ref[k] for k, v in mine.items() if k in ref]
-                    if not diff:  # a metric these rows do not have (real logs: no online metrics)
+                    if m not in recs[0] or m not in records[base][0]:  # not measured here (real logs: no online)
                         continue
-                    mean, half = mean_ci95(diff)
+                    mine, ref = _model_means(recs, m), _model_means(records[base], m)
+                    mean, half = mean_ci95([v - ref[k] for k, v in mine.items() if k in ref])
                     res[f"gain_vs_{base}:{m}"] = {"mean": mean, "half": half}
         out[row] = res
     return out
@@ -349,6 +348,14 @@ def pool_records(runs: List[Dict[str, list]]) -> Dict[str, list]:
     return {row: [rec for run in runs for rec in run[row]] for row in rows}
 
 
+def format_ci(v: Dict[str, float] | None, digits: int) -> str:
+    """``mean ±half`` of a :func:`summarise` entry with ``digits`` decimals: the mean alone where the half-width is
+    NaN (one model), an empty cell where there is no entry or no mean."""
+    if v is None or v["mean"] != v["mean"]:
+        return ""
+    return f"{v['mean']:.{digits}f}" + ("" if v["half"] != v["half"] else f" ±{v['half']:.{digits}f}")
+
+
 def markdown_table(summary: Dict[str, dict]) -> str:
     cols = [("spearman_vs_satisfaction", "Spearman"), ("auc_good_vs_bad", "AUC bad"),
             ("satisfaction_per_session", "sat/session"), ("cumulative_satisfaction", "7-day sat"),
@@ -358,11 +365,7 @@ def markdown_table(summary: Dict[str, dict]) -> str:
             ("gain_vs_B:return_rate", "Δreturn vs B")]
     lines = ["| row | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row, res in summary.items():
-        cells = []
-        for key, _ in cols:
-            v = res.get(key)
-            cells.append("" if v is None or v["mean"] != v["mean"] else
-                         f"{v['mean']:.3f}" + ("" if v["half"] != v["half"] else f" ±{v['half']:.3f}"))
+        cells = [format_ci(res.get(key), 3) for key, _ in cols]
         lines.append(f"| {row} {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

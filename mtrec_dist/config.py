@@ -355,7 +355,7 @@ class AblationConfig:
 
     rows: list[AblationRow] = field(default_factory=lambda: list(ABLATION_ROWS))  # rows to run (A is always run: gains are vs A)
     worlds: int = 3  # simulated worlds (item truths): simulator seeds seed, seed+1, ...
-    train_seeds: int = 2  # training seeds per world (the CIs include their variation)
+    train_seeds: int = 2  # training seeds per world, or on real logs (the CIs include their variation)
     online_seeds: int = 5  # simulator seeds per trained model for online evaluation
     online_users: int = 300  # held-out users (never in the logs) per online seed
     online_days: int = 7  # days each online user is followed (return rate, cumulative satisfaction)

@@ -22,14 +22,14 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow.dataset as pads
 import torch
 
 from mtrec_dist.ablation import (
-    ROW_NAMES, fit, guidance_columns, offline_ranking, row_scorer, score_reward, summarise, v_full,
+    ROW_NAMES, fit, format_ci, guidance_columns, offline_ranking, row_scorer, score_reward, summarise, v_full,
 )
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.data.dataset import load_manifest
@@ -67,15 +67,20 @@ def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarr
     return data
 
 
-def _validity(scores: np.ndarray, data, rows, seed: int) -> dict:
-    return {"train_seed": seed, "auc_satisfied": roc_auc(scores, data["satisfied"][rows].astype(int)),
+def _validity(scores: np.ndarray, data, rows) -> dict:
+    return {"auc_satisfied": roc_auc(scores, data["satisfied"][rows].astype(int)),
             "spearman_vs_signal": spearman(scores, data["satisfaction"][rows])}
+
+
+def _row_label(row: str) -> str:
+    return f"{row} {LOG_ROW_NAMES.get(row, ROW_NAMES[row])}"
 
 
 def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], None] | None = None) -> dict:
     """Validity of every reward on held-out users' rows, and offline ranking of the guided SASRecs, for
-    ``ablation.train_seeds`` training seeds from ``train.seed`` on: means with 95% t-intervals over the seeds,
-    and each guided row's gains over A paired by seed (the seed sets the initial weights and the batch order)."""
+    ``ablation.train_seeds`` training seeds ``train.seed, train.seed + 1, ...``: means with 95% t-intervals over
+    the seeds, and each guided row's gains over A paired by seed (the seed sets the initial weights and the batch
+    order).  The held-out users are the same at every seed, so the intervals cover training randomness only."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     ab, t0 = cfg.ablation, time.time()
     data = prepared_data(prepared_dir, cfg.reward.order_items)
@@ -85,52 +90,60 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
     has_watch = bool((data["action_feedback"][train] < 1.0).any())
     say(f"[ablate] {len(data['action']):,} transitions, {num_items:,} items; {len(test):,} held-out rows "
         f"({heldout.mean():.0%}); satisfied share {data['satisfied'][test].mean():.3f}; watch signal: {has_watch}")
-    pop = np.bincount(data["action"][train], minlength=num_items + 1).astype(np.float64)
-    validity: Dict[str, list] = {"popularity": [_validity(pop[data["action"][test]], data, test, cfg.train.seed)]}
-    offline: Dict[str, list] = {}
     rows = [r for r in ["A"] + list(ab.rows) if r in ("A", "B", "C", "D", "F", "H")]
     rows = [r for i, r in enumerate(rows) if r not in rows[:i] and (r != "B" or has_watch)]
+    if "H" in rows and np.isnan(data["satisfaction"][train]).any():
+        raise ValueError("ablation row H guides by the withheld signal, which is missing on some training rows of "
+                         f"{prepared_dir} (eval/): leave H out of ablation.rows for these logs")
+    pop = np.bincount(data["action"][train], minlength=num_items + 1).astype(np.float64)
+    popularity = _validity(pop[data["action"][test]], data, test)  # fitted to no seed: one value for every seed
+    validity: Dict[str, list] = {}
+    offline: Dict[str, list] = {}
     seeds = list(range(cfg.train.seed, cfg.train.seed + ab.train_seeds))
     for seed in seeds:
+        validity.setdefault("popularity", []).append({"train_seed": seed, **popularity})
         cache: dict = {}
         for row in rows:
             t = time.time()
-            got = _one_row(row, cfg, data, train, test, num_items, seed, cache)
-            for name, rec in got.items():
-                if name == "offline":
-                    offline.setdefault(row, []).append(rec)
-                else:  # the row's own reward, or the click model's score (row A)
-                    validity.setdefault(row if name == "reward" else name, []).append(rec)
-            say(f"[ablate] seed {seed} row {row} ({ROW_NAMES[row]}): " + json.dumps(got) + f" ({time.time() - t:.0f}s)")
+            scores, ranking = _ablation_row_at_seed(row, cfg, data, train, test, num_items, seed, cache)
+            for name, v in scores.items():
+                validity.setdefault(name, []).append({"train_seed": seed, **v})
+            if ranking is not None:
+                offline.setdefault(row, []).append({"train_seed": seed, **ranking})
+            say(f"[ablate] seed {seed} row {_row_label(row)}: "
+                + json.dumps({"validity": scores, "offline": ranking}) + f" ({time.time() - t:.0f}s)")
     summary = {"validity": summarise(validity), "offline": summarise(offline)}
     return {**summary, "records": {"validity": validity, "offline": offline}, "seeds": seeds,
             "seconds": round(time.time() - t0, 1), "table": real_data_table(**summary), "has_watch": has_watch}
 
 
-def _one_row(row: str, cfg: PipelineConfig, data, train, test, num_items: int, seed: int, cache: dict) -> Dict[str, dict]:
-    """One row at one training seed: its reward's validity on the held-out rows (``reward``; rows with a
-    fitted reward) and, for rows that guide SASRec, its offline ranking (``offline``; row A adds the click
-    model's own score of the logged item as a reward baseline, ``click model``)."""
-    out: Dict[str, dict] = {}
+def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_items: int, seed: int,
+                          cache: dict) -> Tuple[Dict[str, dict], Optional[dict]]:
+    """One ablation row at one training seed: ``(validity by reward name, offline ranking)``.  The validity is
+    that of the row's fitted reward on the held-out rows (named by the row); row A's is the click model's own
+    score of the logged item (``click model``).  The ranking is that of the SASRec the row guides (None for
+    rows that guide none here)."""
+    scores: Dict[str, dict] = {}
     scorer = None if row == "H" else row_scorer(row, cfg, None, None, data, train, num_items, seed, cache)
     if scorer is not None:
-        out["reward"] = _validity(score_reward(scorer, data, test, num_items)["reward_mean"], data, test, seed)
-    if row in ("A", "B", "F", "H"):
-        cols = (withheld_signal_columns(data, train) if row == "H" else
-                guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed))
-        extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
-        rec_cfg = dataclasses.replace(cfg.rec, guidance="none" if row == "A" else "reweight")
-        rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
-                  data, train, cfg.ablation, seed, cfg.ablation.rec_epochs, extra)
-        out["offline"] = {"train_seed": seed, **offline_ranking(rec, data, test, num_items)}
-        if row == "A":
-            out["click model"] = _validity(_logged_scores(rec, data, test), data, test, seed)
-    return out
+        scores[row] = _validity(score_reward(scorer, data, test, num_items)["reward_mean"], data, test)
+    if row not in ("A", "B", "F", "H"):
+        return scores, None
+    cols = (withheld_signal_columns(data, train) if row == "H" else
+            guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed))
+    extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
+    rec_cfg = dataclasses.replace(cfg.rec, guidance="none" if row == "A" else "reweight")
+    rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
+              data, train, cfg.ablation, seed, cfg.ablation.rec_epochs, extra)
+    if row == "A":
+        scores["click model"] = _validity(_logged_scores(rec, data, test), data, test)
+    return scores, offline_ranking(rec, data, test, num_items)
 
 
 def withheld_signal_columns(data, train: np.ndarray) -> Dict[str, np.ndarray]:
-    """Row H's guidance on real logs: the withheld graded signal of each training row's logged item (its
-    rating) as the reward, against a constant baseline (the weights standardise it over each batch)."""
+    """Row H's guidance on real logs: the withheld graded signal of each training row's logged item (a rating,
+    else the satisfied label: ``evaluation.offline.satisfied_labels``) as the reward, against a constant
+    baseline (the weights standardise it over each batch)."""
     signal = data["satisfaction"][train].astype(np.float32)
     zero = np.zeros_like(signal)
     return dict(reward_mean=signal, reward_baseline=zero, reward_cvar=signal, reward_cvar_baseline=zero)
@@ -147,23 +160,16 @@ def _logged_scores(rec: SequentialRecommender, data, rows) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _cell(v: dict | None, digits: int = 4) -> str:
-    if v is None or v["mean"] != v["mean"]:
-        return ""
-    return f"{v['mean']:.{digits}f}" + ("" if v["half"] != v["half"] else f" ±{v['half']:.{digits}f}")
-
-
 def real_data_table(validity: Dict[str, dict], offline: Dict[str, dict]) -> str:
     """Markdown: the rewards' validity, then the guided SASRecs with their gains over A (95% CIs over seeds)."""
     lines = ["| reward | AUC (satisfied) | Spearman (signal) |", "|---|---|---|"]
     for name, v in validity.items():
-        label = f"{name} {LOG_ROW_NAMES.get(name, ROW_NAMES[name])}" if name in ROW_NAMES else name
-        lines.append(f"| {label} | {_cell(v['auc_satisfied'])} | {_cell(v['spearman_vs_signal'])} |")
+        label = _row_label(name) if name in ROW_NAMES else name
+        lines.append(f"| {label} | {format_ci(v['auc_satisfied'], 4)} | {format_ci(v['spearman_vs_signal'], 4)} |")
     lines += ["", "| SASRec guided by | HR@10 | NDCG@10 | HR@10 satisfied | NDCG@10 satisfied | "
                   "ΔNDCG@10 satisfied vs A | ΔHR@10 vs A |", "|---|---|---|---|---|---|---|"]
     for name, r in offline.items():
-        label = LOG_ROW_NAMES.get(name, ROW_NAMES[name])
-        lines.append(f"| {name} {label} | {_cell(r['hr@10'])} | {_cell(r['ndcg@10'])} | {_cell(r['hr@10_satisfied'])} | "
-                     f"{_cell(r['ndcg@10_satisfied'])} | {_cell(r.get('gain_vs_A:ndcg@10_satisfied'))} | "
-                     f"{_cell(r.get('gain_vs_A:hr@10'))} |")
+        cells = [r.get(k) for k in ("hr@10", "ndcg@10", "hr@10_satisfied", "ndcg@10_satisfied",
+                                    "gain_vs_A:ndcg@10_satisfied", "gain_vs_A:hr@10")]
+        lines.append(f"| {_row_label(name)} | " + " | ".join(format_ci(c, 4) for c in cells) + " |")
     return "\n".join(lines)
