@@ -11,13 +11,16 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtrec_dist.cli import main as cli
 from mtrec_dist.config import PrepareConfig
 from mtrec_dist.data import prepare as prep
 from mtrec_dist.data.readers import PARSED_SCHEMA, InputError
 from mtrec_dist.data.schema import EVAL_COLUMNS, EVENT_SCHEMA, TRANSITION_COLUMNS
-from mtrec_dist.data.sessionize import session_returns, with_returns_relabelled
+from mtrec_dist.data.dataset import AccountingError
+from mtrec_dist.data.sessionize import find_ids, session_returns, sort_rows, with_returns_relabelled
 
 DAY1, DAY2 = 1767225600, 1767312000  # 2026-01-01, 2026-01-02 (UTC)
 
@@ -130,6 +133,30 @@ def test_earlier_days_get_the_return_labels_later_days_complete():
     assert out.column("returned").to_pylist() == [1, 0, 0, 0, 1, 0]
     assert out.column("return_known").to_pylist() == [1, 1, 0, 0, 1, 0]
     assert out.schema == day.schema
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 60), st.lists(st.sampled_from([(0, 3), (0, 2**20), (-5, 5), (0, 2**40), (0, 2**62)]),
+                                    min_size=1, max_size=4), st.randoms())
+def test_sort_rows_is_lexsort(n, ranges, rnd):
+    """The packed sort gives np.lexsort's order: narrow keys (packed), negative keys, and keys too wide to
+    pack together (the lexsort fallback), ties broken by the distinct input order."""
+    order = np.array(rnd.sample(range(10 * n + 1), n), dtype=np.int64)
+    keys = [np.array([rnd.randint(lo, hi) for _ in range(n)], dtype=np.int64) for lo, hi in ranges]
+    assert np.array_equal(sort_rows(order, *keys), np.lexsort((order, *keys)))
+
+
+@pytest.mark.parametrize("raw", [np.array([3, 7, 8, 20]), np.array([5, 10**12, 10**15])])
+def test_find_ids_maps_present_ids_pads_to_zero_and_names_missing_ones(raw):
+    """Both paths (direct table for compact ids, binary search for sparse ones) give the same answer."""
+    values = np.arange(1, raw.size + 1)
+    ids = np.array([raw[2], raw[0], -1, raw[2], -1])
+    assert find_ids(raw, ids, "item", values, pad=-1).tolist() == [3, 1, 0, 3, 0]
+    assert find_ids(raw, ids[:2], "item", values).tolist() == [3, 1]
+    with pytest.raises(AccountingError, match=r"item raw id\(s\) \[4\] missing"):
+        find_ids(raw, np.array([raw[0], 4]), "item", values)
+    with pytest.raises(AccountingError, match="missing"):
+        find_ids(raw, ids, "item", values)  # padding is only known as padding when it is named
 
 
 def test_validate_rows_reasons_in_order():

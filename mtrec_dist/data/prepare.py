@@ -310,10 +310,9 @@ def _slates(run: _Run, annotated, lookup) -> Optional[dict]:
 
 
 def _indexed(annotated, lookup, part: str):
-    """The ``transitions/`` (``part`` = "transitions") or ``eval/`` ("eval") rows of the annotated events."""
-    from ray.data.expressions import col
-
-    return annotated.filter(expr=col("_is_transition") == 1).map_batches(
+    """The ``transitions/`` (``part`` = "transitions") or ``eval/`` ("eval") rows of the annotated events
+    (``index_transitions`` keeps only the transition rows: one filter, not a Ray filter before it too)."""
+    return annotated.map_batches(
         index_transitions, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(lookup=lookup, part=part))
 
 

@@ -25,6 +25,7 @@ The transition fields stay in *raw* ids until the vocabulary of the accepted row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -50,21 +51,67 @@ def segment_starts(*keys: np.ndarray) -> np.ndarray:
     return start
 
 
-def find_ids(sorted_raw: np.ndarray, ids: np.ndarray, what: str, values: np.ndarray) -> np.ndarray:
-    """``values[k]`` where ``sorted_raw[k] == ids``; every id must be present (they come from the same rows)."""
+def find_ids(sorted_raw: np.ndarray, ids: np.ndarray, what: str, values: np.ndarray, pad=None) -> np.ndarray:
+    """``values[k]`` where ``sorted_raw[k] == ids``; every id must be present (they come from the same rows),
+    except ``pad`` (the padding of state lists, not a raw id), which maps to 0."""
     if ids.size == 0:
         return np.zeros(0, dtype=values.dtype)
-    pos = np.clip(np.searchsorted(sorted_raw, ids), 0, max(sorted_raw.size - 1, 0))
-    if sorted_raw.size == 0 or not (sorted_raw[pos] == ids).all():
-        missing = ids[(sorted_raw.size == 0) | (sorted_raw[pos] != ids)][:5].tolist()
-        raise AccountingError(f"{what} raw id(s) {missing} missing from the map built from the same rows")
-    return values[pos]
+    keys = sorted_raw if pad is None else np.append(sorted_raw, pad)
+    pos = _direct_positions(keys, ids)
+    if pos is None:
+        pos = np.clip(np.searchsorted(sorted_raw, ids), 0, max(sorted_raw.size - 1, 0))
+        pos[sorted_raw[pos] != ids] = -1
+        if pad is not None:
+            pos[ids == pad] = sorted_raw.size
+    if (pos < 0).any():
+        raise AccountingError(f"{what} raw id(s) {ids[pos < 0][:5].tolist()} missing from the map built from the same rows")
+    return (values if pad is None else np.append(values, np.zeros(1, values.dtype)))[pos]
+
+
+def _direct_positions(keys: np.ndarray, ids: np.ndarray) -> Optional[np.ndarray]:
+    """Position of each id in ``keys`` (-1 where absent) through a direct-address table, or None where the
+    ids are not integers in a compact range.  Why: indexing the states is 10 lookups per transition, and
+    a binary search over the catalog took a quarter of the write stage at 10^7 events."""
+    if keys.size == 0 or keys.dtype.kind not in "iu" or ids.dtype.kind not in "iu":
+        return None
+    lo = int(keys.min())
+    span = int(keys.max()) - lo + 1
+    if span > max(4 * keys.size, 1 << 16):
+        return None
+    table = np.full(span, -1, dtype=np.int64)
+    table[keys - lo] = np.arange(keys.size)
+    offset = ids.astype(np.int64, copy=False) - lo
+    if offset.min() >= 0 and offset.max() < span:  # the usual case: every id inside the table
+        return table[offset]
+    inside = (offset >= 0) & (offset < span)
+    return np.where(inside, table[np.where(inside, offset, 0)], -1)
+
+
+def sort_rows(order: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Rows sorted by ``keys`` (the last key first), ties broken by ``order`` (distinct values: the input
+    order): ``np.lexsort((order, *keys))``, about 7x faster where it can be.  One argsort by ``order``,
+    then one stable argsort of the keys packed into a single int64 (each as its offset from its minimum).
+    Why: the lexsorts were half the per-user stage.  Keys whose ranges do not fit in 63 bits together
+    fall back to ``np.lexsort``."""
+    if order.size == 0 or not keys or any(k.dtype.kind not in "iu" for k in keys):
+        return np.lexsort((order, *keys))
+    lows = [int(k.min()) for k in keys]
+    bits = [(int(k.max()) - lo).bit_length() for k, lo in zip(keys, lows)]
+    if sum(bits) > 63:
+        return np.lexsort((order, *keys))
+    p = np.argsort(order)  # distinct values: any sort is the stable one
+    packed = np.zeros(order.size, dtype=np.int64)
+    shift = 0
+    for k, lo, b in zip(keys, lows, bits):
+        packed |= (k[p].astype(np.int64) - lo) << shift
+        shift += b
+    return p[np.argsort(packed, kind="stable")]
 
 
 # ---- per-user rejects ------------------------------------------------------------------------------
 def _duplicates(u: np.ndarray, it: np.ndarray, ts: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Bool mask of ``duplicate_event`` rows: same (user, item, ts) as an earlier row in input order."""
-    p = np.lexsort((order, ts, it, u))
+    p = sort_rows(order, ts, it, u)
     dup = np.zeros(u.size, dtype=bool)
     dup[p] = ~segment_starts(u[p], it[p], ts[p])
     return dup
@@ -76,7 +123,7 @@ def _out_of_order(u, ts, order, sid, sid_null, skip: np.ndarray) -> np.ndarray:
     ooo = np.zeros(u.size, dtype=bool)
     cand = np.flatnonzero(~sid_null & ~skip)
     if cand.size:
-        q = cand[np.lexsort((order[cand], sid[cand], u[cand]))]
+        q = cand[sort_rows(order[cand], sid[cand], u[cand])]
         starts = segment_starts(u[q], sid[q])
         seg = np.cumsum(starts) - 1
         big = np.int64(1) << 36  # ts < 2^33 (max_ts); segment ids stay below 2^26 per block
@@ -99,10 +146,11 @@ class Timeline:
     pos_from_end: np.ndarray  # int32: 0 = the user's last event
 
 
-def _timeline(engaged: np.ndarray, u, ts, order, sid, sid_null, session_gap_s: int) -> Timeline:
-    """Order the engaged events per user and cut them into sessions (gap or session id change)."""
+def _timeline(engaged: np.ndarray, u, user_rank, ts, order, sid, sid_null, session_gap_s: int) -> Timeline:
+    """Order the engaged events per user and cut them into sessions (gap or session id change);
+    ``user_rank`` orders the users as ``u`` does, in a compact range."""
     e = np.flatnonzero(engaged)
-    e = e[np.lexsort((order[e], ts[e], u[e]))]
+    e = e[sort_rows(order[e], ts[e], user_rank[e])]
     m = e.size
     eu, ets = u[e], ts[e]
     new_user = segment_starts(eu)
@@ -159,8 +207,7 @@ def _apply_carry(tl: Timeline, state: np.ndarray, state_fb: np.ndarray, carry, L
 def _first_of_user(u: np.ndarray) -> np.ndarray:
     """int8 1 on one row of each user of the block (the driver counts them to detect split users)."""
     first = np.zeros(u.size, dtype=np.int8)
-    s = np.argsort(u, kind="stable")
-    first[s[segment_starts(u[s])]] = 1
+    first[np.unique(u, return_index=True)[1]] = 1
     return first
 
 
@@ -242,12 +289,15 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
     dwell = block.column("dwell_s").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
 
     reason = np.full(block.num_rows, None, dtype=object)
-    dup = _duplicates(u, it, ts, order)
+    # the users' places among all users: the same order as their raw ids, in a range small enough to pack
+    # into one sort key with the times (sort_rows)
+    user_rank = find_ids(user_sorted_raw, u, "user", np.arange(user_sorted_raw.size))
+    dup = _duplicates(user_rank, it, ts, order)
     reason[dup] = "duplicate_event"
-    reason[_out_of_order(u, ts, order, sid, sid_null, skip=dup)] = "ts_out_of_order"
+    reason[_out_of_order(user_rank, ts, order, sid, sid_null, skip=dup)] = "ts_out_of_order"
     engaged = np.equal(reason, None) & (click == 1)
 
-    tl = _timeline(engaged, u, ts, order, sid, sid_null, session_gap_s)
+    tl = _timeline(engaged, u, user_rank, ts, order, sid, sid_null, session_gap_s)
     action = it[tl.rows]
     fb = np.where(np.isnan(wr[tl.rows]), np.float32(1.0), wr[tl.rows]).astype(np.float32)
     state, state_fb = _windows(tl, action, fb, state_len)
@@ -265,13 +315,24 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
     }, state_len)
 
 
+def _transition_rows(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The transition rows of ``batch`` with only the columns ``schema``'s table is built from (filtering
+    copies every column kept, and most blocks hold transitions only: then nothing is copied)."""
+    sources = {"user_idx": "user_id", "action": "item_id", "state_items": "state_raw", "next_state_items": None,
+               "next_state_feedback": None}
+    keep = {sources.get(c, c) for c in schema.names} - {None} | {"user_id", "item_id", "_is_transition"}
+    t = batch.select([c for c in batch.column_names if c in keep])
+    is_transition = pc.equal(t.column("_is_transition"), 1)
+    return t if pc.all(is_transition).as_py() else t.filter(is_transition)
+
+
 def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> pa.Table:
     """Transition rows of annotated events in indices: the ``transitions/`` table (``part`` =
     "transitions", with ``next_state = state[1:] + [action]``) or the ``eval/`` table (``part`` = "eval")."""
     item_raw, item_idx, user_raw, user_idx = _get(lookup)
-    t = batch.filter(pc.equal(batch.column("_is_transition"), 1))
-    n = t.num_rows
     schema = TRANSITION_SCHEMA if part == "transitions" else EVAL_SCHEMA
+    t = _transition_rows(batch, schema)
+    n = t.num_rows
     if n == 0:
         return schema.empty_table()
     uidx = pa.array(find_ids(user_raw, t.column("user_id").to_numpy(), "user", user_idx))
@@ -283,8 +344,7 @@ def index_transitions(batch: pa.Table, *, lookup, part: str = "transitions") -> 
                                     schema=EVAL_SCHEMA)
     raw_state = pc.list_flatten(t.column("state_raw")).to_numpy()
     L = raw_state.size // n
-    pad = raw_state == PAD_RAW
-    state = np.where(pad, 0, find_ids(item_raw, np.where(pad, item_raw[0], raw_state), "item", item_idx)).reshape(n, L)
+    state = find_ids(item_raw, raw_state, "item", item_idx, pad=PAD_RAW).reshape(n, L)
     sfb = pc.list_flatten(t.column("state_feedback")).to_numpy().reshape(n, L)
     afb = t.column("action_feedback").to_numpy()
     nxt = np.concatenate([state[:, 1:], action[:, None]], 1)

@@ -31,7 +31,9 @@ def block_stats(t: pa.Table) -> pa.Table:
 
     After stage 1 the user counts give the row_id offsets (and, for string ids, users and items give the
     id keys); after the per-user stage they are the vocab's counts, plus the split-user check."""
-    ok = t.filter(pc.is_null(t.column(REASON_COLUMN)))
+    # only the counted columns are filtered: the per-user stage's blocks also carry state lists, and
+    # copying them for a count took as long as the stage's own work
+    ok = t.select(["item_id", "user_id", "ts"]).filter(pc.is_null(t.column(REASON_COLUMN)))
     return pa.concat_tables(_id_counts(ok) + [_reason_counts(t), _ts_max(ok)])
 
 
