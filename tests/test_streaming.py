@@ -146,16 +146,15 @@ def _stream_worker(config):
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(log))
 
 
-def test_training_caches_its_data_only_where_it_reads_a_whole_epoch():
+def test_training_caches_its_data_only_where_it_reads_them_twice():
     from mtrec_dist.config import TrainConfig
-    from mtrec_dist.training.loop import _reads_whole_epoch
+    from mtrec_dist.training.loop import _reads_twice
 
     three = TrainConfig(epochs=3, max_steps=40, batch_size=128, num_workers=2)  # 40 steps = 10,240 rows
-    assert _reads_whole_epoch(three, {"train": 4201})  # the tiny pipeline: 2.4 passes
-    assert not _reads_whole_epoch(three, {"train": 20_000})  # stops within the first epoch
-    assert _reads_whole_epoch(three, None)  # rows unknown: reading it all is the best guess
-    assert _reads_whole_epoch(TrainConfig(epochs=1), {"train": 10})  # one whole epoch: the first batch comes sooner
-    assert not _reads_whole_epoch(TrainConfig(epochs=1, max_steps=1, num_workers=1, batch_size=4), {"train": 10})
+    assert _reads_twice(three, {"train": 4201})  # the tiny pipeline: 2.4 passes
+    assert not _reads_twice(three, {"train": 20_000})  # stops within the first epoch
+    assert _reads_twice(three, None)  # rows unknown: more than one epoch is the best guess
+    assert not _reads_twice(TrainConfig(epochs=1), {"train": 10})
 
 
 @pytest.mark.integration

@@ -198,15 +198,14 @@ def _resolve_warm_start(warm_start: Optional[str]) -> Optional[str]:
     return warm_start if "://" in warm_start else os.path.abspath(warm_start)
 
 
-def _reads_whole_epoch(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> bool:
-    """Whether training reads at least one whole epoch: no ``max_steps`` that ends within the first (where
-    the rows are known; :func:`expected_steps`).  Such a training set, if it fits ``cache_rows``, is read into
-    the object store while the worker group starts: later epochs split the cached blocks, and even a single
-    epoch gains, because a streamed first batch waits for Ray Data's executor to start (3.5-5 s against
-    0.8 s cached, 2 workers on 2 cores: bench/RESULTS.md, session 12)."""
+def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> bool:
+    """Whether training reads its data more than once (caching it then pays): more than one epoch, and no
+    ``max_steps`` that ends within the first (where the rows are known; :func:`expected_steps`)."""
+    if train_cfg.epochs <= 1:
+        return False
     rows = (row_counts or {}).get(TRAIN_DATASET)
     one_epoch = expected_steps(dataclasses.replace(train_cfg, epochs=1, max_steps=0), rows)
-    return one_epoch is None or expected_steps(train_cfg, rows) >= one_epoch
+    return one_epoch is None or expected_steps(train_cfg, rows) > one_epoch
 
 
 def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu: bool, datasets: Dict[str, Any],
@@ -235,7 +234,7 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
         ),
         datasets=datasets,
         dataset_config=NoDropDataConfig(row_counts=row_counts,
-                                        cache_rows=train_cfg.cache_rows if _reads_whole_epoch(train_cfg, row_counts) else 0),
+                                        cache_rows=train_cfg.cache_rows if _reads_twice(train_cfg, row_counts) else 0),
     )
 
 
