@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import torch
 
+from mtrec_dist.data.input_files import resolve_filesystem
 from mtrec_dist.data.schema import TRANSITION_COLUMNS, EvalLeakError, assert_training_columns, is_eval_column
 
 # Columns whose values are fixed-length lists (length = state_len).
@@ -38,20 +38,13 @@ MASK = "mask"
 # --------------------------------------------------------------------------------------------------
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI such as ``s3://bucket/dir``."""
-    if "://" in str(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), os.path.abspath(str(path))
-
-
 def _uri(fs: pafs.FileSystem, fs_path: str, original: str) -> str:
     return original if "://" in str(original) else fs_path
 
 
 def transitions_path(path: str) -> str:
     """The Parquet folder of transitions for ``path`` (a prepared dataset dir or the folder itself)."""
-    fs, p = _filesystem(path)
+    fs, p = resolve_filesystem(path)
     p = p.rstrip("/")
     if p.split("/")[-1] == "eval":
         raise EvalLeakError(f"{path}: the eval/ table holds evaluation-only signals; training never reads it")
@@ -67,7 +60,7 @@ def transitions_path(path: str) -> str:
 def _parquet_dataset(path: str):
     import pyarrow.dataset as pads
 
-    fs, p = _filesystem(transitions_path(path))
+    fs, p = resolve_filesystem(transitions_path(path))
     dataset = pads.dataset(p, filesystem=fs, format="parquet")
     if not dataset.files:
         raise FileNotFoundError(f"no Parquet files under {transitions_path(path)}")
