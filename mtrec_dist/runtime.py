@@ -30,6 +30,16 @@ def dist_backend(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def set_controller_poll(seconds: float) -> None:
+    """How often the controller of the next Ray Train run this driver starts polls its workers
+    (``train.controller_poll_s``): Ray Train hands this variable from the driver to the controller it launches,
+    on a local cluster and a remote one alike."""
+    os.environ[TRAIN_POLL_ENV] = repr(float(seconds))
+
+
 def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: bool = False, **kwargs) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local cluster; no-op if already attached.
 

@@ -132,6 +132,23 @@ def test_meta_materialisation_initialises_dense_modules():
         materialize_dense(NoReset(), torch.device("cpu"))
 
 
+def test_the_controller_poll_reaches_ray_trains_controller(monkeypatch):
+    """``train.controller_poll_s`` is set as the variable that Ray Train hands from the driver to each
+    controller it launches (if a Ray upgrade stopped passing it on, the setting would silently do nothing)."""
+    import os
+
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    from mtrec_dist.runtime import TRAIN_POLL_ENV, set_controller_poll
+
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    set_controller_poll(TrainConfig().controller_poll_s)
+    assert float(os.environ[TRAIN_POLL_ENV]) == 0.5
+    assert TRAIN_POLL_ENV in ENV_VARS_TO_PROPAGATE
+    with pytest.raises(ValueError, match="controller_poll_s"):
+        TrainConfig(controller_poll_s=0).validate()
+
+
 @pytest.mark.integration
 def test_fit_requires_a_train_dataset(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="'train'"):

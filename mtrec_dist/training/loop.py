@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mtrec_dist.config import TrainConfig
-from mtrec_dist.runtime import dist_backend, resolve_use_gpu
+from mtrec_dist.runtime import dist_backend, resolve_use_gpu, set_controller_poll
 # The worker side lives in .worker and .metrics_log; the names callers read from here stay importable.
 from mtrec_dist.training.metrics_log import read_history  # noqa: F401
 from mtrec_dist.training.worker import FAULT_MARKER, TRAIN_DATASET  # noqa: F401
@@ -219,6 +219,7 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
     resources = {"CPU": train_cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    set_controller_poll(train_cfg.controller_poll_s)
     return TorchTrainer(
         _train_worker,
         train_loop_config=worker_config,

@@ -160,12 +160,13 @@ def run_sharded(worker: Callable[[Dict[str, Any]], None], tc: TrainConfig, ds, c
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtrec_dist.data.pipeline import NoDropDataConfig
-    from mtrec_dist.runtime import dist_backend, resolve_use_gpu
+    from mtrec_dist.runtime import dist_backend, resolve_use_gpu, set_controller_poll
 
     use_gpu = resolve_use_gpu(tc.use_gpu)
     if "row_id" not in ds.schema().names:
         ds = ds.repartition(target_num_rows_per_block=tc.score_batch_size)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    set_controller_poll(tc.controller_poll_s)
     with scratch_dir(tc, name) as report_dir, tempfile.TemporaryDirectory(prefix=f"mtrec-{name}-ray-") as tmp:
         config = dict(config, train_cfg=tc, use_gpu=use_gpu, report_dir=report_dir)
         result = TorchTrainer(
