@@ -303,7 +303,7 @@ def annotate_users(block: pa.Table, *, state_len: int, session_gap_s: int, row_b
     state, state_fb = _windows(tl, action, fb, state_len)
     if carry is not None:
         _apply_carry(tl, state, state_fb, carry, state_len)
-    row_id = find_ids(user_sorted_raw, tl.users, "user", user_row_base) + tl.k
+    row_id = user_row_base[user_rank[tl.rows]] + tl.k  # tl.users = u[tl.rows]: their places are known
     returned, known = session_returns(tl.users, ts[tl.rows], tl.done, return_window_s, log_end)
     return _spread(block, tl, reason, {
         "row_id": (row_id, pa.int64()),

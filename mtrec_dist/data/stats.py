@@ -31,8 +31,8 @@ def block_stats(t: pa.Table) -> pa.Table:
 
     After stage 1 the user counts give the row_id offsets (and, for string ids, users and items give the
     id keys); after the per-user stage they are the vocab's counts, plus the split-user check."""
-    # only the counted columns are filtered: the per-user stage's blocks also carry state lists, and
-    # copying them for a count took as long as the stage's own work
+    # only the counted columns are filtered: filtering copies every column it keeps, and the per-user
+    # stage's blocks also carry state lists
     ok = t.select(["item_id", "user_id", "ts"]).filter(pc.is_null(t.column(REASON_COLUMN)))
     return pa.concat_tables(_id_counts(ok) + [_reason_counts(t), _ts_max(ok)])
 
