@@ -282,7 +282,7 @@ class TrainConfig:
     ray_report_min_interval_s: float = 3.0  # Ray gets a result at most this often (metrics.jsonl: every report_every)
     # how often Ray Train's controller polls its workers, in seconds (sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, which
     # Ray Train hands to the controller); the poll also collects reported results, and at Ray's default of 2 s every
-    # checkpoint report and every run's end waited for it (the demo's train-rec stage: 36 s -> 30 s at 0.5 s)
+    # checkpoint report and every run's end waited for it (the demo's train-rec stage: 35-36 s -> 29-34 s at 0.5 s)
     controller_poll_s: float = 0.5
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
