@@ -50,7 +50,6 @@ def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: b
     (``mtrec pipeline --verbose``) streams all of it to the console as Ray does by default."""
     import ray
 
-    plan_parquet_reads_on_driver()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
@@ -67,25 +66,6 @@ def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: b
         # traceback before the driver re-raises the task's own error, which the command then prints in one
         # line naming the file.  The traceback stays in the session's ray-data log (and --verbose shows it).
         _ray_data_console_level(logging.CRITICAL)
-
-
-PARQUET_READER_ENV = "RAY_DATA_USE_DATASOURCE_V2"
-
-
-def plan_parquet_reads_on_driver() -> None:
-    """Read Parquet through Ray Data's V1 datasource in this process, unless ``RAY_DATA_USE_DATASOURCE_V2`` is set.
-
-    Ray Data 2.60's default V2 reader lists the files and reads their footers in a remote task, with a pool of
-    footer-reader actors, each time a dataset executes: 1.2-2.2 s before the first row, paid by every training
-    epoch and every scoring run (measured on a 73,871-row training set: first batch on 2 Train workers 4.7 s
-    with V2, 1.9 s with V1).  V1 reads the footers once, when the dataset is created (in parallel tasks where
-    there are many files), and pushes column selection into the read as V2 does.  Setting the variable
-    (``0`` or ``1``) chooses explicitly."""
-    if PARQUET_READER_ENV in os.environ:
-        return
-    from ray.data import DataContext
-
-    DataContext.get_current().use_datasource_v2 = False
 
 
 def _ray_data_console_level(level: int) -> None:

@@ -149,23 +149,6 @@ def test_the_controller_poll_reaches_ray_trains_controller(monkeypatch):
         TrainConfig(controller_poll_s=0).validate()
 
 
-def test_parquet_reads_planned_on_driver_unless_chosen(monkeypatch):
-    """The driver reads Parquet through Ray Data's V1 datasource (footers read once, not in a remote listing
-    task per execution); an explicit RAY_DATA_USE_DATASOURCE_V2 is left as the user set it."""
-    from ray.data import DataContext
-
-    from mtrec_dist.runtime import PARQUET_READER_ENV, plan_parquet_reads_on_driver
-
-    ctx = DataContext.get_current()
-    monkeypatch.setattr(ctx, "use_datasource_v2", True)
-    monkeypatch.setenv(PARQUET_READER_ENV, "1")
-    plan_parquet_reads_on_driver()
-    assert ctx.use_datasource_v2 is True
-    monkeypatch.delenv(PARQUET_READER_ENV)
-    plan_parquet_reads_on_driver()
-    assert ctx.use_datasource_v2 is False
-
-
 @pytest.mark.integration
 def test_fit_requires_a_train_dataset(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="'train'"):
