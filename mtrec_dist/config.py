@@ -284,6 +284,9 @@ class TrainConfig:
     # Ray Train hands to the controller); the poll also collects reported results, and at Ray's default of 2 s every
     # checkpoint report and every run's end waited for it (the demo's train-rec stage: 35-36 s -> 29-34 s at 0.5 s)
     controller_poll_s: float = 0.5
+    # MiB of freed memory each training / scoring process keeps for reuse instead of returning it to the OS after
+    # every step (glibc; runtime.retain_freed_memory); 0 = glibc's defaults, which page-fault each step's tensors in again
+    malloc_trim_mb: int = 256
     checkpoints_to_keep: int = 0  # 0 = keep every checkpoint; > 0 = Ray Train keeps the newest N
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
     # "stream": Ray Data feeds each step while the worker trains; "memory": each worker first collates its
@@ -315,6 +318,7 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _check(self.ray_report_min_interval_s >= 0, f"{key}.ray_report_min_interval_s", "must be >= 0")
         _check(self.controller_poll_s > 0, f"{key}.controller_poll_s", "must be > 0")
+        _check(self.malloc_trim_mb >= 0, f"{key}.malloc_trim_mb", "must be >= 0")
         _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
         _check(self.score_unsharded_max_mb > 0, f"{key}.score_unsharded_max_mb", "must be > 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")

@@ -4,6 +4,7 @@ Sits beside config at the bottom of the layering: data, training and CLI code ma
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from typing import Optional
@@ -28,6 +29,32 @@ def resolve_use_gpu(setting: str) -> bool:
 def dist_backend(use_gpu: bool) -> str:
     """NCCL on CUDA, gloo on CPU."""
     return "nccl" if use_gpu else "gloo"
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit systems
+
+
+def retain_freed_memory(trim_threshold_mb: int) -> bool:
+    """Keep memory this process frees for its own reuse (``train.malloc_trim_mb``; 0 leaves glibc's defaults).
+
+    At glibc's defaults a training step's tensors of a few hundred KiB to a few MiB are ``mmap``-ed fresh and
+    returned to the OS when freed, so every step page-faults its whole working set in again: a CPU SASRec step
+    (batch 256) took about 4,000 page faults and 25-31 ms, against 0-50 faults and 20-24 ms with allocations
+    up to 32 MiB served from the heap and up to ``trim_threshold_mb`` of free heap kept.  Peak memory is
+    unchanged (the same tensors are live); only memory already freed is not handed back.  Process-wide; a
+    no-op (``False``) outside glibc or when ``trim_threshold_mb`` is 0."""
+    if trim_threshold_mb <= 0:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # both, in this order: setting either one alone turns off glibc's adaptive threshold and faults more
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold_mb) << 20))
 
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

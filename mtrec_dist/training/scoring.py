@@ -146,10 +146,13 @@ class TableScorer:
 class RewardScorer(TableScorer):
     """Ray Data ``map_batches`` callable: each scoring actor loads the whole model once, unsharded."""
 
-    def __init__(self, checkpoint_path: str, spec: Dict[str, Any], *, threads: int = 1, **kwargs) -> None:
+    def __init__(self, checkpoint_path: str, spec: Dict[str, Any], *, threads: int = 1, malloc_trim_mb: int = 0,
+                 **kwargs) -> None:
+        from mtrec_dist.runtime import retain_freed_memory
         from mtrec_dist.training.checkpoint import load_unsharded_model
         from mtrec_dist.training.reward import reward_model_factory
 
+        retain_freed_memory(malloc_trim_mb)
         torch.set_num_threads(max(1, threads))
         super().__init__(load_unsharded_model(reward_model_factory(spec, for_inference=True), checkpoint_path),
                          spec, **kwargs)
@@ -246,7 +249,8 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
             ds = ds.repartition(target_num_rows_per_block=rows_per_actor_block(expected, tc))
         ds.map_batches(
             RewardScorer, fn_constructor_kwargs=dict(scorer_kwargs, checkpoint_path=checkpoint_path,
-                                                     threads=max(1, int(tc.score_cpus))),
+                                                     threads=max(1, int(tc.score_cpus)),
+                                                     malloc_trim_mb=tc.malloc_trim_mb),
             batch_size=tc.score_batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency), num_cpus=tc.score_cpus,
         ).write_parquet(out_dir)

@@ -85,8 +85,10 @@ def sharded_model(factory: Callable[[torch.device], torch.nn.Module], cfg: Train
 
     import ray.train
 
+    from mtrec_dist.runtime import retain_freed_memory
     from mtrec_dist.training.sharding import shard_model
 
+    retain_freed_memory(cfg.malloc_trim_mb)
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)
     cfg = dataclasses.replace(cfg, sharding="row_wise", sparse_optimizer="exact_sgd")

@@ -378,8 +378,11 @@ def train_worker(config: Dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from mtrec_dist.runtime import retain_freed_memory
+
     t_enter = time.time()
     _quiet_library_loggers()
+    retain_freed_memory(config["train_cfg"].malloc_trim_mb)
     w = _set_up(config)
     s = _RunState()
     restored_from = _restore(w, s)
