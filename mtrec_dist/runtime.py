@@ -39,10 +39,11 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit systems
 def retain_freed_memory(trim_threshold_mb: int) -> bool:
     """Keep memory this process frees for its own reuse (``train.malloc_trim_mb``; 0 leaves glibc's defaults).
 
-    At glibc's defaults a training step's tensors of a few hundred KiB to a few MiB are ``mmap``-ed fresh and
-    returned to the OS when freed, so every step page-faults its whole working set in again: a CPU SASRec step
-    (batch 256) took about 4,000 page faults and 25-31 ms, against 0-50 faults and 20-24 ms with allocations
-    up to 32 MiB served from the heap and up to ``trim_threshold_mb`` of free heap kept.  Peak memory is
+    At glibc's defaults a training step's tensors of a few hundred KiB to a few MiB go back to the OS when freed
+    (unmapped, or trimmed off the top of the heap), so every step page-faults its working set in again: a CPU
+    SASRec step (batch 256) inside a Ray Train worker took 4,500-7,700 page faults and 25-29 ms, against 0-340
+    faults and 22-23 ms with allocations up to 32 MiB served from the heap and up to ``trim_threshold_mb`` of
+    free heap kept (bench/RESULTS.md, session 13).  Peak memory is
     unchanged (the same tensors are live); only memory already freed is not handed back.  Process-wide; a
     no-op (``False``) outside glibc or when ``trim_threshold_mb`` is 0."""
     if trim_threshold_mb <= 0:
