@@ -126,7 +126,8 @@ def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, A
     sharded = score_runner(cfg.train, spec) == "sharded"  # a table too big for every ranking actor to hold
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, seed=cfg.eval.seed,
-                                    sharded_on=cfg.train if sharded else None)
+                                    sharded_on=cfg.train if sharded else None,
+                                    malloc_trim_mb=cfg.train.malloc_trim_mb)
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
 
 
@@ -176,7 +177,8 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     baseline_scores = None
     if baseline is not None:
         factory, _ = _recommender_factory(baseline)
-        baseline_scores = offline.score_logged_actions(factory, baseline["checkpoint_path"], prepared_dir)
+        baseline_scores = offline.score_logged_actions(factory, baseline["checkpoint_path"], prepared_dir,
+                                                       malloc_trim_mb=cfg.train.malloc_trim_mb)
     progress("[evaluate] reward model: validity, quantile groups")
     reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
 

@@ -31,9 +31,11 @@ class RankingScorer:
     """Ray Data callable: rank of each row's action under the recommender (full catalog and sampled)."""
 
     def __init__(self, model_factory: ModelFactory, checkpoint_path: str, num_items: int,
-                 sampled_negatives: int, seed: int, chunk: int = 8192, histories_ref=None):
+                 sampled_negatives: int, seed: int, chunk: int = 8192, histories_ref=None, malloc_trim_mb: int = 0):
+        from mtrec_dist.runtime import retain_freed_memory
         from mtrec_dist.training.checkpoint import load_unsharded_model
 
+        retain_freed_memory(malloc_trim_mb)
         torch.set_num_threads(1)
         self.model = load_unsharded_model(model_factory, checkpoint_path)
         # user_idx -> every item the user engaged with (the sampled protocol never draws those as negatives)
@@ -105,9 +107,11 @@ class TargetScorer:
     track the withheld satisfaction, next to the mental reward.
     """
 
-    def __init__(self, model_factory: ModelFactory, checkpoint_path: str):
+    def __init__(self, model_factory: ModelFactory, checkpoint_path: str, malloc_trim_mb: int = 0):
+        from mtrec_dist.runtime import retain_freed_memory
         from mtrec_dist.training.checkpoint import load_unsharded_model
 
+        retain_freed_memory(malloc_trim_mb)
         torch.set_num_threads(1)
         self.model = load_unsharded_model(model_factory, checkpoint_path)
 
@@ -121,14 +125,16 @@ class TargetScorer:
 
 
 def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
-                         concurrency: int = 2) -> pa.Table:
-    """``row_id, score`` for every prepared transition under a trained recommender, on Ray Data."""
+                         concurrency: int = 2, malloc_trim_mb: int = 0) -> pa.Table:
+    """``row_id, score`` for every prepared transition under a trained recommender, on Ray Data (each actor
+    keeps ``malloc_trim_mb`` of freed memory: :func:`~mtrec_dist.runtime.retain_freed_memory`)."""
     from ray.data import ActorPoolStrategy
 
     from mtrec_dist.data.pipeline import read_transitions
 
     ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action"])
-    ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path), batch_size=1024,
+    ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path, malloc_trim_mb),
+                        batch_size=1024,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
                         num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
@@ -172,10 +178,11 @@ def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]
 
 def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
                    sampled_negatives: int, seed: int = 0, concurrency: int = 2,
-                   pos_from_end: int = 0, sharded_on: Optional[Any] = None) -> pa.Table:
+                   pos_from_end: int = 0, sharded_on: Optional[Any] = None, malloc_trim_mb: int = 0) -> pa.Table:
     """Rank every test transition (``pos_from_end``) with the trained recommender: on Ray Data actors that
     each load the whole model, or, given ``sharded_on`` (a TrainConfig: its workers, devices and timeouts),
-    in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`)."""
+    in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`).  Each ranking actor
+    keeps ``malloc_trim_mb`` of freed memory (:func:`~mtrec_dist.runtime.retain_freed_memory`)."""
     from mtrec_dist.data.pipeline import read_transitions
 
     import ray
@@ -197,7 +204,7 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     histories_ref = [ray.put(user_histories(prepared_dir))]
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
-                        fn_constructor_kwargs={"histories_ref": histories_ref},
+                        fn_constructor_kwargs={"histories_ref": histories_ref, "malloc_trim_mb": malloc_trim_mb},
                         batch_size=256, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=1, max_size=concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
