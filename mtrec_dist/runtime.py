@@ -43,9 +43,9 @@ def retain_freed_memory(trim_threshold_mb: int) -> bool:
     (unmapped, or trimmed off the top of the heap), so every step page-faults its working set in again: a CPU
     SASRec step (batch 256) inside a Ray Train worker took 4,500-7,700 page faults and 25-29 ms, against 0-340
     faults and 22-23 ms with allocations up to 32 MiB served from the heap and up to ``trim_threshold_mb`` of
-    free heap kept (bench/RESULTS.md, session 13).  Peak memory is
-    unchanged (the same tensors are live); only memory already freed is not handed back.  Process-wide; a
-    no-op (``False``) outside glibc or when ``trim_threshold_mb`` is 0."""
+    free heap kept (bench/RESULTS.md, session 13).  Peak memory is unchanged (the same tensors are live); only
+    memory already freed is not handed back.  Process-wide; a no-op (``False``) outside glibc or when
+    ``trim_threshold_mb`` is 0."""
     if trim_threshold_mb <= 0:
         return False
     try:
