@@ -184,6 +184,9 @@ class RewardConfig:
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
     catalog_chunk: int = 8192  # items per chunk when the soft value runs over the full catalog
     cvar_alpha: float = 0.25  # lower-tail level for CVaR
+    # E_pi CVaR baseline over a set larger than this: the exact mean baseline plus E_pi[CVaR - mean] from this many
+    # items drawn from pi at evenly spaced points of its CDF (0 = exact over the whole set; docs/method.md)
+    cvar_baseline_draws: int = 256
     chi2_debias: bool = False  # chi-square term on E_s'[r] via the reward head's mean (docs/method.md)
     # What the reward-quantile head regresses (docs/method.md, "Grounding the reward in consumption"):
     # choice_weight * r(s,a,s') [the spec] + consumption_weight * alpha * logit(watch ratio).
@@ -223,6 +226,7 @@ class RewardConfig:
         _check(0.0 < self.polyak <= 1.0, f"{key}.polyak", "must be in (0, 1]")
         _check(self.num_negatives >= 0, f"{key}.num_negatives", "must be >= 0")
         _check(0.0 < self.cvar_alpha <= 1.0, f"{key}.cvar_alpha", "must be in (0, 1]")
+        _check(self.cvar_baseline_draws >= 0, f"{key}.cvar_baseline_draws", "must be >= 0 (0 = exact)")
         _check(self.choice_weight >= 0 and self.consumption_weight >= 0
                and self.choice_weight + self.consumption_weight > 0, f"{key}.choice_weight/consumption_weight",
                "must be >= 0 and not both 0")

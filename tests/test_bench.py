@@ -164,7 +164,7 @@ def _fake_result() -> dict:
                                               "read_validate_vs_plain": 0.5}},
                        "qriql": model, "sasrec": {"error": "OutputMismatch: x"},
                        "scoring": {"library": {"rows": 1000, "wall_s": 2.0, "rows_per_s": 500.0, "baseline": "full_catalog",
-                                               "actors": 1},
+                                               "actors": 1, "scoring_s": 0.5, "rows_per_scoring_s": 2000.0},
                                    "plain": {"seconds": 1.0, "rows_per_s": 1000.0},
                                    "check": {"max_abs_diff": {"reward_mean": 0.0}}}}}
 
@@ -175,11 +175,13 @@ def test_report_puts_every_ratio_side_by_side(tmp_path):
     keys = [r["key"] for r in result["ratios"]]
     assert keys == ["prepare_library_vs_plain", "prepare_read_validate_vs_plain", "qriql_one_worker_vs_plain", "qriql_two_workers_vs_one", "qriql_streaming_vs_memory",
                     "qriql_one_worker_vs_plain_end_to_end", "sasrec_one_worker_vs_plain", "scoring_vs_training",
-                    "scoring_vs_plain"]
+                    "scoring_vs_training_end_to_end", "scoring_vs_plain"]
     by_key = {r["key"]: r for r in result["ratios"]}
     assert by_key["qriql_two_workers_vs_one"]["met"] is True and by_key["qriql_one_worker_vs_plain"]["met"] is False
     assert by_key["sasrec_one_worker_vs_plain"]["value"] is None  # a failed check has no ratio
-    assert by_key["scoring_vs_training"]["value"] == pytest.approx(500 / 900)
+    assert by_key["scoring_vs_training"]["value"] == pytest.approx(2000 / 900)  # steady: rows per scoring second
+    assert by_key["scoring_vs_training"]["met"] is True
+    assert by_key["scoring_vs_training_end_to_end"]["value"] == pytest.approx(500 / 100)  # wall: start-up included
     assert by_key["qriql_streaming_vs_memory"]["met"] is False  # 900 vs 1,000 samples/s: below 0.95
     text = markdown(result)
     assert "| QR-IQL | 1 worker, fed from memory | 24.0 |" in text
@@ -257,7 +259,8 @@ def test_tiny_bench_run_passes_every_check(ray_cluster, tmp_path):
         assert set(result["stages"][model]["runs"]) == {"plain_before", "ray_1", "plain_after"}
         assert result["stages"][model]["runs"]["ray_1"]["rows"] == TINY.steps * 32
     assert max(result["stages"]["scoring"]["check"]["max_abs_diff"].values()) <= 1e-4
-    assert len(result["ratios"]) == 8 and all(r["value"] is not None for r in result["ratios"])
+    assert result["stages"]["scoring"]["library"]["rows_per_scoring_s"] > result["stages"]["scoring"]["library"]["rows_per_s"]
+    assert len(result["ratios"]) == 9 and all(r["value"] is not None for r in result["ratios"])
     assert {"1m", "5m", "15m"} <= set(result["load_before"]) and result["machine"]["cores"] >= 1
     assert "| prepare: library / plain pandas+pyarrow |" in markdown(result)
 

@@ -33,7 +33,7 @@ def _states(table: pa.Table, name: str, state_len: int, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_max: int,
+def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_max: int, cvar_draws: int,
                 threads: int = 1) -> Dict[str, Any]:
     """Score every transition in this process; the scores by ``row_id`` and the seconds it took (model
     load and read included, as ``score-rewards`` includes them)."""
@@ -57,12 +57,16 @@ def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_m
             part = table.slice(start, batch_size)
             s, fb = _states(part, "state_items", L, np.int64), _states(part, "state_feedback", L, np.float32)
             action = torch.from_numpy(np.array(part.column("action").to_numpy(), dtype=np.int64))
-            rq = torch.sort(model.reward_quantiles(s, fb, action.view(-1, 1))[:, 0], dim=-1).values
+            if exact:  # the logged action's quantiles from the same state encoding as the baseline
+                base = model.catalog_reward_baseline(s, fb, candidate_items=action.view(-1, 1), cvar_draws=cvar_draws)
+                rq = base["reward_q"][:, 0]
+            else:
+                rq = model.reward_quantiles(s, fb, action.view(-1, 1))[:, 0]
+            rq = torch.sort(rq, dim=-1).values
             out["row_id"].append(part.column("row_id").to_numpy())
             out["reward_mean"].append(rq.mean(-1).numpy())
             out["reward_cvar"].append(cvar(rq, level).numpy())
             if exact:
-                base = model.catalog_reward_baseline(s, fb)
                 out["reward_baseline"].append(base["reward_baseline"].numpy())
                 out["reward_cvar_baseline"].append(base["reward_cvar_baseline"].numpy())
     finally:
@@ -103,11 +107,14 @@ def bench_scoring(base: PipelineConfig, checkpoint: str, prepared: Path, work: P
     t0 = time.perf_counter()
     summary = score_rewards(base, checkpoint, str(prepared), str(out), overwrite=True)
     library_s = time.perf_counter() - t0
-    plain = plain_score(checkpoint, prepared, base.train.score_batch_size, base.train.score_full_catalog_max, threads)
+    plain = plain_score(checkpoint, prepared, base.train.score_batch_size, base.train.score_full_catalog_max,
+                        base.reward.cvar_baseline_draws, threads)
     gaps = same_scores(out, plain.pop("scores"))
     say(f"[bench] scoring: score-rewards {summary['rows'] / library_s:,.0f} rows/s, plain loop "
         f"{plain['rows_per_s']:,.0f} rows/s, same scores (max |diff| {max(gaps.values()):.2g})")
     return {"library": {"rows": summary["rows"], "wall_s": library_s, "rows_per_s": summary["rows"] / library_s,
-                        "baseline": summary["baseline"], "actors": base.train.score_concurrency,
+                        "scoring_s": summary.get("scoring_s"), "rows_per_scoring_s": summary.get("rows_per_scoring_s"),
+                        "baseline": summary["baseline"], "cvar_baseline": summary["cvar_baseline"],
+                        "actors": base.train.score_concurrency,
                         "cpus_per_actor": base.train.score_cpus},
             "plain": plain, "check": {"max_abs_diff": gaps}}

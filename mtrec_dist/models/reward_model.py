@@ -66,6 +66,26 @@ def tail_chunk_items(chunk: int, floats_per_item: int, device: torch.device) -> 
     return max(1, min(chunk, TAIL_CHUNK_ELEMENTS // max(1, floats_per_item)))
 
 
+class PolicyDraws:
+    """``K`` draws per row from a policy over a set seen in chunks, at the evenly spaced points
+    ``u_k = (k + 1/2) / K`` of each row's CDF (systematic sampling: no random numbers, every part of the
+    distribution covered in proportion).  :meth:`add` takes the next chunk's probabilities [B, c];
+    ``positions`` [B, K] are indices into the whole set (a point past the last cumulative sum, from rounding,
+    keeps the last item)."""
+
+    def __init__(self, rows: int, draws: int, set_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.points = ((torch.arange(draws, device=device, dtype=dtype) + 0.5) / draws).expand(rows, draws).contiguous()
+        self.positions = torch.full((rows, draws), set_size - 1, dtype=torch.long, device=device)
+        self.mass_before = torch.zeros(rows, 1, device=device, dtype=dtype)
+
+    def add(self, probs: torch.Tensor, start: int) -> None:
+        cum = self.mass_before + probs.cumsum(1)  # [B, c]
+        pos = torch.searchsorted(cum, self.points)  # first item whose cumulative mass reaches u_k
+        here = (pos < probs.shape[1]) & (self.points > self.mass_before)
+        self.positions = torch.where(here, pos + start, self.positions)
+        self.mass_before = cum[:, -1:]
+
+
 class QRIQLModel(nn.Module):
     def __init__(
         self,
@@ -426,39 +446,70 @@ class QRIQLModel(nn.Module):
 
     @torch.no_grad()
     def catalog_reward_baseline(self, state_items: torch.Tensor, state_feedback: torch.Tensor,
-                                chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        """:meth:`reward_baseline_over` the whole catalog: the exact ``E_pi`` under the soft policy."""
-        return self.reward_baseline_over(state_items, state_feedback, self.catalog_ids(state_items.device), chunk)
+                                chunk: Optional[int] = None, candidate_items: Optional[torch.Tensor] = None,
+                                cvar_draws: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """:meth:`reward_baseline_over` the whole catalog (``E_pi`` under the soft policy)."""
+        return self.reward_baseline_over(state_items, state_feedback, self.catalog_ids(state_items.device), chunk,
+                                         candidate_items, cvar_draws)
 
     @torch.no_grad()
     def reward_baseline_over(self, state_items: torch.Tensor, state_feedback: torch.Tensor, item_ids: torch.Tensor,
-                             chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                             chunk: Optional[int] = None, candidate_items: Optional[torch.Tensor] = None,
+                             cvar_draws: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Per state, under the model's soft policy restricted to ``item_ids`` [C] (one set for every row),
         ``pi(a|s) = exp((Q(s,a) - V(s)) / alpha)`` with ``V(s) = alpha logsumexp_{a in set} Q(s,a)/alpha``:
         "reward_baseline" ``E_pi R_mean(s,a)``, "reward_cvar_baseline" ``E_pi CVaR(R(s,a))``, "value" ``V(s)``
-        ([B] each).  Over the whole catalog it is exact; over items drawn uniformly (repeats allowed) it is
-        the self-normalised estimate (the uniform proposal cancels).  One embedding lookup of the set (under
-        DMP a collective: every rank calls it with its own set), scoring in chunks of ``chunk`` (default
+        ([B] each).  Over the whole catalog the mean baseline is exact; over items drawn uniformly (repeats
+        allowed) it is the self-normalised estimate (the uniform proposal cancels).
+
+        The CVaR baseline is exact too when the set has at most ``cvar_draws`` items (default
+        ``reward.cvar_baseline_draws``), or that is 0.  Above, it is ``E_pi R_mean + (1/K) sum_k [CVaR - R_mean](s, a_k)``, the ``K`` draws ``a_k`` taken from
+        ``pi`` at the evenly spaced points ``(k + 1/2) / K`` of its CDF (systematic sampling): the exact CVaR
+        costs a selection network per (state, item), most of the scoring time, while the mean is one
+        projection.  The mean is the control variate: item levels cancel in ``CVaR - R_mean``, which keeps only
+        each distribution's lower-tail shape, so few draws estimate it closely (tests/test_objectives.py).
+
+        With ``candidate_items`` [B, C] it also returns their "reward_q" [B, C, N] (as :meth:`reward_quantiles`)
+        from the same state encoding.  One embedding lookup of the set and the candidates (under DMP a
+        collective: every rank calls it with its own set), scoring in chunks of ``chunk`` (default
         reward.catalog_chunk)."""
         cfg = self.reward_cfg
         chunk = chunk or cfg.catalog_chunk
         s = state_items.long()
         ids = item_ids.long()
-        emb = self.item_embedding({"state": s, "catalog": ids})
+        keys = {"state": s, "catalog": ids}
+        if candidate_items is not None:
+            keys["candidates"] = candidate_items.long()
+        emb = self.item_embedding(keys)
         h = self._encode(self.encoder, emb["state"], s, state_feedback.float())
         qbar = self.policy_projection(h)
         p_r = self._project(h, self.reward_weight, self.reward_item_bias)
+        out = {}
+        if candidate_items is not None:
+            out["reward_q"] = self._plus_item_level(torch.einsum("bnd,bcd->bcn", p_r, emb["candidates"]), candidate_items)
         items = emb["catalog"]
         alpha = cfg.alpha
         v = catalog_soft_value(qbar, items, alpha, chunk)
         p_mean = p_r.mean(1)  # the quantiles' mean is linear in them: one [B, D] projection
         base = torch.zeros_like(v)
         cvar_base = torch.zeros_like(v)
-        step = tail_chunk_items(chunk, p_r.shape[0] * p_r.shape[1], items.device)
+        draws = cfg.cvar_baseline_draws if cvar_draws is None else int(cvar_draws)
+        sampled = 0 < draws < items.shape[0]
+        if sampled:
+            picks = PolicyDraws(v.shape[0], draws, items.shape[0], v.device, v.dtype)
+            step = chunk
+        else:
+            step = tail_chunk_items(chunk, p_r.shape[0] * p_r.shape[1], items.device)
         for start in range(0, items.shape[0], step):
             e, e_ids = items[start : start + step], ids[start : start + step]
             pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / alpha)  # [B, c]
             item_shift = self.item_level(e_ids) if self.order_term else 0.0  # shifts every quantile alike
             base += (pi * (p_mean @ e.T + item_shift)).sum(1)
-            cvar_base += (pi * (cvar_along(torch.matmul(p_r, e.T), cfg.cvar_alpha, dim=1) + item_shift)).sum(1)
-        return {"reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}
+            if sampled:
+                picks.add(pi, start)
+            else:
+                cvar_base += (pi * (cvar_along(torch.matmul(p_r, e.T), cfg.cvar_alpha, dim=1) + item_shift)).sum(1)
+        if sampled:
+            q = torch.bmm(p_r, items[picks.positions].transpose(1, 2))  # [B, N, K] quantiles of the drawn items
+            cvar_base = base + (cvar_along(q, cfg.cvar_alpha, dim=1) - q.mean(1)).mean(1)
+        return {**out, "reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}

@@ -17,7 +17,9 @@ Output columns (besides the key / pass-through columns):
 * ``reward_baseline`` = ``E_{a'~pi(.|s)} R_mean(s, a')`` and ``reward_cvar_baseline`` = ``E_pi CVaR(s, a')``
   under the model's soft policy ``pi ∝ exp(Q/alpha)``: exact over the catalog when it has at most
   ``train.score_full_catalog_max`` items, else a self-normalised estimate over ``train.score_candidates``
-  items drawn uniformly (the uniform proposal cancels in the self-normalised weights).  The guided
+  items drawn uniformly (the uniform proposal cancels in the self-normalised weights).  Over a set larger
+  than ``reward.cvar_baseline_draws`` items the CVaR baseline adds to the mean baseline an estimate of
+  ``E_pi[CVaR - R_mean]`` from that many draws of ``pi`` (QRIQLModel.reward_baseline_over).  The guided
   recommender uses the advantage ``reward_mean - reward_baseline``.
 
 Two runners (``train.score_runner``; :func:`score_runner` resolves ``auto``): scoring actors
@@ -58,7 +60,7 @@ class TableScorer:
 
     def __init__(self, model: torch.nn.Module, spec: Dict[str, Any], *, candidate_column: str = "action",
                  drop_columns: tuple = ("state_items", "state_feedback"), full_catalog_max: int = 50_000,
-                 num_candidates: int = 1024, seed: int = 0, pad_to: Optional[int] = None,
+                 num_candidates: int = 1024, cvar_draws: int = 0, seed: int = 0, pad_to: Optional[int] = None,
                  device: Optional[torch.device] = None) -> None:
         self.model = model
         self.device = device or torch.device("cpu")
@@ -70,6 +72,7 @@ class TableScorer:
         self.drop_columns = set(drop_columns)
         self.full_catalog = self.num_items <= full_catalog_max
         self.num_candidates = num_candidates
+        self.cvar_draws = cvar_draws
         self.generator = torch.Generator().manual_seed(seed)
         self.pad_to = pad_to
 
@@ -109,14 +112,14 @@ class TableScorer:
 
     @torch.no_grad()
     def score(self, states: torch.Tensor, feedback: torch.Tensor, cand: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Scores of ``n`` rows ([n] each; ``reward_q`` [n, N] sorted ascending): two lookups, same on every rank."""
+        """Scores of ``n`` rows ([n] each; ``reward_q`` [n, N] sorted ascending): one lookup, same on every rank."""
         from mtrec_dist.objectives.qr_iql import cvar
 
         n = states.shape[0]
         states, feedback, cand = (t.to(self.device) for t in self._padded(states, feedback, cand))
-        rq = self.model.reward_quantiles(states, feedback, cand.view(-1, 1))[:n, 0]  # [n, N]
-        rq, _ = torch.sort(rq, dim=-1)  # monotone rearrangement: independent quantile heads can cross
-        base = self.model.reward_baseline_over(states, feedback, self._baseline_items().to(self.device))
+        base = self.model.reward_baseline_over(states, feedback, self._baseline_items().to(self.device),
+                                               candidate_items=cand.view(-1, 1), cvar_draws=self.cvar_draws)
+        rq, _ = torch.sort(base["reward_q"][:n, 0], dim=-1)  # monotone rearrangement: quantile heads can cross
         out = {"reward_q": rq, "reward_mean": rq.mean(-1), "reward_cvar": cvar(rq, self.cvar_level),
                "reward_baseline": base["reward_baseline"][:n], "reward_cvar_baseline": base["reward_cvar_baseline"][:n]}
         return {k: v.cpu() for k, v in out.items()}
@@ -166,6 +169,19 @@ def rows_per_actor_block(rows: int, tc: TrainConfig) -> int:
     hold the rest up), whole scoring batches, at least one and at most :data:`MAX_BATCHES_PER_BLOCK`."""
     batches = math.ceil(rows / (4 * tc.score_concurrency * tc.score_batch_size))
     return min(max(1, batches), MAX_BATCHES_PER_BLOCK) * tc.score_batch_size
+
+
+def baseline_kind(spec: Dict[str, Any], tc: TrainConfig) -> str:
+    """Over which items the policy baselines run: ``full_catalog`` or ``sampled_<score_candidates>``."""
+    return "full_catalog" if spec["num_items"] <= tc.score_full_catalog_max else f"sampled_{tc.score_candidates}"
+
+
+def cvar_baseline_kind(spec: Dict[str, Any], cfg: PipelineConfig) -> str:
+    """How the CVaR baseline is computed over that set: ``exact`` or ``policy_draws_<K>``
+    (:meth:`~mtrec_dist.models.reward_model.QRIQLModel.reward_baseline_over`)."""
+    tc, draws = cfg.train, cfg.reward.cvar_baseline_draws
+    set_size = spec["num_items"] if spec["num_items"] <= tc.score_full_catalog_max else tc.score_candidates
+    return f"policy_draws_{draws}" if 0 < draws < set_size else "exact"
 
 
 def rows_mb(rows: int, embedding_dim: int) -> float:
@@ -235,11 +251,12 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     drop = ("state_items", "state_feedback") if mode == "pairs" else ()
     tc = cfg.train
     scorer_kwargs = {"spec": spec, "candidate_column": candidate, "drop_columns": drop, "seed": tc.seed,
-                     "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates}
+                     "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates,
+                     "cvar_draws": cfg.reward.cvar_baseline_draws}
     runner = score_runner(tc, spec)
     out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     fs, base = _prepare_out_dir(out_dir, overwrite)
-    ranks = None
+    ranks, scoring_s = None, None
     if runner == "sharded":
         from mtrec_dist.training.sharded_scoring import score_sharded
 
@@ -247,13 +264,15 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     else:
         if tc.score_concurrency > 1:  # a prepared day is often one file, i.e. one block: one actor would get it all
             ds = ds.repartition(target_num_rows_per_block=rows_per_actor_block(expected, tc))
-        ds.map_batches(
+        scored = ds.map_batches(
             RewardScorer, fn_constructor_kwargs=dict(scorer_kwargs, checkpoint_path=checkpoint_path,
                                                      threads=max(1, int(tc.score_cpus)),
                                                      malloc_trim_mb=tc.malloc_trim_mb),
             batch_size=tc.score_batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency), num_cpus=tc.score_cpus,
-        ).write_parquet(out_dir)
+        )
+        scored.write_parquet(out_dir)
+        scoring_s = operator_seconds(scored, RewardScorer.__name__)
     import pyarrow.dataset as pads
 
     written = pads.dataset(base, filesystem=fs, format="parquet")
@@ -263,16 +282,34 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     summary = {
         "mode": mode, "rows": rows, "out_dir": out_dir, "checkpoint": checkpoint_path, "step": meta.get("step"),
         "num_quantiles": int(spec["reward"]["num_quantiles"]), "cvar_alpha": float(spec["reward"]["cvar_alpha"]),
-        "baseline": ("full_catalog" if spec["num_items"] <= tc.score_full_catalog_max
-                     else f"sampled_{tc.score_candidates}"),
+        "baseline": baseline_kind(spec, tc), "cvar_baseline": cvar_baseline_kind(spec, cfg),
         "columns": written.schema.names, "seconds": round(time.time() - t0, 2), "runner": runner,
     }
     if ranks is not None:
         summary["ranks"] = ranks  # per worker: rows scored, its shard of the item table, peak RSS
     summary["rows_per_s"] = round(rows / max(summary["seconds"], 1e-9), 1)
+    if scoring_s:  # the actors' time in scoring batches (start-up, model load and writing excluded)
+        summary["scoring_s"] = round(scoring_s, 3)
+        summary["rows_per_scoring_s"] = round(rows / scoring_s, 1)
     with fs.open_output_stream(f"{base.rstrip('/')}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=1).encode())
     return summary
+
+
+def operator_seconds(ds, udf_name: str) -> Optional[float]:
+    """Seconds the blocks of ``ds``'s ``MapBatches(<udf_name>)`` operator took in all, summed over its tasks
+    or actors (Ray Data's execution stats, read after ``ds`` ran); None when the stats do not have it."""
+    try:
+        pending = [ds.get_stats_summary()]
+    except Exception:  # a developer API: a scoring run never fails for want of its timing
+        return None
+    while pending:
+        summary = pending.pop()
+        for op in summary.operators_stats:
+            if op.operator_name.startswith(f"MapBatches({udf_name})") and op.wall_time is not None:
+                return float(op.wall_time.sum)
+        pending.extend(summary.parents)
+    return None
 
 
 def read_scores(out_dir: str) -> pa.Table:
