@@ -141,6 +141,28 @@ def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
+def _single_rank_worker(rank: int, port: int, root: str) -> None:
+    """One rank loads the 2-rank checkpoint: no DDP around the dense part (a single rank has nothing to
+    all-reduce), the same state-dict keys, and a step still trains."""
+    import torch.distributed as dist
+
+    from mtrec_dist.training.checkpoint import load_checkpoint
+    from mtrec_dist.training.sharding import shard_model
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    one = shard_model(tiny_factory(NUM_ITEMS, DIM, torch.device("meta")), TrainConfig(sharding="row_wise"),
+                      torch.device("cpu"), 1, 1)
+    load_checkpoint(os.path.join(root, "ck1"), one.dmp, one.optimizer)
+    state = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).tolist()  # one rank: one shard
+             for k, v in one.dmp.state_dict().items()}
+    loss = _step(one, _batch(5))
+    Path(root, "single.json").write_text(json.dumps({"wrapped": type(one.dmp._dmp_wrapped_module).__name__,
+                                                     "state": state, "loss": loss}))
+    dist.destroy_process_group()
+
+
 def test_checkpoint_round_trip_is_bit_exact_across_layouts(tmp_path):
     mp.spawn(_roundtrip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -162,6 +184,13 @@ def test_checkpoint_round_trip_is_bit_exact_across_layouts(tmp_path):
     for (k, v1), v2, v0 in zip(m1.state_dict().items(), m2.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(v1, v2), k
         assert not torch.equal(v1, v0), k  # really loaded, not the fresh initialisation
+    # one worker resumes what two wrote; its dense part is not wrapped in DDP
+    mp.spawn(_single_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert single["wrapped"] == "TrainingModule" and np.isfinite(single["loss"])
+    assert single["state"].keys() == {f"model.{k}" for k in m1.state_dict()}  # TrainingModule's prefix
+    for k, v in m1.state_dict().items():
+        assert torch.equal(torch.tensor(single["state"][f"model.{k}"], dtype=v.dtype), v), k
 
 
 class _Evil:

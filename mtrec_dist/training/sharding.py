@@ -182,8 +182,22 @@ def shard_model(model: nn.Module, train_cfg: TrainConfig, device: torch.device, 
 
     module, plan, sharders = plan_model(model, train_cfg, device, world_size, local_world_size,
                                         pg=pg or dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders,
+                                   data_parallel_wrapper=_dense_wrapper(world_size))
     return ShardedModel(dmp=dmp, optimizer=build_optimizer(dmp, train_cfg), plan=plan, model=dmp.module.model)
+
+
+def _dense_wrapper(world_size: int):
+    """TorchRec's default (DDP over the dense parameters), or none for a single rank: there DDP's all-reduce
+    sums one gradient and its forward and backward hooks cost about 1.5 ms of a 25 ms SASRec step
+    (bench/RESULTS.md, sessions 10 and 14)."""
+    from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultDataParallelWrapper
+
+    class SingleRank(DataParallelWrapper):
+        def wrap(self, dmp, env, device) -> None:  # the dense parameters stay as they are, on ``device``
+            return None
+
+    return SingleRank() if world_size == 1 else DefaultDataParallelWrapper()
 
 
 def plan_model(model: nn.Module, train_cfg: TrainConfig, device: torch.device, world_size: int,
