@@ -184,9 +184,6 @@ class RewardConfig:
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
     catalog_chunk: int = 8192  # items per chunk when the soft value runs over the full catalog
     cvar_alpha: float = 0.25  # lower-tail level for CVaR
-    # E_pi CVaR baseline over a set larger than this: the exact mean baseline plus E_pi[CVaR - mean] from this many
-    # items drawn from pi at evenly spaced points of its CDF (0 = exact over the whole set; docs/method.md)
-    cvar_baseline_draws: int = 256
     chi2_debias: bool = False  # chi-square term on E_s'[r] via the reward head's mean (docs/method.md)
     # What the reward-quantile head regresses (docs/method.md, "Grounding the reward in consumption"):
     # choice_weight * r(s,a,s') [the spec] + consumption_weight * alpha * logit(watch ratio).
@@ -226,7 +223,6 @@ class RewardConfig:
         _check(0.0 < self.polyak <= 1.0, f"{key}.polyak", "must be in (0, 1]")
         _check(self.num_negatives >= 0, f"{key}.num_negatives", "must be >= 0")
         _check(0.0 < self.cvar_alpha <= 1.0, f"{key}.cvar_alpha", "must be in (0, 1]")
-        _check(self.cvar_baseline_draws >= 0, f"{key}.cvar_baseline_draws", "must be >= 0 (0 = exact)")
         _check(self.choice_weight >= 0 and self.consumption_weight >= 0
                and self.choice_weight + self.consumption_weight > 0, f"{key}.choice_weight/consumption_weight",
                "must be >= 0 and not both 0")
@@ -307,6 +303,9 @@ class TrainConfig:
     score_cpus: float = 1.0  # score-rewards: CPUs per scoring actor
     score_full_catalog_max: int = 50_000  # score-rewards: catalogs up to this size get the exact policy baseline
     score_candidates: int = 1024  # score-rewards: sampled candidates for the baseline on larger catalogs
+    # score-rewards: over a baseline set larger than this, E_pi CVaR = the exact mean baseline + E_pi[CVaR - mean]
+    # from this many items drawn from pi at evenly spaced points of its CDF (0 = exact; docs/method.md "Scoring")
+    score_cvar_draws: int = 256
     # score-rewards and offline ranking: "actors" each load the whole model; "sharded" runs in num_workers
     # workers with the item table sharded as in training (no process holds all of it); "auto" shards a table
     # over score_unsharded_max_mb when there are >= 2 workers
@@ -327,7 +326,8 @@ class TrainConfig:
         _check(self.score_unsharded_max_mb > 0, f"{key}.score_unsharded_max_mb", "must be > 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")
-        for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches", "cache_rows"):
+        for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches", "cache_rows",
+                     "score_cvar_draws"):
             _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
 
 

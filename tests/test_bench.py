@@ -164,7 +164,7 @@ def _fake_result() -> dict:
                                               "read_validate_vs_plain": 0.5}},
                        "qriql": model, "sasrec": {"error": "OutputMismatch: x"},
                        "scoring": {"library": {"rows": 1000, "wall_s": 2.0, "rows_per_s": 500.0, "baseline": "full_catalog",
-                                               "actors": 1, "scoring_s": 0.5, "rows_per_scoring_s": 2000.0},
+                                               "actors": 1, "scoring_actor_s": 0.5, "rows_per_actor_s": 2000.0},
                                    "plain": {"seconds": 1.0, "rows_per_s": 1000.0},
                                    "check": {"max_abs_diff": {"reward_mean": 0.0}}}}}
 
@@ -259,7 +259,7 @@ def test_tiny_bench_run_passes_every_check(ray_cluster, tmp_path):
         assert set(result["stages"][model]["runs"]) == {"plain_before", "ray_1", "plain_after"}
         assert result["stages"][model]["runs"]["ray_1"]["rows"] == TINY.steps * 32
     assert max(result["stages"]["scoring"]["check"]["max_abs_diff"].values()) <= 1e-4
-    assert result["stages"]["scoring"]["library"]["rows_per_scoring_s"] > result["stages"]["scoring"]["library"]["rows_per_s"]
+    assert result["stages"]["scoring"]["library"]["rows_per_actor_s"] > result["stages"]["scoring"]["library"]["rows_per_s"]
     assert len(result["ratios"]) == 9 and all(r["value"] is not None for r in result["ratios"])
     assert {"1m", "5m", "15m"} <= set(result["load_before"]) and result["machine"]["cores"] >= 1
     assert "| prepare: library / plain pandas+pyarrow |" in markdown(result)

@@ -300,45 +300,55 @@ def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items, t
 
 def test_policy_draws_are_the_inverse_cdf_at_evenly_spaced_points():
     """Hand-computed: pi = [0.5, 0.25, 0.25], K = 4 points 1/8, 3/8, 5/8, 7/8 against the CDF [0.5, 0.75, 1]
-    land on items 0, 0, 1, 2; seen in chunks of 2 items and 1 item, the same."""
+    land on items 0, 0, 1, 2; seen in chunks of 2 items and 1 item, the same.  A row whose sum falls short of
+    the last point (rounding) gives it the last item of positive probability, not the set's last item."""
     from mtrec_dist.models.reward_model import PolicyDraws
 
-    probs = torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]])
-    expected = torch.tensor([[0, 0, 1, 2], [2, 2, 2, 2]])
-    for step in (3, 2, 1):
-        draws = PolicyDraws(2, 4, 3, probs.device, probs.dtype)
-        for start in range(0, 3, step):
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0], [0.3, 0.5, 0.0, 0.0]])
+    expected = torch.tensor([[0, 0, 1, 2], [2, 2, 2, 2], [0, 1, 1, 1]])  # row 3 sums to 0.8 < 7/8
+    for step in (4, 2, 1):
+        draws = PolicyDraws(3, 4, 4, probs.device, probs.dtype)
+        for start in range(0, 4, step):
             draws.add(probs[:, start:start + step], start)
-        assert torch.equal(draws.positions, expected), step
+        assert torch.equal(draws.positions(), expected), step
 
 
 @pytest.mark.parametrize("order_items", [0, 4])
 def test_sampled_cvar_baseline_is_close_to_exact(order_items):
-    """Above ``cvar_baseline_draws`` items the CVaR baseline is the exact mean baseline plus a 64-draw
-    systematic estimate of E_pi[CVaR - mean]: the mean baseline is unchanged, and the CVaR baseline's error is
-    no larger than the standard error of 64 independent draws of CVaR - mean (systematic draws from items in
-    no particular order are about as good as independent ones; the control variate makes that error small)."""
+    """Above ``cvar_draws`` items the CVaR baseline is the exact mean baseline plus the mean of CVaR - mean over
+    the items at the policy's evenly spaced CDF points: equal to that formula computed directly, the mean
+    baseline unchanged, and its error against the exact CVaR baseline no larger than the standard error of 64
+    independent draws (systematic draws of items in no particular order are about as good as independent ones;
+    the control variate makes that error small)."""
+    from mtrec_dist.objectives.qr_iql import cvar
+
     torch.manual_seed(0)
-    n_items = 400
-    exact_cfg = RewardConfig(num_quantiles=8, alpha=0.5, cvar_baseline_draws=0, order_items=order_items)
-    model = QRIQLModel(n_items, MODEL_CFG, exact_cfg, state_len=3).eval()
+    n_items, draws = 400, 64
+    model = QRIQLModel(n_items, MODEL_CFG, RewardConfig(num_quantiles=8, alpha=0.5, order_items=order_items),
+                       state_len=3).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))  # spread the quantiles and the policy beyond their init
     b = _batch(n_items, b=32)
-    s, fb = b["state_items"], b["state_feedback"]
+    s, fb, logged = b["state_items"], b["state_feedback"], b["action"].view(-1, 1)
+    catalog = torch.arange(1, n_items + 1).expand(32, -1)
     with torch.no_grad():
-        exact = model.catalog_reward_baseline(s, fb, candidate_items=b["action"].view(-1, 1))
-        model.reward_cfg = RewardConfig(num_quantiles=8, alpha=0.5, cvar_baseline_draws=64, order_items=order_items)
-        sampled = model.catalog_reward_baseline(s, fb, candidate_items=b["action"].view(-1, 1))
-        rq = model.reward_quantiles(s, fb, torch.arange(1, n_items + 1).expand(32, -1))  # [B, C, N]
+        exact = model.catalog_reward_baseline(s, fb, candidate_items=logged)
+        sampled = model.catalog_reward_baseline(s, fb, candidate_items=logged, cvar_draws=draws)
+        sc = model.score(s, fb, catalog)  # q [B, C], reward_q [B, C, N] (item level included)
+    rq = torch.sort(sc["reward_q"], -1).values
+    shape = cvar(rq, 0.25) - rq.mean(-1)  # [B, C]: CVaR - mean of every (row, item)
+    cdf = torch.softmax(sc["q"] / 0.5, dim=1).cumsum(1)
+    points = ((torch.arange(draws) + 0.5) / draws).expand(32, -1).contiguous()
+    picked = torch.searchsorted(cdf, points).clamp_max(n_items - 1)
+    direct = exact["reward_baseline"] + shape.gather(1, picked).mean(1)
+    assert close(sampled["reward_cvar_baseline"], direct, tol=1e-4)
     assert close(sampled["reward_baseline"], exact["reward_baseline"], tol=1e-5)
     assert close(sampled["reward_q"], exact["reward_q"], tol=0)
-    assert close(exact["reward_q"], model.reward_quantiles(s, fb, b["action"].view(-1, 1)), tol=1e-6)
-    shape_spread = (cvar(torch.sort(rq, -1).values, 0.25) - rq.mean(-1)).std()
+    assert close(exact["reward_q"], model.reward_quantiles(s, fb, logged), tol=1e-6)
     err = sampled["reward_cvar_baseline"] - exact["reward_cvar_baseline"]
     rmse = err.pow(2).mean().sqrt()
-    assert rmse < 1.2 * shape_spread / math.sqrt(64), (rmse, shape_spread)
+    assert rmse < 1.2 * shape.std() / math.sqrt(draws), (rmse, shape.std())
     assert rmse > 0  # an estimate, not the exact path taken by mistake
 
 

@@ -81,20 +81,21 @@ def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """score-rewards / QR-IQL training (1 worker), steady state and end to end, and score-rewards / the plain
-    scoring loop.  Steady compares like with like: the scoring actors' rows per second of scoring batches
-    (Ray Data's stats; start-up, model load and the write left out) against training's steady samples/s."""
+    scoring loop.  Steady compares like with like: one scoring actor's rows per second of scoring batches
+    (Ray Data's stats; start-up, model load and the write left out) against one worker's steady samples/s.
+    Until session 14 this key divided score-rewards' wall-clock rate by training's steady rate."""
     if "error" in s:
-        return [_failed("scoring_vs_training", "score-rewards rows/s / QR-IQL training samples/s (1 worker)", s)]
+        return [_failed("scoring_vs_training", "score-rewards / QR-IQL training (1 worker), steady", s)]
     lib, plain = s["library"], s["plain"]
     rows = []
     train = (qriql or {}).get("runs", {}).get("ray_1")
     how = (f"{lib['actors']} actor, {lib['rows']:,} rows, baseline {lib['baseline']}, CVaR baseline "
            f"{lib.get('cvar_baseline', 'exact')}")
     if train:
-        steady = lib.get("rows_per_scoring_s")
+        steady = lib.get("rows_per_actor_s")
         rows.append(_row("scoring_vs_training", "score-rewards / QR-IQL training (1 worker), steady",
                          (steady or lib["rows_per_s"]) / train["samples_per_s"],
-                         (f"{steady:,.0f} rows per second of scoring batches" if steady else
+                         (f"{steady:,.0f} rows per actor-second of scoring batches" if steady else
                           f"{lib['rows_per_s']:,.0f} rows/s wall (no batch timing)")
                          + f" ({how}) vs {train['samples_per_s']:,.0f} samples/s steady"))
         rows.append(_row("scoring_vs_training_end_to_end", "score-rewards / QR-IQL training (1 worker), end to end",

@@ -108,12 +108,12 @@ def bench_scoring(base: PipelineConfig, checkpoint: str, prepared: Path, work: P
     summary = score_rewards(base, checkpoint, str(prepared), str(out), overwrite=True)
     library_s = time.perf_counter() - t0
     plain = plain_score(checkpoint, prepared, base.train.score_batch_size, base.train.score_full_catalog_max,
-                        base.reward.cvar_baseline_draws, threads)
+                        base.train.score_cvar_draws, threads)
     gaps = same_scores(out, plain.pop("scores"))
     say(f"[bench] scoring: score-rewards {summary['rows'] / library_s:,.0f} rows/s, plain loop "
         f"{plain['rows_per_s']:,.0f} rows/s, same scores (max |diff| {max(gaps.values()):.2g})")
     return {"library": {"rows": summary["rows"], "wall_s": library_s, "rows_per_s": summary["rows"] / library_s,
-                        "scoring_s": summary.get("scoring_s"), "rows_per_scoring_s": summary.get("rows_per_scoring_s"),
+                        "scoring_actor_s": summary.get("scoring_actor_s"), "rows_per_actor_s": summary.get("rows_per_actor_s"),
                         "baseline": summary["baseline"], "cvar_baseline": summary["cvar_baseline"],
                         "actors": base.train.score_concurrency,
                         "cpus_per_actor": base.train.score_cpus},

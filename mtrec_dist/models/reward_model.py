@@ -70,20 +70,27 @@ class PolicyDraws:
     """``K`` draws per row from a policy over a set seen in chunks, at the evenly spaced points
     ``u_k = (k + 1/2) / K`` of each row's CDF (systematic sampling: no random numbers, every part of the
     distribution covered in proportion).  :meth:`add` takes the next chunk's probabilities [B, c];
-    ``positions`` [B, K] are indices into the whole set (a point past the last cumulative sum, from rounding,
-    keeps the last item)."""
+    :meth:`positions` [B, K] are indices into the whole set.  A point past a row's last cumulative sum (the sum
+    falls short of 1 by rounding) takes the row's last item of positive probability."""
 
     def __init__(self, rows: int, draws: int, set_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.points = ((torch.arange(draws, device=device, dtype=dtype) + 0.5) / draws).expand(rows, draws).contiguous()
-        self.positions = torch.full((rows, draws), set_size - 1, dtype=torch.long, device=device)
+        self.found = torch.full((rows, draws), -1, dtype=torch.long, device=device)
+        self.last_positive = torch.full((rows,), set_size - 1, dtype=torch.long, device=device)
         self.mass_before = torch.zeros(rows, 1, device=device, dtype=dtype)
 
     def add(self, probs: torch.Tensor, start: int) -> None:
         cum = self.mass_before + probs.cumsum(1)  # [B, c]
         pos = torch.searchsorted(cum, self.points)  # first item whose cumulative mass reaches u_k
         here = (pos < probs.shape[1]) & (self.points > self.mass_before)
-        self.positions = torch.where(here, pos + start, self.positions)
+        self.found = torch.where(here, pos + start, self.found)
+        index = torch.arange(probs.shape[1], device=probs.device)
+        last = torch.where(probs > 0, index, -1).amax(1)  # this chunk's last item of positive probability
+        self.last_positive = torch.where(last >= 0, last + start, self.last_positive)
         self.mass_before = cum[:, -1:]
+
+    def positions(self) -> torch.Tensor:
+        return torch.where(self.found >= 0, self.found, self.last_positive.unsqueeze(1))
 
 
 class QRIQLModel(nn.Module):
@@ -447,7 +454,7 @@ class QRIQLModel(nn.Module):
     @torch.no_grad()
     def catalog_reward_baseline(self, state_items: torch.Tensor, state_feedback: torch.Tensor,
                                 chunk: Optional[int] = None, candidate_items: Optional[torch.Tensor] = None,
-                                cvar_draws: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                                cvar_draws: int = 0) -> Dict[str, torch.Tensor]:
         """:meth:`reward_baseline_over` the whole catalog (``E_pi`` under the soft policy)."""
         return self.reward_baseline_over(state_items, state_feedback, self.catalog_ids(state_items.device), chunk,
                                          candidate_items, cvar_draws)
@@ -455,15 +462,15 @@ class QRIQLModel(nn.Module):
     @torch.no_grad()
     def reward_baseline_over(self, state_items: torch.Tensor, state_feedback: torch.Tensor, item_ids: torch.Tensor,
                              chunk: Optional[int] = None, candidate_items: Optional[torch.Tensor] = None,
-                             cvar_draws: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                             cvar_draws: int = 0) -> Dict[str, torch.Tensor]:
         """Per state, under the model's soft policy restricted to ``item_ids`` [C] (one set for every row),
         ``pi(a|s) = exp((Q(s,a) - V(s)) / alpha)`` with ``V(s) = alpha logsumexp_{a in set} Q(s,a)/alpha``:
         "reward_baseline" ``E_pi R_mean(s,a)``, "reward_cvar_baseline" ``E_pi CVaR(R(s,a))``, "value" ``V(s)``
         ([B] each).  Over the whole catalog the mean baseline is exact; over items drawn uniformly (repeats
         allowed) it is the self-normalised estimate (the uniform proposal cancels).
 
-        The CVaR baseline is exact too when the set has at most ``cvar_draws`` items (default
-        ``reward.cvar_baseline_draws``), or that is 0.  Above, it is ``E_pi R_mean + (1/K) sum_k [CVaR - R_mean](s, a_k)``, the ``K`` draws ``a_k`` taken from
+        The CVaR baseline is exact too when ``cvar_draws`` is 0 (the default) or the set has at most that many
+        items (score-rewards passes ``train.score_cvar_draws``).  Above, it is ``E_pi R_mean + (1/K) sum_k [CVaR - R_mean](s, a_k)``, the ``K`` draws ``a_k`` taken from
         ``pi`` at the evenly spaced points ``(k + 1/2) / K`` of its CDF (systematic sampling): the exact CVaR
         costs a selection network per (state, item), most of the scoring time, while the mean is one
         projection.  The mean is the control variate: item levels cancel in ``CVaR - R_mean``, which keeps only
@@ -493,7 +500,7 @@ class QRIQLModel(nn.Module):
         p_mean = p_r.mean(1)  # the quantiles' mean is linear in them: one [B, D] projection
         base = torch.zeros_like(v)
         cvar_base = torch.zeros_like(v)
-        draws = cfg.cvar_baseline_draws if cvar_draws is None else int(cvar_draws)
+        draws = int(cvar_draws)
         sampled = 0 < draws < items.shape[0]
         if sampled:
             picks = PolicyDraws(v.shape[0], draws, items.shape[0], v.device, v.dtype)
@@ -510,6 +517,6 @@ class QRIQLModel(nn.Module):
             else:
                 cvar_base += (pi * (cvar_along(torch.matmul(p_r, e.T), cfg.cvar_alpha, dim=1) + item_shift)).sum(1)
         if sampled:
-            q = torch.bmm(p_r, items[picks.positions].transpose(1, 2))  # [B, N, K] quantiles of the drawn items
+            q = torch.bmm(p_r, items[picks.positions()].transpose(1, 2))  # [B, N, K] quantiles of the drawn items
             cvar_base = base + (cvar_along(q, cfg.cvar_alpha, dim=1) - q.mean(1)).mean(1)
         return {**out, "reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}

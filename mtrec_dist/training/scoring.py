@@ -18,7 +18,7 @@ Output columns (besides the key / pass-through columns):
   under the model's soft policy ``pi ∝ exp(Q/alpha)``: exact over the catalog when it has at most
   ``train.score_full_catalog_max`` items, else a self-normalised estimate over ``train.score_candidates``
   items drawn uniformly (the uniform proposal cancels in the self-normalised weights).  Over a set larger
-  than ``reward.cvar_baseline_draws`` items the CVaR baseline adds to the mean baseline an estimate of
+  than ``train.score_cvar_draws`` items the CVaR baseline adds to the mean baseline an estimate of
   ``E_pi[CVaR - R_mean]`` from that many draws of ``pi`` (QRIQLModel.reward_baseline_over).  The guided
   recommender uses the advantage ``reward_mean - reward_baseline``.
 
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -60,7 +61,7 @@ class TableScorer:
 
     def __init__(self, model: torch.nn.Module, spec: Dict[str, Any], *, candidate_column: str = "action",
                  drop_columns: tuple = ("state_items", "state_feedback"), full_catalog_max: int = 50_000,
-                 num_candidates: int = 1024, cvar_draws: int = 0, seed: int = 0, pad_to: Optional[int] = None,
+                 num_candidates: int = 1024, cvar_draws: int = 256, seed: int = 0, pad_to: Optional[int] = None,
                  device: Optional[torch.device] = None) -> None:
         self.model = model
         self.device = device or torch.device("cpu")
@@ -179,8 +180,9 @@ def baseline_kind(spec: Dict[str, Any], tc: TrainConfig) -> str:
 def cvar_baseline_kind(spec: Dict[str, Any], cfg: PipelineConfig) -> str:
     """How the CVaR baseline is computed over that set: ``exact`` or ``policy_draws_<K>``
     (:meth:`~mtrec_dist.models.reward_model.QRIQLModel.reward_baseline_over`)."""
-    tc, draws = cfg.train, cfg.reward.cvar_baseline_draws
-    set_size = spec["num_items"] if spec["num_items"] <= tc.score_full_catalog_max else tc.score_candidates
+    tc, draws = cfg.train, cfg.train.score_cvar_draws
+    set_size = spec["num_items"] if spec["num_items"] <= tc.score_full_catalog_max else \
+        min(tc.score_candidates, spec["num_items"])  # as TableScorer draws them
     return f"policy_draws_{draws}" if 0 < draws < set_size else "exact"
 
 
@@ -252,7 +254,7 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     tc = cfg.train
     scorer_kwargs = {"spec": spec, "candidate_column": candidate, "drop_columns": drop, "seed": tc.seed,
                      "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates,
-                     "cvar_draws": cfg.reward.cvar_baseline_draws}
+                     "cvar_draws": tc.score_cvar_draws}
     runner = score_runner(tc, spec)
     out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     fs, base = _prepare_out_dir(out_dir, overwrite)
@@ -288,9 +290,9 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     if ranks is not None:
         summary["ranks"] = ranks  # per worker: rows scored, its shard of the item table, peak RSS
     summary["rows_per_s"] = round(rows / max(summary["seconds"], 1e-9), 1)
-    if scoring_s:  # the actors' time in scoring batches (start-up, model load and writing excluded)
-        summary["scoring_s"] = round(scoring_s, 3)
-        summary["rows_per_scoring_s"] = round(rows / scoring_s, 1)
+    if scoring_s:  # actor-seconds in scoring batches (start-up, model load and writing excluded)
+        summary["scoring_actor_s"] = round(scoring_s, 3)
+        summary["rows_per_actor_s"] = round(rows / scoring_s, 1)  # one actor's rate while it scores
     with fs.open_output_stream(f"{base.rstrip('/')}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=1).encode())
     return summary
@@ -298,7 +300,8 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
 
 def operator_seconds(ds, udf_name: str) -> Optional[float]:
     """Seconds the blocks of ``ds``'s ``MapBatches(<udf_name>)`` operator took in all, summed over its tasks
-    or actors (Ray Data's execution stats, read after ``ds`` ran); None when the stats do not have it."""
+    or actors, i.e. actor-seconds (Ray Data's execution stats, read after ``ds`` ran); None, with a warning,
+    when the stats do not have it."""
     try:
         pending = [ds.get_stats_summary()]
     except Exception:  # a developer API: a scoring run never fails for want of its timing
@@ -306,9 +309,11 @@ def operator_seconds(ds, udf_name: str) -> Optional[float]:
     while pending:
         summary = pending.pop()
         for op in summary.operators_stats:
-            if op.operator_name.startswith(f"MapBatches({udf_name})") and op.wall_time is not None:
+            # "in": Ray may fuse the read into the map ("ReadParquet->MapBatches(...)"); its time then counts too
+            if f"MapBatches({udf_name})" in op.operator_name and op.wall_time is not None:
                 return float(op.wall_time.sum)
         pending.extend(summary.parents)
+    warnings.warn(f"Ray Data's stats have no MapBatches({udf_name}) operator: scoring time not reported")
     return None
 
 

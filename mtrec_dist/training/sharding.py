@@ -182,8 +182,9 @@ def shard_model(model: nn.Module, train_cfg: TrainConfig, device: torch.device, 
 
     module, plan, sharders = plan_model(model, train_cfg, device, world_size, local_world_size,
                                         pg=pg or dist.GroupMember.WORLD)
+    group_size = dist.get_world_size(pg or dist.GroupMember.WORLD)  # the group's, not what the caller said
     dmp = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders,
-                                   data_parallel_wrapper=_dense_wrapper(world_size))
+                                   data_parallel_wrapper=_dense_wrapper(group_size))
     return ShardedModel(dmp=dmp, optimizer=build_optimizer(dmp, train_cfg), plan=plan, model=dmp.module.model)
 
 
