@@ -64,6 +64,10 @@ def _flatten(obj, prefix=""):
     return {prefix: obj}
 
 
+def _tensor_lists(state) -> dict:
+    return {k: v.tolist() for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)}
+
+
 def _identical(a, b) -> list:
     fa, fb = _flatten(a), _flatten(b)
     if fa.keys() != fb.keys():
@@ -108,6 +112,7 @@ def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
     save_checkpoint(ck1, a.dmp, a.optimizer, rank=rank, meta={"step": 3, "epoch": 0, "rows_seen": 96,
                                                               "world_size": world}, consumed_row_ids=np.array([rank, 7]),
                     chunk_rows=7)  # the table's 41 rows saved in pieces of at most 7 rows
+    saved_optim = _tensor_lists(a.optimizer.state_dict())  # as in ck1: this rank's shards, the dense state whole
     b = build(table)  # another layout: the whole table on one rank
     load_checkpoint(ck1, b.dmp, b.optimizer)
     save_checkpoint(ck2, b.dmp, b.optimizer, rank=rank, meta={"step": 3, "epoch": 0, "rows_seen": 96,
@@ -134,6 +139,7 @@ def _roundtrip_worker(rank: int, world: int, port: int, root: str) -> None:
         "skip": meta["skip_row_ids"].tolist(), "step": meta["step"],
         "plan_b": plan_summary(b.plan)["item_table"]["sharding_type"],
         "optim_keys": sorted(_flatten(a.optimizer.state_dict())),
+        "optim_ck1": saved_optim,
         "pieces": {name: [len(m.chunks) for k, m in SafeFileSystemReader(os.path.join(root, name)).read_metadata()
                           .state_dict_metadata.items() if k.startswith("model.") and k.endswith("item_table.weight")]
                    for name in ("ck1", "ck2")},
@@ -157,9 +163,10 @@ def _single_rank_worker(rank: int, port: int, root: str) -> None:
     load_checkpoint(os.path.join(root, "ck1"), one.dmp, one.optimizer)
     state = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).tolist()  # one rank: one shard
              for k, v in one.dmp.state_dict().items()}
+    optim = _tensor_lists(one.optimizer.state_dict())
     loss = _step(one, _batch(5))
     Path(root, "single.json").write_text(json.dumps({"wrapped": type(one.dmp._dmp_wrapped_module).__name__,
-                                                     "state": state, "loss": loss}))
+                                                     "state": state, "optim": optim, "loss": loss}))
     dist.destroy_process_group()
 
 
@@ -191,6 +198,13 @@ def test_checkpoint_round_trip_is_bit_exact_across_layouts(tmp_path):
     assert single["state"].keys() == {f"model.{k}" for k in m1.state_dict()}  # TrainingModule's prefix
     for k, v in m1.state_dict().items():
         assert torch.equal(torch.tensor(single["state"][f"model.{k}"], dtype=v.dtype), v), k
+    # and the optimizer state: Adam's (the same on both ranks) and the row-wise Adagrad momentum, whose two
+    # row-wise shards (rank 0's rows first) are one shard on a single rank
+    saved = [r["optim_ck1"] for r in results]
+    assert single["optim"].keys() == saved[0].keys() and any(k.endswith("#0") for k in saved[0])
+    for k, v in single["optim"].items():
+        want = saved[0][k] + saved[1][k] if k.endswith("#0") and "momentum" in k else saved[0][k]
+        assert v == want, k
 
 
 class _Evil:
