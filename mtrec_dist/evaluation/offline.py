@@ -32,12 +32,9 @@ class RankingScorer:
 
     def __init__(self, model_factory: ModelFactory, checkpoint_path: str, num_items: int,
                  sampled_negatives: int, seed: int, chunk: int = 8192, histories_ref=None, malloc_trim_mb: int = 0):
-        from mtrec_dist.runtime import retain_freed_memory
-        from mtrec_dist.training.checkpoint import load_unsharded_model
+        from mtrec_dist.training.checkpoint import load_for_inference_actor
 
-        retain_freed_memory(malloc_trim_mb)
-        torch.set_num_threads(1)
-        self.model = load_unsharded_model(model_factory, checkpoint_path)
+        self.model = load_for_inference_actor(model_factory, checkpoint_path, malloc_trim_mb=malloc_trim_mb)
         # user_idx -> every item the user engaged with (the sampled protocol never draws those as negatives)
         self.histories: Dict[int, np.ndarray] = {}
         if histories_ref is not None:
@@ -108,12 +105,9 @@ class TargetScorer:
     """
 
     def __init__(self, model_factory: ModelFactory, checkpoint_path: str, malloc_trim_mb: int = 0):
-        from mtrec_dist.runtime import retain_freed_memory
-        from mtrec_dist.training.checkpoint import load_unsharded_model
+        from mtrec_dist.training.checkpoint import load_for_inference_actor
 
-        retain_freed_memory(malloc_trim_mb)
-        torch.set_num_threads(1)
-        self.model = load_unsharded_model(model_factory, checkpoint_path)
+        self.model = load_for_inference_actor(model_factory, checkpoint_path, malloc_trim_mb=malloc_trim_mb)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)

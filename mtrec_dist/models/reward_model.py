@@ -66,6 +66,12 @@ def tail_chunk_items(chunk: int, floats_per_item: int, device: torch.device) -> 
     return max(1, min(chunk, TAIL_CHUNK_ELEMENTS // max(1, floats_per_item)))
 
 
+def draws_cvar_baseline(cvar_draws: int, set_size: int) -> bool:
+    """Whether :meth:`QRIQLModel.reward_baseline_over` estimates the CVaR baseline from ``cvar_draws`` policy
+    draws (a set larger than that, and draws on) rather than computing it exactly."""
+    return 0 < int(cvar_draws) < int(set_size)
+
+
 class PolicyDraws:
     """``K`` draws per row from a policy over a set seen in chunks, at the evenly spaced points
     ``u_k = (k + 1/2) / K`` of each row's CDF (systematic sampling: no random numbers, every part of the
@@ -500,10 +506,9 @@ class QRIQLModel(nn.Module):
         p_mean = p_r.mean(1)  # the quantiles' mean is linear in them: one [B, D] projection
         base = torch.zeros_like(v)
         cvar_base = torch.zeros_like(v)
-        draws = int(cvar_draws)
-        sampled = 0 < draws < items.shape[0]
+        sampled = draws_cvar_baseline(cvar_draws, items.shape[0])
         if sampled:
-            picks = PolicyDraws(v.shape[0], draws, items.shape[0], v.device, v.dtype)
+            picks = PolicyDraws(v.shape[0], int(cvar_draws), items.shape[0], v.device, v.dtype)
             step = chunk
         else:
             step = tail_chunk_items(chunk, p_r.shape[0] * p_r.shape[1], items.device)

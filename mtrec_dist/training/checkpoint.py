@@ -194,6 +194,18 @@ def find_latest_checkpoint(storage_path: str, run_name: Optional[str] = None) ->
 # --------------------------------------------------------------------------------------------------
 
 
+def load_for_inference_actor(model_factory: Callable[[torch.device], nn.Module], checkpoint_path: str, *,
+                             threads: int = 1, malloc_trim_mb: int = 0) -> nn.Module:
+    """What every scoring and ranking actor does first: keep its freed memory
+    (:func:`~mtrec_dist.runtime.retain_freed_memory`), use ``threads`` torch threads, and load the whole model
+    from the checkpoint (:func:`load_unsharded_model`)."""
+    from mtrec_dist.runtime import retain_freed_memory
+
+    retain_freed_memory(malloc_trim_mb)
+    torch.set_num_threads(max(1, threads))
+    return load_unsharded_model(model_factory, checkpoint_path)
+
+
 def load_unsharded_model(model_factory: Callable[[torch.device], nn.Module], checkpoint_path: str,
                          device: torch.device | str = "cpu") -> nn.Module:
     """Build ``model_factory(device)`` (unsharded, no process group) and load the checkpoint's weights.

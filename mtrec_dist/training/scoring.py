@@ -71,8 +71,7 @@ class TableScorer:
         self.cvar_level = float(spec["reward"]["cvar_alpha"])
         self.candidate_column = candidate_column
         self.drop_columns = set(drop_columns)
-        self.full_catalog = self.num_items <= full_catalog_max
-        self.num_candidates = num_candidates
+        self.full_catalog, self.num_candidates = baseline_set(self.num_items, full_catalog_max, num_candidates)
         self.cvar_draws = cvar_draws
         self.generator = torch.Generator().manual_seed(seed)
         self.pad_to = pad_to
@@ -99,8 +98,7 @@ class TableScorer:
         """The whole catalog (exact baseline), or ``score_candidates`` items drawn uniformly (self-normalised)."""
         if self.full_catalog:
             return torch.arange(1, self.num_items + 1)
-        m = min(self.num_candidates, self.num_items)
-        return torch.randint(1, self.num_items + 1, (m,), generator=self.generator)
+        return torch.randint(1, self.num_items + 1, (self.num_candidates,), generator=self.generator)
 
     def _padded(self, states: torch.Tensor, feedback: torch.Tensor, cand: torch.Tensor):
         n = states.shape[0]
@@ -152,14 +150,12 @@ class RewardScorer(TableScorer):
 
     def __init__(self, checkpoint_path: str, spec: Dict[str, Any], *, threads: int = 1, malloc_trim_mb: int = 0,
                  **kwargs) -> None:
-        from mtrec_dist.runtime import retain_freed_memory
-        from mtrec_dist.training.checkpoint import load_unsharded_model
+        from mtrec_dist.training.checkpoint import load_for_inference_actor
         from mtrec_dist.training.reward import reward_model_factory
 
-        retain_freed_memory(malloc_trim_mb)
-        torch.set_num_threads(max(1, threads))
-        super().__init__(load_unsharded_model(reward_model_factory(spec, for_inference=True), checkpoint_path),
-                         spec, **kwargs)
+        model = load_for_inference_actor(reward_model_factory(spec, for_inference=True), checkpoint_path,
+                                         threads=threads, malloc_trim_mb=malloc_trim_mb)
+        super().__init__(model, spec, **kwargs)
 
 
 MAX_BATCHES_PER_BLOCK = 64  # a block of a large day stays a few MiB: Ray Data keeps streaming it
@@ -172,18 +168,26 @@ def rows_per_actor_block(rows: int, tc: TrainConfig) -> int:
     return min(max(1, batches), MAX_BATCHES_PER_BLOCK) * tc.score_batch_size
 
 
+def baseline_set(num_items: int, full_catalog_max: int, num_candidates: int) -> tuple:
+    """``(full_catalog, set_size)``: the policy baselines run over the whole catalog when it has at most
+    ``full_catalog_max`` items, else over ``num_candidates`` items drawn uniformly (at most the catalog's size)."""
+    full = num_items <= full_catalog_max
+    return full, (num_items if full else min(num_candidates, num_items))
+
+
 def baseline_kind(spec: Dict[str, Any], tc: TrainConfig) -> str:
     """Over which items the policy baselines run: ``full_catalog`` or ``sampled_<score_candidates>``."""
-    return "full_catalog" if spec["num_items"] <= tc.score_full_catalog_max else f"sampled_{tc.score_candidates}"
+    full, _ = baseline_set(spec["num_items"], tc.score_full_catalog_max, tc.score_candidates)
+    return "full_catalog" if full else f"sampled_{tc.score_candidates}"
 
 
-def cvar_baseline_kind(spec: Dict[str, Any], cfg: PipelineConfig) -> str:
+def cvar_baseline_kind(spec: Dict[str, Any], tc: TrainConfig) -> str:
     """How the CVaR baseline is computed over that set: ``exact`` or ``policy_draws_<K>``
     (:meth:`~mtrec_dist.models.reward_model.QRIQLModel.reward_baseline_over`)."""
-    tc, draws = cfg.train, cfg.train.score_cvar_draws
-    set_size = spec["num_items"] if spec["num_items"] <= tc.score_full_catalog_max else \
-        min(tc.score_candidates, spec["num_items"])  # as TableScorer draws them
-    return f"policy_draws_{draws}" if 0 < draws < set_size else "exact"
+    from mtrec_dist.models.reward_model import draws_cvar_baseline
+
+    _, size = baseline_set(spec["num_items"], tc.score_full_catalog_max, tc.score_candidates)
+    return f"policy_draws_{tc.score_cvar_draws}" if draws_cvar_baseline(tc.score_cvar_draws, size) else "exact"
 
 
 def rows_mb(rows: int, embedding_dim: int) -> float:
@@ -284,7 +288,7 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     summary = {
         "mode": mode, "rows": rows, "out_dir": out_dir, "checkpoint": checkpoint_path, "step": meta.get("step"),
         "num_quantiles": int(spec["reward"]["num_quantiles"]), "cvar_alpha": float(spec["reward"]["cvar_alpha"]),
-        "baseline": baseline_kind(spec, tc), "cvar_baseline": cvar_baseline_kind(spec, cfg),
+        "baseline": baseline_kind(spec, tc), "cvar_baseline": cvar_baseline_kind(spec, tc),
         "columns": written.schema.names, "seconds": round(time.time() - t0, 2), "runner": runner,
     }
     if ranks is not None:
