@@ -291,8 +291,10 @@ class TrainConfig:
     prefetch_batches: int = 2  # batches Ray Data prepares ahead of each worker
     # "stream": Ray Data feeds each step while the worker trains; "memory": each worker first collates its
     # whole shard of the epoch into torch batches in host memory, then trains with no data work beside the
-    # steps (holds the shard in the worker's RAM: for training sets that fit)
-    feed: Literal["stream", "memory"] = "stream"
+    # steps, and later epochs reshuffle the rows it holds (the shard stays in the worker's RAM: for training
+    # sets that fit); "auto": memory where training reads its data more than once and it has at most
+    # cache_rows rows, else stream (training.loop.resolve_feed)
+    feed: Literal["auto", "stream", "memory"] = "auto"
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
     # training sets of at most this many rows are read once into Ray's object store and every later epoch
     # splits the cached blocks instead of reading the Parquet files again (0 = always stream)

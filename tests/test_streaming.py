@@ -1,6 +1,7 @@
 """Ray Data -> Ray Train streaming: collation, padding, no dropped rows, lock-step ranks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from helpers_training import ship_by_value, write_prepared
 from mtrec_dist.data.pipeline import (
+    HeldShard,
     filter_and_rebatch,
     collate_transitions,
     filler_rows,
@@ -88,6 +90,31 @@ def test_pad_and_masked_batches():
     assert m["mask"].sum() == 0 and m["state_items"].shape == (4, 3)
 
 
+def test_a_held_shard_gives_every_row_once_per_epoch_in_the_same_number_of_batches():
+    """train.feed=memory: the first epoch in the stored order, each later one a seeded permutation of the same
+    rows (padding rows included), cut into as many batches as the lock-step epoch had."""
+    batches = [collate_transitions(_table(n=4, extra=False), state_len=3) for _ in range(2)]
+    batches.append(pad_batch(collate_transitions(_table(n=2, extra=False), state_len=3), 4))
+    for i, b in enumerate(batches):
+        b["row_id"] = b["row_id"] + 10 * i
+    held = HeldShard(batches)
+    assert held.num_batches == 3 and held.nbytes == sum(v.nbytes for b in batches for v in (t.numpy() for t in b.values()))
+    first = list(held.epoch(torch.device("cpu")))
+    assert [b["row_id"].tolist() for b in first] == [b["row_id"].tolist() for b in batches]
+    real = sorted(int(r) for b in batches for r in b["row_id"][b["mask"] > 0])
+    assert real == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21]
+    shuffled = [list(held.epoch(torch.device("cpu"), seed=s)) for s in (7, 7, 8)]
+    for epoch in shuffled:
+        assert [b["mask"].shape[0] for b in epoch] == [4, 4, 4]
+        assert sorted(int(r) for b in epoch for r in b["row_id"][b["mask"] > 0]) == real
+        # a row keeps its own columns when it moves
+        assert all(torch.equal(b["action"], b["row_id"] % 10 + 2) for b in epoch)
+    order = [[b["row_id"].tolist() for b in epoch] for epoch in shuffled]
+    assert order[0] == order[1] != order[2]  # seeded: the same seed, the same order
+    assert order[0] != [b["row_id"].tolist() for b in first]
+    assert list(HeldShard([]).epoch(torch.device("cpu"), seed=1)) == []
+
+
 def test_skip_rows_and_rebatch():
     t = _table(n=10, extra=False)
     chunks = [t.slice(0, 4), t.slice(4, 4), t.slice(8, 2)]
@@ -155,6 +182,20 @@ def test_training_caches_its_data_only_where_it_reads_them_twice():
     assert not _reads_twice(three, {"train": 20_000})  # stops within the first epoch
     assert _reads_twice(three, None)  # rows unknown: more than one epoch is the best guess
     assert not _reads_twice(TrainConfig(epochs=1), {"train": 10})
+
+
+def test_auto_feed_holds_in_memory_only_what_is_read_twice_and_fits():
+    from mtrec_dist.config import TrainConfig
+    from mtrec_dist.training.loop import resolve_feed
+
+    three = TrainConfig(epochs=3, max_steps=40, batch_size=128, num_workers=2, cache_rows=5000)
+    assert three.feed == "auto"
+    assert resolve_feed(three, {"train": 4201}) == "memory"  # 2.4 passes over rows that fit
+    assert resolve_feed(three, {"train": 20_000}) == "stream"  # one pass
+    assert resolve_feed(dataclasses.replace(three, max_steps=0), {"train": 20_000}) == "stream"  # over cache_rows
+    assert resolve_feed(three, None) == "stream"  # rows unknown: no promise that they fit
+    for chosen in ("stream", "memory"):  # what the user chose stands
+        assert resolve_feed(dataclasses.replace(three, feed=chosen), {"train": 20_000}) == chosen
 
 
 @pytest.mark.integration

@@ -81,10 +81,11 @@ def test_two_worker_training_shards_lowers_the_loss_checkpoints_and_resumes(ray_
     assert t_loss < f_loss - 1.0 and t_acc > 0.5
     assert abs(t_loss - last["loss"]) < 0.5
 
-    # resume from the newest checkpoint under the storage path and finish the epoch, this time with each
-    # worker's rows collated in memory before its first step (train.feed=memory): the same rows, once each
+    # resume from the newest checkpoint under the storage path and finish the epoch, then two more, this time
+    # with each worker's rows collated in memory before its first step (train.feed=memory): the rest of the
+    # resumed epoch is read once; epoch 1 is read whole and held, and epoch 2 reshuffles the held rows
     assert find_latest_checkpoint(storage) == result.checkpoint_path
-    second = fit_distributed(factory, dataclasses.replace(cfg, max_steps=0, feed="memory"),
+    second = fit_distributed(factory, dataclasses.replace(cfg, max_steps=0, feed="memory", epochs=3),
                              {"train": read_transitions(str(root))},
                              "second", storage, resume="latest", state_len=4, row_counts={"train": ROWS},
                              progress=False)
@@ -93,16 +94,22 @@ def test_two_worker_training_shards_lowers_the_loss_checkpoints_and_resumes(ray_
     metrics2 = [e for e in second.history if e["event"] == "metrics"]
     assert min(m["step"] for m in metrics2) > 200
     assert metrics2[0]["loss"] < first["loss"] - 1.0  # continues from the trained state, not from scratch
+    ends = [e for e in second.history if e["event"] == "epoch_end"]
+    assert [e["epoch"] for e in ends] == [0, 1, 2]
     # 2400 rows were left: at least 50 more steps of 2 x 24, at most 100 (if one rank got them all)
-    assert 250 <= second.metrics["step"] <= 300
-    # the resumed epoch trained on every row exactly once (count, sum and sum of squares of the row
-    # ids over both ranks, the 9600 rows consumed before the checkpoint included)
-    (epoch_end,) = [e for e in second.history if e["event"] == "epoch_end"]
+    assert 250 <= ends[0]["step"] <= 300
+    (held,) = [e for e in second.history if e["event"] == "held_shard"]  # rank 0's; not the resumed epoch's rest
+    assert held["epoch"] == 1 and held["batches"] >= 250 and held["mb"] > 0
+    # the held epoch runs the lock-step count of the epoch it was collected in
+    assert ends[2]["step"] - ends[1]["step"] == ends[1]["step"] - ends[0]["step"] >= 250
+    # every epoch trained on every row exactly once (count, sum and sum of squares of the row ids over both
+    # ranks; for the resumed one, the 9600 rows consumed before the checkpoint included)
     ids = np.arange(1000, 1000 + ROWS, dtype=np.float64)
-    assert (epoch_end["rows"], epoch_end["row_id_sum"], epoch_end["row_id_sqsum"]) == \
-        (ROWS, ids.sum(), (ids ** 2).sum())
-    assert second.metrics["rows_seen"] == ROWS
-    assert read_checkpoint_meta(second.checkpoint_path)["epoch"] == 1
+    for epoch_end in ends:
+        assert (epoch_end["rows"], epoch_end["row_id_sum"], epoch_end["row_id_sqsum"]) == \
+            (ROWS, ids.sum(), (ids ** 2).sum())
+    assert second.metrics["rows_seen"] == 3 * ROWS
+    assert read_checkpoint_meta(second.checkpoint_path)["epoch"] == 3
 
 
 def test_meta_materialisation_initialises_dense_modules():

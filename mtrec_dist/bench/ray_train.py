@@ -7,7 +7,7 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Literal
+from typing import Any, Dict, Literal, Optional
 
 from mtrec_dist.config import PipelineConfig
 
@@ -35,20 +35,24 @@ def _train(model: Model, cfg: PipelineConfig, prepared: Path, out: Path) -> Dict
 
 
 def run_library_training(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, out: Path,
-                         workers: int, feed: str = "stream") -> Dict[str, Any]:
-    """Train ``model`` for ``sizes.steps`` steps on ``workers`` workers, fed as ``train.feed`` says; steady-state
-    figures, the time breakdown, end-to-end samples/s (rows / wall time of the call) and the final checkpoint."""
+                         workers: int, feed: Optional[str] = None) -> Dict[str, Any]:
+    """Train ``model`` for ``sizes.steps`` steps on ``workers`` workers, fed as ``feed`` says (default: the
+    config's ``train.feed``, as a user runs it); steady-state figures, the feed it resolved to, the time
+    breakdown, end-to-end samples/s (rows / wall time of the call) and the final checkpoint."""
     from mtrec_dist.training.loop import read_history
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = bench_config(base, sizes, workers)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, feed=feed))
+    if feed is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, feed=feed))
     t0 = time.time()
     summary = _train(model, cfg, prepared, out)
     t1 = time.time()
     history = read_history(str(out), summary["run_name"])
     end = next(e for e in history if e.get("event") == "end")
+    start = next(e for e in history if e.get("event") == "start")
     breakdown = time_breakdown(history, t0, t1)
-    return {"workers": workers, **steady_state(history, sizes.warmup_intervals), "rows": end["rows_seen"],
+    return {"workers": workers, "feed": start.get("feed"), **steady_state(history, sizes.warmup_intervals),
+            "rows": end["rows_seen"],
             "end_to_end_samples_per_s": end["rows_seen"] / breakdown["wall_s"], "breakdown": breakdown,
             "checkpoint": summary["checkpoint_path"]}

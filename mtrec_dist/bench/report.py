@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .steady import fed_runs
+
 MODEL_NAMES = {"qriql": "QR-IQL", "sasrec": "SASRec"}
 GOALS = {  # key -> (goal, what the goal says)
     "prepare_library_vs_plain": (1.0, ">= 1.0 at 10^7 events"),
@@ -48,6 +50,12 @@ def prepare_rows(p: Dict[str, Any]) -> List[Dict[str, Any]]:
                  f"{r['plain_read_validate_s']:.2f} s")]
 
 
+def _feeds(*runs: Dict[str, Any]) -> str:
+    """`` (train.feed a / b)`` when the runs recorded the feed they resolved to (runs before session 15 did not)."""
+    feeds = [r.get("feed") for r in runs]
+    return f" (train.feed {' / '.join(feeds)})" if all(feeds) else ""
+
+
 def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
     """1 worker / plain and 2 workers / 1 worker, steady state; 1 worker / plain end to end."""
     name = MODEL_NAMES[model]
@@ -58,17 +66,19 @@ def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
     if "ray_1" in runs:
         rows.append(_row(f"{model}_one_worker_vs_plain", f"{name}: 1 Ray Train worker / plain PyTorch",
                          r["one_worker_vs_plain"],
-                         f"{runs['ray_1']['samples_per_s']:,.0f} vs {r['plain_samples_per_s']:,.0f} samples/s steady; "
+                         f"{runs['ray_1']['samples_per_s']:,.0f} vs {r['plain_samples_per_s']:,.0f} samples/s steady"
+                         f"{_feeds(runs['ray_1'])}; "
                          f"same loss on a batch ({c['plain_loss']:.5g}, max |diff| {c['max_abs_diff']:.2g})",
                          "one_worker_vs_plain"))
     if "ray_2" in runs and "ray_1" in runs:
         rows.append(_row(f"{model}_two_workers_vs_one", f"{name}: 2 workers / 1 worker", r["two_workers_vs_one"],
-                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {runs['ray_1']['samples_per_s']:,.0f} samples/s steady",
-                         "two_workers_vs_one"))
+                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {runs['ray_1']['samples_per_s']:,.0f} samples/s steady"
+                         + _feeds(runs["ray_2"], runs["ray_1"]), "two_workers_vs_one"))
     if "streaming_vs_memory" in r:
+        streamed, memory = fed_runs(runs)
         rows.append(_row(f"{model}_streaming_vs_memory", f"{name}: 1 worker fed by Ray Data streaming / from memory",
                          r["streaming_vs_memory"],
-                         f"{runs['ray_1']['samples_per_s']:,.0f} vs {runs['ray_1_memory']['samples_per_s']:,.0f} "
+                         f"{streamed['samples_per_s']:,.0f} vs {memory['samples_per_s']:,.0f} "
                          "samples/s steady (train.feed stream / memory)", "streaming_vs_memory"))
     if "ray_1" in runs:
         plain_wall = (runs["plain_before"]["wall_s"] + runs["plain_after"]["wall_s"]) / 2
@@ -303,7 +313,8 @@ def breakdown_lines(result: Dict[str, Any]) -> List[str]:
         if p:
             lines.append(f"| {MODEL_NAMES[model]} | plain | {p['wall_s']:.1f} | {p['read_s'] + p['build_s']:.1f} "
                          f"(read + build) | | {p['step_time_s'] * 1e3:.1f} | {p['data_wait_frac']:.1%} | |")
-        for key, run in (("ray_1", "1 worker"), ("ray_1_memory", "1 worker, fed from memory")):
+        for key, run in (("ray_1", f"1 worker{', train.feed ' + runs['ray_1']['feed'] if runs.get('ray_1', {}).get('feed') else ''}"),
+                         ("ray_1_memory", "1 worker, fed from memory"), ("ray_1_stream", "1 worker, streamed")):
             r = runs.get(key)
             if not r:
                 continue

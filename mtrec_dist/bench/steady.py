@@ -67,3 +67,11 @@ def time_breakdown(history: List[Dict[str, Any]], call_start: float, call_end: f
         "final_s": end["time"] - last["time"],
         "shutdown_s": call_end - end["time"],
     }
+
+
+def fed_runs(runs: Dict[str, Any]) -> tuple:
+    """``(streamed, from memory)``: the two 1-worker runs of the same training (either may be missing)."""
+    one = runs.get("ray_1") or {}
+    streamed = one if one.get("feed", "stream") == "stream" else runs.get("ray_1_stream")
+    memory = one if one.get("feed") == "memory" else runs.get("ray_1_memory")
+    return streamed, memory

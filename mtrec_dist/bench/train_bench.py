@@ -20,6 +20,7 @@ from .plain_models import check_same_loss, plain_copy
 from .plain_train import iter_batches, load_transitions, train_plain
 from .ray_train import Model, run_library_training
 from .sizes import BenchSizes, bench_config, stage_of
+from .steady import fed_runs
 
 
 def library_model(model: Model, cfg: PipelineConfig, manifest: dict) -> nn.Module:
@@ -74,7 +75,8 @@ def plain_run(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: P
 def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
                 workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None,
                 memory_feed: bool = True) -> Dict[str, Any]:
-    """Check, then time: plain, 1 worker, 1 worker fed from memory, 2 workers, plain again; the runs and the
+    """Check, then time: plain, 1 worker, the same worker fed the other way (streamed when ``train.feed``
+    resolved to memory, from memory when it resolved to streaming), 2 workers, plain again; the runs and the
     ratios."""
     check = check_model(model, base, sizes, prepared, manifest)
     say(f"[bench] {model}: plain model's loss = library's ({check['plain_loss']:.6g}; max |diff| "
@@ -84,12 +86,13 @@ def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared:
     for w in workers:
         runs[f"ray_{w}"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w{w}", w)
         say(f"[bench] {model}: Ray Train {w} worker(s) {runs[f'ray_{w}']['samples_per_s']:,.0f} samples/s "
-            f"(wall {runs[f'ray_{w}']['breakdown']['wall_s']:.1f}s)")
-        if memory_feed and w == 1:  # right after: the same worker fed from tensors collated before its first step
-            runs["ray_1_memory"] = run_library_training(model, base, sizes, prepared,
-                                                        work / f"train_{model}_w1_memory", 1, feed="memory")
-            say(f"[bench] {model}: Ray Train 1 worker fed from memory "
-                f"{runs['ray_1_memory']['samples_per_s']:,.0f} samples/s")
+            f"(train.feed {runs[f'ray_{w}']['feed']}; wall {runs[f'ray_{w}']['breakdown']['wall_s']:.1f}s)")
+        if memory_feed and w == 1:  # right after: the same worker fed the other way, for streamed / from memory
+            other = "stream" if runs["ray_1"]["feed"] == "memory" else "memory"
+            runs[f"ray_1_{other}"] = run_library_training(model, base, sizes, prepared,
+                                                          work / f"train_{model}_w1_{other}", 1, feed=other)
+            say(f"[bench] {model}: Ray Train 1 worker, train.feed {other}, "
+                f"{runs[f'ray_1_{other}']['samples_per_s']:,.0f} samples/s")
     runs["plain_after"] = plain_run(model, base, sizes, prepared, manifest, device)
     say(f"[bench] {model}: plain again {runs['plain_after']['samples_per_s']:,.0f} samples/s")
     return {"check": check, "runs": runs, "ratios": training_ratios(runs)}
@@ -107,8 +110,9 @@ def training_ratios(runs: Dict[str, Any]) -> Dict[str, float]:
     if one:
         out["one_worker_vs_plain"] = one["samples_per_s"] / out["plain_samples_per_s"]
         out["one_worker_vs_plain_end_to_end"] = one["end_to_end_samples_per_s"] / _mean(runs, "end_to_end_samples_per_s")
-    if one and runs.get("ray_1_memory"):
-        out["streaming_vs_memory"] = one["samples_per_s"] / runs["ray_1_memory"]["samples_per_s"]
+    streamed, memory = fed_runs(runs)
+    if streamed and memory:
+        out["streaming_vs_memory"] = streamed["samples_per_s"] / memory["samples_per_s"]
     if one and two:
         out["two_workers_vs_one"] = two["samples_per_s"] / one["samples_per_s"]
         out["two_workers_vs_one_end_to_end"] = two["end_to_end_samples_per_s"] / one["end_to_end_samples_per_s"]

@@ -394,6 +394,36 @@ def iter_train_batches(
         yield batch if batch is not None else masked_like(template, batch_size)
 
 
+class HeldShard:
+    """One worker's collated shard of a whole epoch, kept in host memory for the epochs after it
+    (``train.feed: memory``): later epochs cost no reading, splitting or collating.
+
+    :meth:`epoch` yields the same number of ``batch_size`` batches every time (the lock-step count of the
+    epoch it was collected in, so every rank still runs the same steps), in the stored order when ``seed`` is
+    None, else with the rows permuted by ``seed``.  Padding rows (``mask`` = 0) move with the rest, so each
+    real row is trained on exactly once per epoch.  Rows never move between workers: a worker reshuffles the
+    rows it holds.
+    """
+
+    def __init__(self, batches: Sequence[Dict[str, torch.Tensor]]) -> None:  # host-memory batches
+        self.num_batches = len(batches)
+        self.batch_size = int(batches[0][MASK].shape[0]) if batches else 0
+        self.columns = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.element_size() * v.nelement() for v in self.columns.values())
+
+    def epoch(self, device: torch.device, seed: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+        rows = self.num_batches * self.batch_size
+        if not rows:
+            return
+        order = None if seed is None else torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+        for start in range(0, rows, self.batch_size):
+            part = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            yield {k: v[part].to(device, non_blocking=True) for k, v in self.columns.items()}
+
+
 def consumed_row_ids(batch: Dict[str, torch.Tensor]) -> np.ndarray:
     """``row_id`` of the real (mask = 1) rows of a batch."""
     keep = batch[MASK] > 0
@@ -407,7 +437,7 @@ def skip_set(parts: Iterable[np.ndarray]) -> np.ndarray:
 
 
 __all__ = [
-    "LIST_COLUMNS", "MASK", "NoDropDataConfig", "collate_transitions", "count_transitions", "filler_rows", "consumed_row_ids",
+    "HeldShard", "LIST_COLUMNS", "MASK", "NoDropDataConfig", "collate_transitions", "count_transitions", "filler_rows", "consumed_row_ids",
     "filter_and_rebatch", "iter_train_batches", "max_over_ranks",
     "masked_like", "pad_batch", "read_transitions", "skip_set", "transition_files",
     "transition_schema", "transitions_path",

@@ -208,6 +208,18 @@ def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -
     return one_epoch is None or expected_steps(train_cfg, rows) > one_epoch
 
 
+def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> str:
+    """``train.feed`` with ``auto`` resolved: ``memory`` where training reads its data more than once
+    (:func:`_reads_twice`) and has at most ``train.cache_rows`` rows (each worker then holds its shard from the
+    first whole epoch on: later epochs read, split and collate nothing, and never wait for data), else
+    ``stream`` (one pass, or rows not known in advance: no epoch's collection before the first step)."""
+    if train_cfg.feed != "auto":
+        return train_cfg.feed
+    rows = (row_counts or {}).get(TRAIN_DATASET)
+    fits = rows is not None and rows <= train_cfg.cache_rows
+    return "memory" if fits and _reads_twice(train_cfg, row_counts) else "stream"
+
+
 def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu: bool, datasets: Dict[str, Any],
                   run_name: str, storage: str, row_counts: Optional[Dict[str, int]], callbacks: List[Any]):
     """The ``TorchTrainer`` that runs :func:`~mtrec_dist.training.worker.train_worker` on every worker."""
@@ -234,8 +246,9 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=NoDropDataConfig(row_counts=row_counts,
-                                        cache_rows=train_cfg.cache_rows if _reads_twice(train_cfg, row_counts) else 0),
+        # the object-store cache serves streamed epochs; a memory feed reads each row once (twice after a resume)
+        dataset_config=NoDropDataConfig(row_counts=row_counts, cache_rows=train_cfg.cache_rows if (
+            train_cfg.feed == "stream" and _reads_twice(train_cfg, row_counts)) else 0),
     )
 
 
@@ -301,6 +314,7 @@ def fit_distributed(
     warm_path = _resolve_warm_start(warm_start)
     use_gpu = resolve_use_gpu(train_cfg.use_gpu)
     fingerprint = fingerprint if fingerprint is not None else {"train": dataclasses.asdict(train_cfg)}
+    train_cfg = dataclasses.replace(train_cfg, feed=resolve_feed(train_cfg, row_counts))  # workers get stream|memory
     worker_config = {
         "model_factory": model_factory,
         "train_cfg": train_cfg,

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ class _RunState:
     last_ckpt: Tuple[int, int] = (-1, -1)  # (step, epoch) of this attempt's last checkpoint
     last_metrics: Dict[str, Any] = field(default_factory=dict)
     stats: IntervalStats = field(default_factory=IntervalStats)
+    held: Any = None                  # train.feed=memory: this rank's collated shard of a whole epoch (HeldShard)
     last_ray_report: float = 0.0      # time.monotonic() of the last ray.train.report
     confirm_checkpoint: bool = False  # identical on every rank: set at the same checkpoint steps
 
@@ -203,7 +204,7 @@ def _log_start(w: _Worker, s: _RunState, restored_from: Any, warm_report: Any, t
         shard_sizes = [None] * w.world
         dist.all_gather_object(shard_sizes, local_shard_sizes(w.dmp))
     w.writer.event("start", step=s.step, epoch=s.epoch, restored_from=restored_from, warm_start=warm_report,
-                   world_size=w.world, device=str(w.device), plan=plan_summary(w.sharded.plan),
+                   world_size=w.world, device=str(w.device), feed=w.cfg.feed, plan=plan_summary(w.sharded.plan),
                    shard_sizes_by_rank=shard_sizes, worker_entered=t_enter, setup_s=time.time() - t_enter)
 
 
@@ -321,21 +322,35 @@ def _reached_max_steps(cfg: TrainConfig, s: _RunState) -> bool:
     return bool(cfg.max_steps) and s.step >= cfg.max_steps
 
 
-def _train_epoch(w: _Worker, s: _RunState, shard: Any) -> bool:
-    """Train on the rank's shard for the rest of the epoch; ``True`` when ``max_steps`` stopped it early."""
-    from mtrec_dist.data.pipeline import iter_train_batches
+def _epoch_batches(w: _Worker, s: _RunState, shard: Any) -> Iterator[Dict[str, torch.Tensor]]:
+    """This epoch's batches: streamed by Ray Data (``train.feed: stream``), or from the shard this rank holds
+    in host memory (``memory``: collected in the first whole epoch, before its first step; every later epoch
+    reshuffles the held rows; on a GPU only the batch being trained on is on the device)."""
+    from mtrec_dist.data.pipeline import HeldShard, iter_train_batches
 
     cfg, rank = w.cfg, w.rank
+    seed = cfg.seed * 1009 + s.epoch * 17 + rank
+    if cfg.feed == "memory" and s.held is not None:
+        return s.held.epoch(w.device, seed=seed)
     batches = iter_train_batches(
         shard, cfg.batch_size, w.device, state_len=w.config["state_len"], skip_row_ids=s.carried,
         prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
-        local_shuffle_seed=(cfg.seed * 1009 + s.epoch * 17 + rank) if cfg.shuffle_buffer_rows else None,
+        local_shuffle_seed=seed if cfg.shuffle_buffer_rows else None,
     )
+    if cfg.feed != "memory":  # "auto" is resolved before the workers start (training.loop.resolve_feed)
+        return batches
+    held = HeldShard([{k: v.cpu() for k, v in b.items()} for b in batches])
+    if not s.carried.size:  # a whole epoch, not the rest of one a checkpoint resumed: kept for the later ones
+        s.held = held
+        w.writer.event("held_shard", epoch=s.epoch, batches=held.num_batches, mb=round(held.nbytes / 2**20, 1))
+    return held.epoch(w.device)
+
+
+def _train_epoch(w: _Worker, s: _RunState, shard: Any) -> bool:
+    """Train on the rank's shard for the rest of the epoch; ``True`` when ``max_steps`` stopped it early."""
+    cfg = w.cfg
     t_data = time.perf_counter()
-    if cfg.feed == "memory":  # the whole epoch collated before the first step (counts as the first data wait),
-        # held in host memory: on a GPU only the batch being trained on is on the device
-        held = [{k: v.cpu() for k, v in b.items()} for b in batches]
-        batches = ({k: v.to(w.device, non_blocking=True) for k, v in b.items()} for b in held)
+    batches = _epoch_batches(w, s, shard)  # with feed=memory the collection counts as the first data wait
     for batch in batches:
         t0 = time.perf_counter()
         s.stats.data_s += t0 - t_data
