@@ -23,7 +23,7 @@ import torch
 from helpers_training import write_prepared
 from mtrec_dist.bench.checksum import transition_checksum
 from mtrec_dist.bench.plain_models import check_same_loss, plain_copy
-from mtrec_dist.bench.report import append_results, collect_ratios, markdown
+from mtrec_dist.bench.report import append_results, collect_ratios, markdown, training_rows
 from mtrec_dist.bench.sizes import QUICK, BenchSizes, bench_config, choose_sizes
 from mtrec_dist.bench.steady import steady_state, time_breakdown
 from mtrec_dist.bench.train_bench import check_model, library_model
@@ -192,6 +192,28 @@ def test_report_puts_every_ratio_side_by_side(tmp_path):
     append_results(text, results)
     assert results.read_text().count("## `mtrec bench` runs") == 1
     assert results.read_text().count("### `mtrec bench --quick`") == 2
+
+
+def test_streamed_over_memory_pairs_whichever_run_was_streamed():
+    """The default feed may resolve to memory: the bench then times a streamed run beside it, and the ratio
+    divides streamed by held whichever of the two was the default."""
+    from mtrec_dist.bench.train_bench import training_ratios
+
+    runs = _fake_result()["stages"]["qriql"]["runs"]
+    held = dict(runs, ray_1=dict(runs["ray_1"], feed="memory", samples_per_s=1000.0),
+                ray_2=dict(runs["ray_2"], feed="memory"))
+    held["ray_1_stream"] = dict(held.pop("ray_1_memory"), feed="stream", samples_per_s=800.0)
+    ratios = training_ratios(held)
+    assert ratios["streaming_vs_memory"] == pytest.approx(0.8)
+    model = {"check": {"plain_loss": 1.5, "max_abs_diff": 0.0}, "runs": held, "ratios": ratios}
+    by_key = {r["key"]: r for r in training_rows("qriql", model)}
+    assert "800 vs 1,000 samples/s steady (train.feed stream / memory)" in by_key["qriql_streaming_vs_memory"]["detail"]
+    assert "(train.feed memory / memory)" in by_key["qriql_two_workers_vs_one"]["detail"]
+    result = _fake_result()
+    result["stages"]["qriql"] = model
+    result["ratios"] = collect_ratios(result)
+    text = markdown(result)
+    assert "| QR-IQL | 1 worker, train.feed memory | 24.0 |" in text and "| QR-IQL | 1 worker, streamed | 24.0 |" in text
 
 
 def test_bench_is_a_registered_command():
