@@ -296,8 +296,9 @@ class TrainConfig:
     # cache_rows rows, else stream (training.loop.resolve_feed)
     feed: Literal["auto", "stream", "memory"] = "auto"
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
-    # training sets of at most this many rows are read once into Ray's object store and every later epoch
-    # splits the cached blocks instead of reading the Parquet files again (0 = always stream)
+    # training sets of at most this many rows that are read more than once: streamed (feed: stream), they are
+    # read once into Ray's object store and every later epoch splits the cached blocks instead of reading the
+    # Parquet files again; with feed: auto each worker holds its shard instead (0 = always stream, no cache)
     cache_rows: int = 2_000_000
     fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
     score_batch_size: int = 512  # score-rewards: rows per map_batches call

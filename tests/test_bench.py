@@ -209,6 +209,12 @@ def test_streamed_over_memory_pairs_whichever_run_was_streamed():
     by_key = {r["key"]: r for r in training_rows("qriql", model)}
     assert "800 vs 1,000 samples/s steady (train.feed stream / memory)" in by_key["qriql_streaming_vs_memory"]["detail"]
     assert "(train.feed memory / memory)" in by_key["qriql_two_workers_vs_one"]["detail"]
+    # scaling feed for feed: 2 held workers against the held 1-worker run, whichever was the default
+    streamed_default = dict(runs, ray_1=dict(runs["ray_1"], feed="stream", samples_per_s=800.0),
+                            ray_1_memory=dict(runs["ray_1_memory"], feed="memory", samples_per_s=1000.0),
+                            ray_2=dict(runs["ray_2"], feed="memory", samples_per_s=1350.0))
+    assert training_ratios(streamed_default)["two_workers_vs_one"] == pytest.approx(1.35)
+    assert training_ratios(held)["two_workers_vs_one"] == pytest.approx(1.35)
     result = _fake_result()
     result["stages"]["qriql"] = model
     result["ratios"] = collect_ratios(result)

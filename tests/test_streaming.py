@@ -97,11 +97,14 @@ def test_a_held_shard_gives_every_row_once_per_epoch_in_the_same_number_of_batch
     batches.append(pad_batch(collate_transitions(_table(n=2, extra=False), state_len=3), 4))
     for i, b in enumerate(batches):
         b["row_id"] = b["row_id"] + 10 * i
-    held = HeldShard(batches)
-    assert held.num_batches == 3 and held.nbytes == sum(v.nbytes for b in batches for v in (t.numpy() for t in b.values()))
-    first = list(held.epoch(torch.device("cpu")))
-    assert [b["row_id"].tolist() for b in first] == [b["row_id"].tolist() for b in batches]
+    stored = [b["row_id"].tolist() for b in batches]
     real = sorted(int(r) for b in batches for r in b["row_id"][b["mask"] > 0])
+    nbytes = sum(t.numpy().nbytes for b in batches for t in b.values())
+    held = HeldShard(batches)
+    assert held.num_batches == 3 and held.nbytes == nbytes
+    assert batches == [{}, {}, {}]  # let go as they were copied
+    first = list(held.epoch(torch.device("cpu")))
+    assert [b["row_id"].tolist() for b in first] == stored
     assert real == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21]
     shuffled = [list(held.epoch(torch.device("cpu"), seed=s)) for s in (7, 7, 8)]
     for epoch in shuffled:
@@ -111,7 +114,7 @@ def test_a_held_shard_gives_every_row_once_per_epoch_in_the_same_number_of_batch
         assert all(torch.equal(b["action"], b["row_id"] % 10 + 2) for b in epoch)
     order = [[b["row_id"].tolist() for b in epoch] for epoch in shuffled]
     assert order[0] == order[1] != order[2]  # seeded: the same seed, the same order
-    assert order[0] != [b["row_id"].tolist() for b in first]
+    assert order[0] != stored
     assert list(HeldShard([]).epoch(torch.device("cpu"), seed=1)) == []
 
 

@@ -52,6 +52,7 @@ def test_two_worker_training_shards_lowers_the_loss_checkpoints_and_resumes(ray_
 
     events = result.history
     start = next(e for e in events if e["event"] == "start")
+    assert start["feed"] == "stream"  # train.feed auto: one pass (max_steps within the first epoch) is streamed
     # the item table (41 rows incl. padding) is really split: each rank holds only its row-wise shard
     key = "model.item_embedding.ec.embeddings.item_table.weight"
     assert start["plan"]["item_table"]["sharding_type"] == "row_wise"
@@ -90,7 +91,7 @@ def test_two_worker_training_shards_lowers_the_loss_checkpoints_and_resumes(ray_
                              "second", storage, resume="latest", state_len=4, row_counts={"train": ROWS},
                              progress=False)
     start2 = next(e for e in second.history if e["event"] == "start")
-    assert start2["step"] == 200 and start2["restored_from"] == result.checkpoint_path
+    assert start2["step"] == 200 and start2["restored_from"] == result.checkpoint_path and start2["feed"] == "memory"
     metrics2 = [e for e in second.history if e["event"] == "metrics"]
     assert min(m["step"] for m in metrics2) > 200
     assert metrics2[0]["loss"] < first["loss"] - 1.0  # continues from the trained state, not from scratch

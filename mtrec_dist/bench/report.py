@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .steady import fed_runs
+from .steady import fed_runs, same_feed_one_worker
 
 MODEL_NAMES = {"qriql": "QR-IQL", "sasrec": "SASRec"}
 GOALS = {  # key -> (goal, what the goal says)
@@ -72,8 +72,8 @@ def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
                          "one_worker_vs_plain"))
     if "ray_2" in runs and "ray_1" in runs:
         rows.append(_row(f"{model}_two_workers_vs_one", f"{name}: 2 workers / 1 worker", r["two_workers_vs_one"],
-                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {runs['ray_1']['samples_per_s']:,.0f} samples/s steady"
-                         + _feeds(runs["ray_2"], runs["ray_1"]), "two_workers_vs_one"))
+                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {same_feed_one_worker(runs)['samples_per_s']:,.0f} "
+                         "samples/s steady" + _feeds(runs["ray_2"], same_feed_one_worker(runs)), "two_workers_vs_one"))
     if "streaming_vs_memory" in r:
         streamed, memory = fed_runs(runs)
         rows.append(_row(f"{model}_streaming_vs_memory", f"{name}: 1 worker fed by Ray Data streaming / from memory",

@@ -75,3 +75,11 @@ def fed_runs(runs: Dict[str, Any]) -> tuple:
     streamed = one if one.get("feed", "stream") == "stream" else runs.get("ray_1_stream")
     memory = one if one.get("feed") == "memory" else runs.get("ray_1_memory")
     return streamed, memory
+
+
+def same_feed_one_worker(runs: Dict[str, Any]) -> Dict[str, Any]:
+    """The 1-worker run fed as the 2-worker run was (the default may stream one worker and hold two workers'
+    shards): scaling is measured feed for feed; ``ray_1`` when the runs recorded no feed."""
+    streamed, memory = fed_runs(runs)
+    feed = (runs.get("ray_2") or {}).get("feed")
+    return {"stream": streamed, "memory": memory}.get(feed) or runs.get("ray_1") or {}

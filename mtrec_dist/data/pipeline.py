@@ -405,10 +405,11 @@ class HeldShard:
     rows it holds.
     """
 
-    def __init__(self, batches: Sequence[Dict[str, torch.Tensor]]) -> None:  # host-memory batches
+    def __init__(self, batches: Sequence[Dict[str, torch.Tensor]]) -> None:  # host-memory batches, emptied
         self.num_batches = len(batches)
         self.batch_size = int(batches[0][MASK].shape[0]) if batches else 0
-        self.columns = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else {}
+        # column by column, each batch's piece let go as it is copied: the peak is the shard plus one column
+        self.columns = {k: torch.cat([b.pop(k) for b in batches]) for k in list(batches[0])} if batches else {}
 
     @property
     def nbytes(self) -> int:

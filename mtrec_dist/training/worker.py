@@ -325,25 +325,26 @@ def _reached_max_steps(cfg: TrainConfig, s: _RunState) -> bool:
 def _epoch_batches(w: _Worker, s: _RunState, shard: Any) -> Iterator[Dict[str, torch.Tensor]]:
     """This epoch's batches: streamed by Ray Data (``train.feed: stream``), or from the shard this rank holds
     in host memory (``memory``: collected in the first whole epoch, before its first step; every later epoch
-    reshuffles the held rows; on a GPU only the batch being trained on is on the device)."""
+    reshuffles the held rows unless ``shuffle_buffer_rows`` is 0; on a GPU only the batch being trained on is on
+    the device)."""
     from mtrec_dist.data.pipeline import HeldShard, iter_train_batches
 
     cfg, rank = w.cfg, w.rank
     seed = cfg.seed * 1009 + s.epoch * 17 + rank
-    if cfg.feed == "memory" and s.held is not None:
-        return s.held.epoch(w.device, seed=seed)
+    if cfg.feed == "memory" and s.held is not None:  # shuffle_buffer_rows 0 keeps the stored order
+        return s.held.epoch(w.device, seed=seed if cfg.shuffle_buffer_rows else None)
     batches = iter_train_batches(
         shard, cfg.batch_size, w.device, state_len=w.config["state_len"], skip_row_ids=s.carried,
         prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
         local_shuffle_seed=seed if cfg.shuffle_buffer_rows else None,
     )
-    if cfg.feed != "memory":  # "auto" is resolved before the workers start (training.loop.resolve_feed)
+    # "auto" is resolved before the workers start (training.loop.resolve_feed); the rest of an epoch that a
+    # checkpoint resumed is streamed: it is not whole, so it is not held (the next whole epoch is)
+    if cfg.feed != "memory" or s.carried.size:
         return batches
-    held = HeldShard([{k: v.cpu() for k, v in b.items()} for b in batches])
-    if not s.carried.size:  # a whole epoch, not the rest of one a checkpoint resumed: kept for the later ones
-        s.held = held
-        w.writer.event("held_shard", epoch=s.epoch, batches=held.num_batches, mb=round(held.nbytes / 2**20, 1))
-    return held.epoch(w.device)
+    s.held = HeldShard([{k: v.cpu() for k, v in b.items()} for b in batches])
+    w.writer.event("held_shard", epoch=s.epoch, batches=s.held.num_batches, mb=round(s.held.nbytes / 2**20, 1))
+    return s.held.epoch(w.device)
 
 
 def _train_epoch(w: _Worker, s: _RunState, shard: Any) -> bool:
