@@ -295,6 +295,9 @@ class TrainConfig:
     # sets that fit); "auto": memory where training reads its data more than once and it has at most
     # cache_rows rows, else stream (training.loop.resolve_feed)
     feed: Literal["auto", "stream", "memory"] = "auto"
+    # feed: auto holds a worker's shard only if it is at most this many MiB (estimated from the rows and the
+    # state length: 24 bytes per state position and 128 per row)
+    memory_feed_max_mb: float = 1024.0
     shuffle_buffer_rows: int = 4096  # local shuffle buffer per worker (0 = stream order); logs are time-ordered
     # training sets of at most this many rows that are read more than once: streamed (feed: stream), they are
     # read once into Ray's object store and every later epoch splits the cached blocks instead of reading the
@@ -327,6 +330,7 @@ class TrainConfig:
         _check(self.malloc_trim_mb >= 0, f"{key}.malloc_trim_mb", "must be >= 0")
         _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
         _check(self.score_unsharded_max_mb > 0, f"{key}.score_unsharded_max_mb", "must be > 0")
+        _check(self.memory_feed_max_mb >= 0, f"{key}.memory_feed_max_mb", "must be >= 0")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")
         for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches", "cache_rows",

@@ -189,16 +189,21 @@ def test_training_caches_its_data_only_where_it_reads_them_twice():
 
 def test_auto_feed_holds_in_memory_only_what_is_read_twice_and_fits():
     from mtrec_dist.config import TrainConfig
-    from mtrec_dist.training.loop import resolve_feed
+    from mtrec_dist.training.loop import held_shard_mb, resolve_feed
 
     three = TrainConfig(epochs=3, max_steps=40, batch_size=128, num_workers=2, cache_rows=5000)
     assert three.feed == "auto"
-    assert resolve_feed(three, {"train": 4201}) == "memory"  # 2.4 passes over rows that fit
-    assert resolve_feed(three, {"train": 20_000}) == "stream"  # one pass
-    assert resolve_feed(dataclasses.replace(three, max_steps=0), {"train": 20_000}) == "stream"  # over cache_rows
-    assert resolve_feed(three, None) == "stream"  # rows unknown: no promise that they fit
+    assert resolve_feed(three, {"train": 4201}, 10) == "memory"  # 2.4 passes over rows that fit
+    assert resolve_feed(three, {"train": 20_000}, 10) == "stream"  # one pass
+    assert resolve_feed(dataclasses.replace(three, max_steps=0), {"train": 20_000}, 10) == "stream"  # > cache_rows
+    assert resolve_feed(three, None, 10) == "stream"  # rows unknown: no promise that they fit
+    assert resolve_feed(three, {"train": 4201}, None) == "stream"
+    # 2,101 rows per worker of 24 * 10 + 128 bytes: 0.74 MiB
+    assert held_shard_mb(4201, 10, 2) == pytest.approx(2101 * 368 / 2**20)
+    assert resolve_feed(dataclasses.replace(three, memory_feed_max_mb=0.7), {"train": 4201}, 10) == "stream"
+    assert resolve_feed(dataclasses.replace(three, memory_feed_max_mb=0.8), {"train": 4201}, 10) == "memory"
     for chosen in ("stream", "memory"):  # what the user chose stands
-        assert resolve_feed(dataclasses.replace(three, feed=chosen), {"train": 20_000}) == chosen
+        assert resolve_feed(dataclasses.replace(three, feed=chosen), {"train": 20_000}, None) == chosen
 
 
 @pytest.mark.integration

@@ -25,8 +25,8 @@ and rank 0 logs them (``event: epoch_end``), so tests can check that each row wa
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 import os
 import sys
 import threading
@@ -208,15 +208,28 @@ def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -
     return one_epoch is None or expected_steps(train_cfg, rows) > one_epoch
 
 
-def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> str:
+HELD_BYTES_PER_STATE_POSITION = 24  # two int64 item lists and two float32 feedback lists (state, next state)
+HELD_BYTES_PER_ROW = 128  # the scalar columns
+
+
+def held_shard_mb(rows: int, state_len: int, num_workers: int) -> float:
+    """Estimated MiB of one worker's held shard (``train.feed: memory``) of a ``rows``-row training set."""
+    per_row = HELD_BYTES_PER_STATE_POSITION * state_len + HELD_BYTES_PER_ROW
+    return math.ceil(rows / max(num_workers, 1)) * per_row / 2**20
+
+
+def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], state_len: Optional[int]) -> str:
     """``train.feed`` with ``auto`` resolved: ``memory`` where training reads its data more than once
-    (:func:`_reads_twice`) and has at most ``train.cache_rows`` rows (each worker then holds its shard from the
-    first whole epoch on: later epochs read, split and collate nothing, and never wait for data), else
-    ``stream`` (one pass, or rows not known in advance: no epoch's collection before the first step)."""
+    (:func:`_reads_twice`), has at most ``train.cache_rows`` rows and each worker's shard is estimated at most
+    ``train.memory_feed_max_mb`` (each worker then holds its shard from the first whole epoch on: later epochs
+    read, split and collate nothing, and never wait for data), else ``stream`` (one pass, a set too large, or
+    rows or state length not known in advance: no epoch's collection before the first step)."""
     if train_cfg.feed != "auto":
         return train_cfg.feed
     rows = (row_counts or {}).get(TRAIN_DATASET)
-    fits = rows is not None and rows <= train_cfg.cache_rows
+    if rows is None or state_len is None or rows > train_cfg.cache_rows:
+        return "stream"
+    fits = held_shard_mb(rows, state_len, train_cfg.num_workers) <= train_cfg.memory_feed_max_mb
     return "memory" if fits and _reads_twice(train_cfg, row_counts) else "stream"
 
 
@@ -314,7 +327,7 @@ def fit_distributed(
     warm_path = _resolve_warm_start(warm_start)
     use_gpu = resolve_use_gpu(train_cfg.use_gpu)
     fingerprint = fingerprint if fingerprint is not None else {"train": dataclasses.asdict(train_cfg)}
-    train_cfg = dataclasses.replace(train_cfg, feed=resolve_feed(train_cfg, row_counts))  # workers get stream|memory
+    train_cfg = dataclasses.replace(train_cfg, feed=resolve_feed(train_cfg, row_counts, state_len))  # stream|memory
     worker_config = {
         "model_factory": model_factory,
         "train_cfg": train_cfg,
