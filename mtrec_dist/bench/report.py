@@ -71,9 +71,10 @@ def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
                          f"same loss on a batch ({c['plain_loss']:.5g}, max |diff| {c['max_abs_diff']:.2g})",
                          "one_worker_vs_plain"))
     if "ray_2" in runs and "ray_1" in runs:
+        one = same_feed_one_worker(runs)
         rows.append(_row(f"{model}_two_workers_vs_one", f"{name}: 2 workers / 1 worker", r["two_workers_vs_one"],
-                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {same_feed_one_worker(runs)['samples_per_s']:,.0f} "
-                         "samples/s steady" + _feeds(runs["ray_2"], same_feed_one_worker(runs)), "two_workers_vs_one"))
+                         f"{runs['ray_2']['samples_per_s']:,.0f} vs {one['samples_per_s']:,.0f} samples/s steady"
+                         + _feeds(runs["ray_2"], one), "two_workers_vs_one"))
     if "streaming_vs_memory" in r:
         streamed, memory = fed_runs(runs)
         rows.append(_row(f"{model}_streaming_vs_memory", f"{name}: 1 worker fed by Ray Data streaming / from memory",
@@ -313,8 +314,10 @@ def breakdown_lines(result: Dict[str, Any]) -> List[str]:
         if p:
             lines.append(f"| {MODEL_NAMES[model]} | plain | {p['wall_s']:.1f} | {p['read_s'] + p['build_s']:.1f} "
                          f"(read + build) | | {p['step_time_s'] * 1e3:.1f} | {p['data_wait_frac']:.1%} | |")
-        for key, run in (("ray_1", f"1 worker{', train.feed ' + runs['ray_1']['feed'] if runs.get('ray_1', {}).get('feed') else ''}"),
-                         ("ray_1_memory", "1 worker, fed from memory"), ("ray_1_stream", "1 worker, streamed")):
+        default_feed = runs.get("ray_1", {}).get("feed")  # runs before session 15 did not record it
+        default_label = f"1 worker, train.feed {default_feed}" if default_feed else "1 worker"
+        for key, run in (("ray_1", default_label), ("ray_1_memory", "1 worker, fed from memory"),
+                         ("ray_1_stream", "1 worker, streamed")):
             r = runs.get(key)
             if not r:
                 continue
