@@ -173,3 +173,52 @@ def test_sasrec_last_block_computes_only_the_position_it_returns(layers):
     for block in enc.blocks:
         x = block(x, mask) * keep  # every position, every block
     assert torch.allclose(enc(emb, fb, valid), enc.final_norm(x[:, -1]), atol=1e-5)
+
+
+def _textbook_nextitnet(enc, emb, fb, valid):
+    """Every block on every position, with nn.Conv1d on the left-padded channels-first input."""
+    keep = valid.unsqueeze(-1).float()
+    x = enc.inp(emb, fb, valid)
+    for block in enc.blocks:
+        y = x
+        for conv, ln in ((block.conv1, block.ln1), (block.conv2, block.ln2)):
+            pad = (conv.kernel_size[0] - 1) * conv.dilation[0]
+            y = conv(torch.nn.functional.pad(y.transpose(1, 2), (pad, 0))).transpose(1, 2)
+            y = torch.relu(ln(y)) * keep
+        x = x + y
+    return enc.out(x[:, -1])
+
+
+@pytest.mark.parametrize("length, dilations, kernel", [
+    (50, [1, 2, 4], 3), (10, [1, 2], 3), (7, [1, 3], 2), (1, [1, 2], 3), (20, [2, 4], 3), (16, [3, 6, 1], 4)])
+def test_nextitnet_computes_only_what_its_last_position_reads(length, dilations, kernel):
+    """The windowed blocks (each computing only the positions the last output depends on) give the textbook
+    NextItNet's output and gradients, for left padding, gaps and an all-padding row."""
+    torch.manual_seed(0)
+    enc = build_encoder("nextitnet", cfg(nextitnet_dilations=dilations, nextitnet_kernel=kernel),
+                        state_len=length).eval()
+    emb = torch.randn(6, length, D, requires_grad=True)
+    fb = torch.rand(6, length)
+    valid = torch.rand(6, length) > 0.3
+    valid[0] = False
+    valid[1, : length // 2] = False
+    got, want = enc(emb, fb, valid), _textbook_nextitnet(enc, emb, fb, valid)
+    assert torch.allclose(got, want, atol=1e-5)
+    params = [emb, *enc.parameters()]
+    for g_got, g_want in zip(torch.autograd.grad(got.pow(2).sum(), params),
+                             torch.autograd.grad(want.pow(2).sum(), params)):
+        assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_nextitnet_windows_by_hand():
+    """Length 50, kernel 3, dilations (1, 2, 4) x 2, walked back from position 49: the last block (d=4) needs
+    49 only, so it runs at stride 4: conv2 (dilation 8 = 2 strides) reads 1 + 2*2 = 5 positions, conv1 (4 = 1
+    stride) reads 5 + 2 = 7 (25..49).  The block before (d=2) must deliver those 7 at stride gcd(4, 2) = 2:
+    13 outputs (25..49), conv2 reads 13 + 2*2 = 17, conv1 17 + 2 = 19 (13..49).  Then d=1 at stride 1: 37
+    outputs (13..49), 37 + 4 = 41, 41 + 2 = 43 (7..49); then d=4: 43 outputs, its convolutions read all 50."""
+    from mtrec_dist.models.encoders import ConvWindow, nextitnet_windows
+
+    full = ConvWindow(1, 50, 50, 50)
+    assert nextitnet_windows(50, 3, (1, 2, 4, 1, 2, 4)) == (
+        full, full, ConvWindow(1, 50, 50, 43), ConvWindow(1, 43, 41, 37), ConvWindow(2, 19, 17, 13),
+        ConvWindow(4, 7, 5, 1))

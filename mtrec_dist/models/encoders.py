@@ -15,8 +15,10 @@ such as KuaiRand's).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,10 +201,12 @@ class CaserEncoder(nn.Module):
 # ---- NextItNet (Yuan et al. 2019) ----------------------------------------------------------------
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
+                out_len: Optional[int] = None) -> torch.Tensor:
     """A dilated causal 1-D convolution in the sequence layout: x [B, L, D_in], ``weight`` [D_out, D_in, K] (an
     ``nn.Conv1d``'s), -> [B, L, D_out] with ``y[t] = bias + sum_j W[:, :, j] x[t - (K-1-j) dilation]`` (zero
-    before the start: left padding only).
+    before the start: left padding only).  With ``out_len`` only the last ``out_len`` outputs are computed (the
+    inputs they do not read are never touched).
 
     ``x`` viewed as [B, D_in, 1, L] is channels-last, so a 2-D convolution with a 1 x K kernel runs on it
     without copying.  Transposing to the channels-first layout of ``nn.Conv1d`` and back cost more than the
@@ -210,11 +214,54 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     batch 128, length 50, d=64).  The left padding is added in the sequence layout, so the output comes back
     contiguous (keeping the first L outputs of a both-ends padding instead was 15% slower with the LayerNorm
     that follows, which then copies)."""
-    pad = (weight.shape[2] - 1) * dilation
-    seq = F.pad(x, (0, 0, pad, 0))  # [B, pad + L, D_in]: zeros before the start
+    length = x.shape[1]
+    out_len = length if out_len is None else out_len
+    reach = (weight.shape[2] - 1) * dilation  # how far back an output reads
+    pad = max(0, out_len + reach - length)  # zeros before the start, where the outputs read past it
+    seq = F.pad(x[:, length + pad - out_len - reach:], (0, 0, pad, 0))  # [B, out_len + reach, D_in]
     y = F.conv2d(seq.unsqueeze(1).permute(0, 3, 1, 2), weight.unsqueeze(2), bias,
-                 dilation=(1, dilation))  # [B, D_out, 1, L], channels-last
+                 dilation=(1, dilation))  # [B, D_out, 1, out_len], channels-last
     return y.permute(0, 2, 3, 1)[:, 0]
+
+
+@dataclass(frozen=True)
+class ConvWindow:
+    """The positions one NextItNet block computes: every ``stride``-th position counted back from the last, the
+    last ``n_in`` of them read, ``n_mid`` after its first convolution, ``n_out`` after its second."""
+
+    stride: int
+    n_in: int
+    n_mid: int
+    n_out: int
+
+
+@functools.lru_cache(maxsize=64)
+def nextitnet_windows(length: int, kernel: int, dilations: Tuple[int, ...]) -> Tuple[ConvWindow, ...]:
+    """What each block (dilations d and 2d) must compute so that the encoder's output, the last position of the
+    last block, is exact: walked back from that position through each block's receptive field.
+
+    A block whose outputs are needed every s-th position with s dividing d reads its inputs at the same stride
+    (dilation d is d / s steps of it), so it can run on that subsequence; where s does not divide d, the stride
+    falls to gcd(s, d).  At length 50, kernel 3 and dilations (1, 2, 4) x 2 the last three blocks compute 78, 30
+    and 6 of their 100 convolution outputs (31% of all convolution work saved; the rest of each block with it)."""
+    per_stride = lambda s: (length - 1) // s + 1  # positions at stride s, counted back from the last one
+    need_stride, need_n = 0, 1  # the last block: the last position only (0: any stride)
+    windows = []
+    for d in reversed(dilations):
+        stride = d if need_stride == 0 else math.gcd(need_stride, d)
+        n_out = 1 if need_stride == 0 else (need_n - 1) * need_stride // stride + 1
+        n_mid = min(n_out + (kernel - 1) * 2 * d // stride, per_stride(stride))
+        n_in = min(n_mid + (kernel - 1) * d // stride, per_stride(stride))
+        windows.append(ConvWindow(stride, n_in, n_mid, n_out))
+        need_stride, need_n = stride, n_in
+    return tuple(windows[::-1])
+
+
+def at_stride(x: torch.Tensor, stride: int, count: int, new_stride: int, new_count: int) -> torch.Tensor:
+    """Of ``x`` [B, count, ...] (every ``stride``-th position, the last one last), every ``new_stride``-th
+    position, the last ``new_count`` of them; ``new_stride`` is a multiple of ``stride``."""
+    step = new_stride // stride
+    return x[:, count - 1 - (new_count - 1) * step::step]
 
 
 class NextItNetBlock(nn.Module):
@@ -228,15 +275,18 @@ class NextItNetBlock(nn.Module):
         self.conv2 = nn.Conv1d(dim, dim, kernel, dilation=2 * dilation, device=device)
         self.ln2 = nn.LayerNorm(dim, device=device)
 
-    def _causal(self, conv: nn.Conv1d, x: torch.Tensor, dilation: int) -> torch.Tensor:
-        return causal_conv(x, conv.weight, conv.bias, dilation)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_mid: torch.Tensor, keep_out: torch.Tensor, stride: int = 1
+                ) -> torch.Tensor:
+        """x [B, n_in, D] at every ``stride``-th position -> the last n_out of them (the lengths of ``keep_mid``
+        and ``keep_out``, the valid masks at those positions)."""
         # re-zero padding positions after each convolution, so that left padding acts exactly like the
         # causal zero padding (the output does not depend on how many pads precede the sequence)
-        y = F.relu(self.ln1(self._causal(self.conv1, x, self.dilation))) * keep
-        y = F.relu(self.ln2(self._causal(self.conv2, y, 2 * self.dilation))) * keep
-        return x + y
+        dil = self.dilation // stride
+        y = causal_conv(x, self.conv1.weight, self.conv1.bias, dil, keep_mid.shape[1])
+        y = F.relu_(self.ln1(y).mul_(keep_mid))  # in place: LayerNorm's backward does not read its output
+        y = causal_conv(y, self.conv2.weight, self.conv2.bias, 2 * dil, keep_out.shape[1])
+        y = F.relu_(self.ln2(y).mul_(keep_out))
+        return x[:, x.shape[1] - keep_out.shape[1]:] + y
 
 
 class NextItNetEncoder(nn.Module):
@@ -244,18 +294,23 @@ class NextItNetEncoder(nn.Module):
         super().__init__()
         d = cfg.embedding_dim
         self.inp = FeedbackInput(d, cfg.feedback_features, device)
-        self.blocks = nn.ModuleList(
-            [NextItNetBlock(d, cfg.nextitnet_kernel, dil, device)
-             for _ in range(cfg.num_layers) for dil in cfg.nextitnet_dilations]
-        )
+        self.kernel = cfg.nextitnet_kernel
+        self.dilations = tuple(dil for _ in range(cfg.num_layers) for dil in cfg.nextitnet_dilations)
+        self.blocks = nn.ModuleList([NextItNetBlock(d, self.kernel, dil, device) for dil in self.dilations])
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(d, d, device=device)
 
     def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         keep = valid.unsqueeze(-1).to(emb.dtype)
         x = self.inp(emb, feedback, valid)
-        for block in self.blocks:
-            x = block(x, keep)
+        length = x.shape[1]
+        stride, count = 1, length
+        for block, w in zip(self.blocks, nextitnet_windows(length, self.kernel, self.dilations)):
+            x = at_stride(x, stride, count, w.stride, w.n_in)
+            keep_mid = at_stride(keep, 1, length, w.stride, w.n_mid)
+            keep_out = at_stride(keep, 1, length, w.stride, w.n_out)
+            x = block(x, keep_mid, keep_out, w.stride)
+            stride, count = w.stride, w.n_out
         return self.out(self.drop(x[:, -1]))
 
 
