@@ -76,6 +76,12 @@ FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 LOCAL_FOOTER_ACTORS = "1"
 
 
+def set_local_cluster_env(environ) -> None:
+    """What a local cluster's processes (which inherit the driver's environment) should run with; a value
+    already set wins."""
+    environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)
+
+
 def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: bool = False, **kwargs) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local cluster; no-op if already attached.
 
@@ -96,8 +102,7 @@ def init_ray(address: str = "", num_cpus: Optional[int] = None, log_to_driver: b
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     else:
-        # a local cluster's processes inherit this environment (a cluster's nodes: cluster/runtime_env.yaml)
-        os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)
+        set_local_cluster_env(os.environ)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, **kwargs)
     if not log_to_driver:
         # CRITICAL, not ERROR: a failed read task (a corrupt Parquet page) makes Ray Data log a 150-line
