@@ -26,6 +26,7 @@ from torch import nn
 
 from ..choices import BACKBONES
 from ..config import ModelConfig
+from .dropout import Dropout
 
 __all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
 
@@ -64,7 +65,7 @@ class SASRecBlock(nn.Module):
         self.ln2 = nn.LayerNorm(dim, device=device)
         self.ff1 = nn.Linear(dim, dim, device=device)
         self.ff2 = nn.Linear(dim, dim, device=device)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """[B, L, D] -> [B, L, D]; with ``last_only`` only the last position's output, [B, 1, D] (its query
@@ -93,7 +94,7 @@ class SASRecEncoder(nn.Module):
         self.pos = nn.Parameter(torch.empty(state_len, d, device=device))
         self.blocks = nn.ModuleList([SASRecBlock(d, cfg.num_heads, cfg.dropout, device) for _ in range(cfg.num_layers)])
         self.final_norm = nn.LayerNorm(d, device=device)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -135,7 +136,7 @@ class GRU4RecEncoder(nn.Module):
         self.inp = FeedbackInput(d, cfg.feedback_features, device)
         self.gru = nn.GRU(d, d, num_layers=cfg.num_layers, batch_first=True,
                           dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, device=device)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.out = nn.Linear(d, d, device=device)  # its bias is the learned empty-state vector
 
     def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -182,7 +183,7 @@ class CaserEncoder(nn.Module):
         )
         self.fc = nn.Linear(cfg.caser_v_filters * d + cfg.caser_h_filters * state_len, d, device=device)
         self.out = nn.Linear(d, d, device=device)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         b = emb.shape[0]
@@ -297,7 +298,7 @@ class NextItNetEncoder(nn.Module):
         self.kernel = cfg.nextitnet_kernel
         self.dilations = tuple(dil for _ in range(cfg.num_layers) for dil in cfg.nextitnet_dilations)
         self.blocks = nn.ModuleList([NextItNetBlock(d, self.kernel, dil, device) for dil in self.dilations])
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.out = nn.Linear(d, d, device=device)
 
     def forward(self, emb: torch.Tensor, feedback: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
