@@ -69,16 +69,16 @@ def set_controller_poll(seconds: float) -> None:
 
 
 # Ray Data 2.60's Parquet reader starts a pool of 32 footer-reading actors (each a new process, each asking for
-# a CPU) every time a dataset's execution lists its files; on one machine reading local files, one reader does
-# the job and the first batch of every streamed epoch, scoring or evaluation comes 1.1 s sooner (2.4 -> 1.2 s of
-# listing, measured on the peer's 73,871 rows; bench/RESULTS.md, session 16).  A value already set wins.
+# a CPU) every time a dataset's execution lists its files.  On one machine reading local files one reader does
+# the job, and the first batch of every streamed epoch, scoring or evaluation comes 1.1 s sooner (2.4 -> 1.2 s
+# of listing on the peer's 73,871 rows; bench/RESULTS.md, session 16).  Ray Data reads the variable where
+# ``read_parquet`` is called, in the driver, and the plan carries the value to the cluster.
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 LOCAL_FOOTER_ACTORS = "1"
 
 
 def set_local_cluster_env(environ) -> None:
-    """What a local cluster's processes (which inherit the driver's environment) should run with; a value
-    already set wins."""
+    """What the driver of a local cluster runs with (its processes inherit it too); a value already set wins."""
     environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)
 
 

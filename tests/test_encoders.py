@@ -126,6 +126,24 @@ def test_fused_gru_state_is_the_stepwise_one(layers):
     assert torch.allclose(g_fused, g_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_len", [1, 4, 9])
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (3, 2), (2, 5)])
+def test_causal_conv_computes_the_last_out_len_outputs(kernel, dilation, out_len):
+    """``out_len`` gives the last ``out_len`` outputs of the whole causal convolution, whether they read only
+    inside the input (1, 4 with a short reach) or past its start (9), gradients included."""
+    from mtrec_dist.models.encoders import causal_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(5, 7, kernel, dilation=dilation)
+    x = torch.randn(3, 9, 5, requires_grad=True)
+    want = causal_conv(x, conv.weight, conv.bias, dilation)[:, 9 - out_len:]
+    got = causal_conv(x, conv.weight, conv.bias, dilation, out_len)
+    assert got.shape == (3, out_len, 7) and torch.allclose(got, want, atol=1e-6)
+    g_want, = torch.autograd.grad(want.sum(), x)
+    g_got, = torch.autograd.grad(got.sum(), x)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+
+
 @pytest.mark.parametrize("kernel, dilation", [(3, 1), (3, 4), (2, 3), (1, 2), (3, 30)])
 def test_causal_conv_is_a_left_padded_conv1d(kernel, dilation):
     """The channels-last 2-D convolution equals nn.Conv1d on the left-padded channels-first input (the
@@ -177,7 +195,7 @@ def test_sasrec_last_block_computes_only_the_position_it_returns(layers):
 
 def _textbook_nextitnet(enc, emb, fb, valid):
     """Every block on every position, with nn.Conv1d on the left-padded channels-first input."""
-    keep = valid.unsqueeze(-1).float()
+    keep = valid.unsqueeze(-1).to(emb.dtype)
     x = enc.inp(emb, fb, valid)
     for block in enc.blocks:
         y = x
@@ -216,9 +234,32 @@ def test_nextitnet_windows_by_hand():
     stride) reads 5 + 2 = 7 (25..49).  The block before (d=2) must deliver those 7 at stride gcd(4, 2) = 2:
     13 outputs (25..49), conv2 reads 13 + 2*2 = 17, conv1 17 + 2 = 19 (13..49).  Then d=1 at stride 1: 37
     outputs (13..49), 37 + 4 = 41, 41 + 2 = 43 (7..49); then d=4: 43 outputs, its convolutions read all 50."""
-    from mtrec_dist.models.encoders import ConvWindow, nextitnet_windows
+    from mtrec_dist.models.conv_windows import ConvWindow, nextitnet_windows
 
     full = ConvWindow(1, 50, 50, 50)
     assert nextitnet_windows(50, 3, (1, 2, 4, 1, 2, 4)) == (
         full, full, ConvWindow(1, 50, 50, 43), ConvWindow(1, 43, 41, 37), ConvWindow(2, 19, 17, 13),
         ConvWindow(4, 7, 5, 1))
+
+
+def test_nextitnet_windows_random_configurations_in_float64():
+    """60 random (length, kernel, unsorted dilations, layers) in float64: the windowed encoder equals the
+    textbook computation to 1e-10, output and gradients, including inputs shorter or longer than
+    ``state_len``."""
+    g = torch.Generator().manual_seed(1)
+    for case in range(60):
+        pick = lambda hi: int(torch.randint(1, hi + 1, (1,), generator=g))
+        length, kernel, layers = pick(40), pick(4) + 1, pick(2)
+        dilations = [int(d) for d in torch.tensor([1, 2, 3, 4, 6, 8])[torch.randint(0, 6, (pick(3),), generator=g)]]
+        torch.manual_seed(case)
+        enc = build_encoder("nextitnet", cfg(nextitnet_dilations=dilations, nextitnet_kernel=kernel,
+                                             num_layers=layers), state_len=pick(40)).double().eval()
+        emb = torch.randn(3, length, D, dtype=torch.float64, requires_grad=True)
+        fb = torch.rand(3, length, dtype=torch.float64)
+        valid = torch.rand(3, length) > 0.3
+        got, want = enc(emb, fb, valid), _textbook_nextitnet(enc, emb, fb, valid)
+        assert torch.allclose(got, want, atol=1e-10), (length, kernel, dilations, layers)
+        for g_got, g_want in zip(torch.autograd.grad(got.sum(), [emb, *enc.parameters()]),
+                                 torch.autograd.grad(want.sum(), [emb, *enc.parameters()])):
+            assert torch.allclose(g_got, g_want, atol=1e-10), (length, kernel, dilations, layers)
+

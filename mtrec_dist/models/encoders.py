@@ -15,10 +15,8 @@ such as KuaiRand's).
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +24,7 @@ from torch import nn
 
 from ..choices import BACKBONES
 from ..config import ModelConfig
+from .conv_windows import at_stride, nextitnet_windows
 from .dropout import Dropout
 
 __all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
@@ -225,46 +224,6 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y.permute(0, 2, 3, 1)[:, 0]
 
 
-@dataclass(frozen=True)
-class ConvWindow:
-    """The positions one NextItNet block computes: every ``stride``-th position counted back from the last, the
-    last ``n_in`` of them read, ``n_mid`` after its first convolution, ``n_out`` after its second."""
-
-    stride: int
-    n_in: int
-    n_mid: int
-    n_out: int
-
-
-@functools.lru_cache(maxsize=64)
-def nextitnet_windows(length: int, kernel: int, dilations: Tuple[int, ...]) -> Tuple[ConvWindow, ...]:
-    """What each block (dilations d and 2d) must compute so that the encoder's output, the last position of the
-    last block, is exact: walked back from that position through each block's receptive field.
-
-    A block whose outputs are needed every s-th position with s dividing d reads its inputs at the same stride
-    (dilation d is d / s steps of it), so it can run on that subsequence; where s does not divide d, the stride
-    falls to gcd(s, d).  At length 50, kernel 3 and dilations (1, 2, 4) x 2 the last three blocks compute 78, 30
-    and 6 of their 100 convolution outputs (31% of all convolution work saved; the rest of each block with it)."""
-    per_stride = lambda s: (length - 1) // s + 1  # positions at stride s, counted back from the last one
-    need_stride, need_n = 0, 1  # the last block: the last position only (0: any stride)
-    windows = []
-    for d in reversed(dilations):
-        stride = d if need_stride == 0 else math.gcd(need_stride, d)
-        n_out = 1 if need_stride == 0 else (need_n - 1) * need_stride // stride + 1
-        n_mid = min(n_out + (kernel - 1) * 2 * d // stride, per_stride(stride))
-        n_in = min(n_mid + (kernel - 1) * d // stride, per_stride(stride))
-        windows.append(ConvWindow(stride, n_in, n_mid, n_out))
-        need_stride, need_n = stride, n_in
-    return tuple(windows[::-1])
-
-
-def at_stride(x: torch.Tensor, stride: int, count: int, new_stride: int, new_count: int) -> torch.Tensor:
-    """Of ``x`` [B, count, ...] (every ``stride``-th position, the last one last), every ``new_stride``-th
-    position, the last ``new_count`` of them; ``new_stride`` is a multiple of ``stride``."""
-    step = new_stride // stride
-    return x[:, count - 1 - (new_count - 1) * step::step]
-
-
 class NextItNetBlock(nn.Module):
     """Residual block of two dilated causal 1-D convolutions (dilations d and 2d), each LayerNorm + ReLU."""
 
@@ -282,6 +241,7 @@ class NextItNetBlock(nn.Module):
         and ``keep_out``, the valid masks at those positions)."""
         # re-zero padding positions after each convolution, so that left padding acts exactly like the
         # causal zero padding (the output does not depend on how many pads precede the sequence)
+        assert self.dilation % stride == 0, (self.dilation, stride)  # nextitnet_windows picks such strides
         dil = self.dilation // stride
         y = causal_conv(x, self.conv1.weight, self.conv1.bias, dil, keep_mid.shape[1])
         y = F.relu_(self.ln1(y).mul_(keep_mid))  # in place: LayerNorm's backward does not read its output
@@ -307,9 +267,9 @@ class NextItNetEncoder(nn.Module):
         length = x.shape[1]
         stride, count = 1, length
         for block, w in zip(self.blocks, nextitnet_windows(length, self.kernel, self.dilations)):
-            x = at_stride(x, stride, count, w.stride, w.n_in)
-            keep_mid = at_stride(keep, 1, length, w.stride, w.n_mid)
-            keep_out = at_stride(keep, 1, length, w.stride, w.n_out)
+            x = at_stride(x, stride=stride, count=count, new_stride=w.stride, new_count=w.n_in)
+            keep_mid = at_stride(keep, stride=1, count=length, new_stride=w.stride, new_count=w.n_mid)
+            keep_out = at_stride(keep, stride=1, count=length, new_stride=w.stride, new_count=w.n_out)
             x = block(x, keep_mid, keep_out, w.stride)
             stride, count = w.stride, w.n_out
         return self.out(self.drop(x[:, -1]))
