@@ -263,3 +263,33 @@ def test_nextitnet_windows_random_configurations_in_float64():
                                  torch.autograd.grad(want.sum(), [emb, *enc.parameters()])):
             assert torch.allclose(g_got, g_want, atol=1e-10), (length, kernel, dilations, layers)
 
+
+
+def test_attention_without_dropout_is_sdpa():
+    from mtrec_dist.models.encoders import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    allowed = torch.rand(2, 1, 5, 6) > 0.4
+    allowed[..., 0] = True  # no empty softmax row
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.allclose(attention(q, k, v, allowed, 0.0), want, atol=1e-6)
+
+
+def test_attention_dropout_drops_probabilities_and_rescales():
+    """With v the identity the output is the attention probabilities themselves: each is 0 or SDPA's
+    probability / (1 - p), disallowed keys stay 0, and about 1 - p of the allowed ones are kept."""
+    from mtrec_dist.models.encoders import attention
+
+    torch.manual_seed(0)
+    p, keys = 0.3, 8
+    q, k = torch.randn(512, 2, 8, 4), torch.randn(512, 2, keys, 4)
+    v = torch.eye(keys).expand(512, 2, keys, keys)
+    allowed = torch.ones(keys, keys, dtype=torch.bool).tril()
+    probs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    got = attention(q, k, v, allowed, p)
+    kept = got != 0
+    assert torch.allclose(got[kept], probs[kept] / (1 - p), atol=1e-6)
+    assert not kept[..., ~allowed].any()
+    share = kept[..., allowed].float().mean().item()
+    assert abs(share - (1 - p)) < 0.012  # 512 x 2 x 36 allowed entries: 5 standard errors
