@@ -260,6 +260,10 @@ def _maybe_inject_fault(w: _Worker, s: _RunState) -> None:
     marker = Path(w.config["output_dir"]) / f"{FAULT_MARKER}_{w.config['run_name']}"
     if not marker.exists():
         marker.write_text(f"rank {w.rank} exits after the checkpoint of step {s.step}\n")
+        # Ray Train's controller collects reported checkpoints when it polls the workers: exiting at once could
+        # beat every poll since the last registered checkpoint (10 tiny steps take less than one poll), and the
+        # restart would then begin from scratch instead of from a checkpoint, which is what this simulates
+        time.sleep(3 * cfg.controller_poll_s)
         os._exit(1)
 
 
