@@ -229,17 +229,61 @@ def test_nextitnet_computes_only_what_its_last_position_reads(length, dilations,
 
 
 def test_nextitnet_windows_by_hand():
-    """Length 50, kernel 3, dilations (1, 2, 4) x 2, walked back from position 49: the last block (d=4) needs
-    49 only, so it runs at stride 4: conv2 (dilation 8 = 2 strides) reads 1 + 2*2 = 5 positions, conv1 (4 = 1
-    stride) reads 5 + 2 = 7 (25..49).  The block before (d=2) must deliver those 7 at stride gcd(4, 2) = 2:
-    13 outputs (25..49), conv2 reads 13 + 2*2 = 17, conv1 17 + 2 = 19 (13..49).  Then d=1 at stride 1: 37
-    outputs (13..49), 37 + 4 = 41, 41 + 2 = 43 (7..49); then d=4: 43 outputs, its convolutions read all 50."""
+    """Length 50, kernel 3, dilations (1, 2, 4) x 2, walked back from position 49.  Last block (d=4): output 49
+    only; conv2 (dilation 8) reads 33, 41, 49 (stride 8, 3); conv1 (dilation 4) reads those minus 0, 4, 8:
+    25..49 at stride gcd(8, 4) = 4 (7).  Block d=2 delivers those 7: conv2 (dilation 4) reads 17..49 at
+    stride 4 (7 - 1 + 1 + 2 = 9), conv1 (dilation 2) 13..49 at stride gcd(4, 2) = 2 (8 * 2 + 1 + 2 = 19).
+    Block d=1 delivers 13..49 at stride 2: conv2 (dilation 2) reads 9..49 at stride 2 (21), conv1 (dilation
+    1) 7..49 (20 * 2 + 1 + 2 = 43).  Block d=4 delivers 7..49; its convolutions read all 50.  In all 100 +
+    100 + 93 + 40 + 16 + 4 = 353 of 600 convolution outputs."""
     from mtrec_dist.models.conv_windows import ConvWindow, nextitnet_windows
 
-    full = ConvWindow(1, 50, 50, 50)
-    assert nextitnet_windows(50, 3, (1, 2, 4, 1, 2, 4)) == (
-        full, full, ConvWindow(1, 50, 50, 43), ConvWindow(1, 43, 41, 37), ConvWindow(2, 19, 17, 13),
-        ConvWindow(4, 7, 5, 1))
+    full = ConvWindow(1, 50, 1, 50, 1, 50)
+    windows = nextitnet_windows(50, 3, (1, 2, 4, 1, 2, 4))
+    assert windows == (full, full, ConvWindow(1, 50, 1, 50, 1, 43), ConvWindow(1, 43, 2, 21, 2, 19),
+                       ConvWindow(2, 19, 4, 9, 4, 7), ConvWindow(4, 7, 8, 3, 8, 1))
+    assert sum(w.n_mid + w.n_out for w in windows) == 353
+
+
+def _window_positions(length, stride, count):
+    return {length - 1 - k * stride for k in range(count)}
+
+
+def _dependency_sets(length, kernel, dilations):
+    """Per block (in order): the positions of its inputs, first convolution's outputs and outputs that the
+    last block's last output depends on, built position by position (the residual reads the input at the
+    block's output positions)."""
+    need, sets = {length - 1}, []
+    for d in reversed(dilations):
+        mid = {t - k * 2 * d for t in need for k in range(kernel) if t - k * 2 * d >= 0}
+        inp = {t - k * d for t in mid for k in range(kernel) if t - k * d >= 0} | need
+        sets.append((inp, mid, need))
+        need = inp
+    return sets[::-1]
+
+
+def _windows_as_sets(length, kernel, dilations):
+    from mtrec_dist.models.conv_windows import nextitnet_windows
+
+    return [(_window_positions(length, w.in_stride, w.n_in), _window_positions(length, w.mid_stride, w.n_mid),
+             _window_positions(length, w.out_stride, w.n_out)) for w in nextitnet_windows(length, kernel, dilations)]
+
+
+def test_nextitnet_windows_cover_the_dependency_sets():
+    """Over 2,000 random (length, kernel, dilations), every window holds every position the last output
+    depends on; with NextItNet's doubling dilations (powers of 2), exactly those."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        length, kernel = rng.randint(1, 80), rng.randint(1, 5)
+        dilations = tuple(rng.choice([1, 2, 3, 4, 5, 6, 8, 12, 16]) for _ in range(rng.randint(1, 6)))
+        for window, deps in zip(_windows_as_sets(length, kernel, dilations), _dependency_sets(length, kernel, dilations)):
+            assert all(w >= d for w, d in zip(window, deps)), (length, kernel, dilations)
+    for dilations in [(1, 2, 4) * 2, (1, 2, 4, 8), (1, 2, 4, 8) * 2, (2, 4, 8), (1, 4), (1,)]:
+        for length in (1, 7, 10, 50, 200):
+            for kernel in (2, 3):
+                assert _windows_as_sets(length, kernel, dilations) == _dependency_sets(length, kernel, dilations)
 
 
 def test_nextitnet_windows_random_configurations_in_float64():

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..choices import BACKBONES
 from ..config import ModelConfig
-from .conv_windows import at_stride, nextitnet_windows
+from .conv_windows import ConvWindow, at_stride, nextitnet_windows
 from .dropout import Dropout, dropout_mask
 
 __all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
@@ -216,11 +216,12 @@ class CaserEncoder(nn.Module):
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
-                out_len: Optional[int] = None) -> torch.Tensor:
+                out_len: Optional[int] = None, stride: int = 1) -> torch.Tensor:
     """A dilated causal 1-D convolution in the sequence layout: x [B, L, D_in], ``weight`` [D_out, D_in, K] (an
     ``nn.Conv1d``'s), -> [B, L, D_out] with ``y[t] = bias + sum_j W[:, :, j] x[t - (K-1-j) dilation]`` (zero
-    before the start: left padding only).  With ``out_len`` only the last ``out_len`` outputs are computed (the
-    inputs they do not read are never touched).
+    before the start: left padding only).  With ``out_len`` only the last ``out_len`` outputs are computed, and
+    with ``stride`` only every ``stride``-th of them counted back from the last (the inputs they do not read are
+    never touched).
 
     ``x`` viewed as [B, D_in, 1, L] is channels-last, so a 2-D convolution with a 1 x K kernel runs on it
     without copying.  Transposing to the channels-first layout of ``nn.Conv1d`` and back cost more than the
@@ -229,13 +230,17 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     contiguous (keeping the first L outputs of a both-ends padding instead was 15% slower with the LayerNorm
     that follows, which then copies)."""
     length = x.shape[1]
-    out_len = length if out_len is None else out_len
-    reach = (weight.shape[2] - 1) * dilation  # how far back an output reads
-    pad = max(0, out_len + reach - length)  # zeros before the start, where the outputs read past it
-    seq = F.pad(x[:, length + pad - out_len - reach:], (0, 0, pad, 0))  # [B, out_len + reach, D_in]
+    out_len = _outputs_at_stride(length, stride) if out_len is None else out_len
+    span = (out_len - 1) * stride + (weight.shape[2] - 1) * dilation + 1  # the inputs the outputs read, in order
+    pad = max(0, span - length)  # zeros before the start, where the outputs read past it
+    seq = F.pad(x[:, length + pad - span:], (0, 0, pad, 0))  # [B, span, D_in]
     y = F.conv2d(seq.unsqueeze(1).permute(0, 3, 1, 2), weight.unsqueeze(2), bias,
-                 dilation=(1, dilation))  # [B, D_out, 1, out_len], channels-last
+                 stride=(1, stride), dilation=(1, dilation))  # [B, D_out, 1, out_len], channels-last
     return y.permute(0, 2, 3, 1)[:, 0]
+
+
+def _outputs_at_stride(length: int, stride: int) -> int:
+    return (length - 1) // stride + 1
 
 
 class NextItNetBlock(nn.Module):
@@ -249,19 +254,21 @@ class NextItNetBlock(nn.Module):
         self.conv2 = nn.Conv1d(dim, dim, kernel, dilation=2 * dilation, device=device)
         self.ln2 = nn.LayerNorm(dim, device=device)
 
-    def forward(self, x: torch.Tensor, keep_mid: torch.Tensor, keep_out: torch.Tensor, stride: int = 1
+    def forward(self, x: torch.Tensor, keep_mid: torch.Tensor, keep_out: torch.Tensor, window: ConvWindow
                 ) -> torch.Tensor:
-        """x [B, n_in, D] at every ``stride``-th position -> the last n_out of them (the lengths of ``keep_mid``
-        and ``keep_out``, the valid masks at those positions)."""
+        """x [B, n_in, D] (``window``'s input positions) -> [B, n_out, D] at its output positions; ``keep_mid``
+        and ``keep_out`` are the valid masks at the first convolution's and the block's output positions."""
         # re-zero padding positions after each convolution, so that left padding acts exactly like the
         # causal zero padding (the output does not depend on how many pads precede the sequence)
-        assert self.dilation % stride == 0, (self.dilation, stride)  # nextitnet_windows picks such strides
-        dil = self.dilation // stride
-        y = causal_conv(x, self.conv1.weight, self.conv1.bias, dil, keep_mid.shape[1])
+        w = window
+        y = causal_conv(x, self.conv1.weight, self.conv1.bias, self.dilation // w.in_stride, w.n_mid,
+                        w.mid_stride // w.in_stride)
         y = F.relu_(self.ln1(y).mul_(keep_mid))  # in place: LayerNorm's backward does not read its output
-        y = causal_conv(y, self.conv2.weight, self.conv2.bias, 2 * dil, keep_out.shape[1])
+        y = causal_conv(y, self.conv2.weight, self.conv2.bias, 2 * self.dilation // w.mid_stride, w.n_out,
+                        w.out_stride // w.mid_stride)
         y = F.relu_(self.ln2(y).mul_(keep_out))
-        return x[:, x.shape[1] - keep_out.shape[1]:] + y
+        residual = at_stride(x, stride=w.in_stride, count=w.n_in, new_stride=w.out_stride, new_count=w.n_out)
+        return residual + y
 
 
 class NextItNetEncoder(nn.Module):
@@ -281,11 +288,11 @@ class NextItNetEncoder(nn.Module):
         length = x.shape[1]
         stride, count = 1, length
         for block, w in zip(self.blocks, nextitnet_windows(length, self.kernel, self.dilations)):
-            x = at_stride(x, stride=stride, count=count, new_stride=w.stride, new_count=w.n_in)
-            keep_mid = at_stride(keep, stride=1, count=length, new_stride=w.stride, new_count=w.n_mid)
-            keep_out = at_stride(keep, stride=1, count=length, new_stride=w.stride, new_count=w.n_out)
-            x = block(x, keep_mid, keep_out, w.stride)
-            stride, count = w.stride, w.n_out
+            x = at_stride(x, stride=stride, count=count, new_stride=w.in_stride, new_count=w.n_in)
+            keep_mid = at_stride(keep, stride=1, count=length, new_stride=w.mid_stride, new_count=w.n_mid)
+            keep_out = at_stride(keep, stride=1, count=length, new_stride=w.out_stride, new_count=w.n_out)
+            x = block(x, keep_mid, keep_out, w)
+            stride, count = w.out_stride, w.n_out
         return self.out(self.drop(x[:, -1]))
 
 
