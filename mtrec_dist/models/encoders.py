@@ -233,10 +233,12 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     out_len = _outputs_at_stride(length, stride) if out_len is None else out_len
     span = (out_len - 1) * stride + (weight.shape[2] - 1) * dilation + 1  # the inputs the outputs read, in order
     pad = max(0, span - length)  # zeros before the start, where the outputs read past it
-    seq = F.pad(x[:, length + pad - span:], (0, 0, pad, 0))  # [B, span, D_in]
+    seq = x[:, length + pad - span:]
+    if pad:  # concatenated, not F.pad: that fills the whole output before copying x in
+        seq = torch.cat([seq.new_zeros(seq.shape[0], pad, seq.shape[2]), seq], dim=1)  # [B, span, D_in]
     y = F.conv2d(seq.unsqueeze(1).permute(0, 3, 1, 2), weight.unsqueeze(2), bias,
                  stride=(1, stride), dilation=(1, dilation))  # [B, D_out, 1, out_len], channels-last
-    return y.permute(0, 2, 3, 1)[:, 0]
+    return y.permute(0, 2, 3, 1).squeeze(1)  # a view both ways ([:, 0] would zero-fill and copy in backward)
 
 
 def _outputs_at_stride(length: int, stride: int) -> int:
