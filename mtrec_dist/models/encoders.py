@@ -87,8 +87,10 @@ class SASRecBlock(nn.Module):
         still attends to every position: the keys and values are computed for all of them)."""
         b, l, d = x.shape
         h = d // self.heads
-        qkv = self.qkv(self.ln1(x)).view(b, l, 3, self.heads, h).permute(2, 0, 3, 1, 4)  # [3, B, H, L, h]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # unbind, not indexing a permuted view: its backward is one stack into the projection's own layout,
+        # where each index zero-filled a [3, B, H, L, h] gradient and the permute's copied it back
+        qkv = self.qkv(self.ln1(x)).view(b, l, 3, self.heads, h)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, L, h]
         if last_only:
             q, x, attn_mask = q[:, :, -1:], x[:, -1:], attn_mask[:, -1:]
         a = attention(q, k, v, attn_mask.unsqueeze(1), self.dropout if self.training else 0.0)
