@@ -236,55 +236,109 @@ def offline_ranking(rec: SequentialRecommender, data, rows, num_items, k: int = 
 
 
 # ---- one world ----------------------------------------------------------------------------------------------
-def run_world(cfg: PipelineConfig, sim: SimulatorConfig, rows_to_run: List[str], work_dir: str,
-              say: Callable[[str], None]) -> Dict[str, list]:
-    """Every row x training seed in one world; returns per-row lists of per-(seed, online seed) records."""
-    ab = cfg.ablation
-    simulate_logs(sim, work_dir, progress=lambda m: None)
+@dataclasses.dataclass(frozen=True)
+class SeedUnit:
+    """One training seed in one simulated world (logs already in ``work_dir``): every row's reward and SASRec,
+    trained and measured.  Units share nothing, so they run in parallel (``ablation.parallel``)."""
+
+    sim: SimulatorConfig
+    work_dir: str
+    rows: tuple
+    train_seed: int  # the index t; the seed itself is train.seed + 1000 t
+
+
+def load_world(cfg: PipelineConfig, sim: SimulatorConfig, work_dir: str) -> dict:
+    """The world's item truth and logged transitions, users split into training and held-out rows."""
     truth = make_item_truth(sim)
     events = pq.read_table(os.path.join(work_dir, LOGS_DIR))
     data = log_transitions(events, cfg.prepare.state_len, cfg.prepare.return_window_s)
     if cfg.reward.slate_choice and sim.write_exposures:  # the v2 rewards fit clicks over the slates shown (R2)
         data["slate_items"] = shown_slates(data["user"], data["slate_id"],
                                            pq.read_table(os.path.join(work_dir, IMPRESSIONS_DIR)), sim.slate_size)
-    heldout = (data["user"] * 2654435761 % 1000) < ab.heldout_user_share * 1000
-    train_rows, test_rows = np.flatnonzero(~heldout), np.flatnonzero(heldout)
+    heldout = (data["user"] * 2654435761 % 1000) < cfg.ablation.heldout_user_share * 1000
+    return {"truth": truth, "data": data, "train_rows": np.flatnonzero(~heldout),
+            "test_rows": np.flatnonzero(heldout)}
+
+
+def run_unit(cfg: PipelineConfig, unit: SeedUnit, say: Callable[[str], None]) -> Dict[str, list]:
+    """Every row of ``unit``; returns per-row lists of per-online-seed records."""
+    ab, sim, t = cfg.ablation, unit.sim, unit.train_seed
+    world = load_world(cfg, sim, unit.work_dir)
+    truth, data, train_rows, test_rows = world["truth"], world["data"], world["train_rows"], world["test_rows"]
     num_items = sim.num_items
     online_cfg = dataclasses.replace(sim, max_session_len=cfg.eval.online_session_len)
-    out: Dict[str, list] = {r: [] for r in rows_to_run}
-    for t in range(ab.train_seeds):
-        seed = cfg.train.seed + 1000 * t
-        cache: dict = {}
-        for row in rows_to_run:
-            t0 = time.time()
-            scorer = row_scorer(row, cfg, sim, truth, data, train_rows, num_items, seed, cache)
-            key = reward_key(row)
-            if scorer is not None and ("scores", key) not in cache:  # F, G and I share the scoring work
-                cache[("scores", key)] = score_reward(scorer, data, train_rows, num_items)
-                cache[("validity", key)] = reward_validity(scorer, sim, truth, data, test_rows, num_items)
-            cols = guidance_columns(row, cache.get(("scores", key)), seed)
-            validity = {} if row in ("A", "I") else cache[("validity", key)]
-            guidance = {"A": "none", "G": "risk_averse"}.get(row, "reweight")
-            rec_cfg = dataclasses.replace(cfg.rec, guidance=guidance)
-            extra = None if cols is None else {k: v_full(v, train_rows, len(data["action"])) for k, v in cols.items()}
-            rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),
-                      data, train_rows, ab, seed, ab.rec_epochs, extra)
-            offline = offline_ranking(rec, data, test_rows, num_items)
-            policy = recommender_policy(catalog_score_fn(rec, num_items), np.arange(num_items) + 1,
-                                        np.arange(num_items + 1) - 1, cfg.prepare.state_len, sim.slate_size)
-            for o in range(ab.online_seeds):
-                users = HELDOUT_USER_OFFSET + np.arange(ab.online_users) + o * ab.online_users
-                env = SimulatorEnv(online_cfg, item_truth=truth, seed=o)
-                rec_online = run_days(env, policy, users, days=ab.online_days)
-                out[row].append(dict(world=sim.seed, train_seed=t, online_seed=o, **rec_online, **offline,
-                                     **validity))
-            say(f"[ablate] world {sim.seed} seed {t} row {row} ({ROW_NAMES[row]}): "
-                f"sat/session {np.mean([r['satisfaction_per_session'] for r in out[row][-ab.online_seeds:]]):.3f} "
-                f"return {np.mean([r['return_rate'] for r in out[row][-ab.online_seeds:]]):.3f} "
-                f"ndcg@10 sat {offline['ndcg@10_satisfied']:.4f} "
-                + (f"spearman {validity['spearman_vs_satisfaction']:.3f} " if validity else "")
-                + f"({time.time() - t0:.0f}s)")
+    out: Dict[str, list] = {r: [] for r in unit.rows}
+    seed = cfg.train.seed + 1000 * t
+    cache: dict = {}
+    for row in unit.rows:
+        t0 = time.time()
+        scorer = row_scorer(row, cfg, sim, truth, data, train_rows, num_items, seed, cache)
+        key = reward_key(row)
+        if scorer is not None and ("scores", key) not in cache:  # F, G and I share the scoring work
+            cache[("scores", key)] = score_reward(scorer, data, train_rows, num_items)
+            cache[("validity", key)] = reward_validity(scorer, sim, truth, data, test_rows, num_items)
+        cols = guidance_columns(row, cache.get(("scores", key)), seed)
+        validity = {} if row in ("A", "I") else cache[("validity", key)]
+        guidance = {"A": "none", "G": "risk_averse"}.get(row, "reweight")
+        rec_cfg = dataclasses.replace(cfg.rec, guidance=guidance)
+        extra = None if cols is None else {k: v_full(v, train_rows, len(data["action"])) for k, v in cols.items()}
+        rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),
+                  data, train_rows, ab, seed, ab.rec_epochs, extra)
+        offline = offline_ranking(rec, data, test_rows, num_items)
+        policy = recommender_policy(catalog_score_fn(rec, num_items), np.arange(num_items) + 1,
+                                    np.arange(num_items + 1) - 1, cfg.prepare.state_len, sim.slate_size)
+        for o in range(ab.online_seeds):
+            users = HELDOUT_USER_OFFSET + np.arange(ab.online_users) + o * ab.online_users
+            env = SimulatorEnv(online_cfg, item_truth=truth, seed=o)
+            rec_online = run_days(env, policy, users, days=ab.online_days)
+            out[row].append(dict(world=sim.seed, train_seed=t, online_seed=o, **rec_online, **offline,
+                                 **validity))
+        say(f"[ablate] world {sim.seed} seed {t} row {row} ({ROW_NAMES[row]}): "
+            f"sat/session {np.mean([r['satisfaction_per_session'] for r in out[row][-ab.online_seeds:]]):.3f} "
+            f"return {np.mean([r['return_rate'] for r in out[row][-ab.online_seeds:]]):.3f} "
+            f"ndcg@10 sat {offline['ndcg@10_satisfied']:.4f} "
+            + (f"spearman {validity['spearman_vs_satisfaction']:.3f} " if validity else "")
+            + f"({time.time() - t0:.0f}s)")
     return out
+
+
+def world_units(cfg: PipelineConfig, sim: SimulatorConfig, rows: List[str], work_dir: str) -> List[SeedUnit]:
+    """Simulate ``sim``'s logs into ``work_dir`` (here, once) and return its training seeds' units."""
+    simulate_logs(sim, work_dir, progress=lambda m: None)
+    return [SeedUnit(sim, work_dir, tuple(rows), t) for t in range(cfg.ablation.train_seeds)]
+
+
+def run_units(cfg: PipelineConfig, units: List[SeedUnit], say: Callable[[str], None]) -> List[Dict[str, list]]:
+    """Each unit's records, in the units' order: one after another in this process, or with
+    ``ablation.parallel`` (and more than one unit) as Ray tasks of one CPU each, as many at once as the cluster
+    holds.  A unit's progress lines are printed when it ends.  Every unit seeds its own training, so both ways
+    give the same records."""
+    if not cfg.ablation.parallel or len(units) < 2:
+        return [run_unit(cfg, u, say) for u in units]
+    import ray
+
+    from mtrec_dist.runtime import init_ray
+
+    init_ray(cfg.ray_address)
+    task = ray.remote(num_cpus=1)(_unit_task)
+    pending = {task.remote(cfg, u): i for i, u in enumerate(units)}
+    results: List[Dict[str, list]] = [{} for _ in units]
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ref)
+        results[i], lines = ray.get(ref)
+        for line in lines:
+            say(line)
+    return results
+
+
+def _unit_task(cfg: PipelineConfig, unit: SeedUnit):
+    lines: List[str] = []
+    return run_unit(cfg, unit, lines.append), lines
+
+
+def merge_records(rows: List[str], unit_records: List[Dict[str, list]]) -> Dict[str, list]:
+    return {r: [rec for recs in unit_records for rec in recs[r]] for r in rows}
 
 
 def v_full(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
@@ -377,20 +431,20 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
     out_dir = ab.out or RunLayout(cfg.run_dir).ablation
     os.makedirs(out_dir, exist_ok=True)
     rows = ["A"] + [r for r in ab.rows if r != "A"]
+    sweep_rows = ["A"] + [r for r in ab.sweep_rows if r != "A"]
     t0 = time.time()
-    records: Dict[str, list] = {r: [] for r in rows}
-    for w in range(ab.worlds):
-        sim = dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w)
-        for row, recs in run_world(cfg, sim, rows, os.path.join(out_dir, f"world{w}"), say).items():
-            records[row] += recs
+    worlds = [dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w) for w in range(ab.worlds)]
+    betas = [dataclasses.replace(cfg.simulator, watch_satisfaction=float(b)) for b in ab.beta_sweep]
+    units = [world_units(cfg, sim, rows, os.path.join(out_dir, f"world{w}")) for w, sim in enumerate(worlds)]
+    units += [world_units(cfg, sim, sweep_rows, os.path.join(out_dir, f"beta{b}")) for b, sim in zip(ab.beta_sweep, betas)]
+    done = iter(run_units(cfg, [u for group in units for u in group], say))
+    by_group = [merge_records(list(group[0].rows), [next(done) for _ in group]) for group in units]
+    records = merge_records(rows, by_group[:len(worlds)])
     # the models' settings too: pooled runs (commands/ablate.py) must have trained the same rows
     settings = dataclasses.asdict(ab) | {k: dataclasses.asdict(getattr(cfg, k)) for k in ("reward", "model", "rec")}
     result = {"default": summarise(records), "settings": settings, "sweep": {},
               "records": {"default": records}}
-    for beta in ab.beta_sweep:
-        sim = dataclasses.replace(cfg.simulator, watch_satisfaction=float(beta))
-        sweep_rows = ["A"] + [r for r in ab.sweep_rows if r != "A"]
-        recs = run_world(cfg, sim, sweep_rows, os.path.join(out_dir, f"beta{beta}"), say)
+    for beta, recs in zip(ab.beta_sweep, by_group[len(worlds):]):
         result["sweep"][str(beta)] = summarise(recs)
         result["records"][f"beta={beta}"] = recs
     result["seconds"] = round(time.time() - t0, 1)

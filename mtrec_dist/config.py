@@ -389,6 +389,9 @@ class AblationConfig:
     sweep_rows: list[AblationRow] = field(default_factory=lambda: ["A", "B", "F", "G"])
     out: str = ""  # output directory ("" = <run_dir>/ablation)
     pipeline_rows: list[AblationRow] = field(default_factory=list)  # rows `mtrec pipeline` runs after evaluate (simulator only)
+    # each (world, training seed) as a Ray task of one CPU, as many at once as the cluster holds (false: one after
+    # another in this process); the records are the same either way
+    parallel: bool = True
 
     def validate(self, key: str = "ablation") -> None:
         for name in ("rows", "sweep_rows", "pipeline_rows"):

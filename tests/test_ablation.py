@@ -120,3 +120,22 @@ def test_tiny_ablation_runs_and_the_oracle_is_valid(tmp_path):
     assert np.isfinite(d["F"]["spearman_vs_satisfaction"]["mean"])
     assert "gain_vs_A:satisfaction_per_session" in d["F"]
     assert (tmp_path / "ablation" / "results.json").exists() and (tmp_path / "ablation" / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_parallel_units_give_the_sequential_records(tmp_path, ray_cluster):
+    """Two (world, training seed) units as Ray tasks give the records of the same units run one after another
+    in this process, to the last digit (each unit seeds its own training)."""
+    overrides = ["ablation.rows=[A,F]", "ablation.worlds=1", "ablation.train_seeds=2", "ablation.online_seeds=1",
+                 "ablation.online_users=10", "ablation.online_days=1", "ablation.reward_epochs=1",
+                 "ablation.rec_epochs=1", "ablation.batch_size=128"]
+    lines = {}
+    results = {}
+    for parallel in (False, True):
+        cfg = load_config("configs/tiny.yaml", overrides + [f"run_dir={tmp_path / str(parallel)}",
+                                                            f"ablation.parallel={str(parallel).lower()}"])
+        lines[parallel] = []
+        results[parallel] = ablation.run_ablation(cfg, say=lines[parallel].append)["records"]["default"]
+    assert results[True] == results[False]
+    assert [r["train_seed"] for r in results[True]["F"]] == [0, 1]
+    assert sorted(m.split(" (")[0] for m in lines[True]) == sorted(m.split(" (")[0] for m in lines[False])
