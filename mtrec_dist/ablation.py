@@ -1,9 +1,10 @@
 """`mtrec ablate`: does the mental reward earn its place? (issue "The mental reward must earn its place").
 
 The same SASRec, same budget, guided by each reward in turn (rows A-I, config.AblationConfig), paired on
-the same held-out users and seeds, in several simulated worlds.  Everything here runs in one process on
+the same held-out users and seeds, in several simulated worlds.  Each model trains in one process on
 in-memory tensors: the ablation trains dozens of small models, where Ray Train's worker start-up would
 cost more than the training (the distributed path is the pipeline's; the models and losses are the same).
+Each (world, training seed) is a :class:`SeedUnit`; with ``ablation.parallel`` units run as Ray tasks.
 
 Per world: simulate logs -> transitions (users split into training and held-out) -> fit every reward model
 on the training users -> score the training rows -> train one guided SASRec per row -> measure reward
