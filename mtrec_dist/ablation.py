@@ -239,17 +239,19 @@ def offline_ranking(rec: SequentialRecommender, data, rows, num_items, k: int = 
 # ---- one world ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SeedUnit:
-    """One training seed in one simulated world (logs already in ``work_dir``): every row's reward and SASRec,
-    trained and measured.  Units share nothing, so they run in parallel (``ablation.parallel``)."""
+    """One training seed in one simulated world: every row's reward and SASRec, trained and measured.  Units
+    share nothing but their world's data (read-only), so they run in parallel (``ablation.parallel``)."""
 
     sim: SimulatorConfig
-    work_dir: str
+    world: int  # index into the worlds run_units is given
     rows: tuple
     train_seed: int  # the index t; the seed itself is train.seed + 1000 t
 
 
-def load_world(cfg: PipelineConfig, sim: SimulatorConfig, work_dir: str) -> dict:
-    """The world's item truth and logged transitions, users split into training and held-out rows."""
+def simulate_world(cfg: PipelineConfig, sim: SimulatorConfig, work_dir: str) -> dict:
+    """Simulate ``sim``'s logs into ``work_dir``; its item truth and logged transitions, users split into
+    training and held-out rows."""
+    simulate_logs(sim, work_dir, progress=lambda m: None)
     truth = make_item_truth(sim)
     events = pq.read_table(os.path.join(work_dir, LOGS_DIR))
     data = log_transitions(events, cfg.prepare.state_len, cfg.prepare.return_window_s)
@@ -261,10 +263,20 @@ def load_world(cfg: PipelineConfig, sim: SimulatorConfig, work_dir: str) -> dict
             "test_rows": np.flatnonzero(heldout)}
 
 
-def run_unit(cfg: PipelineConfig, unit: SeedUnit, say: Callable[[str], None]) -> Dict[str, list]:
-    """Every row of ``unit``; returns per-row lists of per-online-seed records."""
+def run_unit(cfg: PipelineConfig, unit: SeedUnit, world: dict, say: Callable[[str], None]) -> Dict[str, list]:
+    """Every row of ``unit`` on its ``world``; per-row lists of per-online-seed records.  Trains with one torch
+    thread whatever the process has (as a one-CPU task does), so a unit's records do not depend on where it
+    ran."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_rows(cfg, unit, world, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_rows(cfg: PipelineConfig, unit: SeedUnit, world: dict, say: Callable[[str], None]) -> Dict[str, list]:
     ab, sim, t = cfg.ablation, unit.sim, unit.train_seed
-    world = load_world(cfg, sim, unit.work_dir)
     truth, data, train_rows, test_rows = world["truth"], world["data"], world["train_rows"], world["test_rows"]
     num_items = sim.num_items
     online_cfg = dataclasses.replace(sim, max_session_len=cfg.eval.online_session_len)
@@ -303,39 +315,40 @@ def run_unit(cfg: PipelineConfig, unit: SeedUnit, say: Callable[[str], None]) ->
     return out
 
 
-def world_units(cfg: PipelineConfig, sim: SimulatorConfig, rows: List[str], work_dir: str) -> List[SeedUnit]:
-    """Simulate ``sim``'s logs into ``work_dir`` (here, once) and return its training seeds' units."""
-    simulate_logs(sim, work_dir, progress=lambda m: None)
-    return [SeedUnit(sim, work_dir, tuple(rows), t) for t in range(cfg.ablation.train_seeds)]
-
-
-def run_units(cfg: PipelineConfig, units: List[SeedUnit], say: Callable[[str], None]) -> List[Dict[str, list]]:
+def run_units(cfg: PipelineConfig, units: List[SeedUnit], worlds: List[dict],
+              say: Callable[[str], None]) -> List[Dict[str, list]]:
     """Each unit's records, in the units' order: one after another in this process, or with
     ``ablation.parallel`` (and more than one unit) as Ray tasks of one CPU each, as many at once as the cluster
-    holds.  A unit's progress lines are printed when it ends.  Every unit seeds its own training, so both ways
-    give the same records."""
+    holds, each world's data put once in the object store (any node can run any unit).  A unit's progress
+    lines are printed when it ends; if one fails, the others are cancelled.  Every unit seeds its own training
+    and trains with one thread, so both ways give the same records."""
     if not cfg.ablation.parallel or len(units) < 2:
-        return [run_unit(cfg, u, say) for u in units]
+        return [run_unit(cfg, u, worlds[u.world], say) for u in units]
     import ray
 
     from mtrec_dist.runtime import init_ray
 
     init_ray(cfg.ray_address)
     task = ray.remote(num_cpus=1)(_unit_task)
-    pending = {task.remote(cfg, u): i for i, u in enumerate(units)}
+    world_refs = [ray.put(w) for w in worlds]
+    pending = {task.remote(cfg, u, world_refs[u.world]): i for i, u in enumerate(units)}
     results: List[Dict[str, list]] = [{} for _ in units]
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ref)
-        results[i], lines = ray.get(ref)
-        for line in lines:
-            say(line)
+    try:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ref)
+            results[i], lines = ray.get(ref)
+            for line in lines:
+                say(line)
+    finally:
+        for ref in pending:  # a unit failed (or the driver was interrupted): free the cluster's CPUs
+            ray.cancel(ref)
     return results
 
 
-def _unit_task(cfg: PipelineConfig, unit: SeedUnit):
+def _unit_task(cfg: PipelineConfig, unit: SeedUnit, world: dict):
     lines: List[str] = []
-    return run_unit(cfg, unit, lines.append), lines
+    return run_unit(cfg, unit, world, lines.append), lines
 
 
 def merge_records(rows: List[str], unit_records: List[Dict[str, list]]) -> Dict[str, list]:
@@ -434,18 +447,21 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
     rows = ["A"] + [r for r in ab.rows if r != "A"]
     sweep_rows = ["A"] + [r for r in ab.sweep_rows if r != "A"]
     t0 = time.time()
-    worlds = [dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w) for w in range(ab.worlds)]
-    betas = [dataclasses.replace(cfg.simulator, watch_satisfaction=float(b)) for b in ab.beta_sweep]
-    units = [world_units(cfg, sim, rows, os.path.join(out_dir, f"world{w}")) for w, sim in enumerate(worlds)]
-    units += [world_units(cfg, sim, sweep_rows, os.path.join(out_dir, f"beta{b}")) for b, sim in zip(ab.beta_sweep, betas)]
-    done = iter(run_units(cfg, [u for group in units for u in group], say))
+    # the default worlds, then one world per beta_s of the sweep: (simulator, rows, folder)
+    plan = [(dataclasses.replace(cfg.simulator, seed=cfg.simulator.seed + w), rows, f"world{w}")
+            for w in range(ab.worlds)]
+    plan += [(dataclasses.replace(cfg.simulator, watch_satisfaction=float(b)), sweep_rows, f"beta{b}")
+             for b in ab.beta_sweep]
+    worlds = [simulate_world(cfg, sim, os.path.join(out_dir, folder)) for sim, _, folder in plan]
+    units = [[SeedUnit(sim, w, tuple(r), t) for t in range(ab.train_seeds)] for w, (sim, r, _) in enumerate(plan)]
+    done = iter(run_units(cfg, [u for group in units for u in group], worlds, say))
     by_group = [merge_records(list(group[0].rows), [next(done) for _ in group]) for group in units]
-    records = merge_records(rows, by_group[:len(worlds)])
+    records = merge_records(rows, by_group[:ab.worlds])
     # the models' settings too: pooled runs (commands/ablate.py) must have trained the same rows
     settings = dataclasses.asdict(ab) | {k: dataclasses.asdict(getattr(cfg, k)) for k in ("reward", "model", "rec")}
     result = {"default": summarise(records), "settings": settings, "sweep": {},
               "records": {"default": records}}
-    for beta, recs in zip(ab.beta_sweep, by_group[len(worlds):]):
+    for beta, recs in zip(ab.beta_sweep, by_group[ab.worlds:]):
         result["sweep"][str(beta)] = summarise(recs)
         result["records"][f"beta={beta}"] = recs
     result["seconds"] = round(time.time() - t0, 1)

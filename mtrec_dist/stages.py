@@ -186,7 +186,8 @@ class StageRunner:
 
 def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings.
-    Console switches (``prepare.progress``, ``prepare.overwrite``) do not change a stage's result."""
+    Console switches (``prepare.progress``, ``prepare.overwrite``) and how the ablation's units are run
+    (``ablation.parallel``: the same records either way) do not change a stage's result."""
     out: Dict[str, Any] = {}
     for name in names:
         if name.startswith("train:"):
@@ -197,6 +198,8 @@ def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     if "prepare" in out:
         for k in ("progress", "overwrite"):
             out["prepare"].pop(k, None)
+    if "ablation" in out:
+        out["ablation"].pop("parallel", None)
     return out
 
 
