@@ -263,19 +263,8 @@ def simulate_world(cfg: PipelineConfig, sim: SimulatorConfig, work_dir: str) -> 
             "test_rows": np.flatnonzero(heldout)}
 
 
-def run_unit(cfg: PipelineConfig, unit: SeedUnit, world: dict, say: Callable[[str], None]) -> Dict[str, list]:
-    """Every row of ``unit`` on its ``world``; per-row lists of per-online-seed records.  Trains with one torch
-    thread whatever the process has (as a one-CPU task does), so a unit's records do not depend on where it
-    ran."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run_rows(cfg, unit, world, say)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_rows(cfg: PipelineConfig, unit: SeedUnit, world: dict, say: Callable[[str], None]) -> Dict[str, list]:
+def _run_rows(cfg: PipelineConfig, world: dict, unit: SeedUnit, say: Callable[[str], None]) -> Dict[str, list]:
+    """Every row of ``unit`` on its ``world``; per-row lists of per-online-seed records."""
     ab, sim, t = cfg.ablation, unit.sim, unit.train_seed
     truth, data, train_rows, test_rows = world["truth"], world["data"], world["train_rows"], world["test_rows"]
     num_items = sim.num_items
@@ -317,38 +306,53 @@ def _run_rows(cfg: PipelineConfig, unit: SeedUnit, world: dict, say: Callable[[s
 
 def run_units(cfg: PipelineConfig, units: List[SeedUnit], worlds: List[dict],
               say: Callable[[str], None]) -> List[Dict[str, list]]:
-    """Each unit's records, in the units' order: one after another in this process, or with
-    ``ablation.parallel`` (and more than one unit) as Ray tasks of one CPU each, as many at once as the cluster
-    holds, each world's data put once in the object store (any node can run any unit).  A unit's progress
-    lines are printed when it ends; if one fails, the others are cancelled.  Every unit seeds its own training
-    and trains with one thread, so both ways give the same records."""
-    if not cfg.ablation.parallel or len(units) < 2:
-        return [run_unit(cfg, u, worlds[u.world], say) for u in units]
+    """Each unit's records (its rows on its world), in the units' order (:func:`map_units`)."""
+    return map_units(cfg, _run_rows, [(u.world, u) for u in units], worlds, say)
+
+
+def map_units(cfg: PipelineConfig, fn: Callable, jobs: List[tuple], shared: List, say: Callable[[str], None]) -> list:
+    """``fn(cfg, shared[i], unit, say)`` for each ``(i, unit)`` of ``jobs``, results in the jobs' order: one after
+    another in this process, or with ``ablation.parallel`` (and more than one job) as Ray tasks of one CPU each,
+    as many at once as the cluster holds, each ``shared`` item put once in the object store (any node runs any
+    job).  A job's progress lines are printed when it ends; if one fails, the others are cancelled.  Every job
+    trains with one torch thread either way and seeds its own training, so both ways give the same results."""
+    if not cfg.ablation.parallel or len(jobs) < 2:
+        return [_one_thread(fn, cfg, shared[i], unit, say) for i, unit in jobs]
     import ray
 
     from mtrec_dist.runtime import init_ray
 
     init_ray(cfg.ray_address)
-    task = ray.remote(num_cpus=1)(_unit_task)
-    world_refs = [ray.put(w) for w in worlds]
-    pending = {task.remote(cfg, u, world_refs[u.world]): i for i, u in enumerate(units)}
-    results: List[Dict[str, list]] = [{} for _ in units]
+    task = ray.remote(num_cpus=1)(_job_task)
+    refs = [ray.put(item) for item in shared]
+    pending = {task.remote(fn, cfg, refs[i], unit): k for k, (i, unit) in enumerate(jobs)}
+    results: list = [None] * len(jobs)
     try:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ref)
-            results[i], lines = ray.get(ref)
+            k = pending.pop(ref)
+            results[k], lines = ray.get(ref)
             for line in lines:
                 say(line)
     finally:
-        for ref in pending:  # a unit failed (or the driver was interrupted): free the cluster's CPUs
+        for ref in pending:  # a job failed (or the driver was interrupted): free the cluster's CPUs
             ray.cancel(ref)
     return results
 
 
-def _unit_task(cfg: PipelineConfig, unit: SeedUnit, world: dict):
+def _one_thread(fn: Callable, cfg, shared, unit, say):
+    """``fn`` with one torch thread, as in a one-CPU task, so that its results do not depend on where it ran."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(cfg, shared, unit, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _job_task(fn: Callable, cfg, shared, unit):
     lines: List[str] = []
-    return run_unit(cfg, unit, world, lines.append), lines
+    return _one_thread(fn, cfg, shared, unit, lines.append), lines
 
 
 def merge_records(rows: List[str], unit_records: List[Dict[str, list]]) -> Dict[str, list]:

@@ -29,7 +29,8 @@ import pyarrow.dataset as pads
 import torch
 
 from mtrec_dist.ablation import (
-    ROW_NAMES, fit, format_ci, guidance_columns, offline_ranking, row_scorer, score_reward, summarise, v_full,
+    ROW_NAMES, fit, format_ci, guidance_columns, map_units, offline_ranking, row_scorer, score_reward, summarise,
+    v_full,
 )
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.data.dataset import load_manifest
@@ -97,24 +98,37 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
                          f"{prepared_dir} (eval/): leave H out of ablation.rows for these logs")
     pop = np.bincount(data["action"][train], minlength=num_items + 1).astype(np.float64)
     popularity = _validity(pop[data["action"][test]], data, test)  # fitted to no seed: one value for every seed
+    seeds = list(range(cfg.train.seed, cfg.train.seed + ab.train_seeds))
+    shared = {"data": data, "train": train, "test": test, "rows": rows, "num_items": num_items}
     validity: Dict[str, list] = {}
     offline: Dict[str, list] = {}
-    seeds = list(range(cfg.train.seed, cfg.train.seed + ab.train_seeds))
-    for seed in seeds:
+    for seed, (scores, rankings) in zip(seeds, map_units(cfg, _rows_at_seed, [(0, s) for s in seeds], [shared], say)):
         validity.setdefault("popularity", []).append({"train_seed": seed, **popularity})
-        cache: dict = {}
-        for row in rows:
-            t = time.time()
-            scores, ranking = _ablation_row_at_seed(row, cfg, data, train, test, num_items, seed, cache)
-            for name, v in scores.items():
-                validity.setdefault(name, []).append({"train_seed": seed, **v})
-            if ranking is not None:
-                offline.setdefault(row, []).append({"train_seed": seed, **ranking})
-            say(f"[ablate] seed {seed} row {_row_label(row)}: "
-                + json.dumps({"validity": scores, "offline": ranking}) + f" ({time.time() - t:.0f}s)")
+        for name, v in scores.items():
+            validity.setdefault(name, []).append(v)
+        for row, r in rankings.items():
+            offline.setdefault(row, []).append(r)
     summary = {"validity": summarise(validity), "offline": summarise(offline)}
     return {**summary, "records": {"validity": validity, "offline": offline}, "seeds": seeds,
             "seconds": round(time.time() - t0, 1), "table": real_data_table(**summary), "has_watch": has_watch}
+
+
+def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[str], None]):
+    """Every row at one training seed: ``({reward name: validity record}, {row: offline ranking record})``,
+    in row order (one job of :func:`~mtrec_dist.ablation.map_units`)."""
+    data, train, test, num_items = shared["data"], shared["train"], shared["test"], shared["num_items"]
+    validity: Dict[str, dict] = {}
+    offline: Dict[str, dict] = {}
+    cache: dict = {}
+    for row in shared["rows"]:
+        t = time.time()
+        scores, ranking = _ablation_row_at_seed(row, cfg, data, train, test, num_items, seed, cache)
+        validity.update({name: {"train_seed": seed, **v} for name, v in scores.items()})
+        if ranking is not None:
+            offline[row] = {"train_seed": seed, **ranking}
+        say(f"[ablate] seed {seed} row {_row_label(row)}: "
+            + json.dumps({"validity": scores, "offline": ranking}) + f" ({time.time() - t:.0f}s)")
+    return validity, offline
 
 
 def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_items: int, seed: int,

@@ -57,6 +57,23 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     assert manifest["rows_in"] == rows == manifest["rows_ok"] + manifest["rows_rejected"]
 
 
+def test_seeds_as_parallel_tasks_give_the_sequential_records(tmp_path, ray_cluster):
+    """On logs, each training seed is one job: as Ray tasks they give the records of the same seeds run one
+    after another in this process (the prepared data is reused by the second run)."""
+    _rating_log(tmp_path / "ratings.csv", users=60)
+    sets = [f"run_dir={tmp_path / 'run'}", f"prepare.input={tmp_path / 'ratings.csv'}", "prepare.format=csv",
+            "prepare.id_type=string", "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}",
+            "ablation.rows=[A,F]", "ablation.reward_epochs=1", "ablation.rec_epochs=1", "ablation.batch_size=64",
+            "ablation.heldout_user_share=0.3", "ablation.train_seeds=2"]
+    records = {}
+    for parallel in ("false", "true"):
+        args = sets + [f"ablation.parallel={parallel}"]
+        assert cli(["ablate", "--config", "configs/ml1m.yaml", "--quiet"] + [a for s in args for a in ("--set", s)]) == 0
+        records[parallel] = json.loads((tmp_path / "run" / "ablation" / "results.json").read_text())["records"]
+    assert records["true"] == records["false"]
+    assert [r["train_seed"] for r in records["true"]["offline"]["F"]] == [0, 1]
+
+
 def test_the_distributed_reward_training_reads_the_same_later_choices(ray_cluster, tmp_path):
     """The Ray Train path (`mtrec train-reward`) adds ``later_items`` on the cluster, hash-partitioned by
     user; the strata are drawn from each row's id, so it must equal the in-process :func:`with_later_items`
