@@ -373,6 +373,24 @@ def test_gumbel_sampler_matches_softmax():
     assert close(freq, torch.softmax(query[0] @ items.T, 0), tol=0.03)
 
 
+def test_draw_per_row_follows_each_rows_weights():
+    """Each row's draws follow its own (unnormalised) weights within 5 standard errors; weight 0 is never drawn,
+    in the middle or at either end of a row, and a row's scale does not matter."""
+    from mtrec_dist.models.sampling import draw_per_row
+
+    torch.manual_seed(0)
+    weights = T([[0.0, 1.0, 0.0, 3.0, 0.0], [5.0, 0.0, 0.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0, 2e-3]])
+    n = 20000
+    idx = draw_per_row(weights.repeat(n, 1)).view(n, 3)
+    for row in range(3):
+        p = weights[row] / weights[row].sum()
+        freq = torch.bincount(idx[:, row], minlength=5).float() / n
+        assert (freq[p == 0] == 0).all()
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (row, freq, p)
+    probs = torch.softmax(torch.randn(64, 1000), 1)
+    assert draw_per_row(probs).shape == (64,) and draw_per_row(probs).dtype == torch.int64
+
+
 def test_negative_sampler_validation():
     with pytest.raises(ValueError, match="item_counts"):
         NegativeSampler(5, "popularity")

@@ -44,7 +44,8 @@ from ..objectives.mental_reward import (
 from ..objectives.ranking import masked_mean
 from .embeddings import ItemEmbedding
 from .encoders import build_encoder
-from .sampling import NegativeSampler, catalog_gumbel_argmax  # re-exported: older imports read them here
+# NegativeSampler and catalog_gumbel_argmax are re-exported: older imports read them here
+from .sampling import NegativeSampler, catalog_gumbel_argmax, draw_per_row
 
 __all__ = ["QRIQLModel", "NegativeSampler", "catalog_gumbel_argmax"]
 
@@ -349,7 +350,7 @@ class QRIQLModel(nn.Module):
         z_sa = torch.einsum("bnd,bd->bn", self._project(h, self.critic_weight, self.critic_item_bias), e_a)
         with torch.no_grad():
             logits2 = u_proj[b:].detach() @ items.detach().T / cfg.alpha
-            nxt = torch.multinomial(torch.softmax(logits2, dim=1), 1).squeeze(1)
+            nxt = draw_per_row(torch.softmax(logits2, dim=1))
             h_t = self._encode(self.target_encoder, emb["next_state"].detach(), s2, fb2)
             p_t = self._project(h_t, self.target_critic_weight, self.target_critic_item_bias)
             z_next = torch.einsum("bnd,bd->bn", p_t, items.detach()[nxt])
@@ -408,7 +409,7 @@ class QRIQLModel(nn.Module):
             v_s2 = soft_value(q_neg_s2, cfg.alpha, log_q=log_q_neg)
             with torch.no_grad():
                 probs = torch.softmax(q_neg_s2.detach() / cfg.alpha - log_q_neg, dim=1)
-                nxt = torch.multinomial(probs, 1).squeeze(1)
+                nxt = draw_per_row(probs)
                 e_next = items.detach()[nxt]
 
         r = q_sa - cfg.gamma * (1.0 - done) * v_s2  # implied reward (objectives.qr_iql.implied_reward)
