@@ -1,4 +1,5 @@
-"""Ray Job entry point: `mtrec ablate`. The reward ablation (rows A-I) over several simulated worlds.
+"""Ray Job entry point: `mtrec ablate`. The reward ablation (rows A-I) over several simulated worlds; each
+(world, training seed) runs as a Ray task of one CPU on any node of the cluster (`ablation.parallel`).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
         -- python jobs/ablate.py --storage-path /shared/mtrec/ablation --config configs/ablation.yaml
