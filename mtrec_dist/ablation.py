@@ -243,7 +243,7 @@ class SeedUnit:
     share nothing but their world's data (read-only), so they run in parallel (``ablation.parallel``)."""
 
     sim: SimulatorConfig
-    world: int  # index into the worlds run_units is given
+    world: int  # index of its world in run_ablation's plan
     rows: tuple
     train_seed: int  # the index t; the seed itself is train.seed + 1000 t
 
@@ -302,12 +302,6 @@ def _run_rows(cfg: PipelineConfig, world: dict, unit: SeedUnit, say: Callable[[s
             + (f"spearman {validity['spearman_vs_satisfaction']:.3f} " if validity else "")
             + f"({time.time() - t0:.0f}s)")
     return out
-
-
-def run_units(cfg: PipelineConfig, units: List[SeedUnit], worlds: List[dict],
-              say: Callable[[str], None]) -> List[Dict[str, list]]:
-    """Each unit's records (its rows on its world), in the units' order (:func:`map_units`)."""
-    return map_units(cfg, _run_rows, [(u.world, u) for u in units], worlds, say)
 
 
 def map_units(cfg: PipelineConfig, fn: Callable, jobs: List[tuple], shared: List, say: Callable[[str], None]) -> list:
@@ -458,7 +452,7 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
              for b in ab.beta_sweep]
     worlds = [simulate_world(cfg, sim, os.path.join(out_dir, folder)) for sim, _, folder in plan]
     units = [[SeedUnit(sim, w, tuple(r), t) for t in range(ab.train_seeds)] for w, (sim, r, _) in enumerate(plan)]
-    done = iter(run_units(cfg, [u for group in units for u in group], worlds, say))
+    done = iter(map_units(cfg, _run_rows, [(u.world, u) for group in units for u in group], worlds, say))
     by_group = [merge_records(list(group[0].rows), [next(done) for _ in group]) for group in units]
     records = merge_records(rows, by_group[:ab.worlds])
     # the models' settings too: pooled runs (commands/ablate.py) must have trained the same rows

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["ConvWindow", "nextitnet_windows", "at_stride"]
+__all__ = ["ConvWindow", "nextitnet_windows", "at_stride", "positions_at_stride"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ConvWindow:
     n_out: int
 
 
-def _positions_at_stride(length: int, stride: int) -> int:
+def positions_at_stride(length: int, stride: int) -> int:
     """How many positions of ``length`` lie at ``stride``, counted back from the last one."""
     return (length - 1) // stride + 1
 
@@ -45,7 +45,7 @@ def _inputs_read(n_out: int, out_stride: int, dilation: int, kernel: int, length
     """(stride, count) of the inputs a causal convolution reads for its last ``n_out`` outputs at ``out_stride``."""
     stride = math.gcd(out_stride, dilation)
     reach = (n_out - 1) * out_stride // stride + 1 + (kernel - 1) * dilation // stride
-    return stride, min(reach, _positions_at_stride(length, stride))
+    return stride, min(reach, positions_at_stride(length, stride))
 
 
 @functools.lru_cache(maxsize=64)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..choices import BACKBONES
 from ..config import ModelConfig
-from .conv_windows import ConvWindow, at_stride, nextitnet_windows
+from .conv_windows import ConvWindow, at_stride, nextitnet_windows, positions_at_stride
 from .dropout import Dropout, dropout_mask
 
 __all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
@@ -232,7 +232,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     contiguous (keeping the first L outputs of a both-ends padding instead was 15% slower with the LayerNorm
     that follows, which then copies)."""
     length = x.shape[1]
-    out_len = _outputs_at_stride(length, stride) if out_len is None else out_len
+    out_len = positions_at_stride(length, stride) if out_len is None else out_len
     span = (out_len - 1) * stride + (weight.shape[2] - 1) * dilation + 1  # the inputs the outputs read, in order
     pad = max(0, span - length)  # zeros before the start, where the outputs read past it
     seq = x[:, length + pad - span:]
@@ -241,10 +241,6 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     y = F.conv2d(seq.unsqueeze(1).permute(0, 3, 1, 2), weight.unsqueeze(2), bias,
                  stride=(1, stride), dilation=(1, dilation))  # [B, D_out, 1, out_len], channels-last
     return y.permute(0, 2, 3, 1).squeeze(1)  # a view both ways ([:, 0] would zero-fill and copy in backward)
-
-
-def _outputs_at_stride(length: int, stride: int) -> int:
-    return (length - 1) // stride + 1
 
 
 class NextItNetBlock(nn.Module):
