@@ -303,6 +303,11 @@ class TrainConfig:
     # read once into Ray's object store and every later epoch splits the cached blocks instead of reading the
     # Parquet files again; with feed: auto each worker holds its shard instead (0 = always stream, no cache)
     cache_rows: int = 2_000_000
+    # a recommender's training set estimated at most this many MiB (as memory_feed_max_mb estimates it) is read by
+    # the driver in one pyarrow call and handed to Ray Data as in-memory blocks: each epoch then starts without
+    # listing files, footer-reader and read tasks (1-5 s before the first batch on a 2-core machine); 0 = always
+    # read the Parquet files with Ray Data (training.recommender.read_training_rows)
+    driver_read_mb: float = 256.0
     fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
     score_batch_size: int = 512  # score-rewards: rows per map_batches call
     score_concurrency: int = 1  # score-rewards: scoring actors (each loads the model once)
@@ -331,6 +336,7 @@ class TrainConfig:
         _check(self.score_cpus > 0, f"{key}.score_cpus", "must be > 0")
         _check(self.score_unsharded_max_mb > 0, f"{key}.score_unsharded_max_mb", "must be > 0")
         _check(self.memory_feed_max_mb >= 0, f"{key}.memory_feed_max_mb", "must be >= 0")
+        _check(self.driver_read_mb >= 0, f"{key}.driver_read_mb", "must be >= 0 (0 = never)")
         _check(self.lr > 0 and self.sparse_lr > 0, f"{key}.lr/sparse_lr", "must be > 0")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1 = unlimited)")
         for name in ("checkpoints_to_keep", "shuffle_buffer_rows", "fail_at_step", "prefetch_batches", "cache_rows",

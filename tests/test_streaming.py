@@ -206,6 +206,57 @@ def test_auto_feed_holds_in_memory_only_what_is_read_twice_and_fits():
         assert resolve_feed(dataclasses.replace(three, feed=chosen), {"train": 20_000}, None) == chosen
 
 
+def test_the_driver_reads_a_recommender_training_set_only_where_it_is_small():
+    from mtrec_dist.config import TrainConfig
+    from mtrec_dist.training.recommender import reads_in_memory
+
+    # 4,201 rows of 24 * 10 + 128 bytes: 1.47 MiB, estimated as a one-worker held shard
+    assert reads_in_memory(TrainConfig(driver_read_mb=1.5), 4201, 10)
+    assert not reads_in_memory(TrainConfig(driver_read_mb=1.4), 4201, 10)
+    assert not reads_in_memory(TrainConfig(driver_read_mb=0), 1, 10)  # 0: Ray Data always reads the files
+    assert TrainConfig().driver_read_mb > 0
+
+
+@pytest.mark.integration
+def test_an_in_memory_dataset_keeps_every_row_in_order_in_bounded_blocks(ray_cluster):
+    from mtrec_dist.data.pipeline import in_memory_dataset
+
+    table = _table(n=1000, L=8)
+    block_mb = table.nbytes / 2**20 / 7.5  # about 133 rows per block: 8 blocks
+    ds = in_memory_dataset(table, block_mb=block_mb)
+    assert ds.materialize().num_blocks() == 8
+    assert [r["row_id"] for r in ds.take_all()] == list(range(1000))
+    assert in_memory_dataset(table.slice(0, 0)).count() == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("guidance", ["none", "reweight"])
+def test_recommender_rows_read_by_the_driver_equal_ray_datas_read(ray_cluster, tmp_path, guidance):
+    import pyarrow.parquet as pq
+    import ray
+
+    from mtrec_dist.training.recommender import REWARD_COLUMNS, read_training_rows
+
+    root = write_prepared(tmp_path / "prep", rows=61, files=3)
+    scored = root / "transitions"
+    if guidance != "none":  # a scored-transitions dataset: the reward columns beside every transition column
+        for f in sorted(scored.glob("*.parquet")):
+            t = pq.read_table(f)
+            for c in REWARD_COLUMNS:
+                t = t.append_column(c, pa.array(np.linspace(0, 1, t.num_rows), pa.float32()))
+            pq.write_table(t, f)
+    def rows(in_memory: bool) -> pa.Table:
+        ds = read_training_rows(str(scored), guidance, in_memory=in_memory)
+        return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
+
+    driver_table = rows(in_memory=True)
+    assert driver_table.equals(rows(in_memory=False))
+    written = pq.read_table(scored).column("pos_from_end").to_numpy()
+    assert driver_table.num_rows == int((written != 0).sum()) < 61  # each user's last transition is a test row
+    assert 0 not in driver_table.column("pos_from_end").to_pylist()
+    assert (set(REWARD_COLUMNS) <= set(driver_table.column_names)) == (guidance != "none")
+
+
 @pytest.mark.integration
 def test_only_a_training_set_that_fits_is_cached(ray_cluster, tmp_path):
     from ray.data.dataset import MaterializedDataset

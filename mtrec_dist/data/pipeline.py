@@ -104,6 +104,21 @@ def read_transitions(path: str, columns: Optional[Sequence[str]] = None, *, over
     return ray.data.read_parquet(source, **kwargs).select_columns(columns)
 
 
+IN_MEMORY_BLOCK_MB = 64  # blocks of an in-memory dataset: Ray Data's splits and prefetches work block by block
+
+
+def in_memory_dataset(table: pa.Table, block_mb: float = IN_MEMORY_BLOCK_MB):
+    """``table`` as a Ray Dataset of in-memory blocks of at most about ``block_mb`` MiB each (in row order).
+
+    For a training set small enough for one process to read: every epoch then starts from blocks already in
+    the object store, without Ray Data's file listing and read tasks."""
+    import ray.data
+
+    rows_per_block = max(1, int(block_mb * 2**20 * table.num_rows / max(table.nbytes, 1)))
+    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks or [table])
+
+
 # --------------------------------------------------------------------------------------------------
 # Splitting over Train workers without dropping rows
 # --------------------------------------------------------------------------------------------------

@@ -68,14 +68,22 @@ def _count_training_rows(scored_dir: str) -> tuple[int, int]:
     return train, total
 
 
-def read_training_rows(scored_dir: str, guidance: str):
-    """Ray Dataset of the scored transitions a recommender trains on (test rows filtered out)."""
+def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
+    """Ray Dataset of the scored transitions a recommender trains on (test rows filtered out).
+
+    ``in_memory``: this process reads the rows with pyarrow and hands them to Ray Data as in-memory blocks
+    (``train.driver_read_mb``: a small set), else Ray Data reads the Parquet files in its own tasks."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
     import ray.data
 
+    from mtrec_dist.data.pipeline import in_memory_dataset
+    from mtrec_dist.data.readers import resolve_filesystem
     from mtrec_dist.data.schema import TRANSITION_COLUMNS, assert_training_columns
 
-    ds = ray.data.read_parquet(scored_dir)
-    names = ds.schema().names
+    fs, root = resolve_filesystem(scored_dir)
+    files = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
+    names = files.schema.names
     need = list(TRANSITION_COLUMNS) + (list(REWARD_COLUMNS) if guidance != "none" else [])
     missing = [c for c in need if c not in names]
     if missing:
@@ -83,9 +91,19 @@ def read_training_rows(scored_dir: str, guidance: str):
                          "transitions dataset written by `mtrec score-rewards` (transitions mode)")
     keep = [c for c in names if c in need]
     assert_training_columns(keep)
+    if in_memory:
+        return in_memory_dataset(files.to_table(columns=keep, filter=pc.field("pos_from_end") != TEST_POSITION))
     from ray.data.expressions import col
 
-    return ds.select_columns(keep).filter(expr=col("pos_from_end") != TEST_POSITION)
+    return ray.data.read_parquet(scored_dir).select_columns(keep).filter(expr=col("pos_from_end") != TEST_POSITION)
+
+
+def reads_in_memory(train_cfg, rows: int, state_len: int) -> bool:
+    """Whether the driver reads a ``rows``-row training set itself (``train.driver_read_mb``; the size is
+    estimated as for a held shard, :func:`~mtrec_dist.training.loop.held_shard_mb`)."""
+    from mtrec_dist.training.loop import held_shard_mb
+
+    return held_shard_mb(rows, state_len, 1) <= train_cfg.driver_read_mb
 
 
 def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,
@@ -116,8 +134,10 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     counts = item_counts_for(prepared_dir, manifest["num_items"]) \
         if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
     spec = rec_model_spec(cfg, manifest, backbone, guidance)
+    in_memory = reads_in_memory(cfg.stage_train("rec"), train_rows, spec["state_len"])
     return launch_fit(cfg, "rec", recommender_factory(spec, counts),
-                      lambda: {"train": read_training_rows(scored_dir, guidance)}, spec=spec, output_dir=output_dir,
+                      lambda: {"train": read_training_rows(scored_dir, guidance, in_memory)}, spec=spec,
+                      output_dir=output_dir,
                       run_prefix=f"{REC_RUN_PREFIX}-{backbone}-{guidance}", pointer=POINTER_FILE,
                       label=f"train-rec {backbone}/{guidance}", row_counts={"train": train_rows}, resume=resume,
                       progress=progress, warm_start=warm_start,
