@@ -305,8 +305,8 @@ class TrainConfig:
     cache_rows: int = 2_000_000
     # a recommender's training set estimated at most this many MiB (as memory_feed_max_mb estimates it) is read by
     # the driver in one pyarrow call and handed to Ray Data as in-memory blocks: each epoch then starts without
-    # listing files, footer-reader and read tasks (1-5 s before the first batch on a 2-core machine); 0 = always
-    # read the Parquet files with Ray Data (training.recommender.read_training_rows)
+    # listing files, footer-reader and read tasks (docs/cluster.md "Feeding the workers"); 0 = always read the
+    # Parquet files with Ray Data (training.recommender.read_training_rows)
     driver_read_mb: float = 256.0
     fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
     score_batch_size: int = 512  # score-rewards: rows per map_batches call

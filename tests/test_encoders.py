@@ -185,10 +185,20 @@ def test_seq_conv_gradients_are_autograds_through_conv2d():
         bias = torch.randn(weight.shape[0], dtype=torch.float64, generator=g) if case % 2 else None
         wanted = [t.requires_grad_(case % 5 != i) for i, t in enumerate([seq, weight, bias]) if t is not None]
         wanted = [t for t in wanted if t.requires_grad]
+        if case % 3 == 0:  # a slice of a longer sequence, as causal_conv passes when it needs no padding
+            longer = torch.randn(seq.shape[0], span + 2, seq.shape[2], dtype=torch.float64, generator=g)
+            longer[:, 2:] = seq.detach()
+            sliced = longer[:, 2:].requires_grad_(seq.requires_grad)
+            wanted = [sliced if t is seq else t for t in wanted]
+            seq = sliced
         ours, ref = seq_conv(seq, weight, bias, dilation, stride), conv2d(seq, weight, bias, dilation, stride)
+        assert ours.grad_fn is None or type(ours.grad_fn).__name__ == "_SeqConvBackward"  # its own backward ran
         assert ours.shape == ref.shape == (seq.shape[0], out_len, weight.shape[0])
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
         grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        if case % 4 == 0:  # a gradient that arrives as a non-contiguous view
+            grad_out = torch.randn(ref.shape[0], ref.shape[2], ref.shape[1], dtype=torch.float64,
+                                   generator=g).transpose(1, 2)
         for a, b in zip(torch.autograd.grad(ours, wanted, grad_out), torch.autograd.grad(ref, wanted, grad_out)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         for t in (seq, weight, bias):

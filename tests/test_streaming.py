@@ -245,13 +245,20 @@ def test_recommender_rows_read_by_the_driver_equal_ray_datas_read(ray_cluster, t
             for c in REWARD_COLUMNS:
                 t = t.append_column(c, pa.array(np.linspace(0, 1, t.num_rows), pa.float32()))
             pq.write_table(t, f)
+    (scored / "_SUCCESS").write_text("")  # what writers leave beside the data: both readers skip it
+    pq.write_table(pq.read_table(next(scored.glob("*.parquet"))), scored / ".stale-copy.parquet")
+
     def rows(in_memory: bool) -> pa.Table:
+        from ray.data.dataset import MaterializedDataset
+
         ds = read_training_rows(str(scored), guidance, in_memory=in_memory)
+        assert isinstance(ds, MaterializedDataset) == in_memory  # blocks already in the object store, or a read
         return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
 
     driver_table = rows(in_memory=True)
     assert driver_table.equals(rows(in_memory=False))
-    written = pq.read_table(scored).column("pos_from_end").to_numpy()
+    written = pa.concat_tables(pq.read_table(f) for f in sorted(scored.glob("part-*.parquet")))
+    written = written.column("pos_from_end").to_numpy()
     assert driver_table.num_rows == int((written != 0).sum()) < 61  # each user's last transition is a test row
     assert 0 not in driver_table.column("pos_from_end").to_pylist()
     assert (set(REWARD_COLUMNS) <= set(driver_table.column_names)) == (guidance != "none")

@@ -112,11 +112,11 @@ def in_memory_dataset(table: pa.Table, block_mb: float = IN_MEMORY_BLOCK_MB):
 
     For a training set small enough for one process to read: every epoch then starts from blocks already in
     the object store, without Ray Data's file listing and read tasks."""
+    import math
+
     import ray.data
 
-    rows_per_block = max(1, int(block_mb * 2**20 * table.num_rows / max(table.nbytes, 1)))
-    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
-    return ray.data.from_arrow(blocks or [table])
+    return ray.data.from_arrow(table, override_num_blocks=max(1, math.ceil(table.nbytes / (block_mb * 2**20))))
 
 
 # --------------------------------------------------------------------------------------------------

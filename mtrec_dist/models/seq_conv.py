@@ -5,7 +5,9 @@ The forward is ``F.conv2d`` on the channels-last view [B, D_in, 1, span].  On th
 computed here: oneDNN's weight gradient for these shapes took 5.8 ms where one GEMM over the K shifted
 copies of the input takes 2.8 ms (batch 128, length 50, d=64, kernel 3, 1 thread; bench/RESULTS.md session
 18), while its input gradient (2.7 ms) is as fast as the forward, so that part stays with
-``aten::convolution_backward``.  On a GPU (or with ``torch.func`` transforms) autograd's own backward runs.
+``aten::convolution_backward``.  On a GPU, and under CPU autocast (whose gradients would reach oneDNN in another
+dtype than the saved inputs), autograd's own backward of ``F.conv2d`` runs.  ``torch.func.vmap`` is not
+supported on the CPU path.
 """
 from __future__ import annotations
 
@@ -31,12 +33,17 @@ def _shifted_copies(seq: torch.Tensor, kernel: int, dilation: int, stride: int, 
     return torch.cat(taps, dim=2).reshape(-1, kernel * seq.shape[2])
 
 
+def _conv2d(seq: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
+            stride: int) -> torch.Tensor:
+    w, strides, dilations = _conv_args(weight, dilation, stride)
+    y = F.conv2d(_channels_last(seq), w, bias, stride=strides, dilation=dilations)
+    return y.permute(0, 2, 3, 1).squeeze(1)  # [B, out_len, D_out], contiguous (channels-last)
+
+
 class _SeqConv(torch.autograd.Function):
     @staticmethod
     def forward(seq, weight, bias, dilation: int, stride: int):
-        w, strides, dilations = _conv_args(weight, dilation, stride)
-        y = F.conv2d(_channels_last(seq), w, bias, stride=strides, dilation=dilations)
-        return y.permute(0, 2, 3, 1).squeeze(1)  # [B, out_len, D_out], contiguous (channels-last)
+        return _conv2d(seq, weight, bias, dilation, stride)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -73,8 +80,6 @@ def seq_conv(seq: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """``seq`` [B, span, D_in], ``weight`` [D_out, D_in, K] (an ``nn.Conv1d``'s) -> [B, out_len, D_out] with
     ``out_len = (span - (K - 1) dilation - 1) // stride + 1`` and ``y[j] = bias + sum_k W[:, :, k] seq[k dilation +
     j stride]``."""
-    if seq.device.type != "cpu":
-        w, strides, dilations = _conv_args(weight, dilation, stride)
-        y = F.conv2d(_channels_last(seq), w, bias, stride=strides, dilation=dilations)
-        return y.permute(0, 2, 3, 1).squeeze(1)
+    if seq.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return _conv2d(seq, weight, bias, dilation, stride)
     return _SeqConv.apply(seq, weight, bias, dilation, stride)

@@ -53,6 +53,12 @@ def recommender_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray] 
                              spec["state_len"], item_counts=counts)
 
 
+def _training_rows(column: Callable[[str], Any]):
+    """The filter that keeps training rows (every transition but each user's held-out last one), written with
+    ``column``: pyarrow's ``pc.field`` or Ray Data's ``col``."""
+    return column("pos_from_end") != TEST_POSITION
+
+
 def _count_training_rows(scored_dir: str) -> tuple[int, int]:
     """(rows with pos_from_end >= 1, all rows) of a scored-transitions directory, from Parquet metadata
     and one column."""
@@ -64,7 +70,7 @@ def _count_training_rows(scored_dir: str) -> tuple[int, int]:
     fs, root = resolve_filesystem(scored_dir)
     ds = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
     total = int(ds.count_rows())
-    train = int(ds.count_rows(filter=pc.field("pos_from_end") != TEST_POSITION))
+    train = int(ds.count_rows(filter=_training_rows(pc.field)))
     return train, total
 
 
@@ -92,10 +98,10 @@ def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
     keep = [c for c in names if c in need]
     assert_training_columns(keep)
     if in_memory:
-        return in_memory_dataset(files.to_table(columns=keep, filter=pc.field("pos_from_end") != TEST_POSITION))
+        return in_memory_dataset(files.to_table(columns=keep, filter=_training_rows(pc.field)))
     from ray.data.expressions import col
 
-    return ray.data.read_parquet(scored_dir).select_columns(keep).filter(expr=col("pos_from_end") != TEST_POSITION)
+    return ray.data.read_parquet(scored_dir).select_columns(keep).filter(expr=_training_rows(col))
 
 
 def reads_in_memory(train_cfg, rows: int, state_len: int) -> bool:
@@ -117,7 +123,7 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     ``warm_start``: an earlier checkpoint of the same backbone whose weights initialise a fresh run (daily
     retraining; the catalog may have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
-    "guidance", "train_rows"}``.
+    "guidance", "train_rows", "read_by_driver"}`` (``read_by_driver``: see ``train.driver_read_mb``).
     """
     from mtrec_dist.training.reward import item_counts_for, load_training_manifest
 
@@ -141,7 +147,8 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
                       run_prefix=f"{REC_RUN_PREFIX}-{backbone}-{guidance}", pointer=POINTER_FILE,
                       label=f"train-rec {backbone}/{guidance}", row_counts={"train": train_rows}, resume=resume,
                       progress=progress, warm_start=warm_start,
-                      extra={"backbone": backbone, "guidance": guidance, "train_rows": train_rows})
+                      extra={"backbone": backbone, "guidance": guidance, "train_rows": train_rows,
+                             "read_by_driver": in_memory})
 
 
 def default_rec_checkpoint(output_dir: str) -> str:
