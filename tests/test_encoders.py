@@ -161,51 +161,6 @@ def test_causal_conv_is_a_left_padded_conv1d(kernel, dilation):
     assert torch.allclose(g_got, g_want, atol=1e-5)
 
 
-def test_seq_conv_gradients_are_autograds_through_conv2d():
-    """seq_conv's own backward (the input gradient from aten's convolution_backward, the weight gradient as one
-    GEMM over the shifted inputs) against autograd through F.conv2d, in float64, over random kernels, dilations,
-    strides, widths and spans (including spans the stride does not divide), with and without bias, and with
-    only some inputs needing gradients."""
-    import torch.nn.functional as F
-
-    from mtrec_dist.models.seq_conv import seq_conv
-
-    def conv2d(seq, weight, bias, dilation, stride):
-        y = F.conv2d(seq.unsqueeze(1).permute(0, 3, 1, 2), weight.unsqueeze(2), bias, stride=(1, stride),
-                     dilation=(1, dilation))
-        return y.permute(0, 2, 3, 1).squeeze(1)
-
-    g = torch.Generator().manual_seed(7)
-    draw = lambda lo, hi: int(torch.randint(lo, hi, (), generator=g))  # noqa: E731
-    for case in range(150):
-        kernel, dilation, stride, out_len = draw(1, 5), draw(1, 5), draw(1, 4), draw(1, 8)
-        span = (out_len - 1) * stride + (kernel - 1) * dilation + 1 + draw(0, stride)
-        seq = torch.randn(draw(1, 5), span, draw(1, 6), dtype=torch.float64, generator=g)
-        weight = torch.randn(draw(1, 6), seq.shape[2], kernel, dtype=torch.float64, generator=g)
-        bias = torch.randn(weight.shape[0], dtype=torch.float64, generator=g) if case % 2 else None
-        wanted = [t.requires_grad_(case % 5 != i) for i, t in enumerate([seq, weight, bias]) if t is not None]
-        wanted = [t for t in wanted if t.requires_grad]
-        if case % 3 == 0:  # a slice of a longer sequence, as causal_conv passes when it needs no padding
-            longer = torch.randn(seq.shape[0], span + 2, seq.shape[2], dtype=torch.float64, generator=g)
-            longer[:, 2:] = seq.detach()
-            sliced = longer[:, 2:].requires_grad_(seq.requires_grad)
-            wanted = [sliced if t is seq else t for t in wanted]
-            seq = sliced
-        ours, ref = seq_conv(seq, weight, bias, dilation, stride), conv2d(seq, weight, bias, dilation, stride)
-        assert ours.grad_fn is None or type(ours.grad_fn).__name__ == "_SeqConvBackward"  # its own backward ran
-        assert ours.shape == ref.shape == (seq.shape[0], out_len, weight.shape[0])
-        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-        grad_out = torch.randn(ref.shape, dtype=torch.float64, generator=g)
-        if case % 4 == 0:  # a gradient that arrives as a non-contiguous view
-            grad_out = torch.randn(ref.shape[0], ref.shape[2], ref.shape[1], dtype=torch.float64,
-                                   generator=g).transpose(1, 2)
-        for a, b in zip(torch.autograd.grad(ours, wanted, grad_out), torch.autograd.grad(ref, wanted, grad_out)):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-        for t in (seq, weight, bias):
-            if t is not None:
-                t.requires_grad_(False)
-
-
 def test_caser_horizontal_filters_are_the_papers_2d_convolutions():
     """Caser's horizontal filters, run as 1-D convolutions over positions, give the 2-D convolutions of the
     L x D image that its parameters describe (relu, max over positions), gradients included."""

@@ -26,7 +26,6 @@ from ..choices import BACKBONES
 from ..config import ModelConfig
 from .conv_windows import ConvWindow, at_stride, nextitnet_windows, positions_at_stride
 from .dropout import Dropout, dropout_mask
-from .seq_conv import seq_conv
 
 __all__ = ["build_encoder", "ENCODER_NAMES", "SASRecEncoder", "GRU4RecEncoder", "CaserEncoder", "NextItNetEncoder"]
 
@@ -239,7 +238,9 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     seq = x[:, length + pad - span:]
     if pad:  # concatenated, not F.pad: that fills the whole output before copying x in
         seq = torch.cat([seq.new_zeros(seq.shape[0], pad, seq.shape[2]), seq], dim=1)  # [B, span, D_in]
-    return seq_conv(seq, weight, bias, dilation, stride)  # [B, out_len, D_out]
+    y = F.conv2d(seq.unsqueeze(1).permute(0, 3, 1, 2), weight.unsqueeze(2), bias,
+                 stride=(1, stride), dilation=(1, dilation))  # [B, D_out, 1, out_len], channels-last
+    return y.permute(0, 2, 3, 1).squeeze(1)  # a view both ways ([:, 0] would zero-fill and copy in backward)
 
 
 class NextItNetBlock(nn.Module):
