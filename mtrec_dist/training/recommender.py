@@ -59,16 +59,23 @@ def _training_rows(column: Callable[[str], Any]):
     return column("pos_from_end") != TEST_POSITION
 
 
-def _count_training_rows(scored_dir: str) -> tuple[int, int]:
-    """(rows with pos_from_end >= 1, all rows) of a scored-transitions directory, from Parquet metadata
-    and one column."""
-    import pyarrow.compute as pc
+def _scored_files(scored_dir: str):
+    """The Parquet files of a scored-transitions directory as a pyarrow dataset (footers only), skipping the
+    names Ray Data's reader skips too (``_SUCCESS``, dot-files)."""
     import pyarrow.dataset as pads
 
     from mtrec_dist.data.readers import resolve_filesystem
 
     fs, root = resolve_filesystem(scored_dir)
-    ds = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
+    return pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
+
+
+def _count_training_rows(scored_dir: str) -> tuple[int, int]:
+    """(rows with pos_from_end >= 1, all rows) of a scored-transitions directory, from Parquet metadata
+    and one column."""
+    import pyarrow.compute as pc
+
+    ds = _scored_files(scored_dir)
     total = int(ds.count_rows())
     train = int(ds.count_rows(filter=_training_rows(pc.field)))
     return train, total
@@ -80,15 +87,12 @@ def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
     ``in_memory``: this process reads the rows with pyarrow and hands them to Ray Data as in-memory blocks
     (``train.driver_read_mb``: a small set), else Ray Data reads the Parquet files in its own tasks."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     import ray.data
 
     from mtrec_dist.data.pipeline import in_memory_dataset
-    from mtrec_dist.data.readers import resolve_filesystem
     from mtrec_dist.data.schema import TRANSITION_COLUMNS, assert_training_columns
 
-    fs, root = resolve_filesystem(scored_dir)
-    files = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
+    files = _scored_files(scored_dir)
     names = files.schema.names
     need = list(TRANSITION_COLUMNS) + (list(REWARD_COLUMNS) if guidance != "none" else [])
     missing = [c for c in need if c not in names]
