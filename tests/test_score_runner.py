@@ -1,4 +1,5 @@
-"""`score-rewards` picks its runner: scoring actors that each hold the model, or the sharded worker group."""
+"""`score-rewards` picks its runner: scoring actors that each hold the model, the sharded worker group, or
+the driver process for a small set."""
 from __future__ import annotations
 
 import pytest
@@ -19,3 +20,17 @@ def test_score_runner_auto_shards_only_a_big_table_over_several_workers():
     assert score_runner(forced, spec) == "sharded"
     with pytest.raises(ConfigError, match="score_unsharded_max_mb"):
         load_config(None, ["train.score_unsharded_max_mb=0"])
+
+
+def test_score_runner_auto_scores_a_small_set_in_the_driver():
+    spec = {"num_items": 1_000, "state_len": 10, "model": {"embedding_dim": 32}}
+    auto = load_config(None, ["train.num_workers=2", "train.driver_read_mb=1.5"]).train
+    assert score_runner(auto, spec, rows=4201) == "local"  # 4,201 x (24 x 10 + 128) bytes = 1.47 MiB
+    assert score_runner(auto, spec, rows=4300) == "actors"  # 1.51 MiB: over driver_read_mb
+    assert score_runner(auto, spec) == "actors"  # rows not known (offline ranking)
+    never = load_config(None, ["train.driver_read_mb=0"]).train
+    assert score_runner(never, spec, rows=1) == "actors"
+    forced = load_config(None, ["train.score_runner=actors"]).train
+    assert score_runner(forced, spec, rows=1) == "actors"
+    big = dict(spec, num_items=10_000_000)  # a table to shard wins over a small set
+    assert score_runner(auto, big, rows=1) == "sharded"

@@ -100,13 +100,13 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
     lib, plain = s["library"], s["plain"]
     rows = []
     train = (qriql or {}).get("runs", {}).get("ray_1")
-    how = (f"{lib['actors']} actor, {lib['rows']:,} rows, baseline {lib['baseline']}, CVaR baseline "
-           f"{lib.get('cvar_baseline', 'exact')}")
+    where = "in the driver" if lib.get("runner") == "local" else f"{lib['actors']} actor"
+    how = f"{where}, {lib['rows']:,} rows, baseline {lib['baseline']}, CVaR baseline {lib.get('cvar_baseline', 'exact')}"
     if train:
         steady = lib.get("rows_per_actor_s")
         rows.append(_row("scoring_vs_training", "score-rewards / QR-IQL training (1 worker), steady",
                          (steady or lib["rows_per_s"]) / train["samples_per_s"],
-                         (f"{steady:,.0f} rows per actor-second of scoring batches" if steady else
+                         (f"{steady:,.0f} rows per process-second of scoring batches" if steady else
                           f"{lib['rows_per_s']:,.0f} rows/s wall (no batch timing)")
                          + f" ({how}) vs {train['samples_per_s']:,.0f} samples/s steady"))
         rows.append(_row("scoring_vs_training_end_to_end", "score-rewards / QR-IQL training (1 worker), end to end",

@@ -1,4 +1,5 @@
-"""Scoring: ``score-rewards`` (Ray Data, one scoring actor per ``train.score_concurrency``) vs the plain loop
+"""Scoring: ``score-rewards`` (as ``train.score_runner: auto`` runs it: in the driver for a small set, else Ray
+Data with one scoring actor per ``train.score_concurrency``) vs the plain loop
 a user would write (load the model, score the transitions batch by batch in one process), with the same
 scores required, and vs the training throughput of the same model.
 
@@ -115,6 +116,6 @@ def bench_scoring(base: PipelineConfig, checkpoint: str, prepared: Path, work: P
     return {"library": {"rows": summary["rows"], "wall_s": library_s, "rows_per_s": summary["rows"] / library_s,
                         "scoring_actor_s": summary.get("scoring_actor_s"), "rows_per_actor_s": summary.get("rows_per_actor_s"),
                         "baseline": summary["baseline"], "cvar_baseline": summary["cvar_baseline"],
-                        "actors": base.train.score_concurrency,
+                        "runner": summary["runner"], "actors": base.train.score_concurrency,
                         "cpus_per_actor": base.train.score_cpus},
             "plain": plain, "check": {"max_abs_diff": gaps}}

@@ -35,9 +35,12 @@ def run(args) -> int:
     if summary["runner"] == "sharded":
         peaks = ", ".join(f"{r['peak_rss_mb']:,.0f}" for r in summary["ranks"])
         how = f"{len(summary['ranks'])} workers, item table sharded; peak RSS per worker {peaks} MiB"
+    elif summary["runner"] == "local":
+        how = "in this process: a small job (train.driver_read_mb), no actor to start"
     if "scoring_actor_s" in summary:  # the rest is start-up: actors, model load, Ray Data's planning, the write
-        how += (f"; {summary['scoring_actor_s']:.1f} actor-seconds in scoring batches, {summary['rows_per_actor_s']:,} "
-                "rows/s per actor")
+        who = "process" if summary["runner"] == "local" else "actor"
+        how += (f"; {summary['scoring_actor_s']:.1f} {who}-seconds in scoring batches, "
+                f"{summary['rows_per_actor_s']:,} rows/s per {who}")
     print(f"scored {summary['rows']:,} {summary['mode']} rows in {summary['seconds']}s "
           f"({summary['rows_per_s']:,} rows/s; {how}) -> {summary['out_dir']}")
     print(json.dumps(summary, default=str))

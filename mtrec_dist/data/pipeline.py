@@ -87,6 +87,22 @@ def read_transitions(path: str, columns: Optional[Sequence[str]] = None, *, over
     """
     import ray.data
 
+    source, columns = _training_columns(path, columns)
+    kwargs = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
+    # select_columns is pushed down into the Parquet read: the other columns are never loaded.
+    return ray.data.read_parquet(source, **kwargs).select_columns(columns)
+
+
+def read_transitions_table(path: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """The same rows and columns as :func:`read_transitions`, read in this process with pyarrow (a small
+    dataset: no Ray Data read tasks to start)."""
+    _, columns = _training_columns(path, columns)
+    return _parquet_dataset(path).to_table(columns=columns)
+
+
+def _training_columns(path: str, columns: Optional[Sequence[str]]) -> tuple:
+    """``(source, columns)``: the transitions folder under ``path`` and the checked training columns to read
+    from it (default: every column but evaluation-only ones)."""
     source = transitions_path(path)
     schema = transition_schema(path)
     if columns is None:
@@ -99,9 +115,7 @@ def read_transitions(path: str, columns: Optional[Sequence[str]] = None, *, over
     absent = [c for c in columns if c not in schema.names]
     if absent:
         raise ValueError(f"{source}: requested column(s) {absent} not in the files; found {schema.names}")
-    kwargs = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
-    # select_columns is pushed down into the Parquet read: the other columns are never loaded.
-    return ray.data.read_parquet(source, **kwargs).select_columns(columns)
+    return source, columns
 
 
 IN_MEMORY_BLOCK_MB = 64  # blocks of an in-memory dataset: Ray Data's splits and prefetches work block by block
@@ -455,6 +469,6 @@ def skip_set(parts: Iterable[np.ndarray]) -> np.ndarray:
 __all__ = [
     "HeldShard", "LIST_COLUMNS", "MASK", "NoDropDataConfig", "collate_transitions", "count_transitions", "filler_rows", "consumed_row_ids",
     "filter_and_rebatch", "iter_train_batches", "max_over_ranks",
-    "masked_like", "pad_batch", "read_transitions", "skip_set", "transition_files",
+    "masked_like", "pad_batch", "read_transitions", "read_transitions_table", "skip_set", "transition_files",
     "transition_schema", "transitions_path",
 ]

@@ -22,11 +22,12 @@ Output columns (besides the key / pass-through columns):
   ``E_pi[CVaR - R_mean]`` from that many draws of ``pi`` (QRIQLModel.reward_baseline_over).  The guided
   recommender uses the advantage ``reward_mean - reward_baseline``.
 
-Two runners (``train.score_runner``; :func:`score_runner` resolves ``auto``): scoring actors
+Three runners (``train.score_runner``; :func:`score_runner` resolves ``auto``): scoring actors
 (``train.score_concurrency`` of them, ``train.score_cpus`` each), each loading the whole model once from the
-sharded checkpoint into a plain single-process model; or, for a catalog no process should hold, the training
-worker group with the item table sharded exactly as in training (:mod:`~mtrec_dist.training.sharded_scoring`).
-Both score a batch with the same :class:`TableScorer`.
+sharded checkpoint into a plain single-process model; for a catalog no process should hold, the training
+worker group with the item table sharded exactly as in training (:mod:`~mtrec_dist.training.sharded_scoring`);
+and for a small job, this process (``local``: the rows read with pyarrow, scored and written here, with no
+actor or read task to start).  All score a batch with the same :class:`TableScorer`.
 """
 from __future__ import annotations
 
@@ -200,12 +201,44 @@ def table_mb(spec: Dict[str, Any]) -> float:
     return rows_mb(int(spec["num_items"]) + 1, spec["model"]["embedding_dim"])
 
 
-def score_runner(tc, spec: Dict[str, Any]) -> str:
+def score_runner(tc, spec: Dict[str, Any], rows: Optional[int] = None) -> str:
     """``train.score_runner``, with ``auto`` resolved: sharded when the item table is over
-    ``train.score_unsharded_max_mb`` (each scoring actor would hold all of it) and there are >= 2 workers."""
+    ``train.score_unsharded_max_mb`` (each scoring actor would hold all of it) and there are >= 2 workers;
+    else local when the ``rows`` to score (None = not known) are estimated at most ``train.driver_read_mb``
+    (as a held shard is: :func:`~mtrec_dist.training.loop.held_shard_mb`); else actors."""
+    from mtrec_dist.training.loop import held_shard_mb
+
     if tc.score_runner != "auto":
         return tc.score_runner
-    return "sharded" if tc.num_workers >= 2 and table_mb(spec) > tc.score_unsharded_max_mb else "actors"
+    if tc.num_workers >= 2 and table_mb(spec) > tc.score_unsharded_max_mb:
+        return "sharded"
+    small = rows is not None and held_shard_mb(rows, int(spec["state_len"]), 1) <= tc.driver_read_mb
+    return "local" if small else "actors"
+
+
+def score_locally(table: pa.Table, checkpoint_path: str, scorer_kwargs: Dict[str, Any], threads: int,
+                  batch_size: int, fs, base: str) -> float:
+    """Score ``table`` in this process, ``batch_size`` rows at a time with ``threads`` torch threads (restored
+    after), and write the scored rows to ``base`` on ``fs`` as one Parquet file; the seconds spent scoring."""
+    import pyarrow.parquet as pq
+
+    from mtrec_dist.training.checkpoint import load_unsharded_model
+    from mtrec_dist.training.reward import reward_model_factory
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        model = load_unsharded_model(reward_model_factory(scorer_kwargs["spec"], for_inference=True), checkpoint_path)
+        scorer = TableScorer(model, **scorer_kwargs)
+        t0 = time.perf_counter()
+        scored = [scorer(table.slice(start, batch_size)) for start in range(0, table.num_rows, batch_size)]
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
+    fs.create_dir(base, recursive=True)
+    if scored:
+        pq.write_table(pa.concat_tables(scored), f"{base.rstrip('/')}/part-00000.parquet", filesystem=fs)
+    return seconds
 
 
 def _prepare_out_dir(out_dir: str, overwrite: bool):
@@ -229,10 +262,7 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     """Score every transition of ``prepared_dir`` (or the rows of ``pairs_path``) and write Parquet to
     ``out_dir``; returns a summary (also written to ``<out_dir>/_scores.json``).  A non-empty ``out_dir``
     is refused unless ``overwrite``."""
-    import ray.data
-
-    from mtrec_dist.data.pipeline import count_transitions, read_transitions
-    from mtrec_dist.runtime import init_ray
+    from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.training.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(checkpoint_path)
@@ -240,45 +270,35 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     if not spec:
         raise ValueError(f"{checkpoint_path}: checkpoint has no model_spec (not written by train-reward)")
     t0 = time.time()
-    init_ray(cfg.ray_address)
     if pairs_path:
-        ds = ray.data.read_parquet(pairs_path)
-        names = ds.schema().names
-        missing = [c for c in ("state_items", PAIR_CANDIDATE) if c not in names]
-        if missing:
-            raise ValueError(f"{pairs_path}: missing column(s) {missing}; need state_items, {PAIR_CANDIDATE} "
-                             "[, state_feedback]")
-        candidate, mode, expected = PAIR_CANDIDATE, "pairs", int(ds.count())  # Parquet footers: no data read
+        candidate, mode, expected = PAIR_CANDIDATE, "pairs", int(_pairs_files(pairs_path).count_rows())  # footers
     else:
         if not prepared_dir:
             raise ValueError("score-rewards needs a prepared dataset (--prepared) or a pairs file (--pairs)")
-        ds = read_transitions(prepared_dir)  # every training column passes through to the output
         candidate, mode, expected = "action", "transitions", count_transitions(prepared_dir)
     drop = ("state_items", "state_feedback") if mode == "pairs" else ()
     tc = cfg.train
     scorer_kwargs = {"spec": spec, "candidate_column": candidate, "drop_columns": drop, "seed": tc.seed,
                      "full_catalog_max": tc.score_full_catalog_max, "num_candidates": tc.score_candidates,
                      "cvar_draws": tc.score_cvar_draws}
-    runner = score_runner(tc, spec)
+    runner = score_runner(tc, spec, expected)
     out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)
     fs, base = _prepare_out_dir(out_dir, overwrite)
     ranks, scoring_s = None, None
-    if runner == "sharded":
-        from mtrec_dist.training.sharded_scoring import score_sharded
+    if runner == "local":  # every training column of a transition passes through to the output
+        from mtrec_dist.data.pipeline import read_transitions_table
 
-        ranks = score_sharded(tc, checkpoint_path, ds, out_dir, scorer_kwargs, expected)
+        table = _pairs_files(pairs_path).to_table() if pairs_path else read_transitions_table(prepared_dir)
+        scoring_s = score_locally(table, checkpoint_path, scorer_kwargs, round(tc.score_concurrency * tc.score_cpus),
+                                  tc.score_batch_size, fs, base)
     else:
-        if tc.score_concurrency > 1:  # a prepared day is often one file, i.e. one block: one actor would get it all
-            ds = ds.repartition(target_num_rows_per_block=rows_per_actor_block(expected, tc))
-        scored = ds.map_batches(
-            RewardScorer, fn_constructor_kwargs=dict(scorer_kwargs, checkpoint_path=checkpoint_path,
-                                                     threads=max(1, int(tc.score_cpus)),
-                                                     malloc_trim_mb=tc.malloc_trim_mb),
-            batch_size=tc.score_batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency), num_cpus=tc.score_cpus,
-        )
-        scored.write_parquet(out_dir)
-        scoring_s = operator_seconds(scored, RewardScorer.__name__)
+        ds = _ray_source(cfg, prepared_dir, pairs_path)
+        if runner == "sharded":
+            from mtrec_dist.training.sharded_scoring import score_sharded
+
+            ranks = score_sharded(tc, checkpoint_path, ds, out_dir, scorer_kwargs, expected)
+        else:
+            scoring_s = _score_with_actors(tc, ds, checkpoint_path, scorer_kwargs, expected, out_dir)
     import pyarrow.dataset as pads
 
     written = pads.dataset(base, filesystem=fs, format="parquet")
@@ -294,12 +314,57 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     if ranks is not None:
         summary["ranks"] = ranks  # per worker: rows scored, its shard of the item table, peak RSS
     summary["rows_per_s"] = round(rows / max(summary["seconds"], 1e-9), 1)
-    if scoring_s:  # actor-seconds in scoring batches (start-up, model load and writing excluded)
+    if scoring_s:  # process-seconds in scoring batches (start-up, model load, reading and writing excluded)
         summary["scoring_actor_s"] = round(scoring_s, 3)
-        summary["rows_per_actor_s"] = round(rows / scoring_s, 1)  # one actor's rate while it scores
+        summary["rows_per_actor_s"] = round(rows / scoring_s, 1)  # one actor's (or this process's) rate
     with fs.open_output_stream(f"{base.rstrip('/')}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _pairs_files(pairs_path: str):
+    """The pairs Parquet as a pyarrow dataset, its required columns checked (footers only)."""
+    import pyarrow.dataset as pads
+
+    from mtrec_dist.data.input_files import resolve_filesystem
+
+    fs, path = resolve_filesystem(pairs_path)
+    files = pads.dataset(path, filesystem=fs, format="parquet")
+    missing = [c for c in ("state_items", PAIR_CANDIDATE) if c not in files.schema.names]
+    if missing:
+        raise ValueError(f"{pairs_path}: missing column(s) {missing}; need state_items, {PAIR_CANDIDATE} "
+                         "[, state_feedback]")
+    return files
+
+
+def _ray_source(cfg: PipelineConfig, prepared_dir: Optional[str], pairs_path: Optional[str]):
+    """The rows to score as a Ray Dataset (transitions: training columns only)."""
+    import ray.data
+
+    from mtrec_dist.data.pipeline import read_transitions
+    from mtrec_dist.runtime import init_ray
+
+    init_ray(cfg.ray_address)
+    return ray.data.read_parquet(pairs_path) if pairs_path else read_transitions(prepared_dir)
+
+
+def _score_with_actors(tc: TrainConfig, ds, checkpoint_path: str, scorer_kwargs: Dict[str, Any], rows: int,
+                       out_dir: str) -> Optional[float]:
+    """Score ``ds`` with ``train.score_concurrency`` Ray Data actors and write it to ``out_dir``; their
+    actor-seconds in scoring batches (None where Ray Data's stats lack them)."""
+    import ray.data
+
+    if tc.score_concurrency > 1:  # a prepared day is often one file, i.e. one block: one actor would get it all
+        ds = ds.repartition(target_num_rows_per_block=rows_per_actor_block(rows, tc))
+    scored = ds.map_batches(
+        RewardScorer, fn_constructor_kwargs=dict(scorer_kwargs, checkpoint_path=checkpoint_path,
+                                                 threads=max(1, int(tc.score_cpus)),
+                                                 malloc_trim_mb=tc.malloc_trim_mb),
+        batch_size=tc.score_batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=tc.score_concurrency), num_cpus=tc.score_cpus,
+    )
+    scored.write_parquet(out_dir)
+    return operator_seconds(scored, RewardScorer.__name__)
 
 
 def operator_seconds(ds, udf_name: str) -> Optional[float]:
