@@ -12,8 +12,8 @@ Backbone = Literal["sasrec", "gru4rec", "caser", "nextitnet"]
 # How the learned reward guides recommender training (objectives/guidance.py).
 GuidanceMode = Literal["none", "reweight", "actor_critic", "risk_averse"]
 # How `mtrec score-rewards` and offline ranking run: actors that each load the whole model, a worker group
-# with the item table sharded as in training (training/sharded_inference.py), or (score-rewards only) the
-# driver process itself for a small job; auto picks by the table's size, then the rows' size.
+# with the item table sharded as in training (training/sharded_inference.py), or the driver process itself for
+# a small job; auto picks by the table's size, then the rows' size.
 ScoreRunner = Literal["auto", "actors", "sharded", "local"]
 # Rows of `mtrec ablate` (docs/method.md, "The ablation").
 AblationRow = Literal["A", "B", "C", "D", "E", "F", "G", "H", "I"]

@@ -306,8 +306,8 @@ class TrainConfig:
     # a recommender's training set estimated at most this many MiB (as memory_feed_max_mb estimates it) is read by
     # the driver in one pyarrow call and handed to Ray Data as in-memory blocks: each epoch then starts without
     # listing files, footer-reader and read tasks (docs/cluster.md "Feeding the workers"); with score_runner auto,
-    # score-rewards scores a set this small in the driver process itself (no actor to start); 0 = always read the
-    # Parquet files with Ray Data (training.recommender.read_training_rows, training.scoring.score_runner)
+    # score-rewards and offline ranking run a set this small in the driver process itself (no actor to start); 0 =
+    # always read the Parquet files with Ray Data (training.recommender.read_training_rows, training.scoring.score_runner)
     driver_read_mb: float = 256.0
     fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
     score_batch_size: int = 512  # score-rewards: rows per map_batches call
@@ -319,9 +319,9 @@ class TrainConfig:
     # from this many items drawn from pi at evenly spaced points of its CDF (0 = exact; docs/method.md "Scoring")
     score_cvar_draws: int = 256
     # score-rewards and offline ranking: "actors" each load the whole model; "sharded" runs in num_workers
-    # workers with the item table sharded as in training (no process holds all of it); "local" (score-rewards
-    # only; ranking uses actors) scores in the driver process; "auto" shards a table over score_unsharded_max_mb
-    # when there are >= 2 workers, else scores locally a set of at most driver_read_mb, else uses actors
+    # workers with the item table sharded as in training (no process holds all of it); "local" scores / ranks in
+    # the driver process; "auto" shards a table over score_unsharded_max_mb when there are >= 2 workers, else
+    # runs locally a set (transitions to score, test rows to rank) of at most driver_read_mb, else uses actors
     score_runner: ScoreRunner = "auto"  # score-rewards / ranking: actors | sharded | local | auto (by size)
     score_unsharded_max_mb: float = 1024.0  # score-rewards / ranking: auto shards an item table over this (MiB)
     seed: int = 0  # random seed of model initialisation and data shuffling

@@ -82,9 +82,10 @@ def test_guided_training_saw_exactly_the_non_test_rows(tiny_run):
             assert s["train_rows"] == manifest["num_transitions"] - test_rows
 
 
-def test_sharded_ranking_gives_the_ranking_actors_ranks(tiny_run):
+def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
     """Offline ranking with the item table sharded row-wise over 2 workers (each counts, on its own rows, the
-    items that beat each target) equals the ranking actors', which each hold the whole table."""
+    items that beat each target), and in the driver process, equals the ranking actors', which each hold the
+    whole table."""
     import dataclasses
 
     import numpy as np
@@ -103,7 +104,10 @@ def test_sharded_ranking_gives_the_ranking_actors_ranks(tiny_run):
     sharded = rank_test_rows(*args, seed=cfg.eval.seed,
                              sharded_on=dataclasses.replace(cfg.train, num_workers=2)).sort_by("row_id")
     assert sharded.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
-    for name in ("rank_full", "rank_sampled"):
-        np.testing.assert_array_equal(sharded.column(name).to_numpy(), actors.column(name).to_numpy())
-    np.testing.assert_allclose(sharded.column("score_target").to_numpy(), actors.column("score_target").to_numpy(),
-                               rtol=1e-5, atol=1e-5)
+    local = rank_test_rows(*args, seed=cfg.eval.seed, in_process=True).sort_by("row_id")  # the driver's
+    for other in (sharded, local):
+        assert other.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
+        for name in ("rank_full", "rank_sampled"):
+            np.testing.assert_array_equal(other.column(name).to_numpy(), actors.column(name).to_numpy())
+        np.testing.assert_allclose(other.column("score_target").to_numpy(), actors.column("score_target").to_numpy(),
+                                   rtol=1e-5, atol=1e-5)

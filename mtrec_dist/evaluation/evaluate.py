@@ -123,11 +123,12 @@ def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, A
     from mtrec_dist.training.scoring import score_runner
 
     factory, spec = _recommender_factory(summary)
-    sharded = score_runner(cfg.train, spec) == "sharded"  # a table too big for every ranking actor to hold
+    # sharded: a table too big for every ranking actor to hold; local: a test set small enough for the driver
+    runner = score_runner(cfg.train, spec, offline.count_test_rows(prepared_dir))
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, seed=cfg.eval.seed,
-                                    sharded_on=cfg.train if sharded else None,
-                                    malloc_trim_mb=cfg.train.malloc_trim_mb)
+                                    sharded_on=cfg.train if runner == "sharded" else None,
+                                    malloc_trim_mb=cfg.train.malloc_trim_mb, in_process=runner == "local")
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
 
 

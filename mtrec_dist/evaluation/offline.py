@@ -12,7 +12,8 @@
 
 Scoring runs as Ray Data ``map_batches`` over actors that each load the trained model once (the model is
 exported from its sharded DCP checkpoint into a plain module); ranking a catalog too big for one process runs
-in a worker group with the table sharded as in training instead (:mod:`.sharded_ranking`).
+in a worker group with the table sharded as in training instead (:mod:`.sharded_ranking`), and a small test
+set is ranked in the driver process itself (no actor to start).
 """
 from __future__ import annotations
 
@@ -27,20 +28,15 @@ from mtrec_dist.evaluation.metrics import ranking_report, roc_auc, spearman
 ModelFactory = Callable[[torch.device], torch.nn.Module]
 
 
-class RankingScorer:
-    """Ray Data callable: rank of each row's action under the recommender (full catalog and sampled)."""
+class Ranker:
+    """Rank of each row's action under a loaded recommender (full catalog and sampled): a numpy batch in
+    (``row_id``, ``user_idx``, ``state_items``, ``state_feedback``, ``action``), ranks out.  ``histories``:
+    user_idx -> every item the user engaged with (the sampled protocol never draws those as negatives)."""
 
-    def __init__(self, model_factory: ModelFactory, checkpoint_path: str, num_items: int,
-                 sampled_negatives: int, seed: int, chunk: int = 8192, histories_ref=None, malloc_trim_mb: int = 0):
-        from mtrec_dist.training.checkpoint import load_for_inference_actor
-
-        self.model = load_for_inference_actor(model_factory, checkpoint_path, malloc_trim_mb=malloc_trim_mb)
-        # user_idx -> every item the user engaged with (the sampled protocol never draws those as negatives)
-        self.histories: Dict[int, np.ndarray] = {}
-        if histories_ref is not None:
-            import ray
-
-            self.histories = ray.get(histories_ref[0])
+    def __init__(self, model: torch.nn.Module, num_items: int, sampled_negatives: int, seed: int,
+                 histories: Optional[Dict[int, np.ndarray]] = None, chunk: int = 8192):
+        self.model = model
+        self.histories = histories or {}
         self.num_items = num_items
         self.sampled_negatives = min(sampled_negatives, max(num_items - 1, 1))
         self.seed = seed
@@ -70,6 +66,20 @@ class RankingScorer:
                    users: np.ndarray) -> np.ndarray:
         return sampled_negatives(row_ids, state_items, action, users, self.sampled_negatives, self.num_items,
                                  self.seed, self.histories)
+
+
+class RankingScorer(Ranker):
+    """Ray Data callable: each ranking actor loads the whole model once, unsharded."""
+
+    def __init__(self, model_factory: ModelFactory, checkpoint_path: str, num_items: int,
+                 sampled_negatives: int, seed: int, chunk: int = 8192, histories_ref=None, malloc_trim_mb: int = 0):
+        import ray
+
+        from mtrec_dist.training.checkpoint import load_for_inference_actor
+
+        model = load_for_inference_actor(model_factory, checkpoint_path, malloc_trim_mb=malloc_trim_mb)
+        histories = ray.get(histories_ref[0]) if histories_ref is not None else None
+        super().__init__(model, num_items, sampled_negatives, seed, histories, chunk)
 
 
 def sampled_negatives(row_ids: np.ndarray, state_items: np.ndarray, action: np.ndarray, users: np.ndarray,
@@ -170,12 +180,17 @@ def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]
     return sat, graded, name
 
 
+RANKED_COLUMNS = ["row_id", "user_idx", "state_items", "state_feedback", "action", "pos_from_end"]
+
+
 def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
                    sampled_negatives: int, seed: int = 0, concurrency: int = 2,
-                   pos_from_end: int = 0, sharded_on: Optional[Any] = None, malloc_trim_mb: int = 0) -> pa.Table:
+                   pos_from_end: int = 0, sharded_on: Optional[Any] = None, malloc_trim_mb: int = 0,
+                   in_process: bool = False) -> pa.Table:
     """Rank every test transition (``pos_from_end``) with the trained recommender: on Ray Data actors that
-    each load the whole model, or, given ``sharded_on`` (a TrainConfig: its workers, devices and timeouts),
-    in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`).  Each ranking actor
+    each load the whole model; or, given ``sharded_on`` (a TrainConfig: its workers, devices and timeouts),
+    in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`); or, with
+    ``in_process`` (a small test set), in this process with ``concurrency`` torch threads.  Each ranking actor
     keeps ``malloc_trim_mb`` of freed memory (:func:`~mtrec_dist.runtime.retain_freed_memory`)."""
     from mtrec_dist.data.pipeline import read_transitions
 
@@ -183,8 +198,10 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    ds = read_transitions(prepared_dir, columns=["row_id", "user_idx", "state_items", "state_feedback", "action",
-                                                 "pos_from_end"])
+    if in_process:
+        return _rank_in_process(model_factory, checkpoint_path, prepared_dir, num_items, sampled_negatives, seed,
+                                concurrency, pos_from_end)
+    ds = read_transitions(prepared_dir, columns=RANKED_COLUMNS)
     ds = ds.filter(expr=col("pos_from_end") == int(pos_from_end))
     if sharded_on is not None:
         from mtrec_dist.data.dataset import load_manifest
@@ -202,6 +219,44 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
                         batch_size=256, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=1, max_size=concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+
+
+def count_test_rows(prepared_dir: str, pos_from_end: int = 0) -> int:
+    """Transitions at ``pos_from_end`` (the test rows), counted with pyarrow."""
+    import pyarrow.compute as pc
+
+    from mtrec_dist.data.pipeline import read_transitions_table
+
+    return read_transitions_table(prepared_dir, columns=["pos_from_end"]).filter(
+        pc.equal(pc.field("pos_from_end"), int(pos_from_end))).num_rows
+
+
+def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
+                     sampled_negatives: int, seed: int, threads: int, pos_from_end: int,
+                     batch_size: int = 256) -> pa.Table:
+    """:func:`rank_test_rows` in this process (torch threads restored after): the same ranks as the actors'."""
+    import pyarrow.compute as pc
+
+    from mtrec_dist.data.pipeline import collate_transitions, read_transitions_table
+    from mtrec_dist.training.checkpoint import load_unsharded_model
+
+    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS)
+    table = table.filter(pc.equal(table.column("pos_from_end"), int(pos_from_end)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        ranker = Ranker(load_unsharded_model(model_factory, checkpoint_path), num_items, sampled_negatives, seed,
+                        user_histories(prepared_dir))
+        parts = []
+        for start in range(0, table.num_rows, batch_size):
+            part = table.slice(start, batch_size)
+            batch = {k: v.numpy() for k, v in collate_transitions(part.drop(["pos_from_end"])).items()}
+            parts.append(ranker({**batch, "row_id": part.column("row_id").to_numpy(),
+                                 "user_idx": part.column("user_idx").to_numpy()}))
+    finally:
+        torch.set_num_threads(previous)
+    names = ("row_id", "rank_full", "rank_sampled", "score_target")
+    return pa.table({k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in names})
 
 
 def user_histories(prepared_dir: str) -> Dict[int, np.ndarray]:
