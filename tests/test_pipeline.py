@@ -90,6 +90,7 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
 
     import numpy as np
 
+    from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.data.prepare import load_manifest
     from mtrec_dist.evaluation.evaluate import _recommender_factory
     from mtrec_dist.evaluation.offline import rank_test_rows
@@ -105,6 +106,8 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
                              sharded_on=dataclasses.replace(cfg.train, num_workers=2)).sort_by("row_id")
     assert sharded.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
     local = rank_test_rows(*args, seed=cfg.eval.seed, in_process=True).sort_by("row_id")  # the driver's
+    assert count_transitions(prepared, pos_from_end=0) == actors.num_rows > 0  # what auto sizes the test set by
+    assert local.schema == actors.schema
     for other in (sharded, local):
         assert other.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
         for name in ("rank_full", "rank_sampled"):

@@ -48,7 +48,9 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
     assert [e["step"] for e in reported] == [10, 20, 30, 40]
     assert all(np.isfinite(e["loss"]) and "reward_spread" in e and "consequence" in e for e in reported)  # v2 terms
 
-    assert cli(["score-rewards"] + sets) == 0
+    # scored in the driver (a small set) with 2 torch threads, restored after
+    assert cli(["score-rewards", "--set", "train.score_cpus=2"] + sets) == 0
+    assert torch.get_num_threads() == 1
     scores = read_scores(str(run / "rewards"))
     transitions = pds.dataset(str(run / "prepared" / "transitions"), format="parquet").to_table()
     # every logged transition scored exactly once, keyed by row_id, candidate = the logged action
@@ -103,6 +105,7 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
     # Ray Data's stats time the scoring batches apart from start-up: less than the wall time
     assert 0 < summary["scoring_actor_s"] < summary["seconds"] and summary["runner"] == "actors"
     two = read_scores(str(tmp_path / "two_actors")).sort_by("row_id")
+    assert two.schema == ref.schema  # the same columns, in the same order, of the same types
     assert two.column("row_id").to_pylist() == ref.column("row_id").to_pylist()
     for name in ("reward_mean", "reward_cvar", "reward_baseline"):
         np.testing.assert_allclose(two.column(name).to_numpy(), ref.column(name).to_numpy(), rtol=1e-5, atol=1e-6)
@@ -133,6 +136,7 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
     pq.write_table(pairs, tmp_path / "pairs.parquet")  # pairs mode through score_rewards, in the driver
     summary = score_rewards(cfg, checkpoint, None, str(tmp_path / "pairs_out"), pairs_path=str(tmp_path / "pairs.parquet"))
     assert summary["mode"] == "pairs" and summary["runner"] == "local" and summary["rows"] == 5
+    assert read_scores(str(tmp_path / "pairs_out")).column_names == out.column_names  # query, candidate, scores
     np.testing.assert_allclose(read_scores(str(tmp_path / "pairs_out")).column("reward_mean").to_numpy(),
                                out.column("reward_mean").to_numpy(), rtol=1e-5, atol=1e-6)
     pq.write_table(pairs.drop(["candidate"]), tmp_path / "pairs.parquet")

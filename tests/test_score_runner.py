@@ -27,10 +27,12 @@ def test_score_runner_auto_scores_a_small_set_in_the_driver():
     auto = load_config(None, ["train.num_workers=2", "train.driver_read_mb=1.5"]).train
     assert score_runner(auto, spec, rows=4201) == "local"  # 4,201 x (24 x 10 + 128) bytes = 1.47 MiB
     assert score_runner(auto, spec, rows=4300) == "actors"  # 1.51 MiB: over driver_read_mb
-    assert score_runner(auto, spec) == "actors"  # rows not known (offline ranking)
+    assert score_runner(auto, spec) == "actors"  # rows not known
     never = load_config(None, ["train.driver_read_mb=0"]).train
-    assert score_runner(never, spec, rows=1) == "actors"
+    assert score_runner(never, spec, rows=1) == "actors" == score_runner(never, spec, rows=0)
     forced = load_config(None, ["train.score_runner=actors"]).train
     assert score_runner(forced, spec, rows=1) == "actors"
     big = dict(spec, num_items=10_000_000)  # a table to shard wins over a small set
     assert score_runner(auto, big, rows=1) == "sharded"
+    one = load_config(None, ["train.num_workers=1"]).train  # nothing to shard it over: actors, not the driver
+    assert score_runner(one, big, rows=1) == "actors"

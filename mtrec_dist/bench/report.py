@@ -92,8 +92,9 @@ def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """score-rewards / QR-IQL training (1 worker), steady state and end to end, and score-rewards / the plain
-    scoring loop.  Steady compares like with like: one scoring actor's rows per second of scoring batches
-    (Ray Data's stats; start-up, model load and the write left out) against one worker's steady samples/s.
+    scoring loop.  Steady compares like with like: the scoring process's rows per second of scoring batches
+    (the driver's own timing, or one actor's from Ray Data's stats; start-up, model load, read and write left
+    out) against one worker's steady samples/s.
     Until session 14 this key divided score-rewards' wall-clock rate by training's steady rate."""
     if "error" in s:
         return [_failed("scoring_vs_training", "score-rewards / QR-IQL training (1 worker), steady", s)]

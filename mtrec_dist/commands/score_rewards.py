@@ -1,5 +1,6 @@
-"""Score every logged transition (or given state/candidate rows) with a trained reward model on Ray Data: reward
-quantiles, mean, lower-tail CVaR and the soft-policy baseline, written to Parquet.
+"""Score every logged transition (or given state/candidate rows) with a trained reward model: reward quantiles,
+mean, lower-tail CVaR and the soft-policy baseline, written to Parquet (Ray Data actors, the sharded worker group,
+or this process for a small set: ``train.score_runner``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def run(args) -> int:
         peaks = ", ".join(f"{r['peak_rss_mb']:,.0f}" for r in summary["ranks"])
         how = f"{len(summary['ranks'])} workers, item table sharded; peak RSS per worker {peaks} MiB"
     elif summary["runner"] == "local":
-        how = "in this process: a small job (train.driver_read_mb), no actor to start"
+        how = "in this process, no actor to start"
     if "scoring_actor_s" in summary:  # the rest is start-up: actors, model load, Ray Data's planning, the write
         who = "process" if summary["runner"] == "local" else "actor"
         how += (f"; {summary['scoring_actor_s']:.1f} {who}-seconds in scoring batches, "

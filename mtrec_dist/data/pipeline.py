@@ -215,9 +215,12 @@ def filler_rows(schema: pa.Schema, n: int) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def count_transitions(path: str) -> int:
-    """Number of transitions under ``path``, from the Parquet footers (no data is read)."""
-    return int(_parquet_dataset(path).count_rows())
+def count_transitions(path: str, pos_from_end: Optional[int] = None) -> int:
+    """Number of transitions under ``path``, from the Parquet footers (no data is read); only those at
+    ``pos_from_end`` (e.g. 0: the test rows) when given, reading that one column."""
+    if pos_from_end is None:
+        return int(_parquet_dataset(path).count_rows())
+    return int(_parquet_dataset(path).count_rows(filter=pc.field("pos_from_end") == int(pos_from_end)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -120,11 +120,13 @@ def _recommender_factory(summary: Dict[str, Any]):
 
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
                     num_items: int) -> Dict[str, Any]:
+    from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.training.scoring import score_runner
 
     factory, spec = _recommender_factory(summary)
     # sharded: a table too big for every ranking actor to hold; local: a test set small enough for the driver
-    runner = score_runner(cfg.train, spec, offline.count_test_rows(prepared_dir))
+    rows = count_transitions(prepared_dir, pos_from_end=0) if cfg.train.score_runner == "auto" else None
+    runner = score_runner(cfg.train, spec, rows)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, seed=cfg.eval.seed,
                                     sharded_on=cfg.train if runner == "sharded" else None,

@@ -181,6 +181,10 @@ def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]
 
 
 RANKED_COLUMNS = ["row_id", "user_idx", "state_items", "state_feedback", "action", "pos_from_end"]
+RANK_BATCH_ROWS = 256  # test rows ranked per call (each scores the whole catalog for them)
+# what ranking returns per test row
+RANKS_SCHEMA = pa.schema([("row_id", pa.int64()), ("rank_full", pa.int64()), ("rank_sampled", pa.int64()),
+                          ("score_target", pa.float32())])
 
 
 def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
@@ -192,15 +196,15 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`); or, with
     ``in_process`` (a small test set), in this process with ``concurrency`` torch threads.  Each ranking actor
     keeps ``malloc_trim_mb`` of freed memory (:func:`~mtrec_dist.runtime.retain_freed_memory`)."""
+    if in_process:
+        return _rank_in_process(model_factory, checkpoint_path, prepared_dir, num_items, sampled_negatives, seed,
+                                concurrency, pos_from_end)
     from mtrec_dist.data.pipeline import read_transitions
 
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    if in_process:
-        return _rank_in_process(model_factory, checkpoint_path, prepared_dir, num_items, sampled_negatives, seed,
-                                concurrency, pos_from_end)
     ds = read_transitions(prepared_dir, columns=RANKED_COLUMNS)
     ds = ds.filter(expr=col("pos_from_end") == int(pos_from_end))
     if sharded_on is not None:
@@ -216,24 +220,13 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
                         fn_constructor_kwargs={"histories_ref": histories_ref, "malloc_trim_mb": malloc_trim_mb},
-                        batch_size=256, batch_format="numpy",
+                        batch_size=RANK_BATCH_ROWS, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=1, max_size=concurrency), num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
 
 
-def count_test_rows(prepared_dir: str, pos_from_end: int = 0) -> int:
-    """Transitions at ``pos_from_end`` (the test rows), counted with pyarrow."""
-    import pyarrow.compute as pc
-
-    from mtrec_dist.data.pipeline import read_transitions_table
-
-    return read_transitions_table(prepared_dir, columns=["pos_from_end"]).filter(
-        pc.equal(pc.field("pos_from_end"), int(pos_from_end))).num_rows
-
-
 def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
-                     sampled_negatives: int, seed: int, threads: int, pos_from_end: int,
-                     batch_size: int = 256) -> pa.Table:
+                     sampled_negatives: int, seed: int, threads: int, pos_from_end: int) -> pa.Table:
     """:func:`rank_test_rows` in this process (torch threads restored after): the same ranks as the actors'."""
     import pyarrow.compute as pc
 
@@ -248,15 +241,16 @@ def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared
         ranker = Ranker(load_unsharded_model(model_factory, checkpoint_path), num_items, sampled_negatives, seed,
                         user_histories(prepared_dir))
         parts = []
-        for start in range(0, table.num_rows, batch_size):
-            part = table.slice(start, batch_size)
-            batch = {k: v.numpy() for k, v in collate_transitions(part.drop(["pos_from_end"])).items()}
-            parts.append(ranker({**batch, "row_id": part.column("row_id").to_numpy(),
-                                 "user_idx": part.column("user_idx").to_numpy()}))
+        for start in range(0, table.num_rows, RANK_BATCH_ROWS):
+            part = table.slice(start, RANK_BATCH_ROWS)
+            states = collate_transitions(part.select(["state_items", "state_feedback"]))
+            ranked = ranker({"state_items": states["state_items"].numpy(),
+                             "state_feedback": states["state_feedback"].numpy(),
+                             **{k: part.column(k).to_numpy() for k in ("row_id", "user_idx", "action")}})
+            parts.append(pa.table(ranked).cast(RANKS_SCHEMA))
     finally:
         torch.set_num_threads(previous)
-    names = ("row_id", "rank_full", "rank_sampled", "score_target")
-    return pa.table({k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in names})
+    return pa.concat_tables(parts) if parts else RANKS_SCHEMA.empty_table()
 
 
 def user_histories(prepared_dir: str) -> Dict[int, np.ndarray]:

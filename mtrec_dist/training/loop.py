@@ -218,6 +218,12 @@ def held_shard_mb(rows: int, state_len: int, num_workers: int) -> float:
     return math.ceil(rows / max(num_workers, 1)) * per_row / 2**20
 
 
+def fits_driver(train_cfg: TrainConfig, rows: int, state_len: int) -> bool:
+    """Whether the driver process handles a ``rows``-row set itself (``train.driver_read_mb``, estimated as
+    a held shard is; 0 = never): a recommender's training read, score-rewards' scoring, offline ranking."""
+    return train_cfg.driver_read_mb > 0 and held_shard_mb(rows, state_len, 1) <= train_cfg.driver_read_mb
+
+
 def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], state_len: Optional[int]) -> str:
     """``train.feed`` with ``auto`` resolved: ``memory`` where training reads its data more than once
     (:func:`_reads_twice`), has at most ``train.cache_rows`` rows and each worker's shard is estimated at most

@@ -109,11 +109,10 @@ def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
 
 
 def reads_in_memory(train_cfg, rows: int, state_len: int) -> bool:
-    """Whether the driver reads a ``rows``-row training set itself (``train.driver_read_mb``; the size is
-    estimated as for a held shard, :func:`~mtrec_dist.training.loop.held_shard_mb`)."""
-    from mtrec_dist.training.loop import held_shard_mb
+    """Whether the driver reads a ``rows``-row training set itself (:func:`~mtrec_dist.training.loop.fits_driver`)."""
+    from mtrec_dist.training.loop import fits_driver
 
-    return held_shard_mb(rows, state_len, 1) <= train_cfg.driver_read_mb
+    return fits_driver(train_cfg, rows, state_len)
 
 
 def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,

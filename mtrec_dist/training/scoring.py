@@ -204,15 +204,16 @@ def table_mb(spec: Dict[str, Any]) -> float:
 def score_runner(tc, spec: Dict[str, Any], rows: Optional[int] = None) -> str:
     """``train.score_runner``, with ``auto`` resolved: sharded when the item table is over
     ``train.score_unsharded_max_mb`` (each scoring actor would hold all of it) and there are >= 2 workers;
-    else local when the ``rows`` to score (None = not known) are estimated at most ``train.driver_read_mb``
-    (as a held shard is: :func:`~mtrec_dist.training.loop.held_shard_mb`); else actors."""
-    from mtrec_dist.training.loop import held_shard_mb
+    else local when the table is not over it and the ``rows`` to score or rank (None = not known) are small
+    enough for the driver (:func:`~mtrec_dist.training.loop.fits_driver`); else actors."""
+    from mtrec_dist.training.loop import fits_driver
 
     if tc.score_runner != "auto":
         return tc.score_runner
-    if tc.num_workers >= 2 and table_mb(spec) > tc.score_unsharded_max_mb:
+    big_table = table_mb(spec) > tc.score_unsharded_max_mb
+    if big_table and tc.num_workers >= 2:
         return "sharded"
-    small = rows is not None and held_shard_mb(rows, int(spec["state_len"]), 1) <= tc.driver_read_mb
+    small = not big_table and rows is not None and fits_driver(tc, rows, int(spec["state_len"]))
     return "local" if small else "actors"
 
 
@@ -314,9 +315,11 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     if ranks is not None:
         summary["ranks"] = ranks  # per worker: rows scored, its shard of the item table, peak RSS
     summary["rows_per_s"] = round(rows / max(summary["seconds"], 1e-9), 1)
-    if scoring_s:  # process-seconds in scoring batches (start-up, model load, reading and writing excluded)
+    # seconds in scoring batches (start-up, model load, reading and writing excluded), summed over the actors,
+    # or this process's with the local runner (the keys keep their first name: bench records read them)
+    if scoring_s:
         summary["scoring_actor_s"] = round(scoring_s, 3)
-        summary["rows_per_actor_s"] = round(rows / scoring_s, 1)  # one actor's (or this process's) rate
+        summary["rows_per_actor_s"] = round(rows / scoring_s, 1)
     with fs.open_output_stream(f"{base.rstrip('/')}/{SUMMARY_FILE}") as f:
         f.write(json.dumps(summary, indent=1).encode())
     return summary
@@ -329,7 +332,7 @@ def _pairs_files(pairs_path: str):
     from mtrec_dist.data.input_files import resolve_filesystem
 
     fs, path = resolve_filesystem(pairs_path)
-    files = pads.dataset(path, filesystem=fs, format="parquet")
+    files = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")  # as Ray's read_parquet
     missing = [c for c in ("state_items", PAIR_CANDIDATE) if c not in files.schema.names]
     if missing:
         raise ValueError(f"{pairs_path}: missing column(s) {missing}; need state_items, {PAIR_CANDIDATE} "
