@@ -208,12 +208,12 @@ def test_auto_feed_holds_in_memory_only_what_is_read_twice_and_fits():
 
 def test_the_driver_reads_a_recommender_training_set_only_where_it_is_small():
     from mtrec_dist.config import TrainConfig
-    from mtrec_dist.training.recommender import reads_in_memory
+    from mtrec_dist.training.loop import fits_driver
 
     # 4,201 rows of 24 * 10 + 128 bytes: 1.47 MiB, estimated as a one-worker held shard
-    assert reads_in_memory(TrainConfig(driver_read_mb=1.5), 4201, 10)
-    assert not reads_in_memory(TrainConfig(driver_read_mb=1.4), 4201, 10)
-    assert not reads_in_memory(TrainConfig(driver_read_mb=0), 1, 10)  # 0: Ray Data always reads the files
+    assert fits_driver(TrainConfig(driver_read_mb=1.5), 4201, 10)
+    assert not fits_driver(TrainConfig(driver_read_mb=1.4), 4201, 10)
+    assert not fits_driver(TrainConfig(driver_read_mb=0), 1, 10)  # 0: Ray Data always reads the files
     assert TrainConfig().driver_read_mb > 0
 
 

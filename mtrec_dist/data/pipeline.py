@@ -93,11 +93,14 @@ def read_transitions(path: str, columns: Optional[Sequence[str]] = None, *, over
     return ray.data.read_parquet(source, **kwargs).select_columns(columns)
 
 
-def read_transitions_table(path: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+def read_transitions_table(path: str, columns: Optional[Sequence[str]] = None,
+                           pos_from_end: Optional[int] = None) -> pa.Table:
     """The same rows and columns as :func:`read_transitions`, read in this process with pyarrow (a small
-    dataset: no Ray Data read tasks to start)."""
+    dataset: no Ray Data read tasks to start); only the rows at ``pos_from_end`` when given, filtered while
+    reading (the other rows are never held)."""
     _, columns = _training_columns(path, columns)
-    return _parquet_dataset(path).to_table(columns=columns)
+    where = None if pos_from_end is None else pc.field("pos_from_end") == int(pos_from_end)
+    return _parquet_dataset(path).to_table(columns=columns, filter=where)
 
 
 def _training_columns(path: str, columns: Optional[Sequence[str]]) -> tuple:

@@ -228,13 +228,11 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
 def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
                      sampled_negatives: int, seed: int, threads: int, pos_from_end: int) -> pa.Table:
     """:func:`rank_test_rows` in this process (torch threads restored after): the same ranks as the actors'."""
-    import pyarrow.compute as pc
-
     from mtrec_dist.data.pipeline import collate_transitions, read_transitions_table
     from mtrec_dist.training.checkpoint import load_unsharded_model
 
-    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS)
-    table = table.filter(pc.equal(table.column("pos_from_end"), int(pos_from_end)))
+    # the size rule counted the test rows only: the others are filtered out while reading, never held
+    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS, pos_from_end=pos_from_end)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:

@@ -108,13 +108,6 @@ def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
     return ray.data.read_parquet(scored_dir).select_columns(keep).filter(expr=_training_rows(col))
 
 
-def reads_in_memory(train_cfg, rows: int, state_len: int) -> bool:
-    """Whether the driver reads a ``rows``-row training set itself (:func:`~mtrec_dist.training.loop.fits_driver`)."""
-    from mtrec_dist.training.loop import fits_driver
-
-    return fits_driver(train_cfg, rows, state_len)
-
-
 def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,
                       backbone: Optional[str] = None, guidance: Optional[str] = None,
                       resume: Optional[str] = None, progress: bool = True,
@@ -128,6 +121,7 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
     "guidance", "train_rows", "read_by_driver"}`` (``read_by_driver``: see ``train.driver_read_mb``).
     """
+    from mtrec_dist.training.loop import fits_driver
     from mtrec_dist.training.reward import item_counts_for, load_training_manifest
 
     backbone = backbone or cfg.rec.backbone
@@ -143,7 +137,7 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     counts = item_counts_for(prepared_dir, manifest["num_items"]) \
         if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
     spec = rec_model_spec(cfg, manifest, backbone, guidance)
-    in_memory = reads_in_memory(cfg.stage_train("rec"), train_rows, spec["state_len"])
+    in_memory = fits_driver(cfg.stage_train("rec"), train_rows, spec["state_len"])
     return launch_fit(cfg, "rec", recommender_factory(spec, counts),
                       lambda: {"train": read_training_rows(scored_dir, guidance, in_memory)}, spec=spec,
                       output_dir=output_dir,

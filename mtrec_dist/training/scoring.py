@@ -271,8 +271,9 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     if not spec:
         raise ValueError(f"{checkpoint_path}: checkpoint has no model_spec (not written by train-reward)")
     t0 = time.time()
-    if pairs_path:
-        candidate, mode, expected = PAIR_CANDIDATE, "pairs", int(_pairs_files(pairs_path).count_rows())  # footers
+    pairs = _pairs_files(pairs_path) if pairs_path else None
+    if pairs is not None:
+        candidate, mode, expected = PAIR_CANDIDATE, "pairs", int(pairs.count_rows())  # Parquet footers only
     else:
         if not prepared_dir:
             raise ValueError("score-rewards needs a prepared dataset (--prepared) or a pairs file (--pairs)")
@@ -289,7 +290,7 @@ def score_rewards(cfg: PipelineConfig, checkpoint_path: str, prepared_dir: Optio
     if runner == "local":  # every training column of a transition passes through to the output
         from mtrec_dist.data.pipeline import read_transitions_table
 
-        table = _pairs_files(pairs_path).to_table() if pairs_path else read_transitions_table(prepared_dir)
+        table = pairs.to_table() if pairs is not None else read_transitions_table(prepared_dir)
         scoring_s = score_locally(table, checkpoint_path, scorer_kwargs, round(tc.score_concurrency * tc.score_cpus),
                                   tc.score_batch_size, fs, base)
     else:
