@@ -134,12 +134,13 @@ def test_cvar_hand_values():
 
 
 def test_tail_chunks_fit_the_cache_on_cpu_only():
-    from mtrec_dist.models.reward_model import TAIL_CHUNK_ELEMENTS, tail_chunk_items
+    from mtrec_dist.models.reward_model import BASELINE_CHUNK_ELEMENTS, TAIL_CHUNK_ELEMENTS, tail_chunk_items
 
     assert tail_chunk_items(8192, 512 * 16, torch.device("cpu")) == TAIL_CHUNK_ELEMENTS // (512 * 16)
     assert tail_chunk_items(8192, 1, torch.device("cpu")) == 8192 and tail_chunk_items(8192, 0, torch.device("cpu")) == 8192
     assert tail_chunk_items(8192, 10 ** 9, torch.device("cpu")) == 1
     assert tail_chunk_items(8192, 512 * 16, torch.device("meta")) == 8192  # not a CPU: one launch per chunk
+    assert tail_chunk_items(8192, 512, torch.device("cpu"), BASELINE_CHUNK_ELEMENTS) == BASELINE_CHUNK_ELEMENTS // 512
 
 
 def test_cvar_along_hand_values():
@@ -313,15 +314,19 @@ def test_policy_draws_are_the_inverse_cdf_at_evenly_spaced_points():
         assert torch.equal(draws.positions(), expected), step
 
 
-@pytest.mark.parametrize("order_items", [0, 4])
-def test_sampled_cvar_baseline_is_close_to_exact(order_items):
+@pytest.mark.parametrize("order_items, budget", [(0, None), (4, None), (4, 256)])
+def test_sampled_cvar_baseline_is_close_to_exact(order_items, budget, monkeypatch):
     """Above ``cvar_draws`` items the CVaR baseline is the exact mean baseline plus the mean of CVaR - mean over
     the items at the policy's evenly spaced CDF points: equal to that formula computed directly, the mean
     baseline unchanged, and its error against the exact CVaR baseline no larger than the standard error of 64
     independent draws (systematic draws of items in no particular order are about as good as independent ones;
-    the control variate makes that error small)."""
+    the control variate makes that error small).  With a small CPU ``budget`` (256 floats) the catalog runs in
+    chunks of 8 items and the drawn items one row at a time: the same formula."""
+    import mtrec_dist.models.reward_model as reward_model
     from mtrec_dist.objectives.qr_iql import cvar
 
+    if budget:
+        monkeypatch.setattr(reward_model, "BASELINE_CHUNK_ELEMENTS", budget)
     torch.manual_seed(0)
     n_items, draws = 400, 64
     model = QRIQLModel(n_items, MODEL_CFG, RewardConfig(num_quantiles=8, alpha=0.5, order_items=order_items),

@@ -15,7 +15,6 @@ from mtrec_dist.data.pipeline import (
     HeldShard,
     filter_and_rebatch,
     collate_transitions,
-    filler_rows,
     iter_train_batches,
     masked_like,
     pad_batch,
@@ -23,6 +22,7 @@ from mtrec_dist.data.pipeline import (
     transitions_path,
 )
 from mtrec_dist.data.schema import TRANSITION_COLUMNS, EvalLeakError
+from mtrec_dist.data.train_split import filler_rows
 
 torch.set_num_threads(1)
 ship_by_value(__name__)  # the Ray Train workers run _stream_worker from this file
@@ -268,7 +268,7 @@ def test_recommender_rows_read_by_the_driver_equal_ray_datas_read(ray_cluster, t
 def test_only_a_training_set_that_fits_is_cached(ray_cluster, tmp_path):
     from ray.data.dataset import MaterializedDataset
 
-    from mtrec_dist.data.pipeline import NoDropDataConfig
+    from mtrec_dist.data.train_split import NoDropDataConfig
 
     ds = read_transitions(str(write_prepared(tmp_path / "prep", rows=50, files=2)))
     config = NoDropDataConfig(cache_rows=50)
@@ -286,7 +286,7 @@ def test_two_workers_see_every_row_once_per_epoch_in_lock_step(ray_cluster, tmp_
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mtrec_dist.data.pipeline import NoDropDataConfig
+    from mtrec_dist.data.train_split import NoDropDataConfig
 
     rows = 333  # odd, and not a multiple of the batch size
     root = write_prepared(tmp_path / "prep", rows=rows, files=5)

@@ -99,7 +99,7 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
     if "scoring" in stages:
         checkpoint = done.get("qriql", {}).get("runs", {}).get("ray_1", {}).get("checkpoint")
         done["scoring"] = (_attempt("scoring", lambda: bench_scoring(base, checkpoint, world.prepared, work,
-                                                                     sizes.threads, say), say)
+                                                                     sizes.threads, say=say), say)
                            if checkpoint else {"error": "needs the QR-IQL stage's 1-worker checkpoint"})
     if prepare_scale:
         done["prepare_scale"] = _prepare_scale(base, sizes, prepare_scale, work, say)

@@ -56,15 +56,23 @@ ITEM_LEVEL_SCALE = 30.0
 # Floats of the [B, N, c] reward quantiles scored at once by the catalog baseline: about 1 MiB, so the CVaR
 # selection network's many elementwise passes run in cache (measured: 4x faster than one 8192-item chunk).
 TAIL_CHUNK_ELEMENTS = 1 << 18
+# Floats of each [B, c] temporary (scores, policy, cumulative mass) of the catalog baseline's soft value and mean:
+# 4 MiB.  glibc serves larger blocks with mmap and hands them back on free, so every batch page-faults them in
+# again: in a fresh process, scoring 49k rows (B = 512, 4,978 items) took 14.7 s with one 8,192-item chunk and
+# 9.1-9.6 s with 1,024-2,048 items per step (8.4 and 7.9 s once warm; 512 items: 9.8 s, the per-step work shows).
+BASELINE_CHUNK_ELEMENTS = 1 << 20
 
 
-def tail_chunk_items(chunk: int, floats_per_item: int, device: torch.device) -> int:
-    """Items per step of the catalog baseline's CVaR network: on a CPU, as many as keep the [B, N, c] quantiles
-    near :data:`TAIL_CHUNK_ELEMENTS` floats (in cache through the network's many elementwise passes); on an
-    accelerator, where each of those passes is a kernel launch, the whole ``chunk``."""
+def tail_chunk_items(chunk: int, floats_per_item: int, device: torch.device,
+                     elements: Optional[int] = None) -> int:
+    """Items per step of a catalog loop: on a CPU, as many as keep one step's temporaries near ``elements``
+    floats (default :data:`TAIL_CHUNK_ELEMENTS`, the [B, N, c] quantiles of the CVaR network, in cache
+    through its many elementwise passes); on an accelerator, where each pass is a kernel launch, the whole
+    ``chunk``."""
     if device.type != "cpu":
         return max(1, chunk)
-    return max(1, min(chunk, TAIL_CHUNK_ELEMENTS // max(1, floats_per_item)))
+    budget = TAIL_CHUNK_ELEMENTS if elements is None else elements
+    return max(1, min(chunk, budget // max(1, floats_per_item)))
 
 
 def draws_cvar_baseline(cvar_draws: int, set_size: int) -> bool:
@@ -458,6 +466,18 @@ class QRIQLModel(nn.Module):
         """Mental reward quantiles ``R_i(s, a)`` [B, C, N] for candidates [B, C]; needs no next state."""
         return self.score(state_items, state_feedback, candidate_items)["reward_q"]
 
+    def _drawn_tail_gap(self, p_r: torch.Tensor, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``(1/K) sum_k [CVaR - R_mean](s, a_k)`` [B] for the drawn items' ``positions`` [B, K] into ``items``,
+        from the reward projections ``p_r`` [B, N, D]; on a CPU a block of rows at a time, so that the drawn
+        items' embeddings [b, K, D] and quantiles [b, N, K] stay near :data:`BASELINE_CHUNK_ELEMENTS` floats."""
+        rows, draws, dim = positions.shape[0], positions.shape[1], items.shape[1]
+        block = tail_chunk_items(rows, draws * max(dim, p_r.shape[1]), p_r.device, BASELINE_CHUNK_ELEMENTS)
+        gaps = []
+        for r in range(0, rows, block):
+            q = torch.bmm(p_r[r : r + block], items[positions[r : r + block]].transpose(1, 2))  # [b, N, K]
+            gaps.append((cvar_along(q, self.reward_cfg.cvar_alpha, dim=1) - q.mean(1)).mean(1))
+        return torch.cat(gaps) if gaps else p_r.new_zeros(0)
+
     @torch.no_grad()
     def catalog_reward_baseline(self, state_items: torch.Tensor, state_feedback: torch.Tensor,
                                 chunk: Optional[int] = None, candidate_items: Optional[torch.Tensor] = None,
@@ -486,7 +506,7 @@ class QRIQLModel(nn.Module):
         With ``candidate_items`` [B, C] it also returns their "reward_q" [B, C, N] (as :meth:`reward_quantiles`)
         from the same state encoding.  One embedding lookup of the set and the candidates (under DMP a
         collective: every rank calls it with its own set), scoring in chunks of ``chunk`` (default
-        reward.catalog_chunk)."""
+        reward.catalog_chunk; on a CPU at most :data:`BASELINE_CHUNK_ELEMENTS` / B items)."""
         cfg = self.reward_cfg
         chunk = chunk or cfg.catalog_chunk
         s = state_items.long()
@@ -498,6 +518,7 @@ class QRIQLModel(nn.Module):
         h = self._encode(self.encoder, emb["state"], s, state_feedback.float())
         qbar = self.policy_projection(h)
         p_r = self._project(h, self.reward_weight, self.reward_item_bias)
+        chunk = tail_chunk_items(chunk, qbar.shape[0], qbar.device, BASELINE_CHUNK_ELEMENTS)
         out = {}
         if candidate_items is not None:
             out["reward_q"] = self._plus_item_level(torch.einsum("bnd,bcd->bcn", p_r, emb["candidates"]), candidate_items)
@@ -523,6 +544,5 @@ class QRIQLModel(nn.Module):
             else:
                 cvar_base += (pi * (cvar_along(torch.matmul(p_r, e.T), cfg.cvar_alpha, dim=1) + item_shift)).sum(1)
         if sampled:
-            q = torch.bmm(p_r, items[picks.positions()].transpose(1, 2))  # [B, N, K] quantiles of the drawn items
-            cvar_base = base + (cvar_along(q, cfg.cvar_alpha, dim=1) - q.mean(1)).mean(1)
+            cvar_base = base + self._drawn_tail_gap(p_r, items, picks.positions())
         return {**out, "reward_baseline": base, "reward_cvar_baseline": cvar_base, "value": v}

@@ -2,7 +2,7 @@
 
 The driver builds a ``TorchTrainer`` (gloo on CPU, NCCL on GPU; workers with fractional CPUs so Ray Data
 keeps CPUs for reading on small machines) that streams the ``train`` dataset through
-:class:`~mtrec_dist.data.pipeline.NoDropDataConfig`.  Each worker (:mod:`.worker`; its metrics files and
+:class:`~mtrec_dist.data.train_split.NoDropDataConfig`.  Each worker (:mod:`.worker`; its metrics files and
 interval statistics are :mod:`.metrics_log`):
 
 1. builds ``model_factory(meta)``, shards it with a planner-made plan (:mod:`.sharding`), and builds the
@@ -245,7 +245,7 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mtrec_dist.data.pipeline import NoDropDataConfig
+    from mtrec_dist.data.train_split import NoDropDataConfig
 
     resources = {"CPU": train_cfg.cpus_per_worker}
     if use_gpu:

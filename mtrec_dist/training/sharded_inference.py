@@ -4,7 +4,7 @@ One harness serves `score-rewards` (:mod:`~mtrec_dist.training.sharded_scoring`)
 (:mod:`~mtrec_dist.evaluation.sharded_ranking`):
 
 * :func:`run_sharded` starts a Ray Train worker group (no checkpoints, no restarts) over one dataset split
-  without dropping rows (:class:`~mtrec_dist.data.pipeline.NoDropDataConfig`), and returns what each rank
+  without dropping rows (:class:`~mtrec_dist.data.train_split.NoDropDataConfig`), and returns what each rank
   reported;
 * in a worker, :func:`sharded_model` builds the model on the meta device, shards it with the training planner
   and loads *only this rank's rows* of the table from the DCP checkpoint;
@@ -161,7 +161,7 @@ def run_sharded(worker: Callable[[Dict[str, Any]], None], tc: TrainConfig, ds, c
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mtrec_dist.data.pipeline import NoDropDataConfig
+    from mtrec_dist.data.train_split import NoDropDataConfig
     from mtrec_dist.runtime import dist_backend, resolve_use_gpu, set_controller_poll
 
     use_gpu = resolve_use_gpu(tc.use_gpu)
