@@ -114,3 +114,25 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
             np.testing.assert_array_equal(other.column(name).to_numpy(), actors.column(name).to_numpy())
         np.testing.assert_allclose(other.column("score_target").to_numpy(), actors.column("score_target").to_numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_logged_actions_score_the_same_in_the_driver_and_on_actors(tiny_run):
+    """The click model's score of every logged action (reward validity's baseline) is the same whether the
+    driver computes it (a small set) or Ray Data's actors do: same rows, same schema, same scores."""
+    import numpy as np
+
+    from mtrec_dist.data.pipeline import count_transitions
+    from mtrec_dist.evaluation.evaluate import _recommender_factory
+    from mtrec_dist.evaluation.offline import score_logged_actions
+
+    cfg, out, _ = tiny_run
+    prepared = out["paths"]["prepared"]
+    summary = json.loads((Path(out["paths"]["recommenders"][0]) / "recommender.json").read_text())
+    factory, _ = _recommender_factory(summary)
+    actors = score_logged_actions(factory, summary["checkpoint_path"], prepared).sort_by("row_id")
+    local = score_logged_actions(factory, summary["checkpoint_path"], prepared, in_process=True).sort_by("row_id")
+    assert local.num_rows == actors.num_rows == count_transitions(prepared) > 0
+    assert local.schema == actors.schema
+    assert local.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
+    np.testing.assert_allclose(local.column("score").to_numpy(), actors.column("score").to_numpy(), rtol=1e-5,
+                               atol=1e-5)

@@ -1,6 +1,7 @@
 """Scoring: ``score-rewards`` (as ``train.score_runner: auto`` runs it: in the driver for a small set, else Ray
 Data with one scoring actor per ``train.score_concurrency``) vs the plain loop
-a user would write (load the model, score the transitions batch by batch in one process), with the same
+a user would write (load the model, score the transitions batch by batch in one process, write the scores;
+before session 20 it wrote nothing), with the same
 scores required, and vs the training throughput of the same model.
 
 Both score every transition of the prepared dataset with the checkpoint the 1-worker QR-IQL run wrote:
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 from mtrec_dist.config import PipelineConfig
@@ -35,9 +37,10 @@ def _states(table: pa.Table, name: str, state_len: int, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_max: int, cvar_draws: int,
-                threads: int = 1) -> Dict[str, Any]:
-    """Score every transition in this process; the scores by ``row_id`` and the seconds it took (model
-    load and read included, as ``score-rewards`` includes them)."""
+                threads: int = 1, out_file: Optional[Path] = None) -> Dict[str, Any]:
+    """Score every transition in this process and write the scores (``row_id``, the compared scores and the
+    quantiles) to ``out_file`` as Parquet, as a script whose scores are used must; the scores by ``row_id``
+    and the seconds it took (model load, read and write included, as ``score-rewards`` includes them)."""
     from mtrec_dist.data.dataset import TRANSITIONS_DIR
     from mtrec_dist.objectives.qr_iql import cvar
     from mtrec_dist.training.checkpoint import load_unsharded_model, read_checkpoint_meta
@@ -53,7 +56,7 @@ def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_m
         exact = int(spec["num_items"]) <= full_catalog_max
         table = pads.dataset(str(prepared / TRANSITIONS_DIR), format="parquet", ignore_prefixes=["_", "."]).to_table(
             columns=["row_id", "state_items", "state_feedback", "action"])
-        out: Dict[str, list] = {k: [] for k in ("row_id",) + COMPARED}
+        out: Dict[str, list] = {k: [] for k in ("row_id",) + COMPARED + ("reward_q",)}
         for start in range(0, table.num_rows, batch_size):
             part = table.slice(start, batch_size)
             s, fb = _states(part, "state_items", L, np.int64), _states(part, "state_feedback", L, np.float32)
@@ -67,13 +70,20 @@ def plain_score(checkpoint: str, prepared: Path, batch_size: int, full_catalog_m
             out["row_id"].append(part.column("row_id").to_numpy())
             out["reward_mean"].append(rq.mean(-1).numpy())
             out["reward_cvar"].append(cvar(rq, level).numpy())
+            out["reward_q"].append(rq.numpy())
             if exact:
                 out["reward_baseline"].append(base["reward_baseline"].numpy())
                 out["reward_cvar_baseline"].append(base["reward_cvar_baseline"].numpy())
+        scores = {k: np.concatenate(v) for k, v in out.items() if v}
+        if out_file is not None and "reward_q" in scores:
+            quantiles = scores.pop("reward_q")
+            columns = {**scores, "reward_q": pa.FixedSizeListArray.from_arrays(quantiles.reshape(-1),
+                                                                                quantiles.shape[1])}
+            pq.write_table(pa.table(columns), str(out_file))
+            scores["reward_q"] = quantiles
     finally:
         torch.set_num_threads(previous)
     seconds = time.perf_counter() - t0
-    scores = {k: np.concatenate(v) for k, v in out.items() if v}
     return {"scores": scores, "rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds}
 
 
@@ -125,7 +135,7 @@ def bench_scoring(base: PipelineConfig, checkpoint: str, prepared: Path, work: P
                        "cvar_baseline": summary["cvar_baseline"], "runner": summary["runner"],
                        "actors": base.train.score_concurrency, "cpus_per_actor": base.train.score_cpus}
         this = plain_score(checkpoint, prepared, base.train.score_batch_size, base.train.score_full_catalog_max,
-                           base.train.score_cvar_draws, threads)
+                           base.train.score_cvar_draws, threads, out_file=work / "plain_scores.parquet")
         gaps = same_scores(out, this.pop("scores"))
         plain_rounds.append(round(this["seconds"], 3))
         if plain is None or this["seconds"] < plain["seconds"]:

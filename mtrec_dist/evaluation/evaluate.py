@@ -118,15 +118,21 @@ def _recommender_factory(summary: Dict[str, Any]):
     return recommender_factory(spec, for_inference=True), spec
 
 
-def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
-                    num_items: int) -> Dict[str, Any]:
+def _runner(cfg: PipelineConfig, spec: Dict[str, Any], prepared_dir: str, pos_from_end: Optional[int] = None) -> str:
+    """Where a model scores or ranks the transitions of ``prepared_dir`` (only those at ``pos_from_end``, if
+    given): :func:`~mtrec_dist.training.scoring.score_runner`, the rows counted only when it is ``auto``.
+    Sharded: a table too big for every actor to hold; local: rows few enough for the driver."""
     from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.training.scoring import score_runner
 
+    rows = count_transitions(prepared_dir, pos_from_end=pos_from_end) if cfg.train.score_runner == "auto" else None
+    return score_runner(cfg.train, spec, rows)
+
+
+def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
+                    num_items: int) -> Dict[str, Any]:
     factory, spec = _recommender_factory(summary)
-    # sharded: a table too big for every ranking actor to hold; local: a test set small enough for the driver
-    rows = count_transitions(prepared_dir, pos_from_end=0) if cfg.train.score_runner == "auto" else None
-    runner = score_runner(cfg.train, spec, rows)
+    runner = _runner(cfg, spec, prepared_dir, pos_from_end=0)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, seed=cfg.eval.seed,
                                     sharded_on=cfg.train if runner == "sharded" else None,
@@ -179,9 +185,10 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     baseline = next((s for s in rec_summaries if s["guidance"] == "none"), None)
     baseline_scores = None
     if baseline is not None:
-        factory, _ = _recommender_factory(baseline)
-        baseline_scores = offline.score_logged_actions(factory, baseline["checkpoint_path"], prepared_dir,
-                                                       malloc_trim_mb=cfg.train.malloc_trim_mb)
+        factory, spec = _recommender_factory(baseline)
+        baseline_scores = offline.score_logged_actions(  # sharded has no path here: actors, as before
+            factory, baseline["checkpoint_path"], prepared_dir, malloc_trim_mb=cfg.train.malloc_trim_mb,
+            in_process=_runner(cfg, spec, prepared_dir) == "local")
     progress("[evaluate] reward model: validity, quantile groups")
     reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
 

@@ -107,8 +107,19 @@ def sampled_negatives(row_ids: np.ndarray, state_items: np.ndarray, action: np.n
     return out
 
 
+def target_scores(model: torch.nn.Module, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """``row_id, score``: the recommender's score of each row's logged action (``score_items`` on one
+    candidate), for a numpy batch of ``row_id``, ``state_items``, ``state_feedback``, ``action``."""
+    state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)
+    state_fb = torch.as_tensor(np.stack(batch["state_feedback"]), dtype=torch.float32)
+    action = torch.as_tensor(batch["action"], dtype=torch.long)
+    with torch.no_grad():
+        score = model.score_items(state_items, state_fb, action.view(-1, 1))[:, 0]
+    return {"row_id": np.asarray(batch["row_id"]), "score": score.numpy()}
+
+
 class TargetScorer:
-    """Ray Data callable: the model's score of each row's logged action (``score_items`` on one candidate).
+    """Ray Data callable: :func:`target_scores` under a model each actor loads.
 
     Used for reward validity: how well does the click-trained recommender's own score of a logged event
     track the withheld satisfaction, next to the mental reward.
@@ -120,28 +131,53 @@ class TargetScorer:
         self.model = load_for_inference_actor(model_factory, checkpoint_path, malloc_trim_mb=malloc_trim_mb)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)
-        state_fb = torch.as_tensor(np.stack(batch["state_feedback"]), dtype=torch.float32)
-        action = torch.as_tensor(batch["action"], dtype=torch.long)
-        with torch.no_grad():
-            score = self.model.score_items(state_items, state_fb, action.view(-1, 1))[:, 0]
-        return {"row_id": np.asarray(batch["row_id"]), "score": score.numpy()}
+        return target_scores(self.model, batch)
+
+
+TARGET_COLUMNS = ["row_id", "state_items", "state_feedback", "action"]
+TARGET_BATCH_ROWS = 1024
 
 
 def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
-                         concurrency: int = 2, malloc_trim_mb: int = 0) -> pa.Table:
-    """``row_id, score`` for every prepared transition under a trained recommender, on Ray Data (each actor
-    keeps ``malloc_trim_mb`` of freed memory: :func:`~mtrec_dist.runtime.retain_freed_memory`)."""
+                         concurrency: int = 2, malloc_trim_mb: int = 0, in_process: bool = False) -> pa.Table:
+    """``row_id, score`` for every prepared transition under a trained recommender: on Ray Data actors (each
+    keeps ``malloc_trim_mb`` of freed memory: :func:`~mtrec_dist.runtime.retain_freed_memory`), or with
+    ``in_process`` (a small set) in this process with ``concurrency`` torch threads (restored after)."""
+    if in_process:
+        return _target_scores_in_process(model_factory, checkpoint_path, prepared_dir, concurrency)
     from ray.data import ActorPoolStrategy
 
     from mtrec_dist.data.pipeline import read_transitions
 
-    ds = read_transitions(prepared_dir, columns=["row_id", "state_items", "state_feedback", "action"])
+    ds = read_transitions(prepared_dir, columns=TARGET_COLUMNS)
     ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path, malloc_trim_mb),
-                        batch_size=1024,
+                        batch_size=TARGET_BATCH_ROWS,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
                         num_cpus=0.5)
     return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+
+
+def _target_scores_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
+                              threads: int) -> pa.Table:
+    from mtrec_dist.data.pipeline import collate_transitions, read_transitions_table
+    from mtrec_dist.training.checkpoint import load_unsharded_model
+
+    table = read_transitions_table(prepared_dir, columns=TARGET_COLUMNS)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        model = load_unsharded_model(model_factory, checkpoint_path)
+        parts = []
+        for start in range(0, table.num_rows, TARGET_BATCH_ROWS):
+            part = table.slice(start, TARGET_BATCH_ROWS)
+            states = collate_transitions(part.select(["state_items", "state_feedback"]))
+            parts.append(pa.table(target_scores(model, {
+                "state_items": states["state_items"].numpy(), "state_feedback": states["state_feedback"].numpy(),
+                **{k: part.column(k).to_numpy() for k in ("row_id", "action")}})))
+    finally:
+        torch.set_num_threads(previous)
+    schema = pa.schema([("row_id", pa.int64()), ("score", pa.float32())])
+    return pa.concat_tables([t.cast(schema) for t in parts]) if parts else schema.empty_table()
 
 
 def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]:
