@@ -314,14 +314,15 @@ def test_policy_draws_are_the_inverse_cdf_at_evenly_spaced_points():
         assert torch.equal(draws.positions(), expected), step
 
 
-@pytest.mark.parametrize("order_items, budget", [(0, None), (4, None), (4, 256)])
+@pytest.mark.parametrize("order_items, budget", [(0, None), (4, None), (4, 256), (4, 2600)])
 def test_sampled_cvar_baseline_is_close_to_exact(order_items, budget, monkeypatch):
     """Above ``cvar_draws`` items the CVaR baseline is the exact mean baseline plus the mean of CVaR - mean over
     the items at the policy's evenly spaced CDF points: equal to that formula computed directly, the mean
     baseline unchanged, and its error against the exact CVaR baseline no larger than the standard error of 64
     independent draws (systematic draws of items in no particular order are about as good as independent ones;
-    the control variate makes that error small).  With a small CPU ``budget`` (256 floats) the catalog runs in
-    chunks of 8 items and the drawn items one row at a time: the same formula."""
+    the control variate makes that error small).  With a small CPU ``budget`` the catalog runs in chunks and
+    the drawn items in blocks of rows: 256 floats, 8 items and 1 row per step; 2,600 floats, 81 items and 5 rows,
+    each loop ending on a short step.  The same formula."""
     import mtrec_dist.models.reward_model as reward_model
     from mtrec_dist.objectives.qr_iql import cvar
 

@@ -82,7 +82,7 @@ def test_guided_training_saw_exactly_the_non_test_rows(tiny_run):
             assert s["train_rows"] == manifest["num_transitions"] - test_rows
 
 
-def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
+def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run, monkeypatch):
     """Offline ranking with the item table sharded row-wise over 2 workers (each counts, on its own rows, the
     items that beat each target), and in the driver process, equals the ranking actors', which each hold the
     whole table."""
@@ -105,6 +105,7 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
     sharded = rank_test_rows(*args, seed=cfg.eval.seed,
                              sharded_on=dataclasses.replace(cfg.train, num_workers=2)).sort_by("row_id")
     assert sharded.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
+    _refuse_ray_data(monkeypatch)
     local = rank_test_rows(*args, seed=cfg.eval.seed, in_process=True).sort_by("row_id")  # the driver's
     assert count_transitions(prepared, pos_from_end=0) == actors.num_rows > 0  # what auto sizes the test set by
     assert local.schema == actors.schema
@@ -116,9 +117,19 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_logged_actions_score_the_same_in_the_driver_and_on_actors(tiny_run):
+def _refuse_ray_data(monkeypatch) -> None:
+    """From here on, reading transitions through Ray Data fails the test: a driver-side path must not."""
+    import mtrec_dist.data.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver's path read the transitions through Ray Data")
+
+    monkeypatch.setattr(pipeline, "read_transitions", refuse)
+
+
+def test_logged_actions_score_the_same_in_the_driver_and_on_actors(tiny_run, monkeypatch):
     """The click model's score of every logged action (reward validity's baseline) is the same whether the
-    driver computes it (a small set) or Ray Data's actors do: same rows, same schema, same scores."""
+    driver computes it (a small set; no Ray Data) or Ray Data's actors do: same rows, same schema, same scores."""
     import numpy as np
 
     from mtrec_dist.data.pipeline import count_transitions
@@ -130,6 +141,7 @@ def test_logged_actions_score_the_same_in_the_driver_and_on_actors(tiny_run):
     summary = json.loads((Path(out["paths"]["recommenders"][0]) / "recommender.json").read_text())
     factory, _ = _recommender_factory(summary)
     actors = score_logged_actions(factory, summary["checkpoint_path"], prepared).sort_by("row_id")
+    _refuse_ray_data(monkeypatch)
     local = score_logged_actions(factory, summary["checkpoint_path"], prepared, in_process=True).sort_by("row_id")
     assert local.num_rows == actors.num_rows == count_transitions(prepared) > 0
     assert local.schema == actors.schema

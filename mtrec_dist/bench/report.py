@@ -95,7 +95,8 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
     scoring loop.  Steady compares like with like: the scoring process's rows per second of scoring batches
     (the driver's own timing, or one actor's from Ray Data's stats; start-up, model load, read and write left
     out) against one worker's steady samples/s.  Both score-rewards figures are from its fastest round
-    (:func:`~mtrec_dist.bench.scoring_bench.bench_scoring`).  Until session 14 this key divided score-rewards' wall-clock rate by training's steady rate."""
+    (:func:`~mtrec_dist.bench.scoring_bench.bench_scoring`).  Until session 14 this key divided score-rewards'
+    wall-clock rate by training's steady rate."""
     if "error" in s:
         return [_failed("scoring_vs_training", "score-rewards / QR-IQL training (1 worker), steady", s)]
     lib, plain = s["library"], s["plain"]

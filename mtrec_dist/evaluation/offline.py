@@ -136,6 +136,7 @@ class TargetScorer:
 
 TARGET_COLUMNS = ["row_id", "state_items", "state_feedback", "action"]
 TARGET_BATCH_ROWS = 1024
+TARGET_SCHEMA = pa.schema([("row_id", pa.int64()), ("score", pa.float32())])
 
 
 def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
@@ -144,7 +145,12 @@ def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prep
     keeps ``malloc_trim_mb`` of freed memory: :func:`~mtrec_dist.runtime.retain_freed_memory`), or with
     ``in_process`` (a small set) in this process with ``concurrency`` torch threads (restored after)."""
     if in_process:
-        return _target_scores_in_process(model_factory, checkpoint_path, prepared_dir, concurrency)
+        from mtrec_dist.data.pipeline import read_transitions_table
+        from mtrec_dist.training.checkpoint import load_unsharded_model
+
+        return _batches_in_process(read_transitions_table(prepared_dir, columns=TARGET_COLUMNS), TARGET_BATCH_ROWS,
+                                   concurrency, lambda: load_unsharded_model(model_factory, checkpoint_path),
+                                   target_scores, TARGET_SCHEMA)
     from ray.data import ActorPoolStrategy
 
     from mtrec_dist.data.pipeline import read_transitions
@@ -154,30 +160,37 @@ def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prep
                         batch_size=TARGET_BATCH_ROWS,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
                         num_cpus=0.5)
-    return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+    return _collected(ds, TARGET_SCHEMA)
 
 
-def _target_scores_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
-                              threads: int) -> pa.Table:
-    from mtrec_dist.data.pipeline import collate_transitions, read_transitions_table
-    from mtrec_dist.training.checkpoint import load_unsharded_model
+def _collected(ds, schema: pa.Schema) -> pa.Table:
+    """A Ray dataset's rows in the driver, as ``schema`` (an empty one too)."""
+    table = pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+    return table.select(schema.names).cast(schema) if table.num_rows else schema.empty_table()
 
-    table = read_transitions_table(prepared_dir, columns=TARGET_COLUMNS)
+
+def _batches_in_process(table: pa.Table, batch_rows: int, threads: int, load: Callable[[], Any],
+                        score_batch: Callable[[Any, Dict[str, np.ndarray]], Dict[str, np.ndarray]],
+                        schema: pa.Schema) -> pa.Table:
+    """``score_batch(load(), batch)`` over ``table``, ``batch_rows`` rows at a time as numpy batches (states
+    collated to [n, L] arrays), in this process with ``threads`` torch threads (restored after); the outputs
+    as one table of ``schema``.  The in-process twin of the actors' ``map_batches``."""
+    from mtrec_dist.data.pipeline import collate_transitions
+
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        model = load_unsharded_model(model_factory, checkpoint_path)
+        scorer = load()
         parts = []
-        for start in range(0, table.num_rows, TARGET_BATCH_ROWS):
-            part = table.slice(start, TARGET_BATCH_ROWS)
+        for start in range(0, table.num_rows, batch_rows):
+            part = table.slice(start, batch_rows)
             states = collate_transitions(part.select(["state_items", "state_feedback"]))
-            parts.append(pa.table(target_scores(model, {
-                "state_items": states["state_items"].numpy(), "state_feedback": states["state_feedback"].numpy(),
-                **{k: part.column(k).to_numpy() for k in ("row_id", "action")}})))
+            batch = {name: (states[name].numpy() if name in states else part.column(name).to_numpy())
+                     for name in part.column_names}
+            parts.append(pa.table(score_batch(scorer, batch)).cast(schema))
     finally:
         torch.set_num_threads(previous)
-    schema = pa.schema([("row_id", pa.int64()), ("score", pa.float32())])
-    return pa.concat_tables([t.cast(schema) for t in parts]) if parts else schema.empty_table()
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]:
@@ -258,33 +271,21 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
                         fn_constructor_kwargs={"histories_ref": histories_ref, "malloc_trim_mb": malloc_trim_mb},
                         batch_size=RANK_BATCH_ROWS, batch_format="numpy",
                         compute=ActorPoolStrategy(min_size=1, max_size=concurrency), num_cpus=0.5)
-    return pa.Table.from_pandas(ds.to_pandas(), preserve_index=False)
+    return _collected(ds, RANKS_SCHEMA)
 
 
 def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
                      sampled_negatives: int, seed: int, threads: int, pos_from_end: int) -> pa.Table:
     """:func:`rank_test_rows` in this process (torch threads restored after): the same ranks as the actors'."""
-    from mtrec_dist.data.pipeline import collate_transitions, read_transitions_table
+    from mtrec_dist.data.pipeline import read_transitions_table
     from mtrec_dist.training.checkpoint import load_unsharded_model
 
     # the size rule counted the test rows only: the others are filtered out while reading, never held
     table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS, pos_from_end=pos_from_end)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        ranker = Ranker(load_unsharded_model(model_factory, checkpoint_path), num_items, sampled_negatives, seed,
-                        user_histories(prepared_dir))
-        parts = []
-        for start in range(0, table.num_rows, RANK_BATCH_ROWS):
-            part = table.slice(start, RANK_BATCH_ROWS)
-            states = collate_transitions(part.select(["state_items", "state_feedback"]))
-            ranked = ranker({"state_items": states["state_items"].numpy(),
-                             "state_feedback": states["state_feedback"].numpy(),
-                             **{k: part.column(k).to_numpy() for k in ("row_id", "user_idx", "action")}})
-            parts.append(pa.table(ranked).cast(RANKS_SCHEMA))
-    finally:
-        torch.set_num_threads(previous)
-    return pa.concat_tables(parts) if parts else RANKS_SCHEMA.empty_table()
+    return _batches_in_process(table, RANK_BATCH_ROWS, threads,
+                               lambda: Ranker(load_unsharded_model(model_factory, checkpoint_path), num_items,
+                                              sampled_negatives, seed, user_histories(prepared_dir)),
+                               lambda ranker, batch: ranker(batch), RANKS_SCHEMA)
 
 
 def user_histories(prepared_dir: str) -> Dict[int, np.ndarray]:

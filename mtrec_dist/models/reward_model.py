@@ -469,7 +469,8 @@ class QRIQLModel(nn.Module):
     def _drawn_tail_gap(self, p_r: torch.Tensor, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``(1/K) sum_k [CVaR - R_mean](s, a_k)`` [B] for the drawn items' ``positions`` [B, K] into ``items``,
         from the reward projections ``p_r`` [B, N, D]; on a CPU a block of rows at a time, so that the drawn
-        items' embeddings [b, K, D] and quantiles [b, N, K] stay near :data:`BASELINE_CHUNK_ELEMENTS` floats."""
+        items' embeddings [b, K, D] and quantiles [b, N, K] each stay near :data:`BASELINE_CHUNK_ELEMENTS` floats
+        (with ``cvar_along``'s temporaries a block holds a few times that)."""
         rows, draws, dim = positions.shape[0], positions.shape[1], items.shape[1]
         block = tail_chunk_items(rows, draws * max(dim, p_r.shape[1]), p_r.device, BASELINE_CHUNK_ELEMENTS)
         gaps = []
