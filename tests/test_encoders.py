@@ -337,3 +337,35 @@ def test_attention_dropout_drops_probabilities_and_rescales():
     assert not kept[..., ~allowed].any()
     share = kept[..., allowed].float().mean().item()
     assert abs(share - (1 - p)) < 0.012  # 512 x 2 x 36 allowed entries: 5 standard errors
+
+
+def test_unsharded_item_lookup_equals_the_keyed_jagged_one():
+    """Unsharded, ItemEmbedding looks rows up directly; the KeyedJaggedTensor path (what a sharded table takes)
+    gives the same rows and the same gradient, for 2-D and 1-D features alike."""
+    import torch.nn as nn
+
+    from mtrec_dist.models.embeddings import ItemEmbedding
+
+    torch.manual_seed(0)
+    ids = {"state": torch.randint(0, 30, (4, 5)), "action": torch.randint(1, 30, (4, 1)),
+           "catalog": torch.arange(1, 30)}
+    fast = ItemEmbedding(30, 6)
+    keyed = ItemEmbedding(30, 6)
+    keyed.load_state_dict(fast.state_dict())
+
+    class NotPlain(nn.Module):  # any other module type takes the KeyedJaggedTensor path
+        def __init__(self, ec):
+            super().__init__()
+            self.ec, self.embeddings = ec, ec.embeddings
+
+        def forward(self, kjt):
+            return self.ec(kjt)
+
+    keyed.ec = NotPlain(keyed.ec)
+    a, b = fast(ids), keyed(ids)
+    for name, t in ids.items():
+        assert a[name].shape == (*t.shape, 6) and torch.equal(a[name], b[name]), name
+    sum((o * (i + 1)).sum() for i, o in enumerate(a.values())).backward()
+    sum((o * (i + 1)).sum() for i, o in enumerate(b.values())).backward()
+    grad = fast.ec.embeddings["item_table"].weight.grad
+    assert grad.abs().sum() > 0 and torch.equal(grad, keyed.ec.embeddings["item_table"].weight.grad)
