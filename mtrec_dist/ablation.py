@@ -122,7 +122,8 @@ def fit(make_model: Callable[[], torch.nn.Module], data, rows, cfg, seed: int, e
     The model is built here, after seeding, so that its initial weights depend on ``seed`` alone."""
     torch.manual_seed(seed)
     model = make_model()
-    # foreach: one kernel per step for all parameters; the same updates, 3-4 s less per SASRec fit of the demo
+    # foreach: the same updates with one call per step over all parameters (less Python dispatch on a CPU);
+    # 3-4 s less per SASRec fit of the demo (bench/RESULTS.md, session 20)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, foreach=True)
     model.train()
     for batch in batches(data, rows, cfg.batch_size, epochs, seed, extra):

@@ -353,19 +353,25 @@ def test_unsharded_item_lookup_equals_the_keyed_jagged_one():
     keyed = ItemEmbedding(30, 6)
     keyed.load_state_dict(fast.state_dict())
 
+    calls = []
+
     class NotPlain(nn.Module):  # any other module type takes the KeyedJaggedTensor path
         def __init__(self, ec):
             super().__init__()
             self.ec, self.embeddings = ec, ec.embeddings
 
         def forward(self, kjt):
+            calls.append(kjt)
             return self.ec(kjt)
 
     keyed.ec = NotPlain(keyed.ec)
     a, b = fast(ids), keyed(ids)
+    assert len(calls) == 1  # the keyed model really went through a KeyedJaggedTensor
     for name, t in ids.items():
         assert a[name].shape == (*t.shape, 6) and torch.equal(a[name], b[name]), name
     sum((o * (i + 1)).sum() for i, o in enumerate(a.values())).backward()
     sum((o * (i + 1)).sum() for i, o in enumerate(b.values())).backward()
     grad = fast.ec.embeddings["item_table"].weight.grad
     assert grad.abs().sum() > 0 and torch.equal(grad, keyed.ec.embeddings["item_table"].weight.grad)
+    with pytest.raises(ValueError, match="batch"):  # a batch mismatch fails unsharded too, as sharded
+        fast({"state": torch.zeros(4, 5, dtype=torch.long), "action": torch.ones(3, 1, dtype=torch.long)})
