@@ -338,12 +338,10 @@ def map_units(cfg: PipelineConfig, fn: Callable, jobs: List[tuple], shared: List
 
 def _one_thread(fn: Callable, cfg, shared, unit, say):
     """``fn`` with one torch thread, as in a one-CPU task, so that its results do not depend on where it ran."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from mtrec_dist.runtime import torch_threads
+
+    with torch_threads(1):
         return fn(cfg, shared, unit, say)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _job_task(fn: Callable, cfg, shared, unit):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 def gpu_available() -> bool:
@@ -126,3 +127,17 @@ def ray_log_dir() -> Optional[str]:
 
     node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
     return os.path.join(node.get_session_dir_path(), "logs") if node is not None else None
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` (at least 1) torch threads, and give the process its count back after:
+    scoring, ranking and ablation units in the driver must not leave it changed."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

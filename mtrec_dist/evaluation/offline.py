@@ -176,10 +176,9 @@ def _batches_in_process(table: pa.Table, batch_rows: int, threads: int, load: Ca
     collated to [n, L] arrays), in this process with ``threads`` torch threads (restored after); the outputs
     as one table of ``schema``.  The in-process twin of the actors' ``map_batches``."""
     from mtrec_dist.data.pipeline import collate_transitions
+    from mtrec_dist.runtime import torch_threads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with torch_threads(threads):
         scorer = load()
         parts = []
         for start in range(0, table.num_rows, batch_rows):
@@ -188,8 +187,6 @@ def _batches_in_process(table: pa.Table, batch_rows: int, threads: int, load: Ca
             batch = {name: (states[name].numpy() if name in states else part.column(name).to_numpy())
                      for name in part.column_names}
             parts.append(pa.table(score_batch(scorer, batch)).cast(schema))
-    finally:
-        torch.set_num_threads(previous)
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 

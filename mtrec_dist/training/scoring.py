@@ -223,19 +223,16 @@ def score_locally(table: pa.Table, checkpoint_path: str, scorer_kwargs: Dict[str
     after), and write the scored rows to ``base`` on ``fs`` as one Parquet file; the seconds spent scoring."""
     import pyarrow.parquet as pq
 
+    from mtrec_dist.runtime import torch_threads
     from mtrec_dist.training.checkpoint import load_unsharded_model
     from mtrec_dist.training.reward import reward_model_factory
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with torch_threads(threads):
         model = load_unsharded_model(reward_model_factory(scorer_kwargs["spec"], for_inference=True), checkpoint_path)
         scorer = TableScorer(model, **scorer_kwargs)
         t0 = time.perf_counter()
         scored = [scorer(table.slice(start, batch_size)) for start in range(0, table.num_rows, batch_size)]
         seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(previous)
     fs.create_dir(base, recursive=True)
     if scored:
         pq.write_table(pa.concat_tables(scored), f"{base.rstrip('/')}/part-00000.parquet", filesystem=fs)
