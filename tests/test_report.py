@@ -34,3 +34,20 @@ def test_report_files_and_table(tmp_path):
         assert png in text
     assert json.loads((tmp_path / "metrics.json").read_text())["reward"]["validity"]["auc"] == 0.7
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_headline_prints_each_guided_models_offline_change_against_its_click_model():
+    from mtrec_dist.evaluation.evaluate import headline
+
+    def rec(backbone, guidance, hr, ndcg_sat):
+        return {"backbone": backbone, "guidance": guidance,
+                "offline": {"all": {"HR@10": hr}, "satisfied": {"HR@10": 0.1, "NDCG@10": ndcg_sat}, "sampled": {}}}
+
+    lines = headline({"recommenders": [rec("sasrec", "none", 0.10, 0.050), rec("sasrec", "reweight", 0.076, 0.053),
+                                       rec("gru4rec", "none", 0.0, 0.040), rec("gru4rec", "reweight", 0.02, 0.030),
+                                       rec("caser", "reweight", 0.05, 0.05)]})
+    # 0.076 / 0.10 - 1 = -24%; 0.053 / 0.050 - 1 = +6%: each against its own backbone's click model
+    assert lines[0].startswith("sasrec/none: HR@10 0.1000") and "offline vs" not in lines[0]
+    assert lines[1].endswith("; offline vs sasrec/none: HR@10 -24%, NDCG@10 satisfied +6%")
+    assert lines[3].endswith("; offline vs gru4rec/none: HR@10 n/a, NDCG@10 satisfied -25%")  # a base of 0
+    assert "offline vs" not in lines[4]  # no click-trained caser to compare with

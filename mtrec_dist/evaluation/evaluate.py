@@ -215,17 +215,22 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
 
 
 def headline(results: Dict[str, Any]) -> List[str]:
-    """Short human-readable lines: reward validity and each guided model's online gain."""
+    """Short human-readable lines: reward validity, each model's offline accuracy and online satisfaction,
+    and each guided model's changes against the click-trained model of its backbone (guidance ``none``):
+    the online gain, and the relative change of HR@10 and of NDCG@10 on satisfied targets, so the price
+    guidance pays offline is printed beside what it buys."""
     lines = []
     v = results.get("reward", {}).get("validity", {})
     if v:
         parts = [f"{name.removesuffix('_spearman')} {v[name]:+.3f}" for name in v if name.endswith("_spearman")]
         lines.append(f"reward validity (Spearman vs {v.get('signal')}): " + ", ".join(parts))
-    for r in results.get("recommenders", []):
+    recs = results.get("recommenders", [])
+    clicks = {r["backbone"]: r.get("offline", {}) for r in recs if r["guidance"] == "none"}
+    for r in recs:
         off = r.get("offline", {})
-        line = (f"{r['backbone']}/{r['guidance']}: HR@10 {off.get('all', {}).get('HR@10', float('nan')):.4f} "
-                f"(satisfied {off.get('satisfied', {}).get('HR@10', float('nan')):.4f}, "
-                f"100-neg {off.get('sampled', {}).get('HR@10', float('nan')):.4f})")
+        line = (f"{r['backbone']}/{r['guidance']}: HR@10 {_metric(off, 'all', 'HR@10'):.4f} "
+                f"(satisfied {_metric(off, 'satisfied', 'HR@10'):.4f}, "
+                f"100-neg {_metric(off, 'sampled', 'HR@10'):.4f})")
         on = r.get("online") or {}
         if "satisfaction_per_session" in on:
             m = on["satisfaction_per_session"]
@@ -233,11 +238,29 @@ def headline(results: Dict[str, Any]) -> List[str]:
             g = (on.get("paired_gain") or {}).get("satisfaction_per_session")
             if g:
                 line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+        if r["guidance"] != "none" and r["backbone"] in clicks:
+            line += "; " + offline_change(off, clicks[r["backbone"]], f"{r['backbone']}/none")
         lines.append(line)
     if results.get("ablation"):
         lines.append("ablation (same SASRec guided by each reward; held-out users; mean ±95% CI):")
         lines += results["ablation"]["table"].splitlines()
     return lines
+
+
+def _metric(offline_metrics: Dict[str, Any], targets: str, name: str) -> float:
+    return offline_metrics.get(targets, {}).get(name, float("nan"))
+
+
+def offline_change(guided: Dict[str, Any], clicks: Dict[str, Any], clicks_name: str) -> str:
+    """``offline vs sasrec/none: HR@10 -24%, NDCG@10 satisfied -6%``: relative changes of a guided model's
+    offline metrics against the click-trained model's (``n/a`` where the click model's value is 0 or
+    missing)."""
+    parts = []
+    for targets, name, label in (("all", "HR@10", "HR@10"), ("satisfied", "NDCG@10", "NDCG@10 satisfied")):
+        new, base = _metric(guided, targets, name), _metric(clicks, targets, name)
+        rel = (new / base - 1.0) * 100 if np.isfinite(new) and np.isfinite(base) and base > 0 else None
+        parts.append(f"{label} {rel:+.0f}%" if rel is not None else f"{label} n/a")
+    return f"offline vs {clicks_name}: " + ", ".join(parts)
 
 
 def write_json(obj: Any, path: str) -> None:
