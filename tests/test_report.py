@@ -1,4 +1,5 @@
-"""The report writer produces the HTML table, the figures, metrics.json and TensorBoard events."""
+"""The report writer produces the HTML table, the figures, metrics.json and TensorBoard events; the headline
+prints each guided model's offline change beside its online gain."""
 import json
 
 from mtrec_dist.evaluation.report import write_report
@@ -45,9 +46,12 @@ def test_headline_prints_each_guided_models_offline_change_against_its_click_mod
 
     lines = headline({"recommenders": [rec("sasrec", "none", 0.10, 0.050), rec("sasrec", "reweight", 0.076, 0.053),
                                        rec("gru4rec", "none", 0.0, 0.040), rec("gru4rec", "reweight", 0.02, 0.030),
-                                       rec("caser", "reweight", 0.05, 0.05)]})
+                                       rec("nextitnet", "reweight", 0.05, 0.05), rec("caser", "none", 0.05, 0.05),
+                                       rec("caser", "risk_averse", 0.0498, float("nan"))]})
     # 0.076 / 0.10 - 1 = -24%; 0.053 / 0.050 - 1 = +6%: each against its own backbone's click model
     assert lines[0].startswith("sasrec/none: HR@10 0.1000") and "offline vs" not in lines[0]
     assert lines[1].endswith("; offline vs sasrec/none: HR@10 -24%, NDCG@10 satisfied +6%")
     assert lines[3].endswith("; offline vs gru4rec/none: HR@10 n/a, NDCG@10 satisfied -25%")  # a base of 0
-    assert "offline vs" not in lines[4]  # no click-trained caser to compare with
+    assert "offline vs" not in lines[4]  # no click-trained nextitnet to compare with
+    # a change under 0.5% prints +0%, not -0%; a metric the run lacks reads n/a
+    assert lines[6].endswith("; offline vs caser/none: HR@10 +0%, NDCG@10 satisfied n/a")

@@ -225,7 +225,7 @@ def headline(results: Dict[str, Any]) -> List[str]:
         parts = [f"{name.removesuffix('_spearman')} {v[name]:+.3f}" for name in v if name.endswith("_spearman")]
         lines.append(f"reward validity (Spearman vs {v.get('signal')}): " + ", ".join(parts))
     recs = results.get("recommenders", [])
-    clicks = {r["backbone"]: r.get("offline", {}) for r in recs if r["guidance"] == "none"}
+    click_model_offline = {r["backbone"]: r.get("offline", {}) for r in recs if r["guidance"] == "none"}
     for r in recs:
         off = r.get("offline", {})
         line = (f"{r['backbone']}/{r['guidance']}: HR@10 {_metric(off, 'all', 'HR@10'):.4f} "
@@ -238,8 +238,8 @@ def headline(results: Dict[str, Any]) -> List[str]:
             g = (on.get("paired_gain") or {}).get("satisfaction_per_session")
             if g:
                 line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
-        if r["guidance"] != "none" and r["backbone"] in clicks:
-            line += "; " + offline_change(off, clicks[r["backbone"]], f"{r['backbone']}/none")
+        if r["guidance"] != "none" and r["backbone"] in click_model_offline:
+            line += "; " + offline_change(off, click_model_offline[r["backbone"]], f"{r['backbone']}/none")
         lines.append(line)
     if results.get("ablation"):
         lines.append("ablation (same SASRec guided by each reward; held-out users; mean ±95% CI):")
@@ -248,19 +248,21 @@ def headline(results: Dict[str, Any]) -> List[str]:
 
 
 def _metric(offline_metrics: Dict[str, Any], targets: str, name: str) -> float:
+    """A metric the run did not measure reads as NaN, so the line still prints."""
     return offline_metrics.get(targets, {}).get(name, float("nan"))
 
 
-def offline_change(guided: Dict[str, Any], clicks: Dict[str, Any], clicks_name: str) -> str:
+def offline_change(guided: Dict[str, Any], click_model: Dict[str, Any], click_model_name: str) -> str:
     """``offline vs sasrec/none: HR@10 -24%, NDCG@10 satisfied -6%``: relative changes of a guided model's
     offline metrics against the click-trained model's (``n/a`` where the click model's value is 0 or
     missing)."""
     parts = []
     for targets, name, label in (("all", "HR@10", "HR@10"), ("satisfied", "NDCG@10", "NDCG@10 satisfied")):
-        new, base = _metric(guided, targets, name), _metric(clicks, targets, name)
-        rel = (new / base - 1.0) * 100 if np.isfinite(new) and np.isfinite(base) and base > 0 else None
-        parts.append(f"{label} {rel:+.0f}%" if rel is not None else f"{label} n/a")
-    return f"offline vs {clicks_name}: " + ", ".join(parts)
+        new, base = _metric(guided, targets, name), _metric(click_model, targets, name)
+        ok = np.isfinite(new) and np.isfinite(base) and base > 0
+        rel = round((new / base - 1.0) * 100) + 0 if ok else None  # + 0: a change under 0.5% prints +0%, not -0%
+        parts.append(f"{label} {rel:+d}%" if rel is not None else f"{label} n/a")
+    return f"offline vs {click_model_name}: " + ", ".join(parts)
 
 
 def write_json(obj: Any, path: str) -> None:
