@@ -260,7 +260,7 @@ def offline_change(guided: Dict[str, Any], click_model: Dict[str, Any], click_mo
     for targets, name, label in (("all", "HR@10", "HR@10"), ("satisfied", "NDCG@10", "NDCG@10 satisfied")):
         new, base = _metric(guided, targets, name), _metric(click_model, targets, name)
         ok = np.isfinite(new) and np.isfinite(base) and base > 0
-        rel = round((new / base - 1.0) * 100) + 0 if ok else None  # + 0: a change under 0.5% prints +0%, not -0%
+        rel = round((new / base - 1.0) * 100) if ok else None  # an int: a change under 0.5% prints +0%, never -0%
         parts.append(f"{label} {rel:+d}%" if rel is not None else f"{label} n/a")
     return f"offline vs {click_model_name}: " + ", ".join(parts)
 
