@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig, SimulatorConfig
 from mtrec_dist.data.simulator import (
     IMPRESSIONS_DIR, LOGS_DIR, LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
@@ -283,7 +284,7 @@ def _run_rows(cfg: PipelineConfig, world: dict, unit: SeedUnit, say: Callable[[s
             cache[("validity", key)] = reward_validity(scorer, sim, truth, data, test_rows, num_items)
         cols = guidance_columns(row, cache.get(("scores", key)), seed)
         validity = {} if row in ("A", "I") else cache[("validity", key)]
-        guidance = {"A": "none", "G": "risk_averse"}.get(row, "reweight")
+        guidance = {"A": CLICK_TRAINED, "G": "risk_averse"}.get(row, "reweight")
         rec_cfg = dataclasses.replace(cfg.rec, guidance=guidance)
         extra = None if cols is None else {k: v_full(v, train_rows, len(data["action"])) for k, v in cols.items()}
         rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),

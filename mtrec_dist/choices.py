@@ -20,4 +20,6 @@ AblationRow = Literal["A", "B", "C", "D", "E", "F", "G", "H", "I"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
+# The guidance mode of the click-trained recommender (no reward read): every guided model is compared with it.
+CLICK_TRAINED: str = "none"
 ABLATION_ROWS: tuple[str, ...] = get_args(AblationRow)

@@ -32,6 +32,7 @@ from mtrec_dist.ablation import (
     ROW_NAMES, fit, format_ci, guidance_columns, map_units, offline_ranking, row_scorer, score_reward, summarise,
     v_full,
 )
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.data.dataset import load_manifest
 from mtrec_dist.data.pipeline import collate_transitions
@@ -146,7 +147,7 @@ def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_
     cols = (withheld_signal_columns(data, train) if row == "H" else
             guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed))
     extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
-    rec_cfg = dataclasses.replace(cfg.rec, guidance="none" if row == "A" else "reweight")
+    rec_cfg = dataclasses.replace(cfg.rec, guidance=CLICK_TRAINED if row == "A" else "reweight")
     rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
               data, train, cfg.ablation, seed, cfg.ablation.rec_epochs, extra)
     if row == "A":

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.layout import RunLayout, rec_name
 
@@ -274,7 +275,7 @@ def model_stages(ctx: RunContext, prepared: str, *, after: Sequence[str] = ("pre
     trains on, for their completed return labels (retrain)."""
     cfg, layout = ctx.cfg, ctx.layout
     stages = [_train_reward_stage(ctx, prepared, after, warm, reward_history)]
-    guided = any(g != "none" for g in cfg.rec.guidances)
+    guided = any(g != CLICK_TRAINED for g in cfg.rec.guidances)
     if always_score or guided:
         stages.append(_score_stage(ctx, prepared, after))
         scored, rec_inputs = layout.rewards, [*after, "score-rewards"]

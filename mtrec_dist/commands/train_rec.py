@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from mtrec_dist.choices import BACKBONES, CLICK_TRAINED, GUIDANCE_MODES
 from mtrec_dist.commands._common import add_prepared_flag, prepared_dir
 from mtrec_dist.commands._training_flags import add_training_flags, apply_training_flags, print_training_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=None, choices=["sasrec", "gru4rec", "caser", "nextitnet"],
+    p.add_argument("--backbone", default=None, choices=BACKBONES,
                    help="recommender architecture (default: rec.backbone)")
-    p.add_argument("--guidance", default=None, choices=["none", "reweight", "actor_critic", "risk_averse"],
+    p.add_argument("--guidance", default=None, choices=GUIDANCE_MODES,
                    help="how the mental reward steers the loss (default: rec.guidance; none = click-trained)")
     p.add_argument("--scores", default=None, metavar="DIR",
                    help="scored transitions from `mtrec score-rewards` (default: <run_dir>/rewards; an unguided "
@@ -31,7 +32,7 @@ def default_scores(rewards: str, prepared: str, guidance: str) -> str:
     from mtrec_dist.data.dataset import TRANSITIONS_DIR
     from mtrec_dist.data.input_files import join_path, resolve_filesystem
 
-    if guidance != "none":
+    if guidance != CLICK_TRAINED:
         return rewards
     fs, path = resolve_filesystem(rewards)
     missing = fs.get_file_info(path).type == pafs.FileType.NotFound

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.evaluation import offline
 
@@ -182,7 +183,7 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     item_truth = load_item_truth(sim_dir) if sim_dir else None
     eval_table = offline.read_eval_table(prepared_dir)
 
-    baseline = next((s for s in rec_summaries if s["guidance"] == "none"), None)
+    baseline = next((s for s in rec_summaries if s["guidance"] == CLICK_TRAINED), None)
     baseline_scores = None
     if baseline is not None:
         factory, spec = _recommender_factory(baseline)
@@ -225,7 +226,7 @@ def headline(results: Dict[str, Any]) -> List[str]:
         parts = [f"{name.removesuffix('_spearman')} {v[name]:+.3f}" for name in v if name.endswith("_spearman")]
         lines.append(f"reward validity (Spearman vs {v.get('signal')}): " + ", ".join(parts))
     recs = results.get("recommenders", [])
-    click_model_offline = {r["backbone"]: r.get("offline", {}) for r in recs if r["guidance"] == "none"}
+    click_model_offline = {r["backbone"]: r.get("offline", {}) for r in recs if r["guidance"] == CLICK_TRAINED}
     for r in recs:
         off = r.get("offline", {})
         line = (f"{r['backbone']}/{r['guidance']}: HR@10 {_metric(off, 'all', 'HR@10'):.4f} "
@@ -238,8 +239,8 @@ def headline(results: Dict[str, Any]) -> List[str]:
             g = (on.get("paired_gain") or {}).get("satisfaction_per_session")
             if g:
                 line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
-        if r["guidance"] != "none" and r["backbone"] in click_model_offline:
-            line += "; " + offline_change(off, click_model_offline[r["backbone"]], f"{r['backbone']}/none")
+        if r["guidance"] != CLICK_TRAINED and r["backbone"] in click_model_offline:
+            line += "; " + offline_change(off, click_model_offline[r["backbone"]], f"{r['backbone']}/{CLICK_TRAINED}")
         lines.append(line)
     if results.get("ablation"):
         lines.append("ablation (same SASRec guided by each reward; held-out users; mean ±95% CI):")

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..choices import GUIDANCE_MODES  # re-exported here: the one list
+from ..choices import CLICK_TRAINED, GUIDANCE_MODES  # GUIDANCE_MODES re-exported here: the one list
 from .ranking import masked_mean
 
 __all__ = ["GUIDANCE_MODES", "advantage_weights", "guidance_weights", "td_loss"]
@@ -66,7 +66,7 @@ def guidance_weights(
     * ``risk_averse``: ``A = CVaR(s,a) - baseline`` (``cvar_baseline`` if given, else ``reward_baseline``);
     * ``actor_critic``: ``A = Q(s,a) - E_{a'~pi} Q(s,a')`` from the recommender's own Q head.
     """
-    if mode == "none":
+    if mode == CLICK_TRAINED:
         return mask.detach().float()
     if mode == "reweight":
         _need(mode, reward_mean=reward_mean, reward_baseline=reward_baseline)

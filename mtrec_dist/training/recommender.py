@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig, RecConfig
 from mtrec_dist.training.launch import launch_fit, read_pointer
 from mtrec_dist.training.specs import configs_from_spec
@@ -94,7 +95,7 @@ def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
 
     files = _scored_files(scored_dir)
     names = files.schema.names
-    need = list(TRANSITION_COLUMNS) + (list(REWARD_COLUMNS) if guidance != "none" else [])
+    need = list(TRANSITION_COLUMNS) + (list(REWARD_COLUMNS) if guidance != CLICK_TRAINED else [])
     missing = [c for c in need if c not in names]
     if missing:
         raise ValueError(f"{scored_dir}: column(s) {missing} missing; guidance {guidance!r} needs a scored-"
