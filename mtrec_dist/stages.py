@@ -188,8 +188,9 @@ class StageRunner:
 def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings.
     Console switches (``prepare.progress``, ``prepare.overwrite``), how the ablation's units are run
-    (``ablation.parallel``: the same records either way) and ``train.driver_read_mb`` outside train-rec (there it
-    changes how rows reach the workers; in score-rewards only which process scores) do not change a stage's result."""
+    (``ablation.parallel``: the same records either way) and ``train.driver_read_mb`` outside the training stages
+    (there it changes how rows reach the workers; in score-rewards only which process scores) do not change a
+    stage's result."""
     out: Dict[str, Any] = {}
     for name in names:
         if name.startswith("train:"):
@@ -202,9 +203,8 @@ def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
             out["prepare"].pop(k, None)
     if "ablation" in out:
         out["ablation"].pop("parallel", None)
-    for name in ("train", "train:reward"):  # train.driver_read_mb: see the docstring
-        if name in out:
-            out[name].pop("driver_read_mb", None)
+    if "train" in out:  # train.driver_read_mb: see the docstring
+        out["train"].pop("driver_read_mb", None)
     return out
 
 

@@ -6,6 +6,7 @@ of a hidden per-item quality), and the rating follows the same quality. Items ar
 popularity says nothing; the mental reward's order term must find the quality from the order alone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -95,10 +96,12 @@ def test_the_distributed_reward_training_reads_the_same_later_choices(ray_cluste
     cfg = load_config("configs/ml1m.yaml", sets)
     prepared = str(tmp_path / "run" / "prepared")
     table = pads.dataset(f"{prepared}/transitions", format="parquet").to_table()
-    ds = training_transitions(cfg, prepared, table.num_rows)
-    got = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
     want = with_later_items(table, k=3).sort_by("row_id")
-    assert got.num_rows == table.num_rows
-    assert got.column("later_items").to_pylist() == want.column("later_items").to_pylist()
+    for driver_read_mb in (0.0, 256.0):  # Ray Data's user blocks, then the whole table in the driver
+        train = dataclasses.replace(cfg.train, driver_read_mb=driver_read_mb)
+        ds = training_transitions(dataclasses.replace(cfg, train=train), prepared, table.num_rows)
+        got = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
+        assert got.num_rows == table.num_rows
+        assert got.column("later_items").to_pylist() == want.column("later_items").to_pylist(), driver_read_mb
     # per session of 8: 3 later choices for the first 5, then 2, 1, 0
     assert sum(len([i for i in r if i]) for r in got.column("later_items").to_pylist()) == 30 * 3 * (5 * 3 + 3)

@@ -132,6 +132,31 @@ def test_the_reward_model_reads_earlier_days_for_the_return_labels_a_day_complet
     assert 0 < runs[1]["reward"]["return_known_rows"] < runs[2]["reward"]["return_known_rows"]
 
 
+def test_earlier_days_give_the_same_training_rows_in_the_driver_and_on_ray_data(chain):
+    """Three days' transitions, each joined to its own slates, labels completed over all of them: the driver's
+    pyarrow path (a small set, train.driver_read_mb) and Ray Data's (join, hash shuffle by user) agree."""
+    import pyarrow as pa
+    import ray
+
+    from mtrec_dist.training.reward import training_transitions
+
+    prepared = [str(describe_run(str(_version_dir(chain, k)))["prepared"]) for k in range(3)]
+    rows = chain["runs"][2]["reward"]["rows"]
+    log_end = load_manifest(prepared[2])["log_end"]
+    got = {}
+    for driver_read_mb in (256.0, 0.0):
+        cfg = chain["cfg"]
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, driver_read_mb=driver_read_mb))
+        ds = training_transitions(cfg, prepared[2], rows, [prepared[1], prepared[0]], log_end)
+        got[driver_read_mb] = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
+    driver, distributed = got[256.0], got[0.0]
+    assert driver.num_rows == distributed.num_rows == rows
+    assert sorted(driver.column_names) == sorted(distributed.column_names)
+    assert "slate_items" in driver.column_names and pc.sum(driver.column("return_known")).as_py() > 0
+    for name in distributed.column_names:
+        assert driver.column(name).to_pylist() == distributed.column(name).to_pylist(), name
+
+
 def test_states_carry_over_the_day_boundary(chain):
     vocab = load_vocab(str(_version_dir(chain, 2) / "prepared"))
     carry: dict = {}  # raw user -> (last L raw items, feedback), as it should be after each day

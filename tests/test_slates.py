@@ -12,7 +12,7 @@ import pytest
 
 import ray
 
-from mtrec_dist.config import PipelineConfig, PrepareConfig, RewardConfig
+from mtrec_dist.config import PipelineConfig, PrepareConfig, RewardConfig, TrainConfig
 from mtrec_dist.data import prepare as prep
 from mtrec_dist.data import slates as sl
 from mtrec_dist.data.dataset import SLATE_REJECTS_DIR, SLATE_SCHEMA, SLATES_DIR
@@ -124,6 +124,19 @@ def test_match_counts_join_transitions_to_their_slates():
                                                       slates_with_click_in_transitions=1, click_matches_action=1)]
 
 
+def test_the_driver_join_keeps_row_order_pads_missing_slates_and_copies_a_twice_seen_key():
+    from mtrec_dist.data.slate_join import with_slates_table
+
+    tr = pa.table({"user_idx": [1, 2, 3, 1], "slate_id": [0, 1, NO_SLATE, 5], "row_id": [7, 3, 9, 1]})
+    slates = pa.table({"user_idx": [2, 1], "slate_id": [1, 0],
+                       "slate_items": pa.array([[3, 4], [1, 2]], pa.list_(pa.int64()))})
+    joined = with_slates_table(tr, slates, width=2)
+    assert joined.column("row_id").to_pylist() == [7, 3, 9, 1]  # the transitions' order
+    assert joined.column("slate_items").to_pylist() == [[1, 2], [3, 4], [0, 0], [0, 0]]  # no slate: padding
+    twice = pa.concat_tables([slates, slates.slice(0, 1)])
+    assert with_slates_table(tr, twice, width=2).column("row_id").to_pylist() == [7, 3, 3, 9, 1]  # the caller counts
+
+
 def test_impressions_beside_the_logs_are_found_and_an_explicit_path_must_exist(tmp_path):
     sim = _write_sim(tmp_path / "sim")
     assert sl.beside_logs(str(sim / "logs")) == str(sim / "impressions")
@@ -185,12 +198,15 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
     assert tr.schema.names == TRANSITION_COLUMNS and tr.column("slate_id").null_count == 0
     assert tr.column("slate_id").to_pylist() == [100, 101, NO_SLATE, 200]
 
-    # the reward stage joins each click's slate onto its transition (padding where it has none)
-    joined = training_transitions(PipelineConfig(prepare=_cfg()), str(out), tr.num_rows).to_arrow_refs()
-    joined = pa.concat_tables([ray.get(r) for r in joined]).sort_by([("user_idx", "ascending"), ("ts", "ascending")])
-    assert joined.column("row_id").to_pylist() == tr.column("row_id").to_pylist()
-    assert joined.column("slate_items").to_pylist() == [item(10, 20, 11), item(11, 10, 12), [0, 0, 0],
-                                                        item(21, 10, 22)]
+    # the reward stage joins each click's slate onto its transition (padding where it has none): in the driver
+    # for a small set (train.driver_read_mb), else with Ray Data's join
+    for driver_read_mb in (256.0, 0.0):
+        cfg = PipelineConfig(prepare=_cfg(), train=TrainConfig(driver_read_mb=driver_read_mb))
+        joined = training_transitions(cfg, str(out), tr.num_rows).to_arrow_refs()
+        joined = pa.concat_tables([ray.get(r) for r in joined]).sort_by([("user_idx", "ascending"), ("ts", "ascending")])
+        assert joined.column("row_id").to_pylist() == tr.column("row_id").to_pylist()
+        assert joined.column("slate_items").to_pylist() == [item(10, 20, 11), item(11, 10, 12), [0, 0, 0],
+                                                            item(21, 10, 22)], driver_read_mb
     off = PipelineConfig(prepare=_cfg(), reward=RewardConfig(slate_choice=False))
     assert "slate_items" not in training_transitions(off, str(out), tr.num_rows).schema().names
 

@@ -81,17 +81,28 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     With ``earlier`` the return labels are computed again over all the days up to ``log_end`` (the newest
     day's end): a session end in the last ``prepare.return_window_s`` of its own day has no label in its
     day's data, and the following days' events give it one.  Both need each user's rows together: a hash
-    repartition by user gives each block whole users, as prepare's per-user stage does."""
-    from mtrec_dist.data.dataset import AccountingError
-    from mtrec_dist.data.pipeline import read_transitions
+    repartition by user gives each block whole users, as prepare's per-user stage does.
+
+    A set small enough for the driver (``train.driver_read_mb`` of the reward stage) is read, joined and
+    labelled in this process with pyarrow and handed to Ray Data as in-memory blocks (:func:`_driver_table`):
+    the same rows, without the join's and the shuffle's actors to start."""
+    from mtrec_dist.data.dataset import AccountingError, load_manifest
+    from mtrec_dist.data.pipeline import in_memory_dataset, read_transitions
     from mtrec_dist.data.shuffle import partitions_for, whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
     from mtrec_dist.data.slate_join import slate_table, with_slates
+    from mtrec_dist.training.loop import fits_driver
 
     v2 = cfg.reward.objective == "v2"
 
     days = (prepared_dir, *earlier)
     slates = {d: slate_table(d) if v2 and cfg.reward.slate_choice else None for d in days}
+    state_len = int(load_manifest(prepared_dir).get("state_len") or cfg.prepare.state_len)
+    if fits_driver(cfg.stage_train("reward"), rows, state_len):
+        table = _driver_table(cfg, days, slates, log_end if earlier else None)
+        if table.num_rows != rows:  # a key seen twice in slates/ would copy a transition
+            raise AccountingError(f"{prepared_dir}: joining slates/ gave {table.num_rows} transitions, not {rows}")
+        return in_memory_dataset(table)
     # each day's transitions joined to that day's slates only (slate ids are unique within one dataset)
     per_day = [with_slates(read_transitions(d), *slates[d], partitions_for(rows, cfg.prepare)) if slates[d]
                else read_transitions(d) for d in days]
@@ -113,6 +124,34 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     if joined_rows != rows:  # a key seen twice in slates/ would copy a transition
         raise AccountingError(f"{prepared_dir}: joining slates/ gave {joined_rows} transitions, not {rows}")
     return ds
+
+
+def _driver_table(cfg: PipelineConfig, days: Sequence[str], slates: Dict[str, Any], log_end: Optional[int]):
+    """:func:`training_transitions`' rows as one pyarrow table built in this process: each day's transitions
+    with its own slates, the days together, return labels computed again when ``log_end`` is given, then
+    ``later_items`` (the order term).  The whole table holds whole users, so the per-user steps run on it
+    as they run on each of the Ray path's user blocks."""
+    import pyarrow as pa
+
+    from mtrec_dist.data.pipeline import read_transitions_table
+    from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
+    from mtrec_dist.data.slate_join import SLATE_COLUMN, pad_missing_slates, read_slates_table, with_slates_table
+
+    tables = []
+    for d in days:
+        table = read_transitions_table(d)
+        if slates[d]:
+            slates_dir, width = slates[d]
+            table = with_slates_table(table, read_slates_table(slates_dir), width)
+        tables.append(table)
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    widths = [entry[1] for entry in slates.values() if entry]
+    if widths and table.column(SLATE_COLUMN).null_count:  # a day without slates: the catalog is its choice set
+        table = pad_missing_slates(table, width=widths[0])
+    if log_end is not None:
+        table = with_returns_relabelled(table, window_s=cfg.prepare.return_window_s, log_end=int(log_end))
+    k = cfg.reward.order_items if cfg.reward.objective == "v2" else 0
+    return with_later_items(table, k=k) if k else table
 
 
 def order_term_note(cfg: PipelineConfig, manifest: Dict[str, Any]) -> Optional[str]:
