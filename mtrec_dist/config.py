@@ -303,9 +303,10 @@ class TrainConfig:
     # read once into Ray's object store and every later epoch splits the cached blocks instead of reading the
     # Parquet files again; with feed: auto each worker holds its shard instead (0 = always stream, no cache)
     cache_rows: int = 2_000_000
-    # a recommender's training set estimated at most this many MiB (as memory_feed_max_mb estimates it) is read by
-    # the driver in one pyarrow call and handed to Ray Data as in-memory blocks: each epoch then starts without
-    # listing files, footer-reader and read tasks (docs/cluster.md "Feeding the workers"); with score_runner auto,
+    # a training set estimated at most this many MiB (as memory_feed_max_mb estimates it) is read by the driver in
+    # one pyarrow call and handed to Ray Data as in-memory blocks: each epoch then starts without listing files,
+    # footer-reader and read tasks, and the reward's slate join and per-user steps run there with no actors to
+    # start (docs/cluster.md "Feeding the workers"); with score_runner auto,
     # score-rewards and offline ranking run a set this small in the driver process itself (no actor to start); 0 =
     # always read the Parquet files with Ray Data (training.recommender.read_training_rows, training.scoring.score_runner)
     driver_read_mb: float = 256.0
