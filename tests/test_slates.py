@@ -159,7 +159,10 @@ def test_impressions_beside_the_logs_are_found_and_an_explicit_path_must_exist(t
 
 # ---- integration: the whole pipeline on Ray Data ----------------------------------------------------------
 @pytest.mark.integration
-def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_path):
+@pytest.mark.parametrize("read_by", ["driver", "ray_data"])
+def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_path, monkeypatch, read_by):
+    if read_by == "ray_data":  # impressions over sl.DRIVER_READ_BYTES are read by Ray Data's Parquet reader
+        monkeypatch.setattr(sl, "DRIVER_READ_BYTES", 0)
     sim, out, lines = _write_sim(tmp_path / "sim"), tmp_path / "prepared", []
     m = prep.prepare_dataset(_cfg(), str(sim / "logs"), str(out), progress=lines.append)
     vocab = prep.load_vocab(str(out))
@@ -198,6 +201,8 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
     assert tr.schema.names == TRANSITION_COLUMNS and tr.column("slate_id").null_count == 0
     assert tr.column("slate_id").to_pylist() == [100, 101, NO_SLATE, 200]
 
+    if read_by == "ray_data":
+        return  # the join below reads prepare's output, the same either way: checked once
     # the reward stage joins each click's slate onto its transition (padding where it has none): in the driver
     # for a small set (train.driver_read_mb), else with Ray Data's join
     for driver_read_mb in (256.0, 0.0):
