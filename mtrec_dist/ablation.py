@@ -215,13 +215,25 @@ def guidance_columns(row: str, cols: Dict[str, np.ndarray] | None, seed) -> Dict
 
 # ---- measuring ---------------------------------------------------------------------------------------------
 def reward_validity(scorer, sim, truth, data, rows, num_items) -> dict:
-    """Spearman of the reward vs true expected satisfaction, and AUC for telling bad items (clickbait,
-    compulsive) from good ones, on held-out users' rows."""
+    """Spearman of the reward vs true expected satisfaction, and AUC for telling bad items from good ones, on
+    held-out users' rows: both kinds of bad item together, then each kind alone against the good items
+    (clickbait is exposed by its short watch, compulsive items are watched long: a reward can tell one and
+    not the other; NaN where a kind has no row)."""
     r = score_reward(scorer, data, rows, num_items)["reward_mean"]
     a = data["action"][rows] - 1
     mu = expected_satisfaction(sim, user_tastes(sim, data["user"][rows]), truth, a[:, None])[:, 0]
-    good = ~(truth.is_clickbait[a] | truth.is_compulsive[a])
-    return {"spearman_vs_satisfaction": spearman(r, mu), "auc_good_vs_bad": roc_auc(r, good.astype(int))}
+    return {"spearman_vs_satisfaction": spearman(r, mu), **bad_item_aucs(r, truth.is_clickbait[a], truth.is_compulsive[a])}
+
+
+def bad_item_aucs(reward: np.ndarray, clickbait: np.ndarray, compulsive: np.ndarray) -> Dict[str, float]:
+    """AUC of ``reward`` for telling the rows of good items (neither kind) from those of bad ones: both kinds
+    together (``auc_good_vs_bad``), then each kind alone against the good rows (NaN where a kind has none)."""
+    good = ~(clickbait | compulsive)
+    out = {"auc_good_vs_bad": roc_auc(reward, good.astype(int))}
+    for name, bad in (("clickbait", clickbait), ("compulsive", compulsive)):
+        pair = good | bad
+        out[f"auc_good_vs_{name}"] = roc_auc(reward[pair], good[pair].astype(int))
+    return out
 
 
 @torch.no_grad()
@@ -425,6 +437,7 @@ def format_ci(v: Dict[str, float] | None, digits: int) -> str:
 
 def markdown_table(summary: Dict[str, dict]) -> str:
     cols = [("spearman_vs_satisfaction", "Spearman"), ("auc_good_vs_bad", "AUC bad"),
+            ("auc_good_vs_clickbait", "AUC clickbait"), ("auc_good_vs_compulsive", "AUC compulsive"),
             ("satisfaction_per_session", "sat/session"), ("cumulative_satisfaction", "7-day sat"),
             ("return_rate", "return"), ("watch_time", "watch s"), ("ctr", "CTR"), ("hr@10", "HR@10"),
             ("ndcg@10_satisfied", "NDCG@10 sat"), ("gain_vs_A:satisfaction_per_session", "Δsat vs A"),

@@ -108,6 +108,19 @@ def test_pool_refuses_runs_whose_rewards_were_trained_otherwise(tmp_path):
         cli(["ablate", "--pool", str(tmp_path / "on.json"), str(tmp_path / "off.json")])
 
 
+def test_bad_item_aucs_split_the_two_kinds_of_bad_item():
+    # rows: good 2.0, 1.0; clickbait 0.0, 1.5; compulsive 3.0
+    reward = np.array([2.0, 1.0, 0.0, 1.5, 3.0])
+    clickbait = np.array([False, False, True, True, False])
+    compulsive = np.array([False, False, False, False, True])
+    aucs = ablation.bad_item_aucs(reward, clickbait, compulsive)
+    # good above bad in 3 of the 6 pairs: (2 > 0, 2 > 1.5, 1 > 0); clickbait alone 3 of 4; compulsive 0 of 2
+    assert aucs == {"auc_good_vs_bad": pytest.approx(3 / 6), "auc_good_vs_clickbait": pytest.approx(3 / 4),
+                    "auc_good_vs_compulsive": pytest.approx(0.0)}
+    no_compulsive = ablation.bad_item_aucs(reward[:4], clickbait[:4], compulsive[:4])  # only one class left
+    assert np.isnan(no_compulsive["auc_good_vs_compulsive"])
+
+
 @pytest.mark.slow
 def test_tiny_ablation_runs_and_the_oracle_is_valid(tmp_path):
     cfg = load_config("configs/tiny.yaml", [
@@ -118,6 +131,7 @@ def test_tiny_ablation_runs_and_the_oracle_is_valid(tmp_path):
     d = res["default"]
     assert d["H"]["spearman_vs_satisfaction"]["mean"] > 0.99  # the oracle's reward is the truth itself
     assert np.isfinite(d["F"]["spearman_vs_satisfaction"]["mean"])
+    assert d["H"]["auc_good_vs_clickbait"]["mean"] > 0.5 and d["H"]["auc_good_vs_compulsive"]["mean"] > 0.5
     assert "gain_vs_A:satisfaction_per_session" in d["F"]
     assert (tmp_path / "ablation" / "results.json").exists() and (tmp_path / "ablation" / "table.md").exists()
 
