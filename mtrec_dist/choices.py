@@ -22,4 +22,5 @@ BACKBONES: tuple[str, ...] = get_args(Backbone)
 GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
 # The guidance mode of the click-trained recommender (no reward read): every guided model is compared with it.
 CLICK_TRAINED: str = "none"
+assert CLICK_TRAINED in GUIDANCE_MODES
 ABLATION_ROWS: tuple[str, ...] = get_args(AblationRow)

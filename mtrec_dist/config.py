@@ -308,7 +308,8 @@ class TrainConfig:
     # footer-reader and read tasks, and the reward's slate join and per-user steps run there with no actors to
     # start (docs/cluster.md "Feeding the workers"); with score_runner auto,
     # score-rewards and offline ranking run a set this small in the driver process itself (no actor to start); 0 =
-    # always read the Parquet files with Ray Data (training.recommender.read_training_rows, training.scoring.score_runner)
+    # always read the Parquet files with Ray Data (training.recommender.read_training_rows,
+    # training.reward.training_transitions, training.scoring.score_runner)
     driver_read_mb: float = 256.0
     fail_at_step: int = 0  # fault injection for tests: the last rank exits once after the first checkpoint at/after this step
     score_batch_size: int = 512  # score-rewards: rows per map_batches call

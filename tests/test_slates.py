@@ -137,6 +137,17 @@ def test_the_driver_join_keeps_row_order_pads_missing_slates_and_copies_a_twice_
     assert with_slates_table(tr, twice, width=2).column("row_id").to_pylist() == [7, 3, 3, 9, 1]  # the caller counts
 
 
+def test_a_day_without_slates_gets_padding_and_days_of_other_lengths_are_refused():
+    from mtrec_dist.data.slate_join import no_slates
+    from mtrec_dist.training.reward import _one_slate_length
+
+    padded = no_slates(pa.table({"user_idx": [1, 2]}), width=3)
+    assert padded.column("slate_items").to_pylist() == [[0, 0, 0], [0, 0, 0]]
+    assert _one_slate_length({"d1": ("s1", 3), "d2": None}) == 3 and _one_slate_length({"d1": None}) is None
+    with pytest.raises(ValueError, match="slates of different lengths"):
+        _one_slate_length({"d1": ("s1", 3), "d2": ("s2", 4)})
+
+
 def test_impressions_beside_the_logs_are_found_and_an_explicit_path_must_exist(tmp_path):
     sim = _write_sim(tmp_path / "sim")
     assert sl.beside_logs(str(sim / "logs")) == str(sim / "impressions")
@@ -212,8 +223,10 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
         assert joined.column("row_id").to_pylist() == tr.column("row_id").to_pylist()
         assert joined.column("slate_items").to_pylist() == [item(10, 20, 11), item(11, 10, 12), [0, 0, 0],
                                                             item(21, 10, 22)], driver_read_mb
-    off = PipelineConfig(prepare=_cfg(), reward=RewardConfig(slate_choice=False))
-    assert "slate_items" not in training_transitions(off, str(out), tr.num_rows).schema().names
+    for driver_read_mb in (256.0, 0.0):
+        off = PipelineConfig(prepare=_cfg(), reward=RewardConfig(slate_choice=False),
+                             train=TrainConfig(driver_read_mb=driver_read_mb))
+        assert "slate_items" not in training_transitions(off, str(out), tr.num_rows).schema().names
 
 
 @pytest.mark.integration

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,7 +159,7 @@ def our_config(s: PeerSettings, backbone: str, run_dir: Path):
         feedback_features=False,  # RecBole's models read item ids only
         caser_h_filters=s.caser_h_filters, caser_v_filters=s.caser_v_filters,
         nextitnet_dilations=list(s.nextitnet_dilations), nextitnet_kernel=s.nextitnet_kernel)
-    cfg.rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance="none", num_negatives=0)
+    cfg.rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=CLICK_TRAINED, num_negatives=0)
     cfg.train = dataclasses.replace(
         cfg.train, num_workers=s.workers, cpus_per_worker=0.5, use_gpu="false", batch_size=s.batch_size // s.workers,
         epochs=s.epochs, max_steps=0, lr=s.lr, sparse_lr=s.sparse_lr, report_every=50, checkpoint_every=10 ** 9,
@@ -178,7 +179,7 @@ def train_ours(cfg, prepared: Path, train_dir: Path, out: Path, backbone: str) -
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    summary = train_recommender(cfg, str(train_dir), str(prepared), str(out), backbone=backbone, guidance="none",
+    summary = train_recommender(cfg, str(train_dir), str(prepared), str(out), backbone=backbone, guidance=CLICK_TRAINED,
                                 progress=False)
     t1 = time.time()
     history = read_history(str(out), summary["run_name"])

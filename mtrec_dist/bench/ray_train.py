@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 
 from .sizes import BenchSizes, bench_config
@@ -31,7 +32,7 @@ def _train(model: Model, cfg: PipelineConfig, prepared: Path, out: Path) -> Dict
     # The click-trained SASRec reads only transition columns, so the prepared transitions serve as its
     # "scored" input: no reward model is needed to benchmark it.
     return train_recommender(cfg, str(prepared / TRANSITIONS_DIR), str(prepared), str(out), backbone="sasrec",
-                             guidance="none", progress=False)
+                             guidance=CLICK_TRAINED, progress=False)
 
 
 def run_library_training(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, out: Path,

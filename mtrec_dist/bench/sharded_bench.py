@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 
 WORKERS = 2
@@ -165,7 +166,7 @@ def bench_sharded_ranking(base: PipelineConfig, items: int, rows: int, state_len
 
     folder = work / f"sharded_ranking_{items}"
     folder.mkdir(parents=True, exist_ok=True)
-    spec = rec_model_spec(base, {"num_items": items, "state_len": state_len}, "sasrec", "none")
+    spec = rec_model_spec(base, {"num_items": items, "state_len": state_len}, "sasrec", CLICK_TRAINED)
     factory = recommender_factory(spec, for_inference=True)
     checkpoint = folder / "checkpoint"
     written_s = write_sharded_checkpoint(base, spec, factory, checkpoint)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 
 from .plain_models import check_same_loss, plain_copy
@@ -31,7 +32,7 @@ def library_model(model: Model, cfg: PipelineConfig, manifest: dict) -> nn.Modul
         return reward_model_factory(model_spec(cfg, manifest))(torch.device("cpu"))
     from mtrec_dist.training.recommender import rec_model_spec, recommender_factory
 
-    return recommender_factory(rec_model_spec(cfg, manifest, "sasrec", "none"))(torch.device("cpu"))
+    return recommender_factory(rec_model_spec(cfg, manifest, "sasrec", CLICK_TRAINED))(torch.device("cpu"))
 
 
 def _data(model: Model, prepared: Path, manifest: dict) -> Dict[str, torch.Tensor]:

@@ -34,7 +34,8 @@ def slate_table(prepared_dir: str) -> Optional[tuple[str, int]]:
 
 
 def pad_missing_slates(batch: pa.Table, *, width: int) -> pa.Table:
-    """Ray Data UDF after the join: a transition with no slate gets ``width`` zeros (padding)."""
+    """After the join (a Ray Data UDF, or on the driver's table): a transition with no slate gets ``width``
+    zeros (padding)."""
     col = batch.column(SLATE_COLUMN)
     n = batch.num_rows
     flat = np.zeros((n, width), dtype=np.int64)
@@ -44,6 +45,13 @@ def pad_missing_slates(batch: pa.Table, *, width: int) -> pa.Table:
     offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
     out = batch.drop_columns([SLATE_COLUMN])
     return out.append_column(SLATE_COLUMN, pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1))))
+
+
+def no_slates(batch: pa.Table, *, width: int) -> pa.Table:
+    """Transitions of a day without slates, trained with days that have them: every row gets padding (the
+    catalog is its choice set), so that all days share one schema.  A Ray Data UDF, or on a table."""
+    return pad_missing_slates(batch.append_column(SLATE_COLUMN, pa.nulls(batch.num_rows, pa.list_(pa.int64()))),
+                              width=width)
 
 
 def with_slates(transitions, slates_dir: str, width: int, partitions: int):

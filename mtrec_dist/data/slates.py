@@ -286,7 +286,9 @@ def _read_impressions(imp: Impressions):
     for f in imp.files:
         t = pq.read_table(f.path, filesystem=imp.fs, columns=list(IMPRESSION_COLUMNS), partitioning=None)
         tables.append(t.append_column("path", pa.array([f.path] * t.num_rows, pa.string())))
-    return ray.data.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
+    # one block per file, each with its own schema, as Ray Data's reader gives: a file whose ids have the
+    # wrong type is named by the per-block checks that follow
+    return ray.data.from_arrow(tables)
 
 
 def write_slates(imp: Impressions, vocab_ref, cfg, fs_out: pafs.FileSystem, out_root: str, transitions,

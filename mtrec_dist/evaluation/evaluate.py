@@ -159,7 +159,7 @@ def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[
     for s in summaries:
         by_backbone.setdefault(s["backbone"], []).append(s)
     for backbone, group in by_backbone.items():
-        group = sorted(group, key=lambda s: s["guidance"] != "none")  # the click-trained model first
+        group = sorted(group, key=lambda s: s["guidance"] != CLICK_TRAINED)  # the click-trained model first
         policies = {}
         for s in group:
             factory, spec = _recommender_factory(s)

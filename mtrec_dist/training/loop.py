@@ -220,8 +220,8 @@ def held_shard_mb(rows: int, state_len: int, num_workers: int) -> float:
 
 def fits_driver(train_cfg: TrainConfig, rows: int, state_len: int) -> bool:
     """Whether the driver process handles a ``rows``-row set itself (``train.driver_read_mb``, estimated as
-    a held shard is; 0 = never): a recommender's training read, score-rewards' scoring, offline ranking,
-    reward validity's click-model scores of the logged actions."""
+    a held shard is; 0 = never): a recommender's or the reward model's training read, score-rewards'
+    scoring, offline ranking, reward validity's click-model scores of the logged actions."""
     return train_cfg.driver_read_mb > 0 and held_shard_mb(rows, state_len, 1) <= train_cfg.driver_read_mb
 
 

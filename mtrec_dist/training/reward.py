@@ -85,29 +85,35 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
 
     A set small enough for the driver (``train.driver_read_mb`` of the reward stage) is read, joined and
     labelled in this process with pyarrow and handed to Ray Data as in-memory blocks (:func:`_driver_table`):
-    the same rows, without the join's and the shuffle's actors to start."""
+    the same rows, without the join's and the shuffle's actors to start.  (The size estimate counts the state
+    columns, not ``slate_items`` or ``later_items``, and the driver holds a few copies of the table while it
+    builds it: a set near the limit takes a few times ``driver_read_mb`` there.)
+
+    Where some days have slates and others none, the days without get padding slates (the catalog is their
+    choice set); days whose slates differ in length raise."""
     from mtrec_dist.data.dataset import AccountingError, load_manifest
     from mtrec_dist.data.pipeline import in_memory_dataset, read_transitions
     from mtrec_dist.data.shuffle import partitions_for, whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
-    from mtrec_dist.data.slate_join import slate_table, with_slates
+    from mtrec_dist.data.slate_join import no_slates, slate_table, with_slates
     from mtrec_dist.training.loop import fits_driver
 
     v2 = cfg.reward.objective == "v2"
 
     days = (prepared_dir, *earlier)
     slates = {d: slate_table(d) if v2 and cfg.reward.slate_choice else None for d in days}
-    state_len = int(load_manifest(prepared_dir).get("state_len") or cfg.prepare.state_len)
-    if fits_driver(cfg.stage_train("reward"), rows, state_len):
-        table = _driver_table(cfg, days, slates, log_end if earlier else None)
-        if table.num_rows != rows:  # a key seen twice in slates/ would copy a transition
-            raise AccountingError(f"{prepared_dir}: joining slates/ gave {table.num_rows} transitions, not {rows}")
+    width = _one_slate_length(slates)
+    joined = width is not None
+    if fits_driver(cfg.stage_train("reward"), rows, int(load_manifest(prepared_dir)["state_len"])):
+        table = _driver_table(cfg, days, slates, width, log_end if earlier else None)
+        _check_rows(table.num_rows, rows, prepared_dir, joined)
         return in_memory_dataset(table)
     # each day's transitions joined to that day's slates only (slate ids are unique within one dataset)
     per_day = [with_slates(read_transitions(d), *slates[d], partitions_for(rows, cfg.prepare)) if slates[d]
+               else read_transitions(d).map_batches(no_slates, batch_size=None, batch_format="pyarrow",
+                                                    fn_kwargs=dict(width=width)) if joined
                else read_transitions(d) for d in days]
     ds = per_day[0].union(*per_day[1:]) if earlier else per_day[0]
-    joined = any(slates.values())
     k = cfg.reward.order_items if v2 else 0
     if k == 0 and not earlier and not joined:
         return ds
@@ -120,34 +126,49 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
         ds = ds.map_batches(with_later_items, batch_size=None, batch_format="pyarrow", fn_kwargs=dict(k=k))
     # materialised: the shuffle and the join run once, not again for each schema or epoch read of the dataset
     ds = ds.materialize()
-    joined_rows = ds.count() if joined else rows
-    if joined_rows != rows:  # a key seen twice in slates/ would copy a transition
-        raise AccountingError(f"{prepared_dir}: joining slates/ gave {joined_rows} transitions, not {rows}")
+    _check_rows(ds.count() if joined else rows, rows, prepared_dir, joined)
     return ds
 
 
-def _driver_table(cfg: PipelineConfig, days: Sequence[str], slates: Dict[str, Any], log_end: Optional[int]):
+def _one_slate_length(slates: Dict[str, Any]) -> Optional[int]:
+    """The slate length K shared by every day that has slates (None: no day has any); days with different K
+    raise, since one batch holds one width of ``slate_items``."""
+    widths = {d: entry[1] for d, entry in slates.items() if entry}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"slates of different lengths across the days trained together: {widths}")
+    return next(iter(widths.values()), None)
+
+
+def _check_rows(got: int, rows: int, prepared_dir: str, joined: bool) -> None:
+    """A left join keeps every transition, so more rows than went in means a key seen twice in slates/."""
+    from mtrec_dist.data.dataset import AccountingError
+
+    if got != rows:
+        what = "joining slates/" if joined else "reading the transitions"
+        raise AccountingError(f"{prepared_dir}: {what} gave {got} transitions, not {rows}")
+
+
+def _driver_table(cfg: PipelineConfig, days: Sequence[str], slates: Dict[str, Any], width: Optional[int],
+                  log_end: Optional[int]):
     """:func:`training_transitions`' rows as one pyarrow table built in this process: each day's transitions
-    with its own slates, the days together, return labels computed again when ``log_end`` is given, then
-    ``later_items`` (the order term).  The whole table holds whole users, so the per-user steps run on it
-    as they run on each of the Ray path's user blocks."""
+    with its own slates (padding for a day without, when others have them), the days together, return labels
+    computed again when ``log_end`` is given, then ``later_items`` (the order term).  The whole table holds
+    whole users, so the per-user steps run on it as they run on each of the Ray path's user blocks."""
     import pyarrow as pa
 
     from mtrec_dist.data.pipeline import read_transitions_table
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
-    from mtrec_dist.data.slate_join import SLATE_COLUMN, pad_missing_slates, read_slates_table, with_slates_table
+    from mtrec_dist.data.slate_join import no_slates, read_slates_table, with_slates_table
 
     tables = []
     for d in days:
         table = read_transitions_table(d)
         if slates[d]:
-            slates_dir, width = slates[d]
-            table = with_slates_table(table, read_slates_table(slates_dir), width)
+            table = with_slates_table(table, read_slates_table(slates[d][0]), width)
+        elif width is not None:
+            table = no_slates(table, width=width)
         tables.append(table)
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    widths = [entry[1] for entry in slates.values() if entry]
-    if widths and table.column(SLATE_COLUMN).null_count:  # a day without slates: the catalog is its choice set
-        table = pad_missing_slates(table, width=widths[0])
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if log_end is not None:
         table = with_returns_relabelled(table, window_s=cfg.prepare.return_window_s, log_end=int(log_end))
     k = cfg.reward.order_items if cfg.reward.objective == "v2" else 0
