@@ -153,7 +153,8 @@ def test_earlier_days_give_the_same_training_rows_in_the_driver_and_on_ray_data(
     driver, distributed = got[256.0], got[0.0]
     assert driver.num_rows == distributed.num_rows == rows
     assert sorted(driver.column_names) == sorted(distributed.column_names)
-    assert driver.schema == distributed.select(driver.column_names).schema  # the same types, not only values
+    # the same types, not only values (Ray Data's join marks every field nullable; collate does not read that)
+    assert [f.type for f in driver.schema] == [f.type for f in distributed.select(driver.column_names).schema]
     assert "slate_items" in driver.column_names and pc.sum(driver.column("return_known")).as_py() > 0
     for name in distributed.column_names:
         assert driver.column(name).to_pylist() == distributed.column(name).to_pylist(), name
