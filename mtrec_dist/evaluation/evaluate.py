@@ -51,21 +51,25 @@ def load_item_truth(sim_dir: str):
 
 
 def item_groups(prepared_dir: str, actions: np.ndarray, item_truth=None) -> Dict[str, np.ndarray]:
-    """Boolean masks over ``actions`` (item indices): simulator groups (clickbait / high quality / other)
-    where the hidden truth is known, else popularity terciles of the logged items."""
+    """Boolean masks over ``actions`` (item indices): simulator groups (clickbait / compulsive / high quality /
+    other) where the hidden truth is known, else popularity terciles of the logged items.  Both kinds of bad
+    item are shown: a reward can tell one and not the other (bench/RESULTS.md, session 22)."""
     from mtrec_dist.data.prepare import load_vocab
 
     vocab = load_vocab(prepared_dir)
     if item_truth is not None:
         raw = np.concatenate([[-1], vocab.item_raw])[actions]
         ok = (raw >= 0) & (raw < item_truth.num_items)
-        bait = np.zeros(actions.size, bool)
+        bait, compulsive = np.zeros(actions.size, bool), np.zeros(actions.size, bool)
         qual = np.full(actions.size, np.nan)
         bait[ok] = item_truth.is_clickbait[raw[ok]]
+        compulsive[ok] = item_truth.is_compulsive[raw[ok]] & ~bait[ok]
         qual[ok] = item_truth.quality[raw[ok]]
-        hi = np.nanquantile(item_truth.quality[~item_truth.is_clickbait], 0.75)
-        good = ~bait & (np.nan_to_num(qual, nan=-np.inf) >= hi)
-        return {"clickbait": bait, "high quality": good, "other": ~bait & ~good}
+        plain = ~item_truth.is_clickbait & ~item_truth.is_compulsive
+        hi = np.nanquantile(item_truth.quality[plain], 0.75)
+        good = ~bait & ~compulsive & (np.nan_to_num(qual, nan=-np.inf) >= hi)
+        return {"clickbait": bait, "compulsive": compulsive, "high quality": good,
+                "other": ~bait & ~compulsive & ~good}
     counts = np.concatenate([[0], np.asarray(vocab.item_count, np.float64)])[actions]
     lo, hi = np.quantile(counts, [1 / 3, 2 / 3])
     return {"popular (top third)": counts > hi, "mid": (counts > lo) & (counts <= hi), "tail": counts <= lo}
