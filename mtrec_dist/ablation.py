@@ -88,14 +88,14 @@ def shown_slates(user: np.ndarray, slate_id: np.ndarray, impressions, width: int
     or hold it at another length (the reward model then fits the click over the catalog)."""
     import pyarrow as pa
 
-    keys = pa.table({"user_id": user, "slate_id": slate_id, "_row": np.arange(len(user))})
-    shown = pa.table({"user_id": impressions.column("user_id"), "slate_id": impressions.column("slate_id"),
-                      "_slate": np.arange(impressions.num_rows)})  # Arrow joins carry no list columns
-    joined = keys.join(shown, ["user_id", "slate_id"], join_type="inner")
-    items = impressions.column("items").combine_chunks().take(joined.column("_slate").to_numpy())
+    from mtrec_dist.data.slate_join import matched_rows
+
+    keys = pa.table({"user_id": user, "slate_id": slate_id})
+    joined = matched_rows(keys, impressions, ["user_id", "slate_id"], join_type="inner")
+    items = impressions.column("items").combine_chunks().take(joined.column("__right").to_numpy())
     whole = pc.equal(pc.list_value_length(items), width).to_numpy(zero_copy_only=False)  # others stay 0
     out = np.zeros((len(user), width), np.int64)
-    out[joined.column("_row").to_numpy()[whole]] = (
+    out[joined.column("__left").to_numpy()[whole]] = (
         pc.list_flatten(items.filter(pa.array(whole))).to_numpy().reshape(-1, width) + 1)
     return out
 

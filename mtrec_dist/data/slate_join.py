@@ -11,7 +11,7 @@ prepare refused) gets a row of padding, which the reward model reads as "the cat
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -82,17 +82,21 @@ def read_slates_table(slates_dir: str) -> pa.Table:
         columns=[*SLATE_KEYS, SLATE_COLUMN])
 
 
+def matched_rows(left: pa.Table, right: pa.Table, keys: Sequence[str], join_type: str = "left outer") -> pa.Table:
+    """Row numbers ``__left`` and ``__right`` of the rows of ``left`` and ``right`` that match on ``keys``, in
+    ``left``'s row order (``__right`` null where a left row has no match, for a left outer join).  Acero joins
+    no list columns, so only the keys and row numbers are joined; the caller takes the rows it needs by them."""
+    def numbered(table: pa.Table, name: str) -> pa.Table:
+        return table.select(list(keys)).append_column(name, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+    return numbered(left, "__left").join(numbered(right, "__right"), list(keys), join_type=join_type).sort_by("__left")
+
+
 def with_slates_table(transitions: pa.Table, slates: pa.Table, width: int) -> pa.Table:
     """:func:`with_slates` for tables one process holds: the same left join on :data:`SLATE_KEYS` and the same
-    padding, in the transitions' row order.  Acero joins no list columns, so the keys are joined with row
-    numbers and the slates taken by them.  A key seen twice in ``slates`` copies its transitions, as Ray
+    padding, in the transitions' row order.  A key seen twice in ``slates`` copies its transitions, as Ray
     Data's join does (the caller counts the rows)."""
-    def numbered(table: pa.Table, name: str) -> pa.Table:
-        keys = table.select(list(SLATE_KEYS))
-        return keys.append_column(name, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-
-    pairs = numbered(transitions, "__row").join(numbered(slates, "__slate"), list(SLATE_KEYS), join_type="left outer")
-    pairs = pairs.sort_by("__row")
-    joined = transitions.take(pairs.column("__row")).append_column(
-        SLATE_COLUMN, slates.column(SLATE_COLUMN).take(pairs.column("__slate")))
+    pairs = matched_rows(transitions, slates, SLATE_KEYS)
+    joined = transitions.take(pairs.column("__left")).append_column(
+        SLATE_COLUMN, slates.column(SLATE_COLUMN).take(pairs.column("__right")))
     return pad_missing_slates(joined, width=width)

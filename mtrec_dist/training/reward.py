@@ -91,7 +91,7 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
 
     Where some days have slates and others none, the days without get padding slates (the catalog is their
     choice set); days whose slates differ in length raise."""
-    from mtrec_dist.data.dataset import AccountingError, load_manifest
+    from mtrec_dist.data.dataset import load_manifest
     from mtrec_dist.data.pipeline import in_memory_dataset, read_transitions
     from mtrec_dist.data.shuffle import partitions_for, whole_user_blocks
     from mtrec_dist.data.sessionize import with_later_items, with_returns_relabelled
