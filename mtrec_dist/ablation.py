@@ -41,6 +41,7 @@ from mtrec_dist.layout import RunLayout
 from mtrec_dist.models.feedback_regressor import FeedbackRegressor
 from mtrec_dist.models.recommender import SequentialRecommender
 from mtrec_dist.models.reward_model import QRIQLModel
+from mtrec_dist.objectives.item_prior import PRIOR_COLUMNS, item_prior_of_rows
 from mtrec_dist.objectives.qr_iql import cvar
 
 ROW_NAMES = {"A": "none (clicks)", "B": "watch-ratio regressor", "C": "leave/return classifier",
@@ -172,7 +173,10 @@ def reward_model(row: str, cfg: PipelineConfig, num_items: int, data, rows, seed
         return lambda s, fb, c, idx: m.predict(s, fb, c).unsqueeze(-1)
     rc = {"D": dict(objective="v1", choice_weight=1.0, consumption_weight=0.0),
           "E": dict(objective="v2", num_quantiles=1)}.get(row, dict(objective="v2"))
-    m = fit(lambda: QRIQLModel(num_items, cfg.model, dataclasses.replace(cfg.reward, **rc), L), data, rows, ab, seed,
+    reward_cfg = dataclasses.replace(cfg.reward, **rc)
+    prior = (item_prior_of_rows({c: data[c][rows] for c in PRIOR_COLUMNS}, num_items, reward_cfg.item_prior_watch_slope)
+             if reward_cfg.uses_item_prior else None)
+    m = fit(lambda: QRIQLModel(num_items, cfg.model, reward_cfg, L, item_prior=prior), data, rows, ab, seed,
             ab.reward_epochs)
     return lambda s, fb, c, idx: m.reward_quantiles(s, fb, c)
 

@@ -194,10 +194,16 @@ class RewardConfig:
     # critic whose targets contain the observed outcome.  "v1": the IQ-Learn form of sections 2 (ablation D).
     objective: Literal["v1", "v2"] = "v2"
     prior_sd: float = 1.0  # v2: prior std of one event's mental reward around its mean (realised-reward step)
-    # v2: give each item its own watch offset b_y(a) (duration, "can't stop watching"), so the watch ratio
-    # informs the mental reward only through its variation within an item; item-level satisfaction then
-    # comes from continuation and return, which no item property biases.
+    # v2: give each item its own watch offset b_y(a) = <v, e_a> (duration, "can't stop watching"); not used where
+    # the item prior is (it sets the watch offset per item itself).
     watch_item_offset: bool = True
+    # v2 with watch and continue among the consequences: the mental reward's item level counted from the training
+    # rows before training (objectives.item_prior): each item's continuation rate and mean watch logit read
+    # together, an item's watch level far from what its continuation implies read as a pull ("can't stop
+    # watching", abandoned early) rather than as satisfaction.  Fixed during training; the network adds what
+    # varies with the state.
+    item_prior: bool = True
+    item_prior_watch_slope: float = 1.0  # k: watch logit per unit of mental reward (continuation-logit units)
     # v2: the post-consumption outcomes the mental reward is fitted to (consumption depth, continuing the session,
     # coming back).  A log of judgements (ratings of films seen long before) records no consequences: use [].
     consequences: list[Literal["watch", "continue", "return"]] = field(
@@ -210,8 +216,16 @@ class RewardConfig:
     # the user was shown (R2) rather than among the whole catalog, which the logging policy never showed
     slate_choice: bool = True
 
+    @property
+    def uses_item_prior(self) -> bool:
+        """Whether the reward model carries the item prior: ``item_prior`` on, v2, and both signals it reads
+        (the watch ratio and continuation) among the consequences."""
+        return (self.item_prior and self.objective == "v2"
+                and {"watch", "continue"} <= set(self.consequences))
+
     def validate(self, key: str = "reward") -> None:
         _check(self.num_quantiles >= 1, f"{key}.num_quantiles", "must be >= 1")
+        _check(self.item_prior_watch_slope > 0, f"{key}.item_prior_watch_slope", "must be > 0")
         _check(self.prior_sd > 0, f"{key}.prior_sd", "must be > 0")
         _check(self.order_items >= 0, f"{key}.order_items", "must be >= 0")
         _check(self.objective != "v2" or bool(self.consequences) or self.order_items > 0, f"{key}.consequences",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -117,6 +118,7 @@ class QRIQLModel(nn.Module):
         state_len: int,
         device: Optional[torch.device] = None,
         item_counts: Optional[Sequence[float]] = None,
+        item_prior: Optional[Dict[str, Sequence[float]]] = None,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -149,6 +151,19 @@ class QRIQLModel(nn.Module):
         self.order_term = self.v2 and reward_cfg.order_items > 0
         if self.order_term:
             self.reward_item_level = nn.Parameter(torch.zeros(num_items + 1, device=device))
+        # the item prior (objectives.item_prior, reward.item_prior): a fixed level added to Mbar and the watch
+        # link's per-item offset, counted from the training rows before training; buffers, so checkpoints keep
+        # them and scoring reads them back.  The values wait here: the model may be built on the meta device.
+        self.uses_item_prior = reward_cfg.uses_item_prior
+        if self.uses_item_prior:
+            self.register_buffer("item_prior_level", torch.zeros(num_items + 1, device=device))
+            self.register_buffer("item_prior_watch_offset", torch.zeros(num_items + 1, device=device))
+            self._item_prior_init = None if item_prior is None else {
+                k: torch.as_tensor(np.asarray(item_prior[k], np.float32)) for k in ("level", "watch_offset")}
+            if self._item_prior_init is not None and self._item_prior_init["level"].shape != (num_items + 1,):
+                raise ValueError(f"item_prior: {self._item_prior_init['level'].shape[0]} levels for "
+                                 f"{num_items} items (+1 padding)")
+        self.has_item_level = self.order_term or self.uses_item_prior
         self.sampler = (
             NegativeSampler(num_items, reward_cfg.negative_sampler, item_counts)
             if reward_cfg.num_negatives > 0 else None
@@ -176,7 +191,20 @@ class QRIQLModel(nn.Module):
                     self.reward_weight.zero_()
             if self.order_term:
                 self.reward_item_level.zero_()
+        self.apply_item_prior()
         self.sync_target()
+
+    @torch.no_grad()
+    def apply_item_prior(self) -> None:
+        """Write the item prior this model was built with into its buffers (zeros without one: a model built
+        for scoring, whose buffers come from its checkpoint).  Also called after a warm start, which copies
+        every tensor of the earlier checkpoint, the earlier days' prior included."""
+        if not self.uses_item_prior or self._item_prior_init is None:
+            return
+        self.item_prior_level.copy_(self._item_prior_init["level"])
+        self.item_prior_watch_offset.copy_(self._item_prior_init["watch_offset"])
+
+    after_warm_start = apply_item_prior
 
     def _critic_pairs(self):
         pairs = [(self.target_critic_weight, self.critic_weight), (self.target_critic_item_bias, self.critic_item_bias)]
@@ -257,13 +285,16 @@ class QRIQLModel(nn.Module):
         return s, fb, s2, fb2, action, done, mask, emb, negatives, h_both
 
     def item_level(self, items: torch.Tensor) -> torch.Tensor:
-        """The mental reward's per-item level ``b_M(a)`` for item indices of any shape (order term only)."""
-        return ITEM_LEVEL_SCALE * self.reward_item_level[items.long()]
+        """The mental reward's per-item level ``b_M(a)`` for item indices of any shape: the order term's
+        free level plus the item prior's fixed one (whichever of the two the model has)."""
+        items = items.long()
+        level = ITEM_LEVEL_SCALE * self.reward_item_level[items] if self.order_term else 0.0
+        return level + self.item_prior_level[items] if self.uses_item_prior else level
 
     def _plus_item_level(self, reward_q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``reward_q + b_M(items)`` over the quantile axis (the last; ``items`` indexes the leading axes or
-        broadcasts against them); ``reward_q`` unchanged without the order term."""
-        return reward_q + self.item_level(items).unsqueeze(-1) if self.order_term else reward_q
+        broadcasts against them); ``reward_q`` unchanged without an item level."""
+        return reward_q + self.item_level(items).unsqueeze(-1) if self.has_item_level else reward_q
 
     def policy_projection(self, h: torch.Tensor) -> torch.Tensor:
         """The projection whose dot with ``e_a`` drives choices: ``U`` in v2, the critic mean ``Q`` in v1."""
@@ -341,7 +372,9 @@ class QRIQLModel(nn.Module):
             l_o = order_nll(self.item_level(action), self.item_level(later), later > 0, mask)
         d_w_wr = self.state_offsets(h)
         d_y = d_w_wr[:, 0]
-        if cfg.watch_item_offset:
+        if self.uses_item_prior:  # the item's watch level less what its prior level explains
+            d_y = d_y + self.item_prior_watch_offset[action]
+        elif cfg.watch_item_offset:
             d_y = d_y + e_a @ self.watch_item_offset
         if "action_log_duration" in batch:  # an observable item length explains part of the watch ratio
             d_y = d_y + self.watch_duration_coef * batch["action_log_duration"].float()
@@ -538,7 +571,7 @@ class QRIQLModel(nn.Module):
         for start in range(0, items.shape[0], step):
             e, e_ids = items[start : start + step], ids[start : start + step]
             pi = torch.exp((qbar @ e.T - v.unsqueeze(1)) / alpha)  # [B, c]
-            item_shift = self.item_level(e_ids) if self.order_term else 0.0  # shifts every quantile alike
+            item_shift = self.item_level(e_ids) if self.has_item_level else 0.0  # shifts every quantile alike
             base += (pi * (p_mean @ e.T + item_shift)).sum(1)
             if sampled:
                 picks.add(pi, start)

@@ -190,6 +190,9 @@ def _warm_start(w: _Worker) -> Any:
     if report["max_abs_diff"] != 0.0:
         raise RuntimeError(f"warm start from {w.config['warm_start']} did not copy the weights exactly "
                            f"(max |diff| {report['max_abs_diff']})")
+    # what the model computed from this run's data (the reward model's item prior) is this run's, not the
+    # earlier checkpoint's: the model puts it back
+    w.sharded.call_hook("after_warm_start")
     return report
 
 
