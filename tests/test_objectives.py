@@ -265,15 +265,20 @@ def test_qriql_target_polyak_and_sync():
     assert model.encoder.training and not model.target_encoder.training
 
 
-@pytest.mark.parametrize("objective, order_items, tail_floats", [("v1", 0, 1 << 18), ("v2", 0, 1 << 18),
-                                                                  ("v2", 4, 1 << 18), ("v2", 4, 20)])
-def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items, tail_floats, monkeypatch):
+@pytest.mark.parametrize("objective, order_items, tail_floats, prior", [
+    ("v1", 0, 1 << 18, False), ("v2", 0, 1 << 18, False), ("v2", 4, 1 << 18, False), ("v2", 4, 20, False),
+    ("v2", 0, 1 << 18, True), ("v2", 4, 20, True)])
+def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items, tail_floats, prior, monkeypatch):
     import mtrec_dist.models.reward_model as reward_model
 
     monkeypatch.setattr(reward_model, "TAIL_CHUNK_ELEMENTS", tail_floats)  # 20 floats: 1 item per step
     torch.manual_seed(0)
-    rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective, order_items=order_items)
-    model = QRIQLModel(9, MODEL_CFG, rc, state_len=3).eval()
+    rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective, order_items=order_items,
+                      item_prior=prior)
+    # the item prior's level, like the order term's, shifts every quantile of an item: the baseline must add it
+    levels = {"level": torch.linspace(0.4, -0.4, 10).numpy(), "watch_offset": torch.zeros(10).numpy()}
+    model = QRIQLModel(9, MODEL_CFG, rc, state_len=3, item_prior=levels if prior else None).eval()
+    assert model.uses_item_prior == prior
     if order_items:  # a per-item level, so the baseline must add it to every quantile
         with torch.no_grad():
             model.reward_item_level.copy_(torch.linspace(-0.05, 0.05, 10))
