@@ -2,6 +2,8 @@
 Gaussian algebra, recovery of item levels under a sparse pull, and the reward model carrying it."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from mtrec_dist.config import ModelConfig, RewardConfig
 from mtrec_dist.evaluation.metrics import spearman
 from mtrec_dist.objectives.item_prior import (
-    STAY_PSEUDO_ROWS, SparsePullFit, fit_sparse_pull, item_prior, item_prior_of_rows, item_stats,
+    STAY_PSEUDO_ROWS, ItemSums, SparsePullFit, fit_sparse_pull, item_prior, item_prior_of_rows, item_stats,
     sparse_pull_posterior,
 )
 
@@ -28,7 +30,25 @@ def test_item_stats_by_hand():
     pbar, s = 2 / 3, STAY_PSEUDO_ROWS
     p1 = (1 + s * pbar) / (2 + s)
     assert st.c[1] == pytest.approx(np.log(p1 / (1 - p1)))
-    assert st.vc[1] == pytest.approx(1 / ((2 + s) * p1 * (1 - p1)))
+    assert st.lam[1] == pytest.approx(2 / (2 + s))
+    assert st.vc[1] == pytest.approx(2 / ((2 + s) ** 2 * p1 * (1 - p1)))
+
+
+def test_item_sums_over_batches_equal_one_pass():
+    rng = np.random.default_rng(4)
+    a, stay, z, ld = rng.integers(1, 8, 500), rng.random(500) < 0.8, rng.normal(size=500), rng.normal(size=500)
+    sums = ItemSums(7)
+    for part in np.array_split(np.arange(500), 7):
+        sums.add(a[part], stay[part], z[part], ld[part])
+    batched, whole = sums.stats(), item_stats(a, stay, z, ld, 7)
+    for got, want in zip(batched, whole):
+        assert np.allclose(got, want)
+    # the within-item variance, against a direct computation
+    b = np.polyfit(ld, z, 1)[0]
+    r = z - b * ld
+    means = np.array([r[a == i].mean() for i in range(1, 8)])
+    within = ((r - means[a - 1]) ** 2).sum() / (500 - 7)
+    assert whole.vw[1] == pytest.approx(within / (a == 1).sum())
 
 
 def test_item_stats_remove_the_duration_slope():
@@ -49,11 +69,13 @@ def test_posterior_matches_two_by_two_gaussian_algebra():
     seen = st.n > 0
     x = np.stack([st.w - np.average(st.w[seen], weights=st.n[seen]), st.c - np.average(st.c[seen], weights=st.n[seen])], 1)
     for a in np.flatnonzero(seen):
-        s0 = np.array([[fit.k ** 2 * fit.s_m + st.vw[a], fit.k * fit.s_m], [fit.k * fit.s_m, fit.s_m + st.vc[a]]])
+        # x = (k, lam) M + (pull, 0) + noise: the covariance of (M, x) and of x, written out
+        load = np.array([fit.k, st.lam[a]])
+        s0 = fit.s_m * np.outer(load, load) + np.diag([st.vw[a], st.vc[a]])
         s1 = s0 + np.array([[fit.t, 0.0], [0.0, 0.0]])
         dens = [np.exp(-0.5 * x[a] @ np.linalg.solve(S, x[a])) / (2 * np.pi * np.sqrt(np.linalg.det(S))) for S in (s0, s1)]
         p = fit.pi * dens[1] / ((1 - fit.pi) * dens[0] + fit.pi * dens[1])
-        cov_mx = np.array([fit.k * fit.s_m, fit.s_m])
+        cov_mx = fit.s_m * load
         m = (1 - p) * cov_mx @ np.linalg.solve(s0, x[a]) + p * cov_mx @ np.linalg.solve(s1, x[a])
         assert post["p_pull"][a] == pytest.approx(p, rel=1e-9)
         assert post["level"][a] == pytest.approx(m, rel=1e-9, abs=1e-12)
@@ -83,18 +105,24 @@ def test_the_prior_reads_both_signals_and_flags_pulled_items():
     assert got > spearman(st.w[1:], truth) + 0.1  # the watch level, pull and all
     assert got > spearman(st.c[1:], truth) + 0.05  # continuation alone: a noisy count
     assert prior["p_pull"][1:][pulled[1:]].mean() > prior["p_pull"][1:][~pulled[1:]].mean() + 0.3
-    # the watch offset is the item's watch level less what its prior level explains
-    assert np.allclose(prior["watch_offset"], st.w_raw - 1.0 * prior["level"], atol=1e-5)
+    assert np.allclose(prior["watch_level"], st.w_raw, atol=1e-5)
     assert prior["level"][0] == 0.0 and prior["fit"]["pi"] <= 0.5
 
 
-def test_fit_is_a_grid_maximum_of_the_marginal_likelihood():
-    action, stay, z, _, _ = _sparse_pull_log(seed=2, items=120)
-    st = item_stats(action, stay, z, np.zeros(len(action)), 120)
-    best = fit_sparse_pull(st, k=1.0)
-    for s_m, pi, t in [(best.s_m * 2, best.pi, best.t), (best.s_m, 0.05, best.t), (best.s_m, best.pi, best.t * 2)]:
-        other = fit_sparse_pull(st, 1.0, grid=((s_m,), (pi,), (t,)))
-        assert other.log_lik <= best.log_lik
+def test_fit_recovers_the_share_of_pulled_items():
+    """30% of the items carry a pull of +-1.5 (variance 2.25): the grid's best fit says so."""
+    action, stay, z, _, _ = _sparse_pull_log(seed=2, items=400, rows_per_item=200)
+    fit = fit_sparse_pull(item_stats(action, stay, z, np.zeros(len(action)), 400), k=1.0)
+    assert fit.pi in (0.2, 0.3, 0.4) and fit.t in (1.0, 2.0, 4.0)
+
+
+def test_without_a_watch_signal_the_level_comes_from_continuation():
+    action, stay, _, level, _ = _sparse_pull_log(seed=5)
+    z = np.full(len(action), 3.89)  # every watch ratio 1.0: a log with no watch signal
+    prior = item_prior(action, stay, z, np.zeros(len(action)), 300, k=1.0)
+    st = item_stats(action, stay, z, np.zeros(len(action)), 300)
+    assert spearman(prior["level"][1:], st.c[1:]) > 0.99  # the level follows the stay rate alone
+    assert prior["level"][1:].std() > 0.05
 
 
 def test_item_prior_of_rows_reads_the_schema_columns():
@@ -112,7 +140,7 @@ MODEL_CFG = ModelConfig(embedding_dim=8, encoder="gru4rec", num_layers=1, dropou
 
 def _prior(n_items: int) -> dict:
     return {"level": np.linspace(-0.5, 0.5, n_items + 1).astype(np.float32),
-            "watch_offset": np.linspace(1.0, 2.0, n_items + 1).astype(np.float32)}
+            "watch_level": np.linspace(1.0, 2.0, n_items + 1).astype(np.float32)}
 
 
 def test_reward_model_adds_the_prior_level_and_keeps_it_in_its_state():
@@ -134,7 +162,7 @@ def test_reward_model_adds_the_prior_level_and_keeps_it_in_its_state():
     scorer = QRIQLModel(n, MODEL_CFG, rc, L)
     assert scorer.item_prior_level.abs().max() == 0
     scorer.load_state_dict(model.state_dict(), strict=True)
-    assert torch.equal(scorer.item_prior_watch_offset, model.item_prior_watch_offset)
+    assert torch.equal(scorer.item_prior_watch_level, model.item_prior_watch_level)
     # a warm start copies every tensor of the earlier checkpoint; the hook puts this run's prior back
     with torch.no_grad():
         model.item_prior_level.zero_()
@@ -150,6 +178,46 @@ def test_reward_model_built_on_meta_gets_its_prior_when_materialised():
     model = QRIQLModel(n, MODEL_CFG, RewardConfig(num_quantiles=4), 3, device=torch.device("meta"),
                        item_prior=_prior(n))
     materialize_dense(model, torch.device("cpu"))
-    assert torch.allclose(model.item_prior_watch_offset, torch.from_numpy(_prior(n)["watch_offset"]))
+    assert torch.allclose(model.item_prior_watch_level, torch.from_numpy(_prior(n)["watch_level"]))
     with pytest.raises(ValueError, match="levels for 5 items"):
         QRIQLModel(5, MODEL_CFG, RewardConfig(), 3, item_prior=_prior(n))
+    # built on meta for scoring (no prior of its own): zeros until its checkpoint is loaded, not stale memory
+    scorer = QRIQLModel(n, MODEL_CFG, RewardConfig(num_quantiles=4), 3, device=torch.device("meta"))
+    materialize_dense(scorer, torch.device("cpu"))
+    assert scorer.item_prior_level.abs().max() == 0 and scorer.item_prior_watch_level.abs().max() == 0
+
+
+def test_the_watch_term_sees_only_what_varies_within_an_item():
+    """With the prior, the watch link's item offset is ``watch_level - k_y level``: an item whose rows sit at
+    its watch level leaves no watch residual for the network's mean reward to explain, whatever its level."""
+    from mtrec_dist.models.reward_model import QRIQLModel
+
+    n, L, b = 9, 3, 16
+    torch.manual_seed(0)
+    model = QRIQLModel(n, MODEL_CFG, RewardConfig(num_quantiles=4, consequences=["watch", "continue"]), L,
+                       item_prior=_prior(n))
+    action = torch.randint(1, n + 1, (b,))
+    wr = torch.sigmoid(torch.from_numpy(_prior(n)["watch_level"])[action])
+    batch = dict(state_items=torch.randint(1, n + 1, (b, L)), state_feedback=torch.rand(b, L),
+                 next_state_items=torch.randint(1, n + 1, (b, L)), next_state_feedback=torch.rand(b, L),
+                 action=action, action_feedback=wr, done=torch.zeros(b))
+    with torch.no_grad():  # zero the network's mean reward and the state's watch offset: Mbar = the prior level
+        model.reward_weight.zero_()
+        model.reward_item_bias.zero_()
+        model.state_offsets.weight.zero_()
+        model.state_offsets.bias.zero_()
+        model.log_watch_link.copy_(torch.tensor([np.log(1.7), 0.0]))  # k_y = 1.7, not the prior's k
+    out = model.losses(batch)
+    # residual 0 on every row: L_y = log sigma_y = 0
+    assert abs(float(out["cons_watch"])) < 1e-4
+
+
+def test_a_checkpoint_spec_from_before_the_item_prior_rebuilds_a_model_without_it():
+    from mtrec_dist.training.reward import reward_model_factory
+
+    spec = {"kind": "qr_iql_reward_model", "num_items": 9, "state_len": 3,
+            "model": dataclasses.asdict(MODEL_CFG), "reward": dataclasses.asdict(RewardConfig(num_quantiles=4))}
+    assert reward_model_factory(spec, for_inference=True)(torch.device("cpu")).uses_item_prior
+    del spec["reward"]["item_prior"], spec["reward"]["item_prior_watch_slope"]
+    old = reward_model_factory(spec, for_inference=True)(torch.device("cpu"))
+    assert not old.uses_item_prior and not hasattr(old, "item_prior_level")

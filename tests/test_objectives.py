@@ -276,7 +276,7 @@ def test_qriql_scoring_shapes_and_baseline_consistency(objective, order_items, t
     rc = RewardConfig(num_quantiles=4, catalog_chunk=4, alpha=0.7, objective=objective, order_items=order_items,
                       item_prior=prior)
     # the item prior's level, like the order term's, shifts every quantile of an item: the baseline must add it
-    levels = {"level": torch.linspace(0.4, -0.4, 10).numpy(), "watch_offset": torch.zeros(10).numpy()}
+    levels = {"level": torch.linspace(0.4, -0.4, 10).numpy(), "watch_level": torch.zeros(10).numpy()}
     model = QRIQLModel(9, MODEL_CFG, rc, state_len=3, item_prior=levels if prior else None).eval()
     assert model.uses_item_prior == prior
     if order_items:  # a per-item level, so the baseline must add it to every quantile

@@ -157,9 +157,9 @@ class QRIQLModel(nn.Module):
         self.uses_item_prior = reward_cfg.uses_item_prior
         if self.uses_item_prior:
             self.register_buffer("item_prior_level", torch.zeros(num_items + 1, device=device))
-            self.register_buffer("item_prior_watch_offset", torch.zeros(num_items + 1, device=device))
+            self.register_buffer("item_prior_watch_level", torch.zeros(num_items + 1, device=device))
             self._item_prior_init = None if item_prior is None else {
-                k: torch.as_tensor(np.asarray(item_prior[k], np.float32)) for k in ("level", "watch_offset")}
+                k: torch.as_tensor(np.asarray(item_prior[k], np.float32)) for k in ("level", "watch_level")}
             if self._item_prior_init is not None and self._item_prior_init["level"].shape != (num_items + 1,):
                 raise ValueError(f"item_prior: {self._item_prior_init['level'].shape[0]} levels for "
                                  f"{num_items} items (+1 padding)")
@@ -199,10 +199,14 @@ class QRIQLModel(nn.Module):
         """Write the item prior this model was built with into its buffers (zeros without one: a model built
         for scoring, whose buffers come from its checkpoint).  Also called after a warm start, which copies
         every tensor of the earlier checkpoint, the earlier days' prior included."""
-        if not self.uses_item_prior or self._item_prior_init is None:
+        if not self.uses_item_prior:
+            return
+        if self._item_prior_init is None:  # built on the meta device, the buffers hold whatever memory held
+            self.item_prior_level.zero_()
+            self.item_prior_watch_level.zero_()
             return
         self.item_prior_level.copy_(self._item_prior_init["level"])
-        self.item_prior_watch_offset.copy_(self._item_prior_init["watch_offset"])
+        self.item_prior_watch_level.copy_(self._item_prior_init["watch_level"])
 
     after_warm_start = apply_item_prior
 
@@ -372,13 +376,14 @@ class QRIQLModel(nn.Module):
             l_o = order_nll(self.item_level(action), self.item_level(later), later > 0, mask)
         d_w_wr = self.state_offsets(h)
         d_y = d_w_wr[:, 0]
-        if self.uses_item_prior:  # the item's watch level less what its prior level explains
-            d_y = d_y + self.item_prior_watch_offset[action]
+        k_y, sigma_y = self.log_watch_link.exp().unbind(0)
+        if self.uses_item_prior:  # the item's watch level less what its prior level explains: only what
+            # varies within an item (and the network's own item part) is left to the watch term
+            d_y = d_y + self.item_prior_watch_level[action] - k_y * self.item_prior_level[action]
         elif cfg.watch_item_offset:
             d_y = d_y + e_a @ self.watch_item_offset
         if "action_log_duration" in batch:  # an observable item length explains part of the watch ratio
             d_y = d_y + self.watch_duration_coef * batch["action_log_duration"].float()
-        k_y, sigma_y = self.log_watch_link.exp().unbind(0)
         cons_model = ConsequenceModel(d=d_y, W=d_w_wr[:, 1], W_r=d_w_wr[:, 2], k_y=k_y, sigma_y=sigma_y)
         obs = self.outcomes(batch)
         cons = consequence_nll(mbar, obs, cons_model, mask)

@@ -70,25 +70,23 @@ def reward_model_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray]
 
     model_cfg, reward_cfg, counts = configs_from_spec(spec, "qr_iql_reward_model", "a reward model", "reward",
                                                       RewardConfig, item_counts, for_inference)
-    prior = None if item_prior is None else {k: item_prior[k] for k in ("level", "watch_offset")}
+    prior = None if item_prior is None else {k: item_prior[k] for k in ("level", "watch_level")}
     return functools.partial(QRIQLModel, spec["num_items"], model_cfg, reward_cfg, spec["state_len"],
                              item_counts=counts, item_prior=prior)
 
 
 def training_item_prior(cfg: PipelineConfig, ds, num_items: int) -> Optional[Dict[str, Any]]:
     """The item prior (:mod:`mtrec_dist.objectives.item_prior`) counted from the training rows ``ds`` (a Ray
-    Dataset), or None where the reward model does not use one (``reward.uses_item_prior``).  The driver reads
-    four columns of every row (a few hundred MB at 10^7 rows)."""
-    from mtrec_dist.objectives.item_prior import PRIOR_COLUMNS, item_prior_of_rows
+    Dataset), or None where the reward model does not use one (``reward.uses_item_prior``).  The driver
+    streams four columns of every row and keeps per-item sums only (seven floats per item)."""
+    from mtrec_dist.objectives.item_prior import PRIOR_COLUMNS, ItemSums, add_rows, item_prior_from_sums
 
     if not cfg.reward.uses_item_prior:
         return None
-    parts: Dict[str, list] = {c: [] for c in PRIOR_COLUMNS}
+    sums = ItemSums(num_items)
     for batch in ds.iter_batches(batch_size=1 << 16, batch_format="numpy", columns=list(PRIOR_COLUMNS)):
-        for c in PRIOR_COLUMNS:
-            parts[c].append(batch[c])
-    rows = {c: np.concatenate(v) for c, v in parts.items()}
-    return item_prior_of_rows(rows, num_items, cfg.reward.item_prior_watch_slope)
+        add_rows(sums, batch)
+    return item_prior_from_sums(sums, cfg.reward.item_prior_watch_slope)
 
 
 def item_prior_summary(prior: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,6 +8,12 @@ from typing import Any, Dict, Optional, Sequence
 from mtrec_dist.config import ModelConfig, from_dict
 
 
+# Settings added after checkpoints were written, with the value that reproduces those checkpoints' models: a
+# spec without the key was trained without the feature (the reward model's item prior adds buffers that an
+# older checkpoint does not hold, so its strict load would fail).
+SETTINGS_BEFORE_THEY_EXISTED = {"reward": {"item_prior": False}}
+
+
 def configs_from_spec(spec: Dict[str, Any], kind: str, what: str, section: str, section_cls: type,
                       item_counts: Optional[Sequence[float]], for_inference: bool):
     """``(ModelConfig, <section> config, item counts as floats or None)`` of a spec of ``kind``, validated.
@@ -18,7 +24,10 @@ def configs_from_spec(spec: Dict[str, Any], kind: str, what: str, section: str, 
     if spec.get("kind") != kind:
         raise ValueError(f"checkpoint holds a {spec.get('kind')!r}, not {what}")
     model_cfg = from_dict(ModelConfig, spec["model"], "model_spec.model")
-    section_cfg = from_dict(section_cls, spec[section], f"model_spec.{section}")
+    section_spec = dict(spec[section])
+    for key, before in SETTINGS_BEFORE_THEY_EXISTED.get(section, {}).items():
+        section_spec.setdefault(key, before)
+    section_cfg = from_dict(section_cls, section_spec, f"model_spec.{section}")
     model_cfg.validate("model_spec.model")
     section_cfg.validate(f"model_spec.{section}")
     if for_inference:
