@@ -84,7 +84,7 @@ def training_item_prior(cfg: PipelineConfig, ds, num_items: int) -> Optional[Dic
     if not cfg.reward.uses_item_prior:
         return None
     sums = ItemSums(num_items)
-    for batch in ds.iter_batches(batch_size=1 << 16, batch_format="numpy", columns=list(PRIOR_COLUMNS)):
+    for batch in ds.select_columns(list(PRIOR_COLUMNS)).iter_batches(batch_size=1 << 16, batch_format="numpy"):
         add_rows(sums, batch)
     return item_prior_from_sums(sums, cfg.reward.item_prior_watch_slope)
 
