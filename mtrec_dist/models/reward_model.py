@@ -160,9 +160,9 @@ class QRIQLModel(nn.Module):
             self.register_buffer("item_prior_watch_level", torch.zeros(num_items + 1, device=device))
             self._item_prior_init = None if item_prior is None else {
                 k: torch.as_tensor(np.asarray(item_prior[k], np.float32)) for k in ("level", "watch_level")}
-            if self._item_prior_init is not None and self._item_prior_init["level"].shape != (num_items + 1,):
-                raise ValueError(f"item_prior: {self._item_prior_init['level'].shape[0]} levels for "
-                                 f"{num_items} items (+1 padding)")
+            for key, values in (self._item_prior_init or {}).items():
+                if values.shape != (num_items + 1,):
+                    raise ValueError(f"item_prior: {values.shape[0]} {key}s for {num_items} items (+1 padding)")
         self.has_item_level = self.order_term or self.uses_item_prior
         self.sampler = (
             NegativeSampler(num_items, reward_cfg.negative_sampler, item_counts)

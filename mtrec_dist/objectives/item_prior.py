@@ -86,8 +86,8 @@ class ItemSums:
         """``r = z - b log_duration`` with ``b`` the least-squares slope over all rows (a long item is abandoned
         whatever it is worth); ``w_a = mean_a r``; ``vw_a = var_within(r) / n_a`` (the pooled within-item
         variance; a source whose watch logit never varies, one without a watch signal, gets a within-item
-        variance of 1e6: its watch level then says nothing and the level comes from continuation alone); ``p_a = (sum_a stay + 5 pbar) / (n_a + 5)``, ``c_a = logit p_a``,
-        ``lam_a = n_a / (n_a + 5)``, ``vc_a = n_a / ((n_a + 5)^2 p_a (1 - p_a))`` (delta method).  Items
+        variance of 1e6: its watch level then says nothing and the level comes from continuation alone);
+        ``p_a = (sum_a stay + 5 pbar) / (n_a + 5)``, ``c_a = logit p_a``, ``lam_a = n_a / (n_a + 5)``, ``vc_a = n_a / ((n_a + 5)^2 p_a (1 - p_a))`` (delta method).  Items
         without rows get ``n = 0`` and the overall means."""
         s = self.sums
         n, total = s["n"], float(s["n"].sum())
