@@ -7,7 +7,8 @@ The script exits with a message (code 0) when the file is absent.
 Steps (all on a local Ray cluster, ``--num-cpus`` CPUs):
 
 1. ``prepare_dataset`` with format ``movielens`` (rating -> evaluation-only ``eval_rating``), ``--state-len``;
-   temporal leave-last-out: each user's last transition is the test case (never trained on);
+   the held-out users' rows (``eval.heldout_user_share``, mtrec_dist/data/heldout.py) are the test cases (never
+   trained on);
 2. (a) SASRec trained with ``train_recommender`` (guidance ``none``) on Ray Train with ``--workers`` workers,
    then ranked on the test rows: sampled protocol (target vs ``--sampled-negatives`` uniform negatives not
    in the state, ``offline.rank_test_rows``) and full ranking over the catalog -> HR@k, NDCG@k;
@@ -181,7 +182,7 @@ def main() -> int:
         t = time.time()
         factory, spec = _recommender_factory(sasrec)
         ranked = offline.rank_test_rows(factory, sasrec["checkpoint_path"], prepared, manifest["num_items"],
-                                        args.sampled_negatives, seed=args.seed)
+                                        args.sampled_negatives, cfg.eval.heldout_user_share, seed=args.seed)
         metrics = offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
         c = curve(str(out), sasrec["run_name"])
         summary["sasrec"] = {
@@ -219,20 +220,24 @@ def main() -> int:
         t = time.time()
         sc = score_rewards(rcfg, rew["checkpoint_path"], prepared, str(work / "scored"), overwrite=True)
         score_s = time.time() - t
+        from mtrec_dist.data.heldout import heldout_expr
+
         scored = pads.dataset(str(work / "scored"), format="parquet", ignore_prefixes=["_", "."]).to_table(
-            columns=["row_id", "action", "reward_mean", "reward_cvar"])
+            columns=["row_id", "action", "reward_mean", "reward_cvar"],
+            filter=heldout_expr(cfg.eval.heldout_user_share))  # validity on rows no model trained on
         row_ids = scored.column("row_id").to_numpy()
         actions = scored.column("action").to_numpy()
         scores = {"reward_mean": scored.column("reward_mean").to_numpy().astype(np.float64),
                   "reward_cvar": scored.column("reward_cvar").to_numpy().astype(np.float64),
-                  "click_frequency": offline.click_frequency(prepared, actions)}
+                  "click_frequency": offline.click_frequency(prepared, actions, cfg.eval.heldout_user_share)}
         click_s = None
         if sasrec is not None and not args.no_click_model_score:
             from mtrec_dist.evaluation.evaluate import _recommender_factory
 
             t2 = time.time()
             factory, _ = _recommender_factory(sasrec)
-            base = offline.score_logged_actions(factory, sasrec["checkpoint_path"], prepared)
+            base = offline.score_logged_actions(factory, sasrec["checkpoint_path"], prepared,
+                                                heldout_share=cfg.eval.heldout_user_share)
             by_row = dict(zip(base.column("row_id").to_pylist(), base.column("score").to_pylist()))
             scores["sasrec_score"] = np.array([by_row.get(r, np.nan) for r in row_ids.tolist()], np.float64)
             click_s = round(time.time() - t2, 1)

@@ -33,6 +33,7 @@ from mtrec_dist.data.simulator import (
     IMPRESSIONS_DIR, LOGS_DIR, LONG_VIEW_SATISFACTION, ItemTruth, SimulatorEnv, expected_satisfaction, make_item_truth, simulate_logs,
     user_tastes,
 )
+from mtrec_dist.data.heldout import require_heldout, split_rows
 from mtrec_dist.data.schema import NO_SLATE
 from mtrec_dist.data.sessionize import item_log_duration, session_returns
 from mtrec_dist.evaluation.metrics import mean_ci95, ndcg_at_k, hit_rate_at_k, roc_auc, spearman
@@ -277,9 +278,8 @@ def simulate_world(cfg: PipelineConfig, sim: SimulatorConfig, work_dir: str) -> 
     if cfg.reward.slate_choice and sim.write_exposures:  # the v2 rewards fit clicks over the slates shown (R2)
         data["slate_items"] = shown_slates(data["user"], data["slate_id"],
                                            pq.read_table(os.path.join(work_dir, IMPRESSIONS_DIR)), sim.slate_size)
-    heldout = (data["user"] * 2654435761 % 1000) < cfg.ablation.heldout_user_share * 1000
-    return {"truth": truth, "data": data, "train_rows": np.flatnonzero(~heldout),
-            "test_rows": np.flatnonzero(heldout)}
+    train_rows, test_rows = split_rows(data["user"], cfg.eval.heldout_user_share)
+    return {"truth": truth, "data": data, "train_rows": train_rows, "test_rows": test_rows}
 
 
 def _run_rows(cfg: PipelineConfig, world: dict, unit: SeedUnit, say: Callable[[str], None]) -> Dict[str, list]:
@@ -457,6 +457,7 @@ def markdown_table(summary: Dict[str, dict]) -> str:
 def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) -> dict:
     """The whole ablation; writes ``results.json``, ``table.md`` (and ``gain_vs_beta.png`` with a sweep)."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    require_heldout(cfg.eval.heldout_user_share)
     ab = cfg.ablation
     out_dir = ab.out or RunLayout(cfg.run_dir).ablation
     os.makedirs(out_dir, exist_ok=True)
@@ -474,7 +475,9 @@ def run_ablation(cfg: PipelineConfig, say: Callable[[str], None] | None = None) 
     by_group = [merge_records(list(group[0].rows), [next(done) for _ in group]) for group in units]
     records = merge_records(rows, by_group[:ab.worlds])
     # the models' settings too: pooled runs (commands/ablate.py) must have trained the same rows
-    settings = dataclasses.asdict(ab) | {k: dataclasses.asdict(getattr(cfg, k)) for k in ("reward", "model", "rec")}
+    # heldout_user_share beside the ablation's own settings, under its old name: runs pool only with the same split
+    settings = dataclasses.asdict(ab) | {"heldout_user_share": cfg.eval.heldout_user_share} \
+        | {k: dataclasses.asdict(getattr(cfg, k)) for k in ("reward", "model", "rec")}
     result = {"default": summarise(records), "settings": settings, "sweep": {},
               "records": {"default": records}}
     for beta, recs in zip(ab.beta_sweep, by_group[ab.worlds:]):

@@ -403,7 +403,6 @@ class AblationConfig:
     online_seeds: int = 5  # simulator seeds per trained model for online evaluation
     online_users: int = 300  # held-out users (never in the logs) per online seed
     online_days: int = 7  # days each online user is followed (return rate, cumulative satisfaction)
-    heldout_user_share: float = 0.2  # logged users whose rows are kept out of training (reward validity, offline)
     reward_epochs: int = 2  # epochs of every reward model an ablation trains
     rec_epochs: int = 2  # epochs of every recommender an ablation trains
     batch_size: int = 256  # training batch size of every ablation run
@@ -424,7 +423,6 @@ class AblationConfig:
         for name in ("worlds", "train_seeds", "online_seeds", "online_users", "online_days", "reward_epochs",
                      "rec_epochs", "batch_size"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
-        _check(0.0 < self.heldout_user_share < 1.0, f"{key}.heldout_user_share", "must be in (0, 1)")
         _check(self.lr > 0, f"{key}.lr", "must be > 0")
         _check(all(isinstance(b, (int, float)) and b >= 0 for b in self.beta_sweep), f"{key}.beta_sweep",
                "must be a list of numbers >= 0")
@@ -440,12 +438,17 @@ class EvalConfig:
     online_users: int = 200  # simulated users per seed
     online_session_len: int = 20  # online evaluation: slates per session at most (simulator max_session_len)
     seed: int = 0  # seed of the sampled negatives and the online simulator seeds
+    # share of logged users (by a hash of the user, mtrec_dist/data/heldout.py) whose rows no stage trains on:
+    # reward validity and offline ranking are measured on them, in the pipeline and the ablation alike.
+    # 0: every user is trained on (daily retraining in production) and the offline evaluation is skipped
+    heldout_user_share: float = 0.2
 
     def validate(self, key: str = "eval") -> None:
         _check(len(self.ks) > 0 and all(isinstance(k, int) and k >= 1 for k in self.ks), f"{key}.ks",
                "must be a non-empty list of positive ints")
         _check(self.sampled_negatives >= 1, f"{key}.sampled_negatives", "must be >= 1")
         _check(self.online_seeds >= 1, f"{key}.online_seeds", "must be >= 1")
+        _check(0.0 <= self.heldout_user_share < 1.0, f"{key}.heldout_user_share", "must be in [0, 1)")
 
 
 @dataclass
@@ -472,6 +475,8 @@ class PipelineConfig:
             if dataclasses.is_dataclass(v):
                 v.validate(f.name)
         _check(bool(self.run_dir), "run_dir", "must not be empty")
+        _check(not self.ablation.pipeline_rows or self.eval.heldout_user_share > 0, "eval.heldout_user_share",
+               "must be > 0 when ablation.pipeline_rows is set: the ablation measures on held-out users")
 
     def stage_train(self, stage: Literal["reward", "rec"]) -> TrainConfig:
         """The effective training settings of ``stage``: ``train`` with the stage's budget fields that are set."""

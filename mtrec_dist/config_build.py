@@ -106,7 +106,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys that moved to another section: an old config names its new place instead of only failing.
-MOVED_KEYS = {"ablation.return_window_s": "prepare.return_window_s"}
+MOVED_KEYS = {"ablation.return_window_s": "prepare.return_window_s",
+              "ablation.heldout_user_share": "eval.heldout_user_share"}
 
 
 def from_dict(cls: type, data: dict, key: str = "") -> Any:

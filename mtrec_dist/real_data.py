@@ -35,6 +35,7 @@ from mtrec_dist.ablation import (
 from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.data.dataset import load_manifest
+from mtrec_dist.data.heldout import split_rows
 from mtrec_dist.data.pipeline import collate_transitions
 from mtrec_dist.data.sessionize import with_later_items
 from mtrec_dist.evaluation.metrics import roc_auc, spearman
@@ -87,11 +88,10 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
     ab, t0 = cfg.ablation, time.time()
     data = prepared_data(prepared_dir, cfg.reward.order_items)
     num_items = int(data["action"].max())
-    heldout = (data["user"] * 2654435761 % 1000) < ab.heldout_user_share * 1000
-    train, test = np.flatnonzero(~heldout), np.flatnonzero(heldout)
+    train, test = split_rows(data["user"], cfg.eval.heldout_user_share)
     has_watch = bool((data["action_feedback"][train] < 1.0).any())
     say(f"[ablate] {len(data['action']):,} transitions, {num_items:,} items; {len(test):,} held-out rows "
-        f"({heldout.mean():.0%}); satisfied share {data['satisfied'][test].mean():.3f}; watch signal: {has_watch}")
+        f"({len(test) / len(data['action']):.0%}); satisfied share {data['satisfied'][test].mean():.3f}; watch signal: {has_watch}")
     rows = [r for r in ["A"] + list(ab.rows) if r in ("A", "B", "C", "D", "F", "H")]
     rows = [r for i, r in enumerate(rows) if r not in rows[:i] and (r != "B" or has_watch)]
     if "H" in rows and np.isnan(data["satisfaction"][train]).any():

@@ -303,7 +303,7 @@ def _completed_fields(done: Dict[str, Any], prev: Optional[Dict[str, Any]], cfg:
                    "warm_start_reason": reward["warm_start_reason"], "metrics": _numbers(reward["metrics"]),
                    # the earlier days it read for their completed return labels, and the rows with one
                    "earlier_prepared": reward.get("earlier_prepared", []),
-                   "rows": reward.get("rows", manifest["num_transitions"]),
+                   "rows": reward.get("rows", manifest["num_transitions"]), "train_rows": reward.get("train_rows"),
                    "return_known_rows": reward.get("return_known_rows")},
         "recommenders": recs,
         "timings_s": timings,

@@ -186,7 +186,8 @@ class StageRunner:
 
 
 def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
-    """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings.
+    """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings;
+    ``section.key`` = one value of a section.
     Console switches (``prepare.progress``, ``prepare.overwrite``), how the ablation's units are run
     (``ablation.parallel``: the same records either way) and ``train.driver_read_mb`` outside the training stages
     (there it changes how rows reach the workers; in score-rewards only which process scores) do not change a
@@ -195,6 +196,9 @@ def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     for name in names:
         if name.startswith("train:"):
             out[name] = dataclasses.asdict(cfg.stage_train(name.split(":", 1)[1]))
+        elif "." in name:
+            section, key = name.split(".", 1)
+            out[name] = getattr(getattr(cfg, section), key)
         else:
             value = getattr(cfg, name)
             out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
@@ -304,7 +308,9 @@ def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], wa
                                  earlier_prepared=history)
         return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
 
-    return Stage("train-reward", run, config=config_sections(cfg, "model", "reward", "train:reward"),
+    # eval.heldout_user_share: which users' rows the stage trains on
+    return Stage("train-reward", run, config=config_sections(cfg, "model", "reward", "train:reward",
+                                                             "eval.heldout_user_share"),
                  inputs=after, paths=lambda out: [out["checkpoint_path"]])
 
 
@@ -340,6 +346,6 @@ def _train_rec_stage(ctx: RunContext, prepared: str, scored: str, backbone: str,
         return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
 
     rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=guidance)
-    sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec")
+    sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec", "eval.heldout_user_share")
     return Stage(rec_stage_name(backbone, guidance), run, config=sections, inputs=inputs,
                  paths=lambda out: [out["checkpoint_path"]])

@@ -39,7 +39,7 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     sets = [f"run_dir={tmp_path / 'run'}", f"prepare.input={tmp_path / 'ratings.csv'}", "prepare.format=csv",
             "prepare.id_type=string", "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}",
             "ablation.rows=[A,F,H]", "ablation.reward_epochs=3", "ablation.rec_epochs=1", "ablation.batch_size=64",
-            "ablation.heldout_user_share=0.3", "ablation.train_seeds=2"]
+            "eval.heldout_user_share=0.3", "ablation.train_seeds=2"]
     assert cli(["ablate", "--config", "configs/ml1m.yaml", "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
     res = json.loads((tmp_path / "run" / "ablation" / "results.json").read_text())
     validity = res["validity"]
@@ -65,7 +65,7 @@ def test_seeds_as_parallel_tasks_give_the_sequential_records(tmp_path, ray_clust
     sets = [f"run_dir={tmp_path / 'run'}", f"prepare.input={tmp_path / 'ratings.csv'}", "prepare.format=csv",
             "prepare.id_type=string", "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}",
             "ablation.rows=[A,F]", "ablation.reward_epochs=1", "ablation.rec_epochs=1", "ablation.batch_size=64",
-            "ablation.heldout_user_share=0.3", "ablation.train_seeds=2"]
+            "eval.heldout_user_share=0.3", "ablation.train_seeds=2"]
     records = {}
     for parallel in ("false", "true"):
         args = sets + [f"ablation.parallel={parallel}"]
@@ -93,7 +93,7 @@ def test_the_distributed_reward_training_reads_the_same_later_choices(ray_cluste
             "prepare.rows_per_partition=200"]  # several hash partitions
     assert cli(["prepare", "--config", "configs/ml1m.yaml", "--input", str(tmp_path / "ratings.csv")]
                + [a for s in sets for a in ("--set", s)]) == 0
-    cfg = load_config("configs/ml1m.yaml", sets)
+    cfg = load_config("configs/ml1m.yaml", sets + ["eval.heldout_user_share=0"])  # every user's rows compared
     prepared = str(tmp_path / "run" / "prepared")
     table = pads.dataset(f"{prepared}/transitions", format="parquet").to_table()
     want = with_later_items(table, k=3).sort_by("row_id")

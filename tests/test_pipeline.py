@@ -69,17 +69,26 @@ def test_results_are_measured_and_in_range(tiny_run):
     assert v["reward_mean_spearman"] > v["click_frequency_spearman"], v
 
 
-def test_guided_training_saw_exactly_the_non_test_rows(tiny_run):
-    _, out, _ = tiny_run
+def test_training_saw_exactly_the_rows_of_users_not_held_out(tiny_run):
+    """Both training stages leave out every row of the held-out users (eval.heldout_user_share), which offline
+    ranking and reward validity then measure on: and only those rows."""
+    cfg, out, _ = tiny_run
+    from mtrec_dist.data.heldout import heldout_expr
+    from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.data.prepare import load_manifest
 
-    manifest = load_manifest(out["paths"]["prepared"])
-    test_rows = manifest["num_users_with_transitions"] if "num_users_with_transitions" in manifest else None
+    prepared = out["paths"]["prepared"]
+    manifest = load_manifest(prepared)
+    held_out = count_transitions(prepared, where=heldout_expr(cfg.eval.heldout_user_share))
+    assert 0 < held_out < manifest["num_transitions"]
     for d in out["paths"]["recommenders"]:
         s = json.loads((Path(d) / "recommender.json").read_text())
-        assert 0 < s["train_rows"] < manifest["num_transitions"]
-        if test_rows is not None:
-            assert s["train_rows"] == manifest["num_transitions"] - test_rows
+        assert s["train_rows"] == manifest["num_transitions"] - held_out
+    reward = json.loads((Path(out["paths"]["reward"]) / "reward_model.json").read_text())
+    assert reward["train_rows"] == manifest["num_transitions"] - held_out
+    res = json.loads((Path(out["report"]).parent / "metrics.json").read_text())
+    assert res["reward"]["validity"]["n"] == held_out
+    assert all(r["offline"]["n_test"] == held_out for r in res["recommenders"])
 
 
 def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run, monkeypatch):
@@ -90,6 +99,7 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run, monk
 
     import numpy as np
 
+    from mtrec_dist.data.heldout import heldout_expr
     from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.data.prepare import load_manifest
     from mtrec_dist.evaluation.evaluate import _recommender_factory
@@ -100,14 +110,16 @@ def test_sharded_and_driver_ranking_give_the_ranking_actors_ranks(tiny_run, monk
     summary = json.loads((Path(out["paths"]["recommenders"][0]) / "recommender.json").read_text())
     factory, _ = _recommender_factory(summary)
     num_items = int(load_manifest(prepared)["num_items"])
-    args = (factory, summary["checkpoint_path"], prepared, num_items, cfg.eval.sampled_negatives)
+    args = (factory, summary["checkpoint_path"], prepared, num_items, cfg.eval.sampled_negatives,
+            cfg.eval.heldout_user_share)
     actors = rank_test_rows(*args, seed=cfg.eval.seed).sort_by("row_id")
     sharded = rank_test_rows(*args, seed=cfg.eval.seed,
                              sharded_on=dataclasses.replace(cfg.train, num_workers=2)).sort_by("row_id")
     assert sharded.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
     _refuse_ray_data(monkeypatch)
     local = rank_test_rows(*args, seed=cfg.eval.seed, in_process=True).sort_by("row_id")  # the driver's
-    assert count_transitions(prepared, pos_from_end=0) == actors.num_rows > 0  # what auto sizes the test set by
+    held_out = count_transitions(prepared, where=heldout_expr(cfg.eval.heldout_user_share))
+    assert held_out == actors.num_rows > 0  # what auto sizes the test set by: the held-out users' rows
     assert local.schema == actors.schema
     for other in (sharded, local):
         assert other.column("row_id").to_pylist() == actors.column("row_id").to_pylist()

@@ -142,7 +142,7 @@ def test_earlier_days_give_the_same_training_rows_in_the_driver_and_on_ray_data(
     from mtrec_dist.training.reward import training_transitions
 
     prepared = [str(describe_run(str(_version_dir(chain, k)))["prepared"]) for k in range(2)]
-    rows = chain["runs"][1]["reward"]["rows"]
+    rows, train_rows = chain["runs"][1]["reward"]["rows"], chain["runs"][1]["reward"]["train_rows"]
     log_end = load_manifest(prepared[1])["log_end"]
     got = {}
     for driver_read_mb in (256.0, 0.0):
@@ -151,7 +151,7 @@ def test_earlier_days_give_the_same_training_rows_in_the_driver_and_on_ray_data(
         ds = training_transitions(cfg, prepared[1], rows, [prepared[0]], log_end)
         got[driver_read_mb] = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
     driver, distributed = got[256.0], got[0.0]
-    assert driver.num_rows == distributed.num_rows == rows
+    assert driver.num_rows == distributed.num_rows == train_rows < rows  # the held-out users' rows left out
     assert sorted(driver.column_names) == sorted(distributed.column_names)
     # the same types, not only values (Ray Data's join marks every field nullable; collate does not read that)
     assert [f.type for f in driver.schema] == [f.type for f in distributed.select(driver.column_names).schema]
@@ -254,10 +254,12 @@ def test_rerunning_a_day_is_idempotent_and_old_days_are_refused(chain):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def _next_item_metrics(spec: dict, ckpt: str, prepared: Path, ks=(10,)) -> dict:
-    """Full-catalog NLL and HR@k of the held-out last transition of every user of the day."""
+def _next_item_metrics(spec: dict, ckpt: str, prepared: Path, share: float, ks=(10,)) -> dict:
+    """Full-catalog NLL and HR@k of every transition of the day's held-out users."""
+    from mtrec_dist.data.heldout import heldout_expr
+
     model = load_unsharded_model(recommender_factory(spec, for_inference=True), ckpt)
-    tr = _table(prepared / "transitions").filter(pc.field("pos_from_end") == 0)
+    tr = _table(prepared / "transitions").filter(heldout_expr(share))
     s = torch.tensor(tr.column("state_items").to_pylist())
     f = torch.tensor(tr.column("state_feedback").to_pylist())
     a = torch.tensor(tr.column("action").to_numpy())
@@ -287,14 +289,14 @@ def test_warm_start_beats_cold_training_with_the_same_budget(chain, tmp_path):
                              backbone="sasrec", guidance="none", progress=False)
     assert cold["metrics"]["step"] == warm["metrics"]["step"]  # the same budget on the new day
     spec = read_checkpoint_meta(warm["checkpoint_path"])["model_spec"]
-    w = _next_item_metrics(spec, warm["checkpoint_path"], prepared)
-    c = _next_item_metrics(spec, cold["checkpoint_path"], prepared)
+    w = _next_item_metrics(spec, warm["checkpoint_path"], prepared, cfg.eval.heldout_user_share)
+    c = _next_item_metrics(spec, cold["checkpoint_path"], prepared, cfg.eval.heldout_user_share)
     w["progressive_loss"] = _progressive_loss(vdir / "rec" / "sasrec-none")
     c["progressive_loss"] = _progressive_loss(tmp_path / "cold")
     print(f"\nwarm {w}\ncold {c}")
     (chain["root"] / "warm_vs_cold.json").write_text(json.dumps({"warm": w, "cold": c}))
-    # on the new day's rows before they are trained on, and on the held-out last rows (pos_from_end == 0)
-    # that neither model ever trained on
+    # on the new day's rows before they are trained on, and on the held-out users' rows that neither model
+    # ever trained on
     assert w["progressive_loss"] < c["progressive_loss"]
     assert w["nll"] <= c["nll"]
     assert w["HR@10"] >= c["HR@10"]

@@ -12,7 +12,7 @@ import pytest
 
 import ray
 
-from mtrec_dist.config import PipelineConfig, PrepareConfig, RewardConfig, TrainConfig
+from mtrec_dist.config import EvalConfig, PipelineConfig, PrepareConfig, RewardConfig, TrainConfig
 from mtrec_dist.data import prepare as prep
 from mtrec_dist.data import slates as sl
 from mtrec_dist.data.dataset import SLATE_REJECTS_DIR, SLATE_SCHEMA, SLATES_DIR
@@ -216,8 +216,9 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
         return  # the join below reads prepare's output, the same either way: checked once
     # the reward stage joins each click's slate onto its transition (padding where it has none): in the driver
     # for a small set (train.driver_read_mb), else with Ray Data's join
+    everyone = EvalConfig(heldout_user_share=0.0)  # four rows of two users: none held out
     for driver_read_mb in (256.0, 0.0):
-        cfg = PipelineConfig(prepare=_cfg(), train=TrainConfig(driver_read_mb=driver_read_mb))
+        cfg = PipelineConfig(prepare=_cfg(), train=TrainConfig(driver_read_mb=driver_read_mb), eval=everyone)
         joined = training_transitions(cfg, str(out), tr.num_rows).to_arrow_refs()
         joined = pa.concat_tables([ray.get(r) for r in joined]).sort_by([("user_idx", "ascending"), ("ts", "ascending")])
         assert joined.column("row_id").to_pylist() == tr.column("row_id").to_pylist()
@@ -225,7 +226,7 @@ def test_prepare_writes_slates_rejects_and_their_accounting(ray_cluster, tmp_pat
                                                             item(21, 10, 22)], driver_read_mb
     for driver_read_mb in (256.0, 0.0):
         off = PipelineConfig(prepare=_cfg(), reward=RewardConfig(slate_choice=False),
-                             train=TrainConfig(driver_read_mb=driver_read_mb))
+                             train=TrainConfig(driver_read_mb=driver_read_mb), eval=everyone)
         assert "slate_items" not in training_transitions(off, str(out), tr.num_rows).schema().names
 
 

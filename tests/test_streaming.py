@@ -235,7 +235,10 @@ def test_recommender_rows_read_by_the_driver_equal_ray_datas_read(ray_cluster, t
     import pyarrow.parquet as pq
     import ray
 
+    from mtrec_dist.data.heldout import heldout_mask
     from mtrec_dist.training.recommender import REWARD_COLUMNS, read_training_rows
+
+    share = 0.3
 
     root = write_prepared(tmp_path / "prep", rows=61, files=3)
     scored = root / "transitions"
@@ -248,20 +251,27 @@ def test_recommender_rows_read_by_the_driver_equal_ray_datas_read(ray_cluster, t
     (scored / "_SUCCESS").write_text("")  # what writers leave beside the data: both readers skip it
     pq.write_table(pq.read_table(next(scored.glob("*.parquet"))), scored / ".stale-copy.parquet")
 
-    def rows(in_memory: bool) -> pa.Table:
+    def rows(in_memory: bool, skip_last: bool = False) -> pa.Table:
         from ray.data.dataset import MaterializedDataset
 
-        ds = read_training_rows(str(scored), guidance, in_memory=in_memory)
+        ds = read_training_rows(str(scored), guidance, share, in_memory=in_memory, skip_last=skip_last)
         assert isinstance(ds, MaterializedDataset) == in_memory  # blocks already in the object store, or a read
         return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row_id")
 
     driver_table = rows(in_memory=True)
     assert driver_table.equals(rows(in_memory=False))
     written = pa.concat_tables(pq.read_table(f) for f in sorted(scored.glob("part-*.parquet")))
-    written = written.column("pos_from_end").to_numpy()
-    assert driver_table.num_rows == int((written != 0).sum()) < 61  # each user's last transition is a test row
-    assert 0 not in driver_table.column("pos_from_end").to_pylist()
+    kept = ~heldout_mask(written.column("user_idx").to_numpy(), share)  # every row of a user not held out
+    assert 0 < (~kept).sum() and driver_table.num_rows == int(kept.sum()) < 61
+    assert sorted(driver_table.column("row_id").to_pylist()) == sorted(written.column("row_id").to_numpy()[kept].tolist())
+    assert not heldout_mask(driver_table.column("user_idx").to_numpy(), share).any()
     assert (set(REWARD_COLUMNS) <= set(driver_table.column_names)) == (guidance != "none")
+    # skip_last (the peer benchmark's leave-last-out): each user's last transition is left out as well
+    last = rows(in_memory=True, skip_last=True)
+    assert last.equals(rows(in_memory=False, skip_last=True))
+    pos = written.column("pos_from_end").to_numpy()
+    assert last.num_rows == int((kept & (pos != 0)).sum()) < driver_table.num_rows
+    assert 0 not in last.column("pos_from_end").to_pylist()
 
 
 @pytest.mark.integration

@@ -129,8 +129,8 @@ def prepare_ours(ratings: Path, work: Path, state_len: int) -> Dict[str, Any]:
 def training_input(prepared: Path, out: Path) -> Path:
     """A copy of the prepared transitions that ``train_recommender`` reads as its (unscored) input, with the
     validation rows and the empty-state rows (a user's first item) marked ``pos_from_end = 0`` so that training
-    skips them like test rows: RecBole trains on neither, so both sides train on the same targets.  The row
-    count stays that of the prepared data (train_recommender checks it); ranking reads the untouched copy."""
+    (``train_recommender(..., skip_last=True)``) skips them like test rows: RecBole trains on neither, so both
+    sides train on the same targets.  The row count stays that of the prepared data (train_recommender checks it); ranking reads the untouched copy."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -154,6 +154,8 @@ def our_config(s: PeerSettings, backbone: str, run_dir: Path):
     from mtrec_dist.config import PipelineConfig
 
     cfg = PipelineConfig(run_dir=str(run_dir))
+    # RecBole's protocol: every user trains, each user's last transition is the test row (train_ours: skip_last)
+    cfg.eval = dataclasses.replace(cfg.eval, heldout_user_share=0.0)
     cfg.model = dataclasses.replace(
         cfg.model, embedding_dim=s.dim, num_layers=s.layers, num_heads=s.heads, dropout=s.dropout, encoder=backbone,
         feedback_features=False,  # RecBole's models read item ids only
@@ -180,7 +182,7 @@ def train_ours(cfg, prepared: Path, train_dir: Path, out: Path, backbone: str) -
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     summary = train_recommender(cfg, str(train_dir), str(prepared), str(out), backbone=backbone, guidance=CLICK_TRAINED,
-                                progress=False)
+                                progress=False, skip_last=True)
     t1 = time.time()
     history = read_history(str(out), summary["run_name"])
     end = next(e for e in history if e.get("event") == "end")

@@ -23,12 +23,12 @@ from mtrec_dist.data.dataset import TRANSITIONS_DIR
 # Every column the benchmarked models read (QR-IQL needs the next state; SASRec ignores it).
 BATCH_COLUMNS = ("state_items", "state_feedback", "next_state_items", "next_state_feedback", "action",
                  "action_feedback", "done")
-TEST_POSITION = 0  # pos_from_end of each user's held-out last transition, never trained on by recommenders
+TEST_POSITION = 0  # pos_from_end of each user's last transition, which the benchmarked SASRecs do not train on
 
 
 def load_transitions(prepared_dir: str | Path, state_len: int, drop_test_rows: bool = False) -> Dict[str, torch.Tensor]:
-    """The prepared transitions as tensors (``drop_test_rows``: without the leave-last-out rows, as
-    ``train-rec`` trains)."""
+    """The prepared transitions as tensors (``drop_test_rows``: without each user's last transition, as the
+    benchmark's ``train_recommender(..., skip_last=True)`` trains)."""
     ds = pads.dataset(str(Path(prepared_dir) / TRANSITIONS_DIR), format="parquet", ignore_prefixes=["_", "."])
     table = ds.to_table(columns=list(BATCH_COLUMNS) + ["pos_from_end"])
     if drop_test_rows:

@@ -30,9 +30,10 @@ def _train(model: Model, cfg: PipelineConfig, prepared: Path, out: Path) -> Dict
     from mtrec_dist.training.recommender import train_recommender
 
     # The click-trained SASRec reads only transition columns, so the prepared transitions serve as its
-    # "scored" input: no reward model is needed to benchmark it.
+    # "scored" input: no reward model is needed to benchmark it.  skip_last: the plain loop's rows
+    # (plain_train.load_transitions(drop_test_rows=True)).
     return train_recommender(cfg, str(prepared / TRANSITIONS_DIR), str(prepared), str(out), backbone="sasrec",
-                             guidance=CLICK_TRAINED, progress=False)
+                             guidance=CLICK_TRAINED, progress=False, skip_last=True)
 
 
 def run_library_training(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, out: Path,

@@ -58,13 +58,15 @@ def bench_config(base: PipelineConfig, sizes: BenchSizes, workers: int = 1) -> P
     """``base`` with the benchmark's budget for both training stages and ``workers`` Ray Train workers.
 
     The stage budgets (``reward_train`` / ``rec_train``) are set too, because they override ``train``: a
-    config with its own budget would otherwise train a different number of steps than the baseline.
+    config with its own budget would otherwise train a different number of steps than the baseline.  No user
+    is held out (``eval.heldout_user_share`` 0): the plain loops train on every user's rows.
     """
     train = dataclasses.replace(base.train, num_workers=workers, max_steps=sizes.steps, epochs=MANY_EPOCHS,
                                 report_every=sizes.report_every, checkpoint_every=NO_CHECKPOINTS,
                                 seed=sizes.seed)
     budget = dict(max_steps=sizes.steps, epochs=MANY_EPOCHS)
-    return dataclasses.replace(base, train=train,
+    # every user trains, as in the plain loops (bench/plain_train.py), so both read the same rows
+    return dataclasses.replace(base, train=train, eval=dataclasses.replace(base.eval, heldout_user_share=0.0),
                                reward_train=dataclasses.replace(base.reward_train, **budget),
                                rec_train=dataclasses.replace(base.rec_train, **budget))
 

@@ -94,12 +94,12 @@ def read_transitions(path: str, columns: Optional[Sequence[str]] = None, *, over
 
 
 def read_transitions_table(path: str, columns: Optional[Sequence[str]] = None,
-                           pos_from_end: Optional[int] = None) -> pa.Table:
+                           where: Optional[pc.Expression] = None) -> pa.Table:
     """The same rows and columns as :func:`read_transitions`, read in this process with pyarrow (a small
-    dataset: no Ray Data read tasks to start); only the rows at ``pos_from_end`` when given, filtered while
-    reading (the other rows are never held)."""
+    dataset: no Ray Data read tasks to start); only the rows ``where`` (a pyarrow expression, e.g.
+    :func:`~mtrec_dist.data.heldout.heldout_expr`) selects, when given, filtered while reading (the other
+    rows are never held)."""
     _, columns = _training_columns(path, columns)
-    where = None if pos_from_end is None else pc.field("pos_from_end") == int(pos_from_end)
     return _parquet_dataset(path).to_table(columns=columns, filter=where)
 
 
@@ -136,12 +136,12 @@ def in_memory_dataset(table: pa.Table, block_mb: float = IN_MEMORY_BLOCK_MB):
     return ray.data.from_arrow(table, override_num_blocks=max(1, math.ceil(table.nbytes / (block_mb * 2**20))))
 
 
-def count_transitions(path: str, pos_from_end: Optional[int] = None) -> int:
-    """Number of transitions under ``path``, from the Parquet footers (no data is read); only those at
-    ``pos_from_end`` (e.g. 0: the test rows) when given, reading that one column."""
-    if pos_from_end is None:
+def count_transitions(path: str, where: Optional[pc.Expression] = None) -> int:
+    """Number of transitions under ``path``, from the Parquet footers (no data is read); only those ``where``
+    (a pyarrow expression, e.g. the held-out users' rows) selects when given, reading the columns it names."""
+    if where is None:
         return int(_parquet_dataset(path).count_rows())
-    return int(_parquet_dataset(path).count_rows(filter=pc.field("pos_from_end") == int(pos_from_end)))
+    return int(_parquet_dataset(path).count_rows(filter=where))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ Daily retraining (:mod:`mtrec_dist.retrain`) prepares one day at a time: ``carry
 states from the last ``state_len`` items carried over from earlier days (``carry/users.parquet``, raw
 ids), ``carry_out`` writes the updated carry-over, and ``row_id_offset`` shifts the row ids past the
 previous days' (manifest ``row_id_offset`` / ``next_row_id``).  ``pos_from_end`` and ``done`` stay
-per input: a user's last transition of the day is ``done = 1`` and that day's test row.
+per input: a user's last transition of the day is ``done = 1``.
 
 The names other modules use from the stage modules are re-exported here (``__all__``), so
 ``from mtrec_dist.data.prepare import load_vocab`` keeps working.

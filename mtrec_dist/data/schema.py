@@ -86,7 +86,7 @@ TRANSITION_COLUMNS = [
     "next_state_feedback",  # list<float32>, length L
     "done",                 # int8: 1 at the end of a session
     "ts",                   # int64 unix seconds of the action
-    "pos_from_end",         # int32: 0 = the user's last transition (leave-last-out test), 1 = validation
+    "pos_from_end",         # int32: 0 = the user's last transition (carry-over; the peer benchmark's test row)
     "returned",             # int8: 1 where the return is known and the user came back within the return window
     "return_known",         # int8: 1 where the row ends a session and the log runs long enough to tell
     "action_log_duration",  # float32 log(item length / 60 s), length = dwell / watch ratio (0 where unknown)

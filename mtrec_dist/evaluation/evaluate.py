@@ -1,9 +1,10 @@
 """`mtrec evaluate`: everything the report shows, measured from trained artefacts of one run.
 
 * the reward model: validity (Spearman / AUC of the learned mean reward against the withheld
-  satisfaction of every logged event, beside the click-trained recommender's score and the item's click
-  frequency), quantile fan per item group, learned-vs-truth scatter, training curve;
-* each recommender: offline ranking (full catalog and sampled 100-negative, all and satisfied targets),
+  satisfaction of every logged event of the held-out users, beside the click-trained recommender's score and
+  the item's click frequency), quantile fan per item group, learned-vs-truth scatter, training curve;
+* each recommender: offline ranking of the held-out users' rows (full catalog and sampled 100-negative, all
+  and satisfied targets; ``eval.heldout_user_share``, :mod:`mtrec_dist.data.heldout`),
   training curve, and, on simulator data, online results in the simulator with paired gains over the
   click-trained model of the same backbone.
 
@@ -24,18 +25,19 @@ import pyarrow.dataset as pads
 
 from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
+from mtrec_dist.data.heldout import heldout_expr
 from mtrec_dist.evaluation import offline
 
 SCATTER_POINTS = 3000
 VALIDITY_MAX_ROWS = 2_000_000  # reward validity reads at most this many scored rows (driver memory)
 
 
-def _read(path: str, columns: List[str], max_rows: Optional[int] = None) -> pa.Table:
+def _read(path: str, columns: List[str], max_rows: Optional[int] = None, where=None) -> pa.Table:
     from mtrec_dist.data.readers import resolve_filesystem
 
     fs, root = resolve_filesystem(path)
     ds = pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
-    return ds.head(max_rows, columns=columns) if max_rows else ds.to_table(columns=columns)
+    return ds.head(max_rows, columns=columns, filter=where) if max_rows else ds.to_table(columns=columns, filter=where)
 
 
 def load_item_truth(sim_dir: str):
@@ -77,15 +79,16 @@ def item_groups(prepared_dir: str, actions: np.ndarray, item_truth=None) -> Dict
 
 def reward_section(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward_dir: str, eval_table: pa.Table,
                    baseline_scores: Optional[pa.Table] = None, item_truth=None) -> Dict[str, Any]:
-    """Validity, groups, scatter and training curve of the mental reward model."""
+    """Validity, groups, scatter and training curve of the mental reward model, on the held-out users' rows."""
     from mtrec_dist.training.loop import read_history
 
-    scored = _read(scored_dir, ["row_id", "action", "reward_mean", "reward_cvar", "reward_q"], VALIDITY_MAX_ROWS)
+    scored = _read(scored_dir, ["row_id", "action", "reward_mean", "reward_cvar", "reward_q"], VALIDITY_MAX_ROWS,
+                   where=heldout_expr(cfg.eval.heldout_user_share))
     row_ids = scored.column("row_id").to_numpy()
     actions = scored.column("action").to_numpy()
     scores = {"reward_mean": scored.column("reward_mean").to_numpy().astype(np.float64),
               "reward_cvar": scored.column("reward_cvar").to_numpy().astype(np.float64),
-              "click_frequency": offline.click_frequency(prepared_dir, actions)}
+              "click_frequency": offline.click_frequency(prepared_dir, actions, cfg.eval.heldout_user_share)}
     if baseline_scores is not None:
         by_row = dict(zip(baseline_scores.column("row_id").to_pylist(), baseline_scores.column("score").to_pylist()))
         scores["click_model_score"] = np.array([by_row.get(r, np.nan) for r in row_ids.tolist()], np.float64)
@@ -123,23 +126,24 @@ def _recommender_factory(summary: Dict[str, Any]):
     return recommender_factory(spec, for_inference=True), spec
 
 
-def _runner(cfg: PipelineConfig, spec: Dict[str, Any], prepared_dir: str, pos_from_end: Optional[int] = None) -> str:
-    """Where a model scores or ranks the transitions of ``prepared_dir`` (only those at ``pos_from_end``, if
-    given): :func:`~mtrec_dist.training.scoring.score_runner`, the rows counted only when it is ``auto``.
+def _runner(cfg: PipelineConfig, spec: Dict[str, Any], prepared_dir: str) -> str:
+    """Where a model scores or ranks the held-out users' transitions of ``prepared_dir``:
+    :func:`~mtrec_dist.training.scoring.score_runner`, the rows counted only when it is ``auto``.
     Sharded: a table too big for every actor to hold; local: rows few enough for the driver."""
     from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.training.scoring import score_runner
 
-    rows = count_transitions(prepared_dir, pos_from_end=pos_from_end) if cfg.train.score_runner == "auto" else None
+    auto = cfg.train.score_runner == "auto"
+    rows = count_transitions(prepared_dir, where=heldout_expr(cfg.eval.heldout_user_share)) if auto else None
     return score_runner(cfg.train, spec, rows)
 
 
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
                     num_items: int) -> Dict[str, Any]:
     factory, spec = _recommender_factory(summary)
-    runner = _runner(cfg, spec, prepared_dir, pos_from_end=0)
+    runner = _runner(cfg, spec, prepared_dir)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
-                                    cfg.eval.sampled_negatives, seed=cfg.eval.seed,
+                                    cfg.eval.sampled_negatives, cfg.eval.heldout_user_share, seed=cfg.eval.seed,
                                     sharded_on=cfg.train if runner == "sharded" else None,
                                     malloc_trim_mb=cfg.train.malloc_trim_mb, in_process=runner == "local")
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
@@ -182,30 +186,41 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     from mtrec_dist.data.prepare import load_manifest
     from mtrec_dist.training.loop import read_history
 
+    from mtrec_dist.data.pipeline import count_transitions
+
     manifest = load_manifest(prepared_dir)
     num_items = int(manifest["num_items"])
     item_truth = load_item_truth(sim_dir) if sim_dir else None
     eval_table = offline.read_eval_table(prepared_dir)
+    share = cfg.eval.heldout_user_share
+    notes = []
+    measured = share > 0 and count_transitions(prepared_dir, where=heldout_expr(share)) > 0
+    if not measured:
+        notes.append(f"No held-out users' rows (eval.heldout_user_share {share}): every user was trained on, so "
+                     "reward validity and offline ranking are not measured.")
 
     baseline = next((s for s in rec_summaries if s["guidance"] == CLICK_TRAINED), None)
     baseline_scores = None
-    if baseline is not None:
+    if baseline is not None and measured:
         factory, spec = _recommender_factory(baseline)
         baseline_scores = offline.score_logged_actions(  # sharded has no path here: actors, as before
             factory, baseline["checkpoint_path"], prepared_dir, malloc_trim_mb=cfg.train.malloc_trim_mb,
-            in_process=_runner(cfg, spec, prepared_dir) == "local")
-    progress("[evaluate] reward model: validity, quantile groups")
-    reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
+            in_process=_runner(cfg, spec, prepared_dir) == "local", heldout_share=cfg.eval.heldout_user_share)
+    if measured:
+        progress("[evaluate] reward model on held-out users' rows: validity, quantile groups")
+        reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
+    else:
+        reward = {"curve": [h for h in read_history(reward_dir) if "loss" in h]}
 
     recs = []
-    if rec_summaries:  # one line for all of them: each takes seconds
-        progress("[evaluate] offline ranking: " + ", ".join(f"{s['backbone']}/{s['guidance']}" for s in rec_summaries))
+    if rec_summaries and measured:  # one line for all of them: each takes seconds
+        progress("[evaluate] offline ranking of held-out users' rows: "
+                 + ", ".join(f"{s['backbone']}/{s['guidance']}" for s in rec_summaries))
     for s in rec_summaries:
         recs.append({"backbone": s["backbone"], "guidance": s["guidance"],
                      "checkpoint": s["checkpoint_path"],
                      "curve": [h for h in read_history(s["output_dir"]) if "loss" in h],
-                     "offline": offline_section(cfg, prepared_dir, s, eval_table, num_items)})
-    notes = []
+                     "offline": offline_section(cfg, prepared_dir, s, eval_table, num_items) if measured else {}})
     if item_truth is not None and rec_summaries:
         progress(f"[evaluate] online: {len(rec_summaries)} recommenders x {cfg.eval.online_seeds} seeds x "
                  f"{cfg.eval.online_users} simulated users")
@@ -233,17 +248,18 @@ def headline(results: Dict[str, Any]) -> List[str]:
     click_model_offline = {r["backbone"]: r.get("offline", {}) for r in recs if r["guidance"] == CLICK_TRAINED}
     for r in recs:
         off = r.get("offline", {})
-        line = (f"{r['backbone']}/{r['guidance']}: HR@10 {_metric(off, 'all', 'HR@10'):.4f} "
-                f"(satisfied {_metric(off, 'satisfied', 'HR@10'):.4f}, "
-                f"100-neg {_metric(off, 'sampled', 'HR@10'):.4f})")
+        line = f"{r['backbone']}/{r['guidance']}:"
+        if off:  # nothing offline where no user was held out (eval.heldout_user_share 0)
+            line += (f" HR@10 {_metric(off, 'all', 'HR@10'):.4f} (satisfied {_metric(off, 'satisfied', 'HR@10'):.4f}, "
+                     f"100-neg {_metric(off, 'sampled', 'HR@10'):.4f})")
         on = r.get("online") or {}
         if "satisfaction_per_session" in on:
             m = on["satisfaction_per_session"]
-            line += f"; satisfaction/session {m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+            line += f"{';' if off else ''} satisfaction/session {m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
             g = (on.get("paired_gain") or {}).get("satisfaction_per_session")
             if g:
                 line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
-        if r["guidance"] != CLICK_TRAINED and r["backbone"] in click_model_offline:
+        if off and r["guidance"] != CLICK_TRAINED and click_model_offline.get(r["backbone"]):
             line += "; " + offline_change(off, click_model_offline[r["backbone"]], f"{r['backbone']}/{CLICK_TRAINED}")
         lines.append(line)
     if results.get("ablation"):

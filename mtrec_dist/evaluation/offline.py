@@ -1,13 +1,14 @@
 """Offline evaluation of trained recommenders and of the mental reward (docs/method.md "Metrics").
 
-* **Ranking** on the temporal leave-last-out split: every user's last transition (``pos_from_end == 0``)
-  is the test case.  Full ranking over the whole catalog (padding excluded) gives HR@k / NDCG@k; the
+* **Ranking** on the held-out users' rows (``eval.heldout_user_share``, :mod:`mtrec_dist.data.heldout`):
+  every transition of a user no model trained on is a test case.  (Not each user's last transition: where
+  sessions end after unsatisfying items, the last events are a biased sample, bench/RESULTS.md session 24.)  Full ranking over the whole catalog (padding excluded) gives HR@k / NDCG@k; the
   sampled protocol ranks the target among ``sampled_negatives`` items drawn uniformly from the items the
   user has not interacted with in the state (as in SASRec's evaluation).  Both on all targets
   ("engaged") and on satisfied targets only (rating >= 4, purchase, like, long view, or simulator
   satisfaction above its median over all logged events).
 * **Reward validity**: Spearman and AUC of a score against the withheld satisfaction signal of every
-  logged event: for the learned mean mental reward and, side by side, for the click-trained model's
+  held-out user's logged event: for the learned mean mental reward and, side by side, for the click-trained model's
   score of the same events and the item's click frequency.
 
 Scoring runs as Ray Data ``map_batches`` over actors that each load the trained model once (the model is
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mtrec_dist.data.heldout import heldout_expr
 from mtrec_dist.evaluation.metrics import ranking_report, roc_auc, spearman
 
 ModelFactory = Callable[[torch.device], torch.nn.Module]
@@ -45,7 +47,7 @@ class Ranker:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)
         state_fb = torch.as_tensor(np.stack(batch["state_feedback"]), dtype=torch.float32)
-        action = torch.as_tensor(batch["action"], dtype=torch.long)
+        action = torch.tensor(np.asarray(batch["action"]), dtype=torch.long)  # a copy: batches may be read-only
         with torch.no_grad():
             parts = []
             for lo in range(1, self.num_items + 1, self.chunk):
@@ -112,7 +114,7 @@ def target_scores(model: torch.nn.Module, batch: Dict[str, np.ndarray]) -> Dict[
     candidate), for a numpy batch of ``row_id``, ``state_items``, ``state_feedback``, ``action``."""
     state_items = torch.as_tensor(np.stack(batch["state_items"]), dtype=torch.long)
     state_fb = torch.as_tensor(np.stack(batch["state_feedback"]), dtype=torch.float32)
-    action = torch.as_tensor(batch["action"], dtype=torch.long)
+    action = torch.tensor(np.asarray(batch["action"]), dtype=torch.long)  # a copy: batches may be read-only
     with torch.no_grad():
         score = model.score_items(state_items, state_fb, action.view(-1, 1))[:, 0]
     return {"row_id": np.asarray(batch["row_id"]), "score": score.numpy()}
@@ -140,22 +142,29 @@ TARGET_SCHEMA = pa.schema([("row_id", pa.int64()), ("score", pa.float32())])
 
 
 def score_logged_actions(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str,
-                         concurrency: int = 2, malloc_trim_mb: int = 0, in_process: bool = False) -> pa.Table:
-    """``row_id, score`` for every prepared transition under a trained recommender: on Ray Data actors (each
-    keeps ``malloc_trim_mb`` of freed memory: :func:`~mtrec_dist.runtime.retain_freed_memory`), or with
-    ``in_process`` (a small set) in this process with ``concurrency`` torch threads (restored after)."""
+                         concurrency: int = 2, malloc_trim_mb: int = 0, in_process: bool = False,
+                         heldout_share: Optional[float] = None) -> pa.Table:
+    """``row_id, score`` for every prepared transition (only the held-out users' rows, given
+    ``heldout_share``) under a trained recommender: on Ray Data actors (each keeps ``malloc_trim_mb`` of freed
+    memory: :func:`~mtrec_dist.runtime.retain_freed_memory`), or with ``in_process`` (a small set) in this
+    process with ``concurrency`` torch threads (restored after)."""
     if in_process:
         from mtrec_dist.data.pipeline import read_transitions_table
         from mtrec_dist.training.checkpoint import load_unsharded_model
 
-        return _batches_in_process(read_transitions_table(prepared_dir, columns=TARGET_COLUMNS), TARGET_BATCH_ROWS,
+        where = None if heldout_share is None else heldout_expr(heldout_share)
+        return _batches_in_process(read_transitions_table(prepared_dir, columns=TARGET_COLUMNS + ["user_idx"],
+                                                          where=where).select(TARGET_COLUMNS), TARGET_BATCH_ROWS,
                                    concurrency, lambda: load_unsharded_model(model_factory, checkpoint_path),
                                    target_scores, TARGET_SCHEMA)
     from ray.data import ActorPoolStrategy
 
     from mtrec_dist.data.pipeline import read_transitions
 
-    ds = read_transitions(prepared_dir, columns=TARGET_COLUMNS)
+    ds = read_transitions(prepared_dir, columns=TARGET_COLUMNS + ["user_idx"])
+    if heldout_share is not None:
+        ds = ds.filter(expr=heldout_expr(heldout_share, "ray"))
+    ds = ds.select_columns(TARGET_COLUMNS)
     ds = ds.map_batches(TargetScorer, fn_constructor_args=(model_factory, checkpoint_path, malloc_trim_mb),
                         batch_size=TARGET_BATCH_ROWS,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
@@ -226,7 +235,7 @@ def satisfied_labels(eval_table: pa.Table) -> tuple[np.ndarray, np.ndarray, str]
     return sat, graded, name
 
 
-RANKED_COLUMNS = ["row_id", "user_idx", "state_items", "state_feedback", "action", "pos_from_end"]
+RANKED_COLUMNS = ["row_id", "user_idx", "state_items", "state_feedback", "action"]
 RANK_BATCH_ROWS = 256  # test rows ranked per call (each scores the whole catalog for them)
 # what ranking returns per test row
 RANKS_SCHEMA = pa.schema([("row_id", pa.int64()), ("rank_full", pa.int64()), ("rank_sampled", pa.int64()),
@@ -234,25 +243,25 @@ RANKS_SCHEMA = pa.schema([("row_id", pa.int64()), ("rank_full", pa.int64()), ("r
 
 
 def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
-                   sampled_negatives: int, seed: int = 0, concurrency: int = 2,
-                   pos_from_end: int = 0, sharded_on: Optional[Any] = None, malloc_trim_mb: int = 0,
+                   sampled_negatives: int, heldout_share: float, seed: int = 0, concurrency: int = 2,
+                   sharded_on: Optional[Any] = None, malloc_trim_mb: int = 0,
                    in_process: bool = False) -> pa.Table:
-    """Rank every test transition (``pos_from_end``) with the trained recommender: on Ray Data actors that
+    """Rank every test transition (the rows of the users ``heldout_share`` holds out,
+    :mod:`mtrec_dist.data.heldout`) with the trained recommender: on Ray Data actors that
     each load the whole model; or, given ``sharded_on`` (a TrainConfig: its workers, devices and timeouts),
     in a worker group with the item table sharded as in training (:mod:`.sharded_ranking`); or, with
     ``in_process`` (a small test set), in this process with ``concurrency`` torch threads.  Each ranking actor
     keeps ``malloc_trim_mb`` of freed memory (:func:`~mtrec_dist.runtime.retain_freed_memory`)."""
     if in_process:
         return _rank_in_process(model_factory, checkpoint_path, prepared_dir, num_items, sampled_negatives, seed,
-                                concurrency, pos_from_end)
+                                concurrency, heldout_share)
     from mtrec_dist.data.pipeline import read_transitions
 
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.data.expressions import col
 
     ds = read_transitions(prepared_dir, columns=RANKED_COLUMNS)
-    ds = ds.filter(expr=col("pos_from_end") == int(pos_from_end))
+    ds = ds.filter(expr=heldout_expr(heldout_share, "ray"))
     if sharded_on is not None:
         from mtrec_dist.data.dataset import load_manifest
         from mtrec_dist.evaluation.sharded_ranking import rank_sharded
@@ -272,13 +281,13 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
 
 
 def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared_dir: str, num_items: int,
-                     sampled_negatives: int, seed: int, threads: int, pos_from_end: int) -> pa.Table:
+                     sampled_negatives: int, seed: int, threads: int, heldout_share: float) -> pa.Table:
     """:func:`rank_test_rows` in this process (torch threads restored after): the same ranks as the actors'."""
     from mtrec_dist.data.pipeline import read_transitions_table
     from mtrec_dist.training.checkpoint import load_unsharded_model
 
     # the size rule counted the test rows only: the others are filtered out while reading, never held
-    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS, pos_from_end=pos_from_end)
+    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS, where=heldout_expr(heldout_share))
     return _batches_in_process(table, RANK_BATCH_ROWS, threads,
                                lambda: Ranker(load_unsharded_model(model_factory, checkpoint_path), num_items,
                                               sampled_negatives, seed, user_histories(prepared_dir)),
@@ -355,10 +364,17 @@ def reward_validity(scores: Dict[str, np.ndarray], eval_table: pa.Table, row_ids
     return out
 
 
-def click_frequency(prepared_dir: str, actions: np.ndarray) -> np.ndarray:
-    """How often each row's item was engaged with in the logs (the click-label baseline score)."""
-    from mtrec_dist.data.prepare import load_vocab
+def click_frequency(prepared_dir: str, actions: np.ndarray, heldout_share: Optional[float] = None) -> np.ndarray:
+    """How often each row's item was engaged with in the logs (the click-label baseline score); given
+    ``heldout_share``, counted on the training users' rows only, as every other score is fitted."""
+    if heldout_share is None:
+        from mtrec_dist.data.prepare import load_vocab
 
-    vocab = load_vocab(prepared_dir)
-    counts = np.concatenate([[0], np.asarray(vocab.item_count, dtype=np.float64)])
-    return counts[actions]
+        counts = np.concatenate([[0], np.asarray(load_vocab(prepared_dir).item_count, dtype=np.float64)])
+        return counts[actions]
+    from mtrec_dist.data.heldout import training_expr
+    from mtrec_dist.data.pipeline import read_transitions_table
+
+    trained = read_transitions_table(prepared_dir, columns=["action", "user_idx"], where=training_expr(heldout_share))
+    counts = np.bincount(trained.column("action").to_numpy(), minlength=int(np.max(actions, initial=0)) + 1)
+    return counts.astype(np.float64)[actions]

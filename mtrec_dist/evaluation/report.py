@@ -217,7 +217,8 @@ def write_report(results: dict, out_dir: str | Path, ks: list[int] = (5, 10, 20)
         "<h2>Mental reward model (QR-IQL)</h2>",
         _table(["metric", "value"], [[html.escape(k), _fmt(v)] for k, v in validity.items()]),
         "<h2>Recommenders: every backbone × guidance mode</h2>",
-        "<p class='cap'>Offline: temporal leave-last-out, full ranking (and the sampled 100-negative protocol). "
+        "<p class='cap'>Offline: every row of the held-out users (no model trained on them; "
+        "eval.heldout_user_share), full ranking (and the sampled 100-negative protocol). "
         "Online: simulator, mean [95% CI] over seeds.</p>",
         _table(headers, rows),
     ]

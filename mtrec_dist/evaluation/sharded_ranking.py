@@ -126,7 +126,7 @@ def rank_sharded(factory, checkpoint_path: str, ds, train_cfg, *, num_items: int
                  chunk: int = 65_536) -> Tuple[pa.Table, List[Dict[str, Any]]]:
     """Rank the rows of ``ds`` (test transitions) on ``train_cfg.num_workers`` sharded workers;
     (ranked rows as :func:`~mtrec_dist.evaluation.offline.rank_test_rows` returns them, each rank's report).
-    The ranked rows (one per test user) go through a :func:`~mtrec_dist.training.sharded_inference.scratch_dir`."""
+    The ranked rows (the held-out users' rows) go through a :func:`~mtrec_dist.training.sharded_inference.scratch_dir`."""
     import pyarrow.dataset as pads
     import ray
 

@@ -37,7 +37,9 @@ def launch_fit(cfg, stage: Literal["reward", "rec"], factory: Callable, datasets
     init_ray(cfg.ray_address)
     run_name = f"{run_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     train_cfg = cfg.stage_train(stage)  # train, with the stage's reward_train/rec_train budget
-    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg)}
+    # the held-out share decides which rows are trained on: a resumed run must not change it
+    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg),
+                   "heldout_user_share": cfg.eval.heldout_user_share}
     result = fit_distributed(
         factory, train_cfg, datasets(), run_name, storage, resume, output_dir=output_dir,
         state_len=spec["state_len"], fingerprint=fingerprint, row_counts=row_counts,

@@ -6,8 +6,9 @@ transition plus ``reward_mean``, ``reward_cvar``, ``reward_baseline``, ``reward_
 guided losses need no join.  The click-trained baseline (``guidance: none``) reads the same rows and
 ignores the reward columns, so baseline and guided models see exactly the same examples.
 
-Rows with ``pos_from_end == 0`` (each user's last transition) are the leave-last-out test cases and are
-never trained on.  Each checkpoint carries a ``model_spec`` so evaluation rebuilds the exact model.
+The rows of held-out users (``eval.heldout_user_share``, :mod:`mtrec_dist.data.heldout`) are the offline
+test cases and are never trained on.  Each checkpoint carries a ``model_spec`` so evaluation rebuilds the
+exact model.
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ import torch
 
 from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig, RecConfig
+from mtrec_dist.data.heldout import training_expr
 from mtrec_dist.training.launch import launch_fit, read_pointer
 from mtrec_dist.training.specs import configs_from_spec
 
 REC_RUN_PREFIX = "rec"
 POINTER_FILE = "recommender.json"  # <output_dir>/recommender.json -> the final checkpoint
-TEST_POSITION = 0  # pos_from_end of the held-out test transition
 REWARD_COLUMNS = ("reward_mean", "reward_cvar", "reward_baseline", "reward_cvar_baseline")
 
 
@@ -54,12 +55,6 @@ def recommender_factory(spec: Dict[str, Any], item_counts: Optional[np.ndarray] 
                              spec["state_len"], item_counts=counts)
 
 
-def _training_rows(column: Callable[[str], Any]):
-    """The filter that keeps training rows (every transition but each user's held-out last one), written with
-    ``column``: pyarrow's ``pc.field`` or Ray Data's ``col``."""
-    return column("pos_from_end") != TEST_POSITION
-
-
 def _scored_files(scored_dir: str):
     """The Parquet files of a scored-transitions directory as a pyarrow dataset (footers only), skipping the
     names Ray Data's reader skips too (``_SUCCESS``, dot-files)."""
@@ -71,23 +66,38 @@ def _scored_files(scored_dir: str):
     return pads.dataset(root, filesystem=fs, format="parquet", ignore_prefixes=["_", "."])
 
 
-def _count_training_rows(scored_dir: str) -> tuple[int, int]:
-    """(rows with pos_from_end >= 1, all rows) of a scored-transitions directory, from Parquet metadata
-    and one column."""
-    import pyarrow.compute as pc
+def _training_filter(heldout_share: float, kind: str = "arrow", skip_last: bool = False):
+    """The rows a recommender trains on: those of users not held out; with ``skip_last`` not each user's last
+    transition either (``pos_from_end == 0``: the leave-last-out protocol of the peer benchmark, where
+    :mod:`mtrec_dist.bench.peer` ranks those rows).  ``kind``: as :func:`~mtrec_dist.data.heldout.training_expr`."""
+    keep = training_expr(heldout_share, kind)
+    if not skip_last:
+        return keep
+    if kind == "arrow":
+        import pyarrow.compute as pc
 
+        return keep & (pc.field("pos_from_end") != 0)
+    from ray.data.expressions import col
+
+    return keep & (col("pos_from_end") != 0)
+
+
+def _count_training_rows(scored_dir: str, heldout_share: float, skip_last: bool = False) -> tuple[int, int]:
+    """(training rows as :func:`_training_filter` keeps them, all rows) of a scored-transitions directory, from
+    Parquet metadata and the columns the filter reads."""
     ds = _scored_files(scored_dir)
     total = int(ds.count_rows())
-    train = int(ds.count_rows(filter=_training_rows(pc.field)))
+    train = int(ds.count_rows(filter=_training_filter(heldout_share, skip_last=skip_last)))
     return train, total
 
 
-def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
-    """Ray Dataset of the scored transitions a recommender trains on (test rows filtered out).
+def read_training_rows(scored_dir: str, guidance: str, heldout_share: float, in_memory: bool = False,
+                       skip_last: bool = False):
+    """Ray Dataset of the scored transitions a recommender trains on (:func:`_training_filter`: the held-out
+    users' rows filtered out).
 
     ``in_memory``: this process reads the rows with pyarrow and hands them to Ray Data as in-memory blocks
     (``train.driver_read_mb``: a small set), else Ray Data reads the Parquet files in its own tasks."""
-    import pyarrow.compute as pc
     import ray.data
 
     from mtrec_dist.data.pipeline import in_memory_dataset
@@ -103,22 +113,22 @@ def read_training_rows(scored_dir: str, guidance: str, in_memory: bool = False):
     keep = [c for c in names if c in need]
     assert_training_columns(keep)
     if in_memory:
-        return in_memory_dataset(files.to_table(columns=keep, filter=_training_rows(pc.field)))
-    from ray.data.expressions import col
-
-    return ray.data.read_parquet(scored_dir).select_columns(keep).filter(expr=_training_rows(col))
+        return in_memory_dataset(files.to_table(columns=keep, filter=_training_filter(heldout_share, "arrow", skip_last)))
+    return ray.data.read_parquet(scored_dir).select_columns(keep).filter(
+        expr=_training_filter(heldout_share, "ray", skip_last))
 
 
 def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,
                       backbone: Optional[str] = None, guidance: Optional[str] = None,
                       resume: Optional[str] = None, progress: bool = True,
-                      warm_start: Optional[str] = None) -> Dict[str, Any]:
+                      warm_start: Optional[str] = None, skip_last: bool = False) -> Dict[str, Any]:
     """Train one recommender (``backbone`` x ``guidance``, default ``cfg.rec``) on Ray Train + TorchRec.
 
     ``scored_dir``: output of `mtrec score-rewards` for ``prepared_dir``.  Writes metrics and TensorBoard
     files under ``output_dir`` and ``<output_dir>/recommender.json`` naming the final checkpoint.
     ``warm_start``: an earlier checkpoint of the same backbone whose weights initialise a fresh run (daily
     retraining; the catalog may have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).
+    ``skip_last``: each user's last transition is not trained on either (:func:`_training_filter`).
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
     "guidance", "train_rows", "read_by_driver"}`` (``read_by_driver``: see ``train.driver_read_mb``).
     """
@@ -129,24 +139,27 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     guidance = guidance or cfg.rec.guidance
     cfg.validate()
     manifest = load_training_manifest(prepared_dir)
-    train_rows, total = _count_training_rows(scored_dir)
+    train_rows, total = _count_training_rows(scored_dir, cfg.eval.heldout_user_share, skip_last)
     if total != manifest["num_transitions"]:
         raise ValueError(f"{scored_dir} holds {total} scored rows but {prepared_dir} has "
                          f"{manifest['num_transitions']} transitions: score-rewards output is stale or partial")
     if train_rows == 0:
-        raise ValueError(f"{scored_dir}: no training rows (every transition is a test row)")
+        raise ValueError(f"{scored_dir}: no training rows (every user is held out; eval.heldout_user_share is "
+                         f"{cfg.eval.heldout_user_share})")
     counts = item_counts_for(prepared_dir, manifest["num_items"]) \
         if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
     spec = rec_model_spec(cfg, manifest, backbone, guidance)
     in_memory = fits_driver(cfg.stage_train("rec"), train_rows, spec["state_len"])
+    share = cfg.eval.heldout_user_share
     return launch_fit(cfg, "rec", recommender_factory(spec, counts),
-                      lambda: {"train": read_training_rows(scored_dir, guidance, in_memory)}, spec=spec,
+                      lambda: {"train": read_training_rows(scored_dir, guidance, share, in_memory, skip_last)},
+                      spec=spec,
                       output_dir=output_dir,
                       run_prefix=f"{REC_RUN_PREFIX}-{backbone}-{guidance}", pointer=POINTER_FILE,
                       label=f"train-rec {backbone}/{guidance}", row_counts={"train": train_rows}, resume=resume,
                       progress=progress, warm_start=warm_start,
                       extra={"backbone": backbone, "guidance": guidance, "train_rows": train_rows,
-                             "read_by_driver": in_memory})
+                             "heldout_user_share": share, "read_by_driver": in_memory})
 
 
 def default_rec_checkpoint(output_dir: str) -> str:

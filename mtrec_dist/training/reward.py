@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mtrec_dist.config import PipelineConfig, RewardConfig
+from mtrec_dist.data.heldout import training_expr
 from mtrec_dist.runtime import init_ray
 from mtrec_dist.training.launch import launch_fit, read_pointer
 from mtrec_dist.training.specs import configs_from_spec
@@ -97,9 +98,11 @@ def item_prior_summary(prior: Dict[str, Any]) -> Dict[str, Any]:
 
 def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earlier: Sequence[str] = (),
                          log_end: Optional[int] = None):
-    """The prepared transitions as a Ray Dataset, the ``earlier`` prepared datasets (daily retraining's
+    """The prepared transitions of the users not held out (``eval.heldout_user_share``,
+    :mod:`mtrec_dist.data.heldout`) as a Ray Dataset, the ``earlier`` prepared datasets (daily retraining's
     previous days) added, with ``later_items`` when the order term is on (``reward.order_items`` > 0) and
     ``slate_items`` when the data have slates (``reward.slate_choice``; :mod:`mtrec_dist.data.slate_join`).
+    ``rows``: every transition of those days, held-out users' too (the join is checked against it).
 
     With ``earlier`` the return labels are computed again over all the days up to ``log_end`` (the newest
     day's end): a session end in the last ``prepare.return_window_s`` of its own day has no label in its
@@ -122,6 +125,7 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     from mtrec_dist.training.loop import fits_driver
 
     v2 = cfg.reward.objective == "v2"
+    share = cfg.eval.heldout_user_share
 
     days = (prepared_dir, *earlier)
     slates = {d: slate_table(d) if v2 and cfg.reward.slate_choice else None for d in days}
@@ -130,7 +134,7 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     if fits_driver(cfg.stage_train("reward"), rows, int(load_manifest(prepared_dir)["state_len"])):
         table = _driver_table(cfg, days, slates, width, log_end if earlier else None)
         _check_rows(table.num_rows, rows, prepared_dir, joined)
-        return in_memory_dataset(table)
+        return in_memory_dataset(table.filter(training_expr(share)))
     # each day's transitions joined to that day's slates only (slate ids are unique within one dataset)
     per_day = [with_slates(read_transitions(d), *slates[d], partitions_for(rows, cfg.prepare)) if slates[d]
                else read_transitions(d).map_batches(no_slates, batch_size=None, batch_format="pyarrow",
@@ -139,7 +143,7 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     ds = per_day[0].union(*per_day[1:]) if earlier else per_day[0]
     k = cfg.reward.order_items if v2 else 0
     if k == 0 and not earlier and not joined:
-        return ds
+        return ds.filter(expr=training_expr(share, "ray"))
     if k or earlier:
         ds, _ = whole_user_blocks(ds, "user_idx", rows, cfg.prepare)
     if earlier:
@@ -150,7 +154,7 @@ def training_transitions(cfg: PipelineConfig, prepared_dir: str, rows: int, earl
     # materialised: the shuffle and the join run once, not again for each schema or epoch read of the dataset
     ds = ds.materialize()
     _check_rows(ds.count() if joined else rows, rows, prepared_dir, joined)
-    return ds
+    return ds.filter(expr=training_expr(share, "ray"))
 
 
 def _one_slate_length(slates: Dict[str, Any]) -> Optional[int]:
@@ -223,8 +227,9 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     have grown, see :func:`~mtrec_dist.training.loop.fit_distributed`).  ``earlier_prepared``: prepared
     datasets of the previous days (daily retraining), trained on again with their return labels completed
     by the newer days (:func:`training_transitions`).  Returns ``{"metrics", "checkpoint_path", "run_name",
-    "storage_path", "output_dir"}`` (with ``earlier_prepared``: also ``"rows"`` and ``"return_known_rows"``,
-    the training rows and those with a return label).
+    "storage_path", "output_dir", "train_rows", "heldout_user_share"}`` (``train_rows``: the rows of the users
+    not held out, over every day read; with ``earlier_prepared`` also ``"rows"`` and ``"return_known_rows"``,
+    every row of those days and the training rows with a return label).
     """
     from mtrec_dist.data.pipeline import count_transitions
 
@@ -242,14 +247,19 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     note = order_term_note(cfg, manifest)
     if note and progress:
         print(f"train-reward: note: {note}", file=sys.stderr, flush=True)
-    extra: Dict[str, Any] = {}
+    share = cfg.eval.heldout_user_share
+    train_rows = sum(count_transitions(d, where=training_expr(share)) for d in (prepared_dir, *earlier_prepared))
+    if train_rows == 0:
+        raise ValueError(f"{prepared_dir}: no training rows (every user is held out; eval.heldout_user_share is "
+                         f"{share})")
+    extra: Dict[str, Any] = {"train_rows": train_rows, "heldout_user_share": share}
     datasets = lambda: {"train": training_transitions(cfg, prepared_dir, rows)}  # noqa: E731
     if earlier_prepared:
         rows += sum(count_transitions(d) for d in earlier_prepared)
         init_ray(cfg.ray_address)
         ds = training_transitions(cfg, prepared_dir, rows, earlier_prepared, manifest["log_end"])
-        extra = {"rows": rows, "return_known_rows": int(ds.sum("return_known") or 0),
-                 "earlier_prepared": list(earlier_prepared)}
+        extra.update({"rows": rows, "return_known_rows": int(ds.sum("return_known") or 0),
+                      "earlier_prepared": list(earlier_prepared)})
         datasets = lambda: {"train": ds}  # noqa: E731
     prior = None
     if cfg.reward.uses_item_prior:  # counted from the very rows training reads, before it starts
@@ -260,13 +270,13 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
         extra["item_prior"] = item_prior_summary(prior)
         if progress:
             p = extra["item_prior"]
-            print(f"train-reward: item prior from {rows:,} rows: {p['items_pulled']:,} of {manifest['num_items']:,} "
+            print(f"train-reward: item prior from {train_rows:,} rows: {p['items_pulled']:,} of {manifest['num_items']:,} "
                   f"items read as pulled (share of pulls {p['pi']:.2f}), item level sd {p['level_sd']:.3f}",
                   file=sys.stderr, flush=True)
     return launch_fit(cfg, "reward", reward_model_factory(spec, counts, item_prior=prior), datasets, spec=spec,
                       output_dir=output_dir,
                       run_prefix=REWARD_RUN_PREFIX, pointer=LATEST_POINTER, label="train-reward",
-                      row_counts={"train": rows}, resume=resume, progress=progress, warm_start=warm_start,
+                      row_counts={"train": train_rows}, resume=resume, progress=progress, warm_start=warm_start,
                       extra=extra)
 
 

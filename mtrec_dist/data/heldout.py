@@ -1,0 +1,72 @@
+"""Held-out users: the logged users whose rows no model trains on, so that reward validity and offline ranking
+are measured on rows training never saw (docs/method.md "Metrics").
+
+A user is held out by a hash of its index, the same rule wherever rows are split: the pipeline's training
+stages, its evaluation, the ablation and the real-data ablation.  One formula serves numpy arrays, pyarrow
+dataset expressions and Ray Data expressions, so every reader keeps the same users out:
+
+    held out  <=>  ((user mod 1000) * 2654435761) mod 1000  <  share * 1000
+
+(``(u mod m) c mod m = u c mod m``, so this is the multiplicative hash ``u c mod 1000``, reduced first so that
+the product never overflows int64.)  Whole users are held out, not each user's last event: in logs where
+sessions end after unsatisfying items, every user's last event is the one that ended a session, a biased
+sample of what users chose (bench/RESULTS.md, session 24).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+__all__ = ["USER_HASH", "BUCKETS", "is_heldout", "heldout_mask", "heldout_expr", "training_expr", "require_heldout",
+           "split_rows"]
+
+USER_HASH = 2654435761  # Knuth's multiplicative hash constant
+BUCKETS = 1000
+
+
+def is_heldout(user: Any, share: float, mod: Callable[[Any, int], Any] = operator.mod) -> Any:
+    """The held-out test of ``user`` (a numpy array or a column expression); ``mod`` is the modulo of that
+    kind of value (``operator.mod`` for numpy and Ray Data, ``pyarrow.compute.modulo`` for pyarrow)."""
+    return mod(mod(user, BUCKETS) * USER_HASH, BUCKETS) < share * BUCKETS
+
+
+def heldout_mask(user, share: float):
+    """Boolean numpy mask of the held-out users' rows, for an array of user indices."""
+    import numpy as np
+
+    return np.asarray(is_heldout(np.asarray(user, dtype=np.int64), share), dtype=bool)
+
+
+def heldout_expr(share: float, kind: str = "arrow", column: str = "user_idx"):
+    """The held-out rows as a filter expression on ``column``: ``kind`` ``"arrow"`` (a pyarrow dataset
+    expression) or ``"ray"`` (a Ray Data expression)."""
+    if kind == "arrow":
+        import pyarrow.compute as pc
+
+        return is_heldout(pc.field(column), share, pc.modulo)
+    from ray.data.expressions import col
+
+    return is_heldout(col(column), share)
+
+
+def training_expr(share: float, kind: str = "arrow", column: str = "user_idx"):
+    """The training rows (every row of a user who is not held out) as a filter expression, as
+    :func:`heldout_expr`."""
+    return ~heldout_expr(share, kind, column)
+
+
+def require_heldout(share: float) -> None:
+    """Raise where ``share`` holds no user out: an evaluation that measures on held-out users' rows needs some."""
+    if share <= 0:
+        raise ValueError("eval.heldout_user_share is 0: this evaluation measures on held-out users' rows; "
+                         "set it in (0, 1)")
+
+
+def split_rows(user, share: float):
+    """``(training rows, held-out rows)``: positions of the rows of users trained on and of held-out users, for
+    an array of user indices (:func:`require_heldout` first)."""
+    import numpy as np
+
+    require_heldout(share)
+    mask = heldout_mask(user, share)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
