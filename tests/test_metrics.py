@@ -95,3 +95,25 @@ def test_confidence_intervals():
     assert m == 4.2 and math.isnan(h)
     stat, lo, hi = bootstrap_ci95(np.arange(100.0), num_resamples=500, seed=0)
     assert stat == 49.5 and lo < 49.5 < hi and hi - lo < 25
+
+
+def test_paired_relative_change_resamples_whole_users_and_keeps_pairs():
+    from mtrec_dist.evaluation.metrics import paired_relative_change_ci95
+
+    # hits at 10 of two models on 6 rows of 3 users: 2 hits against 4, so -50%
+    new = [1, 0, 0, 1, 0, 0]
+    base = [1, 1, 0, 1, 1, 0]
+    users = [7, 7, 8, 8, 9, 9]
+    change, lo, hi = paired_relative_change_ci95(new, base, users, num_resamples=2000, seed=1)
+    assert change == pytest.approx(-0.5)
+    # per user (new, base) sums: 7 -> (1, 2), 8 -> (1, 1), 9 -> (0, 1); a resample of users takes whole pairs,
+    # so its change lies between user 9 alone (-100%) and user 8 alone (0%), and both ends are drawn
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(0.0) and lo <= change <= hi
+    # the same model against itself: no change, whatever the resample
+    assert paired_relative_change_ci95(base, base, users) == (0.0, 0.0, 0.0)
+    # one user only: every resample is that user
+    assert paired_relative_change_ci95([1, 3], [2, 2], [5, 5]) == pytest.approx((0.0, 0.0, 0.0))
+    # a base that is 0 in some resample has no ratio
+    assert all(np.isnan(paired_relative_change_ci95([1, 1], [1, 0], [1, 2])))
+    with pytest.raises(ValueError):
+        paired_relative_change_ci95([1], [1, 1], [1, 1])

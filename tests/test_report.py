@@ -2,6 +2,9 @@
 prints each guided model's offline change beside its online gain."""
 import json
 
+import numpy as np
+import pytest
+
 from mtrec_dist.evaluation.report import write_report
 
 
@@ -55,3 +58,31 @@ def test_headline_prints_each_guided_models_offline_change_against_its_click_mod
     assert "offline vs" not in lines[4]  # no click-trained nextitnet to compare with
     # a change under 0.5% prints +0%, not -0%; a metric the run lacks reads n/a
     assert lines[6].endswith("; offline vs caser/none: HR@10 +0%, NDCG@10 satisfied n/a")
+
+
+def test_offline_change_ci_pairs_ranked_rows_and_the_headline_prints_it():
+    import pyarrow as pa
+
+    from mtrec_dist.evaluation.evaluate import headline, offline_change_ci
+
+    # 4 held-out rows of 2 users; rows 1 and 3 satisfied (simulator satisfaction above the median)
+    eval_table = pa.table({"row_id": [3, 1, 2, 0], "user_idx": [5, 4, 5, 4],
+                           "eval_true_satisfaction": [2.0, 3.0, -1.0, -2.0]})
+    click = pa.table({"row_id": [0, 1, 2, 3], "rank_full": [0, 1, 20, 3]})
+    guided = pa.table({"row_id": [3, 2, 1, 0], "rank_full": [0, 5, 1, 30]})  # another row order: paired by id
+    ci = offline_change_ci(guided, click, eval_table)
+    # hits at 10: click 3 (rows 0, 1, 3), guided 3 (rows 1, 2, 3): +0%
+    assert ci["HR@10"][0] == pytest.approx(0.0)
+    # NDCG@10 on satisfied rows 1 and 3: click 1/log2(3) + 1/log2(5), guided 1/log2(3) + 1
+    want = (1 / np.log2(3) + 1.0) / (1 / np.log2(3) + 1 / np.log2(5)) - 1
+    assert ci["NDCG@10 satisfied"][0] == pytest.approx(want)
+    assert ci["NDCG@10 satisfied"][1] <= want <= ci["NDCG@10 satisfied"][2]
+    assert offline_change_ci(guided.slice(0, 3), click, eval_table) == {}  # not the same rows: no pairs
+
+    def rec(guidance, hr, ndcg_sat, **extra):
+        return {"backbone": "sasrec", "guidance": guidance, **extra,
+                "offline": {"all": {"HR@10": hr}, "satisfied": {"HR@10": 0.1, "NDCG@10": ndcg_sat}, "sampled": {}}}
+
+    lines = headline({"recommenders": [rec("none", 0.10, 0.050), rec("reweight", 0.09, 0.049, offline_change={
+        "HR@10": [-0.1, -0.123, -0.081], "NDCG@10 satisfied": [-0.02, -0.061, 0.024]})]})
+    assert lines[1].endswith("; offline vs sasrec/none: HR@10 -10% [-12%, -8%], NDCG@10 satisfied -2% [-6%, +2%]")

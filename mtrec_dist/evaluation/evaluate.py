@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -139,14 +139,44 @@ def _runner(cfg: PipelineConfig, spec: Dict[str, Any], prepared_dir: str) -> str
 
 
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
-                    num_items: int) -> Dict[str, Any]:
+                    num_items: int) -> Tuple[Dict[str, Any], pa.Table]:
+    """(ranking metrics, the ranked rows) of one recommender on the held-out users' rows."""
     factory, spec = _recommender_factory(summary)
     runner = _runner(cfg, spec, prepared_dir)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, cfg.eval.heldout_user_share, seed=cfg.eval.seed,
                                     sharded_on=cfg.train if runner == "sharded" else None,
                                     malloc_trim_mb=cfg.train.malloc_trim_mb, in_process=runner == "local")
-    return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks)
+    return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks), ranked
+
+
+OFFLINE_CHANGES = (("all", "HR@10", "HR@10"), ("satisfied", "NDCG@10", "NDCG@10 satisfied"))  # what headline prints
+
+
+def offline_change_ci(guided: pa.Table, click_model: pa.Table, eval_table: pa.Table, k: int = 10) -> Dict[str, list]:
+    """``{label: [change, lo, hi]}`` for :data:`OFFLINE_CHANGES`: the relative change of a guided model's HR@k
+    (all targets) and NDCG@k (satisfied targets) against the click-trained model's on the same ranked rows, with
+    a 95% bootstrap interval over held-out users (:func:`~mtrec_dist.evaluation.metrics.paired_relative_change_ci95`):
+    one model per arm, so the interval covers which users were held out, not training randomness."""
+    from mtrec_dist.evaluation.metrics import paired_relative_change_ci95
+
+    g, c = guided.sort_by("row_id"), click_model.sort_by("row_id")
+    rows = g.column("row_id").to_numpy()
+    if not np.array_equal(rows, c.column("row_id").to_numpy()) or rows.size == 0:
+        return {}
+    at = offline.eval_rows(eval_table, rows)
+    users = eval_table.column("user_idx").to_numpy()[at]
+    sat = offline.satisfied_labels(eval_table)[0][at]
+    rank_g, rank_c = g.column("rank_full").to_numpy(), c.column("rank_full").to_numpy()
+    hits = lambda r: (r < k).astype(np.float64)  # noqa: E731
+    gains = lambda r: np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)  # noqa: E731
+    per_row = {"HR@10": (hits(rank_g), hits(rank_c), np.ones(rows.size, bool)),
+               "NDCG@10 satisfied": (gains(rank_g), gains(rank_c), sat)}
+    out = {}
+    for label, (new, base, keep) in per_row.items():
+        if keep.any():
+            out[label] = list(paired_relative_change_ci95(new[keep], base[keep], users[keep]))
+    return out
 
 
 def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[str, Any]], item_truth
@@ -212,15 +242,20 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     else:
         reward = {"curve": [h for h in read_history(reward_dir) if "loss" in h]}
 
-    recs = []
+    recs, ranked = [], {}
     if rec_summaries and measured:  # one line for all of them: each takes seconds
         progress("[evaluate] offline ranking of held-out users' rows: "
                  + ", ".join(f"{s['backbone']}/{s['guidance']}" for s in rec_summaries))
     for s in rec_summaries:
-        recs.append({"backbone": s["backbone"], "guidance": s["guidance"],
-                     "checkpoint": s["checkpoint_path"],
-                     "curve": [h for h in read_history(s["output_dir"]) if "loss" in h],
-                     "offline": offline_section(cfg, prepared_dir, s, eval_table, num_items) if measured else {}})
+        off = {}
+        if measured:
+            off, ranked[(s["backbone"], s["guidance"])] = offline_section(cfg, prepared_dir, s, eval_table, num_items)
+        recs.append({"backbone": s["backbone"], "guidance": s["guidance"], "checkpoint": s["checkpoint_path"],
+                     "curve": [h for h in read_history(s["output_dir"]) if "loss" in h], "offline": off})
+    for r in recs:  # each guided model's offline change against its backbone's click model, with a CI
+        base = ranked.get((r["backbone"], CLICK_TRAINED))
+        if r["guidance"] != CLICK_TRAINED and base is not None and (r["backbone"], r["guidance"]) in ranked:
+            r["offline_change"] = offline_change_ci(ranked[(r["backbone"], r["guidance"])], base, eval_table)
     if item_truth is not None and rec_summaries:
         progress(f"[evaluate] online: {len(rec_summaries)} recommenders x {cfg.eval.online_seeds} seeds x "
                  f"{cfg.eval.online_users} simulated users")
@@ -260,7 +295,8 @@ def headline(results: Dict[str, Any]) -> List[str]:
             if g:
                 line += f"; gain vs {g['vs']} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
         if off and r["guidance"] != CLICK_TRAINED and click_model_offline.get(r["backbone"]):
-            line += "; " + offline_change(off, click_model_offline[r["backbone"]], f"{r['backbone']}/{CLICK_TRAINED}")
+            line += "; " + offline_change(off, click_model_offline[r["backbone"]], f"{r['backbone']}/{CLICK_TRAINED}",
+                                          r.get("offline_change"))
         lines.append(line)
     if results.get("ablation"):
         lines.append("ablation (same SASRec guided by each reward; held-out users; mean ±95% CI):")
@@ -273,17 +309,27 @@ def _metric(offline_metrics: Dict[str, Any], targets: str, name: str) -> float:
     return offline_metrics.get(targets, {}).get(name, float("nan"))
 
 
-def offline_change(guided: Dict[str, Any], click_model: Dict[str, Any], click_model_name: str) -> str:
+def offline_change(guided: Dict[str, Any], click_model: Dict[str, Any], click_model_name: str,
+                   cis: Optional[Dict[str, list]] = None) -> str:
     """``offline vs sasrec/none: HR@10 -24%, NDCG@10 satisfied -6%``: relative changes of a guided model's
     offline metrics against the click-trained model's (``n/a`` where the click model's value is 0 or
-    missing)."""
+    missing); each followed by its 95% interval ``[-9%, -3%]`` where ``cis`` (:func:`offline_change_ci`) has one."""
     parts = []
-    for targets, name, label in (("all", "HR@10", "HR@10"), ("satisfied", "NDCG@10", "NDCG@10 satisfied")):
+    for targets, name, label in OFFLINE_CHANGES:
         new, base = _metric(guided, targets, name), _metric(click_model, targets, name)
         ok = np.isfinite(new) and np.isfinite(base) and base > 0
-        rel = round((new / base - 1.0) * 100) if ok else None  # an int: a change under 0.5% prints +0%, never -0%
-        parts.append(f"{label} {rel:+d}%" if rel is not None else f"{label} n/a")
+        rel = _percent(new / base - 1.0) if ok else None
+        part = f"{label} {rel}" if rel is not None else f"{label} n/a"
+        ci = (cis or {}).get(label)
+        if rel is not None and ci and np.isfinite(ci[1:]).all():
+            part += f" [{_percent(ci[1])}, {_percent(ci[2])}]"
+        parts.append(part)
     return f"offline vs {click_model_name}: " + ", ".join(parts)
+
+
+def _percent(change: float) -> str:
+    """``-24%``: a relative change rounded to a whole percent (a change under 0.5% prints +0%, never -0%)."""
+    return f"{round(change * 100):+d}%"
 
 
 def write_json(obj: Any, path: str) -> None:

@@ -205,3 +205,23 @@ def bootstrap_ci95(values, num_resamples: int = 1000, seed: int = 0, statistic=n
     idx = rng.integers(0, v.size, size=(num_resamples, v.size))
     stats = np.array([statistic(v[i]) for i in idx])
     return float(statistic(v)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def paired_relative_change_ci95(new, base, groups, num_resamples: int = 1000,
+                                seed: int = 0) -> Tuple[float, float, float]:
+    """``(change, 2.5th, 97.5th percentile)`` of the relative change of a per-row metric between two models
+    scored on the same rows, ``sum(new) / sum(base) - 1`` (e.g. hits at 10: the relative change of HR@10), with
+    a percentile bootstrap that resamples whole ``groups`` (users: one user's rows are not independent) and
+    keeps each row's pair together.  NaN where ``base`` sums to 0 (in the data or in a resample)."""
+    new, base = _np(new).astype(np.float64).reshape(-1), _np(base).astype(np.float64).reshape(-1)
+    _, g = np.unique(_np(groups).reshape(-1), return_inverse=True)
+    if not (new.size == base.size == g.size) or new.size == 0:
+        raise ValueError("paired_relative_change_ci95 needs the same non-zero number of new, base and group values")
+    new_g, base_g = np.bincount(g, weights=new), np.bincount(g, weights=base)
+    idx = np.random.default_rng(seed).integers(0, new_g.size, size=(num_resamples, new_g.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = new_g.sum() / base_g.sum() - 1.0
+        resampled = new_g[idx].sum(1) / base_g[idx].sum(1) - 1.0
+    if not np.isfinite(change) or not np.isfinite(resampled).all():
+        return float("nan"), float("nan"), float("nan")
+    return float(change), float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))

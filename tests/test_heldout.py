@@ -1,0 +1,50 @@
+"""The held-out users (mtrec_dist/data/heldout.py): one rule in numpy, pyarrow and Ray Data expressions."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from mtrec_dist.data.heldout import heldout_expr, heldout_mask, split_rows, training_expr
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.3, 0.55])
+def test_the_mask_is_the_ablations_hash_and_the_arrow_filters_agree(share):
+    users = np.arange(0, 30_000, dtype=np.int64)
+    mask = heldout_mask(users, share)
+    # the rule the ablations used before it had a module of its own (their splits must not move)
+    np.testing.assert_array_equal(mask, (users * 2654435761 % 1000) < share * 1000)
+    assert abs(mask.mean() - share) < 1e-9  # each block of 1,000 consecutive indices holds out exactly the share
+    table = pa.table({"user_idx": users, "row": np.arange(users.size)})
+    held = pads.dataset(table).to_table(filter=heldout_expr(share)).column("row").to_numpy()
+    kept = pads.dataset(table).to_table(filter=training_expr(share)).column("row").to_numpy()
+    np.testing.assert_array_equal(held, np.flatnonzero(mask))
+    np.testing.assert_array_equal(kept, np.flatnonzero(~mask))
+
+
+def test_no_overflow_for_large_user_indices():
+    users = np.array([3_500_000_000, 2**40 + 7, 2**62], dtype=np.int64)  # u * 2654435761 would overflow int64
+    table = pa.table({"user_idx": users})
+    want = [(int(u) * 2654435761 % 1000) < 200 for u in users]  # Python ints: exact
+    assert heldout_mask(users, 0.2).tolist() == want
+    assert pads.dataset(table).count_rows(filter=heldout_expr(0.2)) == sum(want)
+
+
+def test_split_rows_partitions_the_rows_and_refuses_a_share_of_zero():
+    users = np.array([5, 0, 7, 0, 12, 5, 3])
+    train, test = split_rows(users, 0.5)
+    assert sorted(train.tolist() + test.tolist()) == list(range(users.size))
+    assert heldout_mask(users[test], 0.5).all() and not heldout_mask(users[train], 0.5).any()
+    assert 1 in test and 3 in test  # user 0 hashes to bucket 0: held out at any share > 0
+    with pytest.raises(ValueError, match="eval.heldout_user_share is 0"):
+        split_rows(users, 0.0)
+
+
+@pytest.mark.integration
+def test_ray_data_filters_the_same_rows(ray_cluster):
+    import ray.data
+
+    users = np.arange(0, 5_000, dtype=np.int64)
+    ds = ray.data.from_arrow(pa.table({"user_idx": users}))
+    got = sorted(r["user_idx"] for r in ds.filter(expr=heldout_expr(0.2, "ray")).take_all())
+    assert got == users[heldout_mask(users, 0.2)].tolist()
+    assert ds.filter(expr=training_expr(0.2, "ray")).count() == int((~heldout_mask(users, 0.2)).sum())
