@@ -113,7 +113,8 @@ def test_paired_relative_change_resamples_whole_users_and_keeps_pairs():
     assert paired_relative_change_ci95(base, base, users) == (0.0, 0.0, 0.0)
     # one user only: every resample is that user
     assert paired_relative_change_ci95([1, 3], [2, 2], [5, 5]) == pytest.approx((0.0, 0.0, 0.0))
-    # a base that is 0 in some resample has no ratio
-    assert all(np.isnan(paired_relative_change_ci95([1, 1], [1, 0], [1, 2])))
+    # a resample whose base sums to 0 has no ratio and is left out: users (1, 1) give 0%, (1, 2) +100%
+    assert paired_relative_change_ci95([1, 1], [1, 0], [1, 2]) == pytest.approx((1.0, 0.0, 1.0))
+    assert all(np.isnan(paired_relative_change_ci95([1, 1], [0, 0], [1, 2])))  # no base at all: no change
     with pytest.raises(ValueError):
         paired_relative_change_ci95([1], [1, 1], [1, 1])

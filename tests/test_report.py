@@ -77,7 +77,8 @@ def test_offline_change_ci_pairs_ranked_rows_and_the_headline_prints_it():
     want = (1 / np.log2(3) + 1.0) / (1 / np.log2(3) + 1 / np.log2(5)) - 1
     assert ci["NDCG@10 satisfied"][0] == pytest.approx(want)
     assert ci["NDCG@10 satisfied"][1] <= want <= ci["NDCG@10 satisfied"][2]
-    assert offline_change_ci(guided.slice(0, 3), click, eval_table) == {}  # not the same rows: no pairs
+    with pytest.raises(ValueError, match="different rows"):  # not the same rows: no pairs to compare
+        offline_change_ci(guided.slice(0, 3), click, eval_table)
 
     def rec(guidance, hr, ndcg_sat, **extra):
         return {"backbone": "sasrec", "guidance": guidance, **extra,
@@ -86,3 +87,22 @@ def test_offline_change_ci_pairs_ranked_rows_and_the_headline_prints_it():
     lines = headline({"recommenders": [rec("none", 0.10, 0.050), rec("reweight", 0.09, 0.049, offline_change={
         "HR@10": [-0.1, -0.123, -0.081], "NDCG@10 satisfied": [-0.02, -0.061, 0.024]})]})
     assert lines[1].endswith("; offline vs sasrec/none: HR@10 -10% [-12%, -8%], NDCG@10 satisfied -2% [-6%, +2%]")
+
+
+def test_evaluate_refuses_models_trained_with_another_held_out_share(tmp_path):
+    """A larger share at evaluation than at training would measure on rows the models trained on."""
+    from mtrec_dist.config import PipelineConfig
+    from mtrec_dist.evaluation.evaluate import check_trained_share
+    from mtrec_dist.training.reward import LATEST_POINTER
+
+    cfg = PipelineConfig()
+    share = cfg.eval.heldout_user_share
+    recs = [{"backbone": "sasrec", "guidance": "none", "heldout_user_share": share}]
+    (tmp_path / LATEST_POINTER).write_text(json.dumps({"heldout_user_share": share}))
+    check_trained_share(cfg, str(tmp_path), recs)  # the same share everywhere: fine
+    with pytest.raises(ValueError, match=r"sasrec/reweight \(0.0\)"):
+        check_trained_share(cfg, str(tmp_path), recs + [{"backbone": "sasrec", "guidance": "reweight",
+                                                         "heldout_user_share": 0.0}])
+    (tmp_path / LATEST_POINTER).write_text(json.dumps({"checkpoint_path": "x"}))  # before the setting existed
+    with pytest.raises(ValueError, match="the reward model \\(no share recorded\\)"):
+        check_trained_share(cfg, str(tmp_path), recs)

@@ -150,32 +150,33 @@ def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, A
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks), ranked
 
 
-OFFLINE_CHANGES = (("all", "HR@10", "HR@10"), ("satisfied", "NDCG@10", "NDCG@10 satisfied"))  # what headline prints
+# what headline prints for each guided model: (targets, metric, k, label)
+OFFLINE_CHANGES = (("all", "HR", 10, "HR@10"), ("satisfied", "NDCG", 10, "NDCG@10 satisfied"))
 
 
-def offline_change_ci(guided: pa.Table, click_model: pa.Table, eval_table: pa.Table, k: int = 10) -> Dict[str, list]:
-    """``{label: [change, lo, hi]}`` for :data:`OFFLINE_CHANGES`: the relative change of a guided model's HR@k
-    (all targets) and NDCG@k (satisfied targets) against the click-trained model's on the same ranked rows, with
-    a 95% bootstrap interval over held-out users (:func:`~mtrec_dist.evaluation.metrics.paired_relative_change_ci95`):
-    one model per arm, so the interval covers which users were held out, not training randomness."""
-    from mtrec_dist.evaluation.metrics import paired_relative_change_ci95
+def offline_change_ci(guided: pa.Table, click_model: pa.Table, eval_table: pa.Table) -> Dict[str, list]:
+    """``{label: [change, lo, hi]}`` for :data:`OFFLINE_CHANGES`: the relative change of a guided model's metric
+    against the click-trained model's on the same ranked rows, with a 95% bootstrap interval over held-out users
+    (:func:`~mtrec_dist.evaluation.metrics.paired_relative_change_ci95`).  One model per arm: the interval covers
+    the sampling of evaluation users given the two models, not training randomness (the ablation's does)."""
+    from mtrec_dist.evaluation.metrics import hits_at_k, ndcg_gains_at_k, paired_relative_change_ci95
 
     g, c = guided.sort_by("row_id"), click_model.sort_by("row_id")
     rows = g.column("row_id").to_numpy()
-    if not np.array_equal(rows, c.column("row_id").to_numpy()) or rows.size == 0:
-        return {}
+    if not np.array_equal(rows, c.column("row_id").to_numpy()):  # both rank the held-out rows: else a bug
+        raise ValueError(f"the guided and click-trained models were ranked on different rows ({g.num_rows} and "
+                         f"{c.num_rows}); their offline change would compare different targets")
     at = offline.eval_rows(eval_table, rows)
     users = eval_table.column("user_idx").to_numpy()[at]
-    sat = offline.satisfied_labels(eval_table)[0][at]
+    targets = {"all": np.ones(rows.size, bool), "satisfied": offline.satisfied_labels(eval_table)[0][at]}
+    per_row = {"HR": hits_at_k, "NDCG": ndcg_gains_at_k}
     rank_g, rank_c = g.column("rank_full").to_numpy(), c.column("rank_full").to_numpy()
-    hits = lambda r: (r < k).astype(np.float64)  # noqa: E731
-    gains = lambda r: np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)  # noqa: E731
-    per_row = {"HR@10": (hits(rank_g), hits(rank_c), np.ones(rows.size, bool)),
-               "NDCG@10 satisfied": (gains(rank_g), gains(rank_c), sat)}
     out = {}
-    for label, (new, base, keep) in per_row.items():
+    for which, metric, k, label in OFFLINE_CHANGES:
+        keep = targets[which]
         if keep.any():
-            out[label] = list(paired_relative_change_ci95(new[keep], base[keep], users[keep]))
+            out[label] = list(paired_relative_change_ci95(per_row[metric](rank_g[keep], k),
+                                                          per_row[metric](rank_c[keep], k), users[keep]))
     return out
 
 
@@ -209,15 +210,31 @@ def online_section(cfg: PipelineConfig, prepared_dir: str, summaries: List[Dict[
     return out
 
 
+def check_trained_share(cfg: PipelineConfig, reward_dir: str, rec_summaries: List[Dict[str, Any]]) -> None:
+    """Raise where a model was trained with another ``eval.heldout_user_share`` than this evaluation's (or
+    before the setting existed): a larger share here would measure on rows it trained on."""
+    from mtrec_dist.training.reward import LATEST_POINTER
+
+    pointer = Path(reward_dir) / LATEST_POINTER
+    trained = [(f"{s['backbone']}/{s['guidance']}", s.get("heldout_user_share")) for s in rec_summaries]
+    if pointer.exists():
+        trained.append(("the reward model", json.loads(pointer.read_text()).get("heldout_user_share")))
+    share = cfg.eval.heldout_user_share
+    wrong = [f"{name} ({'no share recorded' if got is None else got})" for name, got in trained if got != share]
+    if wrong and share > 0:
+        raise ValueError(f"eval.heldout_user_share is {share}, but these models were trained with another share: "
+                         f"{', '.join(wrong)}; evaluate with the share they were trained with, or train them again")
+
+
 def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward_dir: str,
                  rec_summaries: List[Dict[str, Any]], sim_dir: Optional[str] = None,
                  progress=print) -> Dict[str, Any]:
     """The ``results`` dict of :func:`mtrec_dist.evaluation.report.write_report` for one run."""
+    from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.data.prepare import load_manifest
     from mtrec_dist.training.loop import read_history
 
-    from mtrec_dist.data.pipeline import count_transitions
-
+    check_trained_share(cfg, reward_dir, rec_summaries)
     manifest = load_manifest(prepared_dir)
     num_items = int(manifest["num_items"])
     item_truth = load_item_truth(sim_dir) if sim_dir else None
@@ -235,7 +252,7 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
         factory, spec = _recommender_factory(baseline)
         baseline_scores = offline.score_logged_actions(  # sharded has no path here: actors, as before
             factory, baseline["checkpoint_path"], prepared_dir, malloc_trim_mb=cfg.train.malloc_trim_mb,
-            in_process=_runner(cfg, spec, prepared_dir) == "local", heldout_share=cfg.eval.heldout_user_share)
+            in_process=_runner(cfg, spec, prepared_dir) == "local", heldout_share=share)
     if measured:
         progress("[evaluate] reward model on held-out users' rows: validity, quantile groups")
         reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
@@ -315,8 +332,8 @@ def offline_change(guided: Dict[str, Any], click_model: Dict[str, Any], click_mo
     offline metrics against the click-trained model's (``n/a`` where the click model's value is 0 or
     missing); each followed by its 95% interval ``[-9%, -3%]`` where ``cis`` (:func:`offline_change_ci`) has one."""
     parts = []
-    for targets, name, label in OFFLINE_CHANGES:
-        new, base = _metric(guided, targets, name), _metric(click_model, targets, name)
+    for targets, metric, k, label in OFFLINE_CHANGES:
+        new, base = _metric(guided, targets, f"{metric}@{k}"), _metric(click_model, targets, f"{metric}@{k}")
         ok = np.isfinite(new) and np.isfinite(base) and base > 0
         rel = _percent(new / base - 1.0) if ok else None
         part = f"{label} {rel}" if rel is not None else f"{label} n/a"

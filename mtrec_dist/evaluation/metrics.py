@@ -60,19 +60,27 @@ def rank_of_target(scores, target, exclude=None) -> np.ndarray:
     return above.sum(axis=1)
 
 
+def hits_at_k(ranks, k: int) -> np.ndarray:
+    """Per row ``1{rank_b < k}`` (0-based ranks): what :func:`hit_rate_at_k` averages."""
+    return (_np(ranks) < k).astype(np.float64)
+
+
+def ndcg_gains_at_k(ranks, k: int) -> np.ndarray:
+    """Per row ``1{rank_b < k} / log2(rank_b + 2)`` (one relevant item per row): what :func:`ndcg_at_k` averages."""
+    r = _np(ranks).astype(np.float64)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
 def hit_rate_at_k(ranks, k: int) -> float:
     """``HR@k = mean_b 1{rank_b < k}`` (0-based ranks)."""
-    r = _np(ranks)
-    return float(np.mean(r < k)) if r.size else float("nan")
+    hits = hits_at_k(ranks, k)
+    return float(np.mean(hits)) if hits.size else float("nan")
 
 
 def ndcg_at_k(ranks, k: int) -> float:
     """``NDCG@k = mean_b 1{rank_b < k} / log2(rank_b + 2)`` (one relevant item per row, 0-based ranks)."""
-    r = _np(ranks).astype(np.float64)
-    if not r.size:
-        return float("nan")
-    gain = np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
-    return float(np.mean(gain))
+    gains = ndcg_gains_at_k(ranks, k)
+    return float(np.mean(gains)) if gains.size else float("nan")
 
 
 def ranking_report(ranks, ks: Sequence[int] = (5, 10, 20), prefix: str = "") -> dict:
@@ -207,21 +215,33 @@ def bootstrap_ci95(values, num_resamples: int = 1000, seed: int = 0, statistic=n
     return float(statistic(v)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+RESAMPLE_CELLS = 10_000_000  # (resample, group) cells a bootstrap holds at once
+
+
 def paired_relative_change_ci95(new, base, groups, num_resamples: int = 1000,
                                 seed: int = 0) -> Tuple[float, float, float]:
     """``(change, 2.5th, 97.5th percentile)`` of the relative change of a per-row metric between two models
     scored on the same rows, ``sum(new) / sum(base) - 1`` (e.g. hits at 10: the relative change of HR@10), with
     a percentile bootstrap that resamples whole ``groups`` (users: one user's rows are not independent) and
-    keeps each row's pair together.  NaN where ``base`` sums to 0 (in the data or in a resample)."""
+    keeps each row's pair together.  NaN where ``base`` sums to 0; a resample whose ``base`` sums to 0 is left
+    out (NaN bounds where every one is)."""
     new, base = _np(new).astype(np.float64).reshape(-1), _np(base).astype(np.float64).reshape(-1)
     _, g = np.unique(_np(groups).reshape(-1), return_inverse=True)
     if not (new.size == base.size == g.size) or new.size == 0:
         raise ValueError("paired_relative_change_ci95 needs the same non-zero number of new, base and group values")
     new_g, base_g = np.bincount(g, weights=new), np.bincount(g, weights=base)
-    idx = np.random.default_rng(seed).integers(0, new_g.size, size=(num_resamples, new_g.size))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        change = new_g.sum() / base_g.sum() - 1.0
-        resampled = new_g[idx].sum(1) / base_g[idx].sum(1) - 1.0
-    if not np.isfinite(change) or not np.isfinite(resampled).all():
+    if base_g.sum() <= 0:
         return float("nan"), float("nan"), float("nan")
+    change = new_g.sum() / base_g.sum() - 1.0
+    rng = np.random.default_rng(seed)
+    chunk = max(1, RESAMPLE_CELLS // new_g.size)  # resamples drawn at once: bounded memory for many users
+    resampled = []
+    for start in range(0, num_resamples, chunk):
+        idx = rng.integers(0, new_g.size, size=(min(chunk, num_resamples - start), new_g.size))
+        base_sums = base_g[idx].sum(1)
+        ok = base_sums > 0  # a resample without any base value has no ratio: left out
+        resampled.append(new_g[idx[ok]].sum(1) / base_sums[ok] - 1.0)
+    resampled = np.concatenate(resampled)
+    if not resampled.size:
+        return float(change), float("nan"), float("nan")
     return float(change), float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))
