@@ -91,7 +91,8 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
     train, test = split_rows(data["user"], cfg.eval.heldout_user_share)
     has_watch = bool((data["action_feedback"][train] < 1.0).any())
     say(f"[ablate] {len(data['action']):,} transitions, {num_items:,} items; {len(test):,} held-out rows "
-        f"({len(test) / len(data['action']):.0%}); satisfied share {data['satisfied'][test].mean():.3f}; watch signal: {has_watch}")
+        f"({len(test) / len(data['action']):.0%}); satisfied share {data['satisfied'][test].mean():.3f}; "
+        f"watch signal: {has_watch}")
     rows = [r for r in ["A"] + list(ab.rows) if r in ("A", "B", "C", "D", "F", "H")]
     rows = [r for i, r in enumerate(rows) if r not in rows[:i] and (r != "B" or has_watch)]
     if "H" in rows and np.isnan(data["satisfaction"][train]).any():

@@ -346,6 +346,7 @@ def _train_rec_stage(ctx: RunContext, prepared: str, scored: str, backbone: str,
         return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
 
     rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=guidance)
-    sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec", "eval.heldout_user_share")
+    sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec",
+                               "eval.heldout_user_share")  # which users' rows the stage trains on
     return Stage(rec_stage_name(backbone, guidance), run, config=sections, inputs=inputs,
                  paths=lambda out: [out["checkpoint_path"]])

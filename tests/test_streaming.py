@@ -263,7 +263,8 @@ def test_recommender_rows_read_by_the_driver_equal_ray_datas_read(ray_cluster, t
     written = pa.concat_tables(pq.read_table(f) for f in sorted(scored.glob("part-*.parquet")))
     kept = ~heldout_mask(written.column("user_idx").to_numpy(), share)  # every row of a user not held out
     assert 0 < (~kept).sum() and driver_table.num_rows == int(kept.sum()) < 61
-    assert sorted(driver_table.column("row_id").to_pylist()) == sorted(written.column("row_id").to_numpy()[kept].tolist())
+    want_rows = sorted(written.column("row_id").to_numpy()[kept].tolist())
+    assert sorted(driver_table.column("row_id").to_pylist()) == want_rows
     assert not heldout_mask(driver_table.column("user_idx").to_numpy(), share).any()
     assert (set(REWARD_COLUMNS) <= set(driver_table.column_names)) == (guidance != "none")
     # skip_last (the peer benchmark's leave-last-out): each user's last transition is left out as well

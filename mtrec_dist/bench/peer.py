@@ -130,7 +130,8 @@ def training_input(prepared: Path, out: Path) -> Path:
     """A copy of the prepared transitions that ``train_recommender`` reads as its (unscored) input, with the
     validation rows and the empty-state rows (a user's first item) marked ``pos_from_end = 0`` so that training
     (``train_recommender(..., skip_last=True)``) skips them like test rows: RecBole trains on neither, so both
-    sides train on the same targets.  The row count stays that of the prepared data (train_recommender checks it); ranking reads the untouched copy."""
+    sides train on the same targets.  The row count stays that of the prepared data (train_recommender checks
+    it); ranking reads the untouched copy."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads

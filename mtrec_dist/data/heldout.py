@@ -17,8 +17,8 @@ from __future__ import annotations
 import operator
 from typing import Any, Callable
 
-__all__ = ["USER_HASH", "BUCKETS", "is_heldout", "heldout_mask", "heldout_expr", "training_expr", "require_heldout",
-           "split_rows"]
+__all__ = ["USER_HASH", "BUCKETS", "is_heldout", "heldout_mask", "column_expr", "heldout_expr", "training_expr",
+           "require_heldout", "split_rows"]
 
 USER_HASH = 2654435761  # Knuth's multiplicative hash constant
 BUCKETS = 1000
@@ -37,16 +37,25 @@ def heldout_mask(user, share: float):
     return np.asarray(is_heldout(np.asarray(user, dtype=np.int64), share), dtype=bool)
 
 
-def heldout_expr(share: float, kind: str = "arrow", column: str = "user_idx"):
-    """The held-out rows as a filter expression on ``column``: ``kind`` ``"arrow"`` (a pyarrow dataset
-    expression) or ``"ray"`` (a Ray Data expression)."""
+def column_expr(name: str, kind: str = "arrow"):
+    """Column ``name`` in a filter expression of ``kind``: ``"arrow"`` (a pyarrow dataset expression) or
+    ``"ray"`` (a Ray Data expression)."""
     if kind == "arrow":
         import pyarrow.compute as pc
 
-        return is_heldout(pc.field(column), share, pc.modulo)
+        return pc.field(name)
     from ray.data.expressions import col
 
-    return is_heldout(col(column), share)
+    return col(name)
+
+
+def heldout_expr(share: float, kind: str = "arrow", column: str = "user_idx"):
+    """The held-out rows as a filter expression on ``column``, of ``kind`` (:func:`column_expr`)."""
+    if kind == "arrow":
+        import pyarrow.compute as pc
+
+        return is_heldout(column_expr(column, kind), share, pc.modulo)
+    return is_heldout(column_expr(column, kind), share)
 
 
 def training_expr(share: float, kind: str = "arrow", column: str = "user_idx"):

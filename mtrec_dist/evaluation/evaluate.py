@@ -126,23 +126,14 @@ def _recommender_factory(summary: Dict[str, Any]):
     return recommender_factory(spec, for_inference=True), spec
 
 
-def _runner(cfg: PipelineConfig, spec: Dict[str, Any], prepared_dir: str) -> str:
-    """Where a model scores or ranks the held-out users' transitions of ``prepared_dir``:
-    :func:`~mtrec_dist.training.scoring.score_runner`, the rows counted only when it is ``auto``.
-    Sharded: a table too big for every actor to hold; local: rows few enough for the driver."""
-    from mtrec_dist.data.pipeline import count_transitions
+def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
+                    num_items: int, heldout_rows: int) -> Tuple[Dict[str, Any], pa.Table]:
+    """(ranking metrics, the ranked rows) of one recommender on the ``heldout_rows`` held-out users' rows (the
+    count decides where they are ranked: :func:`~mtrec_dist.training.scoring.score_runner`)."""
     from mtrec_dist.training.scoring import score_runner
 
-    auto = cfg.train.score_runner == "auto"
-    rows = count_transitions(prepared_dir, where=heldout_expr(cfg.eval.heldout_user_share)) if auto else None
-    return score_runner(cfg.train, spec, rows)
-
-
-def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
-                    num_items: int) -> Tuple[Dict[str, Any], pa.Table]:
-    """(ranking metrics, the ranked rows) of one recommender on the held-out users' rows."""
     factory, spec = _recommender_factory(summary)
-    runner = _runner(cfg, spec, prepared_dir)
+    runner = score_runner(cfg.train, spec, heldout_rows)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
                                     cfg.eval.sampled_negatives, cfg.eval.heldout_user_share, seed=cfg.eval.seed,
                                     sharded_on=cfg.train if runner == "sharded" else None,
@@ -233,6 +224,7 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     from mtrec_dist.data.pipeline import count_transitions
     from mtrec_dist.data.prepare import load_manifest
     from mtrec_dist.training.loop import read_history
+    from mtrec_dist.training.scoring import score_runner
 
     check_trained_share(cfg, reward_dir, rec_summaries)
     manifest = load_manifest(prepared_dir)
@@ -241,7 +233,8 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     eval_table = offline.read_eval_table(prepared_dir)
     share = cfg.eval.heldout_user_share
     notes = []
-    measured = share > 0 and count_transitions(prepared_dir, where=heldout_expr(share)) > 0
+    heldout_rows = count_transitions(prepared_dir, where=heldout_expr(share)) if share > 0 else 0
+    measured = heldout_rows > 0
     if not measured:
         notes.append(f"No held-out users' rows (eval.heldout_user_share {share}): every user was trained on, so "
                      "reward validity and offline ranking are not measured.")
@@ -252,7 +245,7 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
         factory, spec = _recommender_factory(baseline)
         baseline_scores = offline.score_logged_actions(  # sharded has no path here: actors, as before
             factory, baseline["checkpoint_path"], prepared_dir, malloc_trim_mb=cfg.train.malloc_trim_mb,
-            in_process=_runner(cfg, spec, prepared_dir) == "local", heldout_share=share)
+            in_process=score_runner(cfg.train, spec, heldout_rows) == "local", heldout_share=share)
     if measured:
         progress("[evaluate] reward model on held-out users' rows: validity, quantile groups")
         reward = reward_section(cfg, prepared_dir, scored_dir, reward_dir, eval_table, baseline_scores, item_truth)
@@ -266,7 +259,8 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     for s in rec_summaries:
         off = {}
         if measured:
-            off, ranked[(s["backbone"], s["guidance"])] = offline_section(cfg, prepared_dir, s, eval_table, num_items)
+            off, ranked[(s["backbone"], s["guidance"])] = offline_section(cfg, prepared_dir, s, eval_table, num_items,
+                                                                          heldout_rows)
         recs.append({"backbone": s["backbone"], "guidance": s["guidance"], "checkpoint": s["checkpoint_path"],
                      "curve": [h for h in read_history(s["output_dir"]) if "loss" in h], "offline": off})
     for r in recs:  # each guided model's offline change against its backbone's click model, with a CI

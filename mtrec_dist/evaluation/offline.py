@@ -2,13 +2,15 @@
 
 * **Ranking** on the held-out users' rows (``eval.heldout_user_share``, :mod:`mtrec_dist.data.heldout`):
   every transition of a user no model trained on is a test case.  (Not each user's last transition: where
-  sessions end after unsatisfying items, the last events are a biased sample, bench/RESULTS.md session 24.)  Full ranking over the whole catalog (padding excluded) gives HR@k / NDCG@k; the
+  sessions end after unsatisfying items, the last events are a biased sample, bench/RESULTS.md session 24.)
+  Full ranking over the whole catalog (padding excluded) gives HR@k / NDCG@k; the
   sampled protocol ranks the target among ``sampled_negatives`` items drawn uniformly from the items the
   user has not interacted with in the state (as in SASRec's evaluation).  Both on all targets
   ("engaged") and on satisfied targets only (rating >= 4, purchase, like, long view, or simulator
   satisfaction above its median over all logged events).
 * **Reward validity**: Spearman and AUC of a score against the withheld satisfaction signal of every
-  held-out user's logged event: for the learned mean mental reward and, side by side, for the click-trained model's
+  held-out user's logged event: for the learned mean mental reward and, side by side, for the click-trained
+  model's
   score of the same events and the item's click frequency.
 
 Scoring runs as Ray Data ``map_batches`` over actors that each load the trained model once (the model is

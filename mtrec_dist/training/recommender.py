@@ -21,7 +21,7 @@ import torch
 
 from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig, RecConfig
-from mtrec_dist.data.heldout import training_expr
+from mtrec_dist.data.heldout import column_expr, training_expr
 from mtrec_dist.training.launch import launch_fit, read_pointer
 from mtrec_dist.training.specs import configs_from_spec
 
@@ -71,15 +71,7 @@ def _training_filter(heldout_share: float, kind: str = "arrow", skip_last: bool 
     transition either (``pos_from_end == 0``: the leave-last-out protocol of the peer benchmark, where
     :mod:`mtrec_dist.bench.peer` ranks those rows).  ``kind``: as :func:`~mtrec_dist.data.heldout.training_expr`."""
     keep = training_expr(heldout_share, kind)
-    if not skip_last:
-        return keep
-    if kind == "arrow":
-        import pyarrow.compute as pc
-
-        return keep & (pc.field("pos_from_end") != 0)
-    from ray.data.expressions import col
-
-    return keep & (col("pos_from_end") != 0)
+    return keep & (column_expr("pos_from_end", kind) != 0) if skip_last else keep
 
 
 def _count_training_rows(scored_dir: str, heldout_share: float, skip_last: bool = False) -> tuple[int, int]:
@@ -113,7 +105,8 @@ def read_training_rows(scored_dir: str, guidance: str, heldout_share: float, in_
     keep = [c for c in names if c in need]
     assert_training_columns(keep)
     if in_memory:
-        return in_memory_dataset(files.to_table(columns=keep, filter=_training_filter(heldout_share, "arrow", skip_last)))
+        rows = files.to_table(columns=keep, filter=_training_filter(heldout_share, "arrow", skip_last))
+        return in_memory_dataset(rows)
     return ray.data.read_parquet(scored_dir).select_columns(keep).filter(
         expr=_training_filter(heldout_share, "ray", skip_last))
 

@@ -270,8 +270,9 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
         extra["item_prior"] = item_prior_summary(prior)
         if progress:
             p = extra["item_prior"]
-            print(f"train-reward: item prior from {train_rows:,} rows: {p['items_pulled']:,} of {manifest['num_items']:,} "
-                  f"items read as pulled (share of pulls {p['pi']:.2f}), item level sd {p['level_sd']:.3f}",
+            print(f"train-reward: item prior from {train_rows:,} rows: {p['items_pulled']:,} of "
+                  f"{manifest['num_items']:,} items read as pulled (share of pulls {p['pi']:.2f}), "
+                  f"item level sd {p['level_sd']:.3f}",
                   file=sys.stderr, flush=True)
     return launch_fit(cfg, "reward", reward_model_factory(spec, counts, item_prior=prior), datasets, spec=spec,
                       output_dir=output_dir,
