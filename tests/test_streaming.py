@@ -128,6 +128,20 @@ def test_skip_rows_and_rebatch():
 
 
 @pytest.mark.integration
+def test_filler_rows_in_a_streamed_shard_are_dropped_and_the_rest_rebatched(ray_cluster):
+    """Split filler rows (nulls) never reach collation; full batches are re-formed, every real row once."""
+    import ray
+
+    t = _table(n=10, extra=False)
+    ds = ray.data.from_arrow([t.slice(0, 5), filler_rows(t.schema, 2), t.slice(5, 5)])
+    batches = list(iter_train_batches(ds.iterator(), 4, torch.device("cpu"), state_len=3))
+    assert all(b["state_items"].shape == (4, 3) for b in batches)
+    assert [int(b["mask"].sum()) for b in batches] == [4, 4, 2]
+    ids = torch.cat([b["row_id"][b["mask"] > 0] for b in batches]).tolist()
+    assert sorted(ids) == list(range(10))
+
+
+@pytest.mark.integration
 def test_single_process_iteration_pads_last_batch(ray_cluster, tmp_path):
     root = write_prepared(tmp_path / "prep", rows=37, files=2)
     ds = read_transitions(str(root))
