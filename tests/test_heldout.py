@@ -48,3 +48,27 @@ def test_ray_data_filters_the_same_rows(ray_cluster):
     got = sorted(r["user_idx"] for r in ds.filter(expr=heldout_expr(0.2, "ray")).take_all())
     assert got == users[heldout_mask(users, 0.2)].tolist()
     assert ds.filter(expr=training_expr(0.2, "ray")).count() == int((~heldout_mask(users, 0.2)).sum())
+
+
+def test_the_popularity_sampler_counts_only_the_training_users_rows(tmp_path):
+    """action_counts over a prepared dataset: with the training filter, the held-out users' actions are not
+    counted; without it every row is; entry 0 (padding) stays 0; an action outside the catalog is refused."""
+    import pyarrow.dataset as pads
+
+    from helpers_training import write_prepared
+    from mtrec_dist.data.heldout import heldout_mask, training_expr
+    from mtrec_dist.data.pipeline import action_counts
+
+    root = write_prepared(tmp_path / "prep", num_items=40, num_users=30, rows=601)
+    t = pads.dataset(str(root / "transitions"), format="parquet").to_table(columns=["user_idx", "action"])
+    users, actions = t.column("user_idx").to_numpy(), t.column("action").to_numpy()
+    held = heldout_mask(users, 0.2)
+    assert 0 < held.sum() < len(users)
+    every = action_counts([str(root)], 40)
+    train = action_counts([str(root)], 40, training_expr(0.2))
+    assert every.shape == (41,) and every[0] == 0 and every.sum() == len(actions)
+    assert np.array_equal(train, np.bincount(actions[~held], minlength=41))
+    assert np.array_equal(action_counts([str(root), str(root)], 40), 2 * every)  # earlier days add up
+    top = int(actions.max())
+    with pytest.raises(ValueError, match=f"outside 1..{top - 1}"):
+        action_counts([str(root)], top - 1)

@@ -31,7 +31,9 @@ def test_train_reward_then_score_every_transition(ray_cluster, tmp_path, capsys)
                "prepare.state_len=4", "prepare.rows_per_shard=800", "model.embedding_dim=8", "model.num_layers=1",
                "model.encoder=gru4rec", f"reward.num_quantiles={N_QUANTILES}", "train.batch_size=32",
                "train.max_steps=40", "train.epochs=5", "train.report_every=10", "train.checkpoint_every=20",
-               "train.score_batch_size=200", "train.collective_timeout_s=120"]:
+               "train.score_batch_size=200", "train.collective_timeout_s=120",
+               # sampled soft value, drawn by popularity counted over the training users' rows
+               "reward.num_negatives=16", "reward.negative_sampler=popularity"]:
         sets += ["--set", kv]
     assert cli(["simulate", "--quiet"] + sets) == 0
     assert cli(["prepare", "--no-progress"] + sets) == 0

@@ -144,6 +144,21 @@ def count_transitions(path: str, where: Optional[pc.Expression] = None) -> int:
     return int(_parquet_dataset(path).count_rows(filter=where))
 
 
+def action_counts(paths: Sequence[str], num_items: int, where: Optional[pc.Expression] = None) -> np.ndarray:
+    """How often each item is the logged action in the transitions under ``paths`` (only the rows ``where``
+    selects, e.g. the training users'), indexed by item index (entry 0, the padding item, stays 0).  The
+    popularity negative sampler reads these: counted from the rows training reads, it learns nothing from the
+    held-out users it is measured on.  Reads the ``action`` column (and what ``where`` names) batch by batch."""
+    counts = np.zeros(num_items + 1, dtype=np.float64)
+    for path in paths:
+        for batch in _parquet_dataset(path).to_batches(columns=["action"], filter=where):
+            actions = batch.column(0).to_numpy(zero_copy_only=False)
+            if actions.size and (actions.min() < 1 or actions.max() > num_items):
+                raise ValueError(f"{path}: an action index outside 1..{num_items} (stale or foreign transitions)")
+            counts += np.bincount(actions, minlength=num_items + 1)
+    return counts
+
+
 # --------------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------------

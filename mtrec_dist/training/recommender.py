@@ -126,7 +126,8 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     "guidance", "train_rows", "read_by_driver"}`` (``read_by_driver``: see ``train.driver_read_mb``).
     """
     from mtrec_dist.training.loop import fits_driver
-    from mtrec_dist.training.reward import item_counts_for, load_training_manifest
+    from mtrec_dist.data.pipeline import action_counts
+    from mtrec_dist.training.reward import load_training_manifest
 
     backbone = backbone or cfg.rec.backbone
     guidance = guidance or cfg.rec.guidance
@@ -139,7 +140,8 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     if train_rows == 0:
         raise ValueError(f"{scored_dir}: no training rows (every user is held out; eval.heldout_user_share is "
                          f"{cfg.eval.heldout_user_share})")
-    counts = item_counts_for(prepared_dir, manifest["num_items"]) \
+    counts = action_counts([scored_dir], manifest["num_items"], _training_filter(cfg.eval.heldout_user_share,
+                                                                                 skip_last=skip_last)) \
         if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
     spec = rec_model_spec(cfg, manifest, backbone, guidance)
     in_memory = fits_driver(cfg.stage_train("rec"), train_rows, spec["state_len"])

@@ -37,16 +37,6 @@ def load_training_manifest(prepared_dir: str) -> dict:
     return manifest
 
 
-def item_counts_for(prepared_dir: str, num_items: int) -> np.ndarray:
-    """Per-item engagement counts indexed by item index (entry 0 = padding), from ``vocab/items.parquet``."""
-    from mtrec_dist.data.prepare import load_vocab
-
-    vocab = load_vocab(prepared_dir)
-    if vocab.num_items != num_items:
-        raise ValueError(f"{prepared_dir}: vocab has {vocab.num_items} items, manifest says {num_items}")
-    return np.concatenate([[0], np.asarray(vocab.item_count, dtype=np.float64)])
-
-
 def model_spec(cfg: PipelineConfig, manifest: dict) -> Dict[str, Any]:
     """JSON-able description of the reward model (stored in every checkpoint)."""
     return {
@@ -231,7 +221,7 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
     not held out, over every day read; with ``earlier_prepared`` also ``"rows"`` and ``"return_known_rows"``,
     every row of those days and the training rows with a return label).
     """
-    from mtrec_dist.data.pipeline import count_transitions
+    from mtrec_dist.data.pipeline import action_counts, count_transitions
 
     cfg.validate()
     manifest = load_training_manifest(prepared_dir)
@@ -241,13 +231,13 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
                          f"{manifest['num_transitions']}; the dataset is incomplete or was modified")
     if rows == 0:
         raise ValueError(f"{prepared_dir}: no transitions to train on")
-    counts = item_counts_for(prepared_dir, manifest["num_items"]) if cfg.reward.negative_sampler == "popularity" \
-        and cfg.reward.num_negatives > 0 else None
+    share = cfg.eval.heldout_user_share
+    counts = action_counts([prepared_dir, *earlier_prepared], manifest["num_items"], training_expr(share)) \
+        if cfg.reward.negative_sampler == "popularity" and cfg.reward.num_negatives > 0 else None
     spec = model_spec(cfg, manifest)
     note = order_term_note(cfg, manifest)
     if note and progress:
         print(f"train-reward: note: {note}", file=sys.stderr, flush=True)
-    share = cfg.eval.heldout_user_share
     train_rows = sum(count_transitions(d, where=training_expr(share)) for d in (prepared_dir, *earlier_prepared))
     if train_rows == 0:
         raise ValueError(f"{prepared_dir}: no training rows (every user is held out; eval.heldout_user_share is "
