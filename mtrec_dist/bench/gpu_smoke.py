@@ -246,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtrec_dist.bench.gpu_smoke", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_smoke.json")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config for model sizes (default {DEFAULT_CONFIG})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=4096 (repeatable)")
     p.add_argument("--steps", type=int, default=30, help="training steps per timed run (default 30)")
     p.add_argument("--models", default=",".join(("qriql",) + tuple(BACKBONES)),
                    help="comma-separated: qriql and backbones (default: all)")
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from qriql, {', '.join(BACKBONES)}")
     sizes = [int(s) for s in a.catalog_sizes.split(",") if s.strip()]
-    report = run(load_config(a.config), models, a.steps, sizes)
+    report = run(load_config(a.config, a.overrides), models, a.steps, sizes)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).write_text(json.dumps(report, indent=1, default=str))
