@@ -72,3 +72,16 @@ def test_the_popularity_sampler_counts_only_the_training_users_rows(tmp_path):
     top = int(actions.max())
     with pytest.raises(ValueError, match=f"outside 1..{top - 1}"):
         action_counts([str(root)], top - 1)
+
+
+def test_ranking_loads_the_histories_of_the_held_out_users_only(tmp_path):
+    from helpers_training import write_prepared
+    from mtrec_dist.data.heldout import heldout_mask
+    from mtrec_dist.evaluation.offline import user_histories
+
+    root = write_prepared(tmp_path / "prep", num_items=40, num_users=30, rows=601)
+    every = user_histories(str(root))
+    held = user_histories(str(root), heldout_expr(0.2))
+    users = np.array(sorted(every))
+    assert sorted(held) == users[heldout_mask(users, 0.2)].tolist() and 0 < len(held) < len(every)
+    assert all(np.array_equal(np.sort(held[u]), np.sort(every[u])) for u in held)

@@ -271,9 +271,9 @@ def rank_test_rows(model_factory: ModelFactory, checkpoint_path: str, prepared_d
         ranked, _ = rank_sharded(model_factory, checkpoint_path, ds, sharded_on, num_items=num_items,
                                  state_len=int(load_manifest(prepared_dir)["state_len"]),
                                  sampled_negatives=sampled_negatives, seed=seed,
-                                 histories=user_histories(prepared_dir))
+                                 histories=user_histories(prepared_dir, heldout_expr(heldout_share)))
         return ranked
-    histories_ref = [ray.put(user_histories(prepared_dir))]
+    histories_ref = [ray.put(user_histories(prepared_dir, heldout_expr(heldout_share)))]
     ds = ds.map_batches(RankingScorer, fn_constructor_args=(model_factory, checkpoint_path, num_items,
                                                             sampled_negatives, seed),
                         fn_constructor_kwargs={"histories_ref": histories_ref, "malloc_trim_mb": malloc_trim_mb},
@@ -289,22 +289,25 @@ def _rank_in_process(model_factory: ModelFactory, checkpoint_path: str, prepared
     from mtrec_dist.training.checkpoint import load_unsharded_model
 
     # the size rule counted the test rows only: the others are filtered out while reading, never held
-    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS, where=heldout_expr(heldout_share))
+    heldout = heldout_expr(heldout_share)
+    table = read_transitions_table(prepared_dir, columns=RANKED_COLUMNS, where=heldout)
     return _batches_in_process(table, RANK_BATCH_ROWS, threads,
                                lambda: Ranker(load_unsharded_model(model_factory, checkpoint_path), num_items,
-                                              sampled_negatives, seed, user_histories(prepared_dir)),
+                                              sampled_negatives, seed, user_histories(prepared_dir, heldout)),
                                lambda ranker, batch: ranker(batch), RANKS_SCHEMA)
 
 
-def user_histories(prepared_dir: str) -> Dict[int, np.ndarray]:
-    """``user_idx -> unique item indices`` the user engaged with anywhere in the prepared dataset."""
+def user_histories(prepared_dir: str, where=None) -> Dict[int, np.ndarray]:
+    """``user_idx -> unique item indices`` the user engaged with anywhere in the prepared dataset; only the rows
+    ``where`` selects (a pyarrow expression: the held-out users', whose rows are ranked) when given, so that a
+    ranking holds the histories of the users it ranks, not of every user."""
     import pyarrow.dataset as pads
 
     from mtrec_dist.data.readers import join_path, resolve_filesystem
 
     fs, root = resolve_filesystem(prepared_dir)
     t = pads.dataset(join_path(root, "transitions"), filesystem=fs, format="parquet").to_table(
-        columns=["user_idx", "action"])
+        columns=["user_idx", "action"], filter=where)
     g = t.group_by("user_idx").aggregate([("action", "distinct")])
     return {int(u): np.asarray(a, dtype=np.int64)
             for u, a in zip(g.column("user_idx").to_pylist(), g.column("action_distinct").to_pylist())}
