@@ -442,6 +442,10 @@ class EvalConfig:
     # reward validity and offline ranking are measured on them, in the pipeline and the ablation alike.
     # 0: every user is trained on (daily retraining in production) and the offline evaluation is skipped
     heldout_user_share: float = 0.2
+    # offline ranking ranks at most about this many held-out rows (0 = every one): beyond it, the rows of a subset of
+    # the held-out users picked by the same hash (data.heldout.ranked_share), so that evaluating a large log costs a
+    # bounded time; reward validity still reads every held-out row (one score per row, not a catalog each)
+    max_ranked_rows: int = 500_000
 
     def validate(self, key: str = "eval") -> None:
         _check(len(self.ks) > 0 and all(isinstance(k, int) and k >= 1 for k in self.ks), f"{key}.ks",
@@ -449,6 +453,7 @@ class EvalConfig:
         _check(self.sampled_negatives >= 1, f"{key}.sampled_negatives", "must be >= 1")
         _check(self.online_seeds >= 1, f"{key}.online_seeds", "must be >= 1")
         _check(0.0 <= self.heldout_user_share < 1.0, f"{key}.heldout_user_share", "must be in [0, 1)")
+        _check(self.max_ranked_rows >= 0, f"{key}.max_ranked_rows", "must be >= 0 (0 = rank every held-out row)")
 
 
 @dataclass

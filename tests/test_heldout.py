@@ -85,3 +85,16 @@ def test_ranking_loads_the_histories_of_the_held_out_users_only(tmp_path):
     users = np.array(sorted(every))
     assert sorted(held) == users[heldout_mask(users, 0.2)].tolist() and 0 < len(held) < len(every)
     assert all(np.array_equal(np.sort(held[u]), np.sort(every[u])) for u in held)
+
+
+def test_a_ranked_share_holds_out_a_subset_of_the_held_out_users():
+    from mtrec_dist.data.heldout import ranked_share
+
+    assert ranked_share(0.2, 1000, 0) == 0.2 and ranked_share(0.2, 1000, 5000) == 0.2  # no cap, or under it
+    users = np.arange(100_000)
+    held = heldout_mask(users, 0.2)
+    sub = ranked_share(0.2, int(held.sum()), int(held.sum()) // 4)
+    assert sub == 0.05
+    ranked = heldout_mask(users, sub)
+    assert not (ranked & ~held).any() and abs(ranked.sum() / held.sum() - 0.25) < 0.02
+    assert ranked_share(0.2, 10 ** 9, 1) == 0.001  # at least one bucket of users

@@ -160,3 +160,28 @@ def test_logged_actions_score_the_same_in_the_driver_and_on_actors(tiny_run, mon
     assert local.column("row_id").to_pylist() == actors.column("row_id").to_pylist()
     np.testing.assert_allclose(local.column("score").to_numpy(), actors.column("score").to_numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_a_ranking_cap_ranks_a_subset_of_the_held_out_users(tiny_run):
+    """eval.max_ranked_rows below the held-out rows: offline ranking measures the rows of fewer users, all held
+    out, and says so; reward validity still reads every held-out row."""
+    import dataclasses
+
+    import numpy as np
+
+    from mtrec_dist.data.heldout import heldout_expr
+    from mtrec_dist.data.pipeline import count_transitions
+    from mtrec_dist.evaluation.evaluate import evaluate_run
+
+    cfg, out, _ = tiny_run
+    paths, share = out["paths"], cfg.eval.heldout_user_share
+    held = count_transitions(paths["prepared"], where=heldout_expr(share))
+    capped = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_ranked_rows=held // 3))
+    summaries = [json.loads((Path(p) / "recommender.json").read_text()) for p in paths["recommenders"][:2]]
+    res = evaluate_run(capped, paths["prepared"], paths["rewards"], paths["reward"], summaries)
+    note = next(n for n in res["notes"] if n.startswith("Offline ranking measures"))
+    ranked = [r["offline"]["n_test"] for r in res["recommenders"]]
+    assert ranked[0] == ranked[1] and 0 < ranked[0] < held and f"of the {held:,} held-out rows" in note
+    assert res["reward"]["validity"]["n"] == held
+    assert "offline_change" in res["recommenders"][1]  # the guided model is still paired with the click model
+    assert np.isfinite(res["recommenders"][1]["offline_change"]["HR@10"]).all()

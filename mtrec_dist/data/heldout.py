@@ -18,7 +18,7 @@ import operator
 from typing import Any, Callable
 
 __all__ = ["USER_HASH", "BUCKETS", "is_heldout", "heldout_mask", "column_expr", "heldout_expr", "training_expr",
-           "require_heldout", "split_rows"]
+           "require_heldout", "ranked_share", "split_rows"]
 
 USER_HASH = 2654435761  # Knuth's multiplicative hash constant
 BUCKETS = 1000
@@ -35,6 +35,16 @@ def heldout_mask(user, share: float):
     import numpy as np
 
     return np.asarray(is_heldout(np.asarray(user, dtype=np.int64), share), dtype=bool)
+
+
+def ranked_share(share: float, heldout_rows: int, max_rows: int) -> float:
+    """The share whose users an evaluation ranks when it wants at most about ``max_rows`` of the ``heldout_rows``
+    rows held out at ``share`` (``max_rows`` 0: all of them).  It is a smaller share under the same hash, so its
+    users are a subset of the held-out ones (a user whose hash is ``h`` is held out at every share above
+    ``h / BUCKETS``); whole users, so about ``max_rows`` rows; at least one bucket of users."""
+    if max_rows <= 0 or heldout_rows <= max_rows:
+        return share
+    return max(1, int(share * BUCKETS * max_rows / heldout_rows)) / BUCKETS
 
 
 def column_expr(name: str, kind: str = "arrow"):

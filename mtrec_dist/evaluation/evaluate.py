@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 
 from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
-from mtrec_dist.data.heldout import heldout_expr
+from mtrec_dist.data.heldout import heldout_expr, ranked_share
 from mtrec_dist.evaluation import offline
 
 SCATTER_POINTS = 3000
@@ -127,15 +127,15 @@ def _recommender_factory(summary: Dict[str, Any]):
 
 
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
-                    num_items: int, heldout_rows: int) -> Tuple[Dict[str, Any], pa.Table]:
-    """(ranking metrics, the ranked rows) of one recommender on the ``heldout_rows`` held-out users' rows (the
-    count decides where they are ranked: :func:`~mtrec_dist.training.scoring.score_runner`)."""
+                    num_items: int, ranked_rows: int, share: float) -> Tuple[Dict[str, Any], pa.Table]:
+    """(ranking metrics, the ranked rows) of one recommender on the ``ranked_rows`` rows of the users held out
+    at ``share`` (the count decides where they are ranked: :func:`~mtrec_dist.training.scoring.score_runner`)."""
     from mtrec_dist.training.scoring import score_runner
 
     factory, spec = _recommender_factory(summary)
-    runner = score_runner(cfg.train, spec, heldout_rows)
+    runner = score_runner(cfg.train, spec, ranked_rows)
     ranked = offline.rank_test_rows(factory, summary["checkpoint_path"], prepared_dir, num_items,
-                                    cfg.eval.sampled_negatives, cfg.eval.heldout_user_share, seed=cfg.eval.seed,
+                                    cfg.eval.sampled_negatives, share, seed=cfg.eval.seed,
                                     sharded_on=cfg.train if runner == "sharded" else None,
                                     malloc_trim_mb=cfg.train.malloc_trim_mb, in_process=runner == "local")
     return offline.ranking_metrics(ranked, eval_table, cfg.eval.ks), ranked
@@ -238,6 +238,13 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     if not measured:
         notes.append(f"No held-out users' rows (eval.heldout_user_share {share}): every user was trained on, so "
                      "reward validity and offline ranking are not measured.")
+    rank_share = ranked_share(share, heldout_rows, cfg.eval.max_ranked_rows)
+    ranked_rows = heldout_rows if rank_share == share else count_transitions(prepared_dir,
+                                                                             where=heldout_expr(rank_share))
+    if rank_share != share:
+        notes.append(f"Offline ranking measures {ranked_rows:,} of the {heldout_rows:,} held-out rows: those of the "
+                     f"users held out at share {rank_share:g} under the same hash (eval.max_ranked_rows "
+                     f"{cfg.eval.max_ranked_rows:,}).")
 
     baseline = next((s for s in rec_summaries if s["guidance"] == CLICK_TRAINED), None)
     baseline_scores = None
@@ -260,7 +267,7 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
         off = {}
         if measured:
             off, ranked[(s["backbone"], s["guidance"])] = offline_section(cfg, prepared_dir, s, eval_table, num_items,
-                                                                          heldout_rows)
+                                                                          ranked_rows, rank_share)
         recs.append({"backbone": s["backbone"], "guidance": s["guidance"], "checkpoint": s["checkpoint_path"],
                      "curve": [h for h in read_history(s["output_dir"]) if "loss" in h], "offline": off})
     for r in recs:  # each guided model's offline change against its backbone's click model, with a CI
