@@ -444,7 +444,7 @@ class EvalConfig:
     heldout_user_share: float = 0.2
     # offline ranking ranks at most about this many held-out rows (0 = every one): beyond it, the rows of a subset of
     # the held-out users picked by the same hash (data.heldout.ranked_share), so that evaluating a large log costs a
-    # bounded time; reward validity still reads every held-out row (one score per row, not a catalog each)
+    # bounded time (reward validity scores one action per row and reads its own, larger cap of held-out rows)
     max_ranked_rows: int = 500_000
 
     def validate(self, key: str = "eval") -> None:

@@ -194,6 +194,7 @@ def _fingerprint(cfg: PipelineConfig, files: list, prev: Optional[Dict[str, Any]
     conf.pop("run_dir", None)
     for k in ("progress",):
         conf["prepare"].pop(k, None)
+    conf["eval"].pop("max_ranked_rows", None)  # offline ranking only, which retraining does not run
     for k in ("reward_train", "rec_train"):  # unset budgets leave the fingerprints of older versions unchanged
         if not any(v is not None for v in conf[k].values()):
             conf.pop(k)

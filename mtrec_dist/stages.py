@@ -185,6 +185,15 @@ class StageRunner:
 # ---- config sections a stage reads (what its fingerprint hashes) ---------------------------------------
 
 
+def _sampler_counts(section) -> Dict[str, Any]:
+    """What a stage's fingerprint adds where its popularity negative sampler draws: the rows its item counts come
+    from (the training users' since session 25, the vocabulary's over every user before), so that a resumed run
+    trained with the older counts is trained again.  Nothing for the uniform sampler: fingerprints unchanged."""
+    if section.num_negatives > 0 and section.negative_sampler == "popularity":
+        return {"popularity_counts": "training users' rows"}
+    return {}
+
+
 def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings;
     ``section.key`` = one value of a section.
@@ -309,8 +318,8 @@ def _train_reward_stage(ctx: RunContext, prepared: str, after: Sequence[str], wa
         return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
 
     # eval.heldout_user_share: which users' rows the stage trains on
-    return Stage("train-reward", run, config=config_sections(cfg, "model", "reward", "train:reward",
-                                                             "eval.heldout_user_share"),
+    sections = config_sections(cfg, "model", "reward", "train:reward", "eval.heldout_user_share")
+    return Stage("train-reward", run, config={**sections, **_sampler_counts(cfg.reward)},
                  inputs=after, paths=lambda out: [out["checkpoint_path"]])
 
 
@@ -348,5 +357,5 @@ def _train_rec_stage(ctx: RunContext, prepared: str, scored: str, backbone: str,
     rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=guidance)
     sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec",
                                "eval.heldout_user_share")  # which users' rows the stage trains on
-    return Stage(rec_stage_name(backbone, guidance), run, config=sections, inputs=inputs,
+    return Stage(rec_stage_name(backbone, guidance), run, config={**sections, **_sampler_counts(rec)}, inputs=inputs,
                  paths=lambda out: [out["checkpoint_path"]])

@@ -137,3 +137,20 @@ def test_without_resume_the_earlier_records_are_dropped(tmp_path):
     StageRunner(ctx).run(_stages(calls)[:1])
     assert calls == ["a"]
     assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == ["a.json"]
+
+
+def test_the_popularity_sampler_enters_the_training_stages_fingerprints_and_the_uniform_one_does_not(tmp_path):
+    """Its item counts changed source (session 25): a run trained with the older counts trains again on resume,
+    while the default sampler's fingerprints stay as they were."""
+    from mtrec_dist.config import load_config
+    from mtrec_dist.stages import RunContext, model_stages
+
+    def configs(*sets):
+        cfg = load_config(None, [f"run_dir={tmp_path}", "rec.backbones=[sasrec]", "rec.guidances=[none]", *sets])
+        return {s.name: s.config for s in model_stages(RunContext(cfg, progress=False), str(tmp_path / "prep"))}
+
+    uniform = configs()
+    popular = configs("reward.num_negatives=8", "reward.negative_sampler=popularity",
+                      "rec.num_negatives=8", "rec.negative_sampler=popularity")
+    assert all("popularity_counts" not in c for c in uniform.values() if isinstance(c, dict))
+    assert popular["train-reward"]["popularity_counts"] == popular["train-rec sasrec/none"]["popularity_counts"]

@@ -35,7 +35,8 @@ from mtrec_dist.choices import BACKBONES, CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig, load_config
 
 RESULT = "gpu_smoke.json"
-DEFAULT_CONFIG = "configs/demo.yaml"
+# the demo's model sizes where this is a checkout (run from any folder); the built-in defaults elsewhere
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DEFAULT_ITEMS = 10_000
 CATALOG_SIZES = (10_000, 1_000_000, 10_000_000)  # the issue-9 scale curve's ends and middle
 STATE_LEN = 10
@@ -111,13 +112,14 @@ def build_model(name: str, cfg: PipelineConfig, num_items: int) -> torch.nn.Modu
     """The library's model as training builds it (unsharded, TorchRec table on the CPU): ``"qriql"`` or a
     backbone trained on clicks."""
     manifest = {"num_items": num_items, "state_len": STATE_LEN}
+    counts = [1.0] * (num_items + 1)  # synthetic batches have no popularity: a popularity sampler draws uniformly
     if name == "qriql":
         from mtrec_dist.training.reward import model_spec, reward_model_factory
 
-        return reward_model_factory(model_spec(cfg, manifest))(torch.device("cpu"))
+        return reward_model_factory(model_spec(cfg, manifest), counts)(torch.device("cpu"))
     from mtrec_dist.training.recommender import rec_model_spec, recommender_factory
 
-    return recommender_factory(rec_model_spec(cfg, manifest, name, CLICK_TRAINED))(torch.device("cpu"))
+    return recommender_factory(rec_model_spec(cfg, manifest, name, CLICK_TRAINED), counts)(torch.device("cpu"))
 
 
 def _batch(num_items: int, batch_size: int, seed: int, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -245,7 +247,9 @@ def summary_lines(report: Dict[str, Any]) -> List[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtrec_dist.bench.gpu_smoke", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_smoke.json")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config for model sizes (default {DEFAULT_CONFIG})")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None,
+                   help="pipeline config for model sizes (default: the checkout's configs/demo.yaml, else the "
+                        "built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.batch_size=4096 (repeatable)")
     p.add_argument("--steps", type=int, default=30, help="training steps per timed run (default 30)")

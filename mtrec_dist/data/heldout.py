@@ -42,7 +42,7 @@ def ranked_share(share: float, heldout_rows: int, max_rows: int) -> float:
     rows held out at ``share`` (``max_rows`` 0: all of them).  It is a smaller share under the same hash, so its
     users are a subset of the held-out ones (a user whose hash is ``h`` is held out at every share above
     ``h / BUCKETS``); whole users, so about ``max_rows`` rows; at least one bucket of users."""
-    if max_rows <= 0 or heldout_rows <= max_rows:
+    if max_rows <= 0 or heldout_rows <= max_rows or share * BUCKETS <= 1:  # no cap, under it, or one bucket already
         return share
     return max(1, int(share * BUCKETS * max_rows / heldout_rows)) / BUCKETS
 

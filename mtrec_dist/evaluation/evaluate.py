@@ -241,6 +241,8 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     rank_share = ranked_share(share, heldout_rows, cfg.eval.max_ranked_rows)
     ranked_rows = heldout_rows if rank_share == share else count_transitions(prepared_dir,
                                                                              where=heldout_expr(rank_share))
+    if ranked_rows == 0:  # the subset's users have no rows (a log of very few, very active users): rank them all
+        rank_share, ranked_rows = share, heldout_rows
     if rank_share != share:
         notes.append(f"Offline ranking measures {ranked_rows:,} of the {heldout_rows:,} held-out rows: those of the "
                      f"users held out at share {rank_share:g} under the same hash (eval.max_ranked_rows "

@@ -217,8 +217,9 @@ def write_report(results: dict, out_dir: str | Path, ks: list[int] = (5, 10, 20)
         "<h2>Mental reward model (QR-IQL)</h2>",
         _table(["metric", "value"], [[html.escape(k), _fmt(v)] for k, v in validity.items()]),
         "<h2>Recommenders: every backbone × guidance mode</h2>",
-        "<p class='cap'>Offline: every row of the held-out users (no model trained on them; "
-        "eval.heldout_user_share), full ranking (and the sampled 100-negative protocol). "
+        "<p class='cap'>Offline: the rows of the held-out users (no model trained on them; "
+        "eval.heldout_user_share; on a large log those of a subset of them, eval.max_ranked_rows: see the notes), "
+        "full ranking (and the sampled 100-negative protocol). "
         "Online: simulator, mean [95% CI] over seeds.</p>",
         _table(headers, rows),
     ]
