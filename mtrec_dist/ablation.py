@@ -195,6 +195,12 @@ def reward_key(row: str) -> str:
     return "F" if row in ("F", "G", "I") else row
 
 
+def row_guidance(row: str) -> str:
+    """The guidance mode of the SASRec a row trains: clicks only for A, the reward's lower tail for G (CVaR),
+    reweighting by the row's reward for every other row."""
+    return {"A": CLICK_TRAINED, "G": "risk_averse"}.get(row, "reweight")
+
+
 def row_scorer(row: str, cfg, sim, truth, data, rows, num_items, seed, cache):
     """The fitted reward of ``row`` (fitted once per :func:`reward_key`); None for A."""
     if row == "A":
@@ -300,8 +306,7 @@ def _run_rows(cfg: PipelineConfig, world: dict, unit: SeedUnit, say: Callable[[s
             cache[("validity", key)] = reward_validity(scorer, sim, truth, data, test_rows, num_items)
         cols = guidance_columns(row, cache.get(("scores", key)), seed)
         validity = {} if row in ("A", "I") else cache[("validity", key)]
-        guidance = {"A": CLICK_TRAINED, "G": "risk_averse"}.get(row, "reweight")
-        rec_cfg = dataclasses.replace(cfg.rec, guidance=guidance)
+        rec_cfg = dataclasses.replace(cfg.rec, guidance=row_guidance(row))
         extra = None if cols is None else {k: v_full(v, train_rows, len(data["action"])) for k, v in cols.items()}
         rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, cfg.prepare.state_len),
                   data, train_rows, ab, seed, ab.rec_epochs, extra)

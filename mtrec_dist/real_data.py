@@ -8,7 +8,8 @@ Real logs have no hidden truth, only a withheld satisfaction signal (ratings, li
 * B: a supervised watch-ratio regressor (only where the logs carry a watch signal),
 * C: a supervised leave/return classifier, D: IQ-Learn v1, F: QR-IQL v2 (the mental reward),
 
-and whether guidance by F (and B) keeps or improves the satisfied targets offline (HR/NDCG@10 on the
+and whether guidance by F (and B; G guides by F's lower tail, I by F's advantages shuffled) keeps or improves the
+satisfied targets offline (HR/NDCG@10 on the
 held-out users' rows, all and satisfied).  Row H guides by the withheld signal itself (the training users'
 ratings of their logged items, which no other row reads): the ceiling of what reweighting by a reward can do
 on these logs.  The logs go through ``mtrec prepare`` first (the same readers,
@@ -29,10 +30,9 @@ import pyarrow.dataset as pads
 import torch
 
 from mtrec_dist.ablation import (
-    ROW_NAMES, fit, format_ci, guidance_columns, map_units, offline_ranking, row_scorer, score_reward, summarise,
-    v_full,
+    ROW_NAMES, fit, format_ci, guidance_columns, map_units, offline_ranking, reward_key, row_guidance, row_scorer,
+    score_reward, summarise, v_full,
 )
-from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig
 from mtrec_dist.data.dataset import load_manifest
 from mtrec_dist.data.heldout import split_rows
@@ -93,8 +93,12 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
     say(f"[ablate] {len(data['action']):,} transitions, {num_items:,} items; {len(test):,} held-out rows "
         f"({len(test) / len(data['action']):.0%}); satisfied share {data['satisfied'][test].mean():.3f}; "
         f"watch signal: {has_watch}")
-    rows = [r for r in ["A"] + list(ab.rows) if r in ("A", "B", "C", "D", "F", "H")]
+    rows = [r for r in ["A"] + list(ab.rows) if r in ROWS_ON_LOGS]
     rows = [r for i, r in enumerate(rows) if r not in rows[:i] and (r != "B" or has_watch)]
+    left_out = [r for r in ab.rows if r not in rows]
+    if left_out:
+        say(f"[ablate] rows {left_out} left out on logs: {'B needs a watch signal; ' if 'B' in left_out else ''}"
+            f"these logs run {list(ROWS_ON_LOGS)}")
     if "H" in rows and np.isnan(data["satisfaction"][train]).any():
         raise ValueError("ablation row H guides by the withheld signal, which is missing on some training rows of "
                          f"{prepared_dir} (eval/): leave H out of ablation.rows for these logs")
@@ -133,6 +137,12 @@ def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[s
     return validity, offline
 
 
+# the rows `mtrec ablate` runs on logs, and those of them that train a SASRec (C and D only fit a reward, whose
+# validity is measured)
+ROWS_ON_LOGS = ("A", "B", "C", "D", "F", "G", "H", "I")
+GUIDED_ON_LOGS = ("A", "B", "F", "G", "H", "I")
+
+
 def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_items: int, seed: int,
                           cache: dict) -> Tuple[Dict[str, dict], Optional[dict]]:
     """One ablation row at one training seed: ``(validity by reward name, offline ranking)``.  The validity is
@@ -141,14 +151,14 @@ def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_
     rows that guide none here)."""
     scores: Dict[str, dict] = {}
     scorer = None if row == "H" else row_scorer(row, cfg, None, None, data, train, num_items, seed, cache)
-    if scorer is not None:
+    if scorer is not None and reward_key(row) == row:  # G and I read F's reward: its validity is F's
         scores[row] = _validity(score_reward(scorer, data, test, num_items)["reward_mean"], data, test)
-    if row not in ("A", "B", "F", "H"):
+    if row not in GUIDED_ON_LOGS:
         return scores, None
     cols = (withheld_signal_columns(data, train) if row == "H" else
             guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed))
     extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
-    rec_cfg = dataclasses.replace(cfg.rec, guidance=CLICK_TRAINED if row == "A" else "reweight")
+    rec_cfg = dataclasses.replace(cfg.rec, guidance=row_guidance(row))
     rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),
               data, train, cfg.ablation, seed, cfg.ablation.rec_epochs, extra)
     if row == "A":

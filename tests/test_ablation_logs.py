@@ -38,7 +38,7 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     rows = _rating_log(tmp_path / "ratings.csv")
     sets = [f"run_dir={tmp_path / 'run'}", f"prepare.input={tmp_path / 'ratings.csv'}", "prepare.format=csv",
             "prepare.id_type=string", "prepare.column_map={user: user_id, item: item_id, rating: eval_rating}",
-            "ablation.rows=[A,F,H]", "ablation.reward_epochs=3", "ablation.rec_epochs=1", "ablation.batch_size=64",
+            "ablation.rows=[A,F,G,H]", "ablation.reward_epochs=3", "ablation.rec_epochs=1", "ablation.batch_size=64",
             "eval.heldout_user_share=0.3", "ablation.train_seeds=2"]
     assert cli(["ablate", "--config", "configs/ml1m.yaml", "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
     res = json.loads((tmp_path / "run" / "ablation" / "results.json").read_text())
@@ -46,8 +46,10 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     assert abs(validity["popularity"]["auc_satisfied"]["mean"] - 0.5) < 0.1  # uniform draws: popularity is noise
     # the order of choices tells which items satisfy, at each of the two training seeds
     assert res["seeds"] == [0, 1] and min(r["auc_satisfied"] for r in res["records"]["validity"]["F"]) > 0.65
-    assert set(res["offline"]) == {"A", "F", "H"} and "H" not in validity  # H reads the signal: no validity
+    # H reads the signal: no validity; G guides by F's reward (its lower tail): F's validity, its own SASRec
+    assert set(res["offline"]) == {"A", "F", "G", "H"} and "H" not in validity and "G" not in validity
     offline = {row: {r["train_seed"]: r for r in recs} for row, recs in res["records"]["offline"].items()}
+    assert sorted(offline["G"]) == [0, 1]  # G ranks at every seed (it was left out on logs before session 25)
     for row in ("F", "H"):  # gains over A paired by seed: the interval is that of the per-seed differences
         gain = res["offline"][row]["gain_vs_A:ndcg@10_satisfied"]
         diffs = [offline[row][k]["ndcg@10_satisfied"] - offline["A"][k]["ndcg@10_satisfied"] for k in (0, 1)]
