@@ -6,10 +6,10 @@ still checks the parts that decide whether the library *runs* on a GPU:
 
 * the automatic choice: ``train.use_gpu: auto`` picks the GPU and NCCL (``runtime``);
 * NCCL itself: a one-rank process group's all-reduce on the GPU;
-* every model (QR-IQL and the four backbones) built by the library's own factories, moved to the GPU: the
-  TorchRec table's unsharded path computes the same loss terms there as its plain ``nn.Embedding`` copy
-  (:func:`~mtrec_dist.bench.plain_models.check_same_loss`, both on the GPU, same random stream), and a few
-  training steps keep the loss finite;
+* every model (QR-IQL, the four backbones, SASRec under each guidance mode) built by the library's factories,
+  moved to the GPU: the TorchRec table's unsharded path computes the same loss terms there as its plain
+  ``nn.Embedding`` copy (:func:`~mtrec_dist.bench.plain_models.check_same_loss`, both on the GPU, same random
+  stream), and a few training steps keep the loss finite;
 * throughput of the plain single-process loop (the benchmark's baseline) on the CPU and on the GPU, and the
   QR-IQL step time as the catalog grows (sampled soft value), on synthetic batches.
 
@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from mtrec_dist.choices import BACKBONES, CLICK_TRAINED
+from mtrec_dist.choices import BACKBONES, CLICK_TRAINED, GUIDANCE_MODES
 from mtrec_dist.config import PipelineConfig, load_config
 
 RESULT = "gpu_smoke.json"
@@ -40,6 +40,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DEFAULT_ITEMS = 10_000
 CATALOG_SIZES = (10_000, 1_000_000, 10_000_000)  # the issue-9 scale curve's ends and middle
 STATE_LEN = 10
+# QR-IQL, every backbone trained on clicks, and SASRec under each reward guidance
+DEFAULT_MODELS = ("qriql", *BACKBONES, *(f"sasrec/{g}" for g in GUIDANCE_MODES if g != CLICK_TRAINED))
 
 
 def _part(fn: Callable[[], Any]) -> Dict[str, Any]:
@@ -108,9 +110,15 @@ def nccl_all_reduce() -> Dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _backbone_guidance(name: str) -> tuple:
+    """``"sasrec/reweight"`` -> ``("sasrec", "reweight")``; a bare backbone is trained on clicks."""
+    backbone, _, guidance = name.partition("/")
+    return backbone, guidance or CLICK_TRAINED
+
+
 def build_model(name: str, cfg: PipelineConfig, num_items: int) -> torch.nn.Module:
-    """The library's model as training builds it (unsharded, TorchRec table on the CPU): ``"qriql"`` or a
-    backbone trained on clicks."""
+    """The library's model as training builds it (unsharded, TorchRec table on the CPU): ``"qriql"``, a
+    backbone trained on clicks, or ``"backbone/guidance"``."""
     manifest = {"num_items": num_items, "state_len": STATE_LEN}
     counts = [1.0] * (num_items + 1)  # synthetic batches have no popularity: a popularity sampler draws uniformly
     if name == "qriql":
@@ -119,13 +127,22 @@ def build_model(name: str, cfg: PipelineConfig, num_items: int) -> torch.nn.Modu
         return reward_model_factory(model_spec(cfg, manifest), counts)(torch.device("cpu"))
     from mtrec_dist.training.recommender import rec_model_spec, recommender_factory
 
-    return recommender_factory(rec_model_spec(cfg, manifest, name, CLICK_TRAINED), counts)(torch.device("cpu"))
+    backbone, guidance = _backbone_guidance(name)
+    return recommender_factory(rec_model_spec(cfg, manifest, backbone, guidance), counts)(torch.device("cpu"))
+
+
+REWARD_COLUMNS = ("reward_mean", "reward_baseline", "reward_cvar", "reward_cvar_baseline")  # what guidance reads
 
 
 def _batch(num_items: int, batch_size: int, seed: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    """A synthetic training batch (:func:`~.catalog_steps.synthetic_batch`) with random reward scores, as
+    score-rewards writes them for guided training (models that do not read them ignore them)."""
     from .catalog_steps import synthetic_batch
 
-    return {k: v.to(device) for k, v in synthetic_batch(num_items, batch_size, STATE_LEN, seed=seed).items()}
+    batch = synthetic_batch(num_items, batch_size, STATE_LEN, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    batch.update({k: torch.randn(batch_size, generator=g) for k in REWARD_COLUMNS})
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def model_on_gpu(name: str, cfg: PipelineConfig, num_items: int, steps: int) -> Dict[str, Any]:
@@ -147,7 +164,8 @@ def model_on_gpu(name: str, cfg: PipelineConfig, num_items: int, steps: int) -> 
     return {"same_loss": same, "first_loss": losses[0], "last_loss": losses[-1], "steps": steps}
 
 
-def plain_throughput(name: str, cfg: PipelineConfig, num_items: int, steps: int, device: torch.device) -> Dict[str, Any]:
+def plain_throughput(name: str, cfg: PipelineConfig, num_items: int, steps: int,
+                     device: torch.device) -> Dict[str, Any]:
     """The plain loop's samples/s on ``device`` over synthetic rows (the benchmark's baseline model)."""
     from .plain_models import plain_copy
     from .plain_train import train_plain
@@ -165,8 +183,8 @@ def plain_throughput(name: str, cfg: PipelineConfig, num_items: int, steps: int,
 
 
 def catalog_step_times(cfg: PipelineConfig, sizes: Sequence[int], steps: int) -> List[Dict[str, Any]]:
-    """QR-IQL's plain training step on the GPU (sampled soft value, as ``catalog_steps``) as the catalog grows: median seconds per
-    step and peak GPU memory.  The whole table sits on the one GPU."""
+    """QR-IQL's plain training step on the GPU (sampled soft value, as ``catalog_steps``) as the catalog grows:
+    median seconds per step and peak GPU memory.  The whole table sits on the one GPU."""
     from .plain_models import plain_copy
     from .plain_train import make_optimizers, train_step
 
@@ -191,7 +209,8 @@ def catalog_step_times(cfg: PipelineConfig, sizes: Sequence[int], steps: int) ->
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         times = sorted(times[2:])
-        out.append({"items": items, "negatives": cfg.reward.num_negatives, "step_s_median": times[len(times) // 2], "steps": steps,
+        out.append({"items": items, "negatives": cfg.reward.num_negatives,
+                    "step_s_median": times[len(times) // 2], "steps": steps,
                     "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
         del plain, optimizers, batches
         torch.cuda.empty_cache()
@@ -233,7 +252,8 @@ def summary_lines(report: Dict[str, Any]) -> List[str]:
         cells = {d: (f"{p['result']['samples_per_s']:,.0f}/s" if p["ok"] else p["error"]) for d, p in by_device.items()}
         ratio = ""
         if all(p["ok"] for p in by_device.values()) and "cuda" in by_device:
-            ratio = (f"  (GPU/CPU {by_device['cuda']['result']['samples_per_s'] / by_device['cpu']['result']['samples_per_s']:.2f}x)")
+            rates = {d: p["result"]["samples_per_s"] for d, p in by_device.items()}
+            ratio = f"  (GPU/CPU {rates['cuda'] / rates['cpu']:.2f}x)"
         lines.append(f"plain {m}: {cells}{ratio}")
     cat = report["catalog_steps_gpu"]
     if cat["ok"]:
@@ -253,17 +273,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.batch_size=4096 (repeatable)")
     p.add_argument("--steps", type=int, default=30, help="training steps per timed run (default 30)")
-    p.add_argument("--models", default=",".join(("qriql",) + tuple(BACKBONES)),
-                   help="comma-separated: qriql and backbones (default: all)")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma-separated: qriql, backbones (trained on clicks) and backbone/guidance "
+                        f"(default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--catalog-sizes", default=",".join(map(str, CATALOG_SIZES)),
                    help="items per QR-IQL catalog step run on the GPU (default 10^4,10^6,10^7)")
     a = p.parse_args(argv)
     if a.steps < 3:
         p.error(f"--steps must be >= 3, got {a.steps}")
     models = [m.strip() for m in a.models.split(",") if m.strip()]
-    unknown = [m for m in models if m != "qriql" and m not in BACKBONES]
+    unknown = [m for m in models if m != "qriql" and (_backbone_guidance(m)[0] not in BACKBONES
+                                                      or _backbone_guidance(m)[1] not in GUIDANCE_MODES)]
     if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from qriql, {', '.join(BACKBONES)}")
+        p.error(f"unknown model(s) {unknown}; choose from qriql, {', '.join(BACKBONES)}, each backbone optionally "
+                f"with /{'|'.join(GUIDANCE_MODES)}")
     sizes = [int(s) for s in a.catalog_sizes.split(",") if s.strip()]
     report = run(load_config(a.config, a.overrides), models, a.steps, sizes)
     out = Path(a.out)
