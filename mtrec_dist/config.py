@@ -494,6 +494,12 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
+def samples_by_popularity(section: "RewardConfig | RecConfig") -> bool:
+    """Whether a reward or recommender section draws sampled negatives by item popularity (and so needs item
+    counts): ``negative_sampler: popularity`` with ``num_negatives`` > 0."""
+    return section.num_negatives > 0 and section.negative_sampler == "popularity"
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
     """Load a YAML config (or the defaults), apply ``key.path=value`` overrides, and validate."""
     data: dict = {}

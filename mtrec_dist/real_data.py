@@ -155,8 +155,10 @@ def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_
         scores[row] = _validity(score_reward(scorer, data, test, num_items)["reward_mean"], data, test)
     if row not in GUIDED_ON_LOGS:
         return scores, None
-    cols = (withheld_signal_columns(data, train) if row == "H" else
-            guidance_columns(row, None if scorer is None else score_reward(scorer, data, train, num_items), seed))
+    scored = ("scores", reward_key(row))  # F, G and I guide by the same scores of the training rows
+    if scorer is not None and scored not in cache:
+        cache[scored] = score_reward(scorer, data, train, num_items)
+    cols = withheld_signal_columns(data, train) if row == "H" else guidance_columns(row, cache.get(scored), seed)
     extra = None if cols is None else {k: v_full(v, train, len(data["action"])) for k, v in cols.items()}
     rec_cfg = dataclasses.replace(cfg.rec, guidance=row_guidance(row))
     rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, data["state_items"].shape[1]),

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mtrec_dist.choices import CLICK_TRAINED
-from mtrec_dist.config import PipelineConfig
+from mtrec_dist.config import PipelineConfig, samples_by_popularity
 from mtrec_dist.layout import RunLayout, rec_name
 
 Outputs = Dict[str, Any]
@@ -189,9 +189,7 @@ def _sampler_counts(section) -> Dict[str, Any]:
     """What a stage's fingerprint adds where its popularity negative sampler draws: the rows its item counts come
     from (the training users' since session 25, the vocabulary's over every user before), so that a resumed run
     trained with the older counts is trained again.  Nothing for the uniform sampler: fingerprints unchanged."""
-    if section.num_negatives > 0 and section.negative_sampler == "popularity":
-        return {"popularity_counts": "training users' rows"}
-    return {}
+    return {"popularity_counts": "training users' rows"} if samples_by_popularity(section) else {}
 
 
 def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:

@@ -34,6 +34,8 @@ import torch
 from mtrec_dist.choices import BACKBONES, CLICK_TRAINED, GUIDANCE_MODES
 from mtrec_dist.config import PipelineConfig, load_config
 
+from .sizes import stage_of
+
 RESULT = "gpu_smoke.json"
 # the demo's model sizes where this is a checkout (run from any folder); the built-in defaults elsewhere
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -155,7 +157,7 @@ def model_on_gpu(name: str, cfg: PipelineConfig, num_items: int, steps: int) -> 
     lib = build_model(name, cfg, num_items)
     plain = plain_copy(lib).to(gpu)
     lib = lib.to(gpu)
-    tc = cfg.stage_train("reward" if name == "qriql" else "rec")
+    tc = cfg.stage_train(stage_of(name))
     same = check_same_loss(lib, plain, _batch(num_items, tc.batch_size, 1, gpu))
     optimizers = make_optimizers(plain, tc.lr, tc.sparse_lr)
     losses = [train_step(plain, optimizers, _batch(num_items, tc.batch_size, 100 + i, gpu)) for i in range(steps)]
@@ -170,25 +172,22 @@ def plain_throughput(name: str, cfg: PipelineConfig, num_items: int, steps: int,
     from .plain_models import plain_copy
     from .plain_train import train_plain
 
-    tc = cfg.stage_train("reward" if name == "qriql" else "rec")
+    tc = cfg.stage_train(stage_of(name))
     torch.manual_seed(0)
     plain = plain_copy(build_model(name, cfg, num_items))
     rows = _batch(num_items, tc.batch_size * 32, 7, torch.device("cpu"))
     rows.pop("mask")  # iter_batches adds it
     res = train_plain(plain, rows, steps=steps, batch_size=tc.batch_size, lr=tc.lr, sparse_lr=tc.sparse_lr,
-                      warmup_steps=max(2, steps // 5), device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+                      warmup_steps=max(2, steps // 5), device=device)  # each step reads its loss: synced
     return {k: res[k] for k in ("samples_per_s", "step_time_s", "data_wait_frac", "final_loss", "torch_threads")}
 
 
 def catalog_step_times(cfg: PipelineConfig, sizes: Sequence[int], steps: int) -> List[Dict[str, Any]]:
     """QR-IQL's plain training step on the GPU (sampled soft value, as ``catalog_steps``) as the catalog grows:
     median seconds per step and peak GPU memory.  The whole table sits on the one GPU."""
+    from .catalog_steps import DEFAULT_NEGATIVES
     from .plain_models import plain_copy
     from .plain_train import make_optimizers, train_step
-
-    from .catalog_steps import DEFAULT_NEGATIVES
 
     gpu = torch.device("cuda")
     tc = cfg.stage_train("reward")

@@ -71,6 +71,6 @@ def bench_config(base: PipelineConfig, sizes: BenchSizes, workers: int = 1) -> P
                                rec_train=dataclasses.replace(base.rec_train, **budget))
 
 
-def stage_of(model: Literal["qriql", "sasrec"]) -> Literal["reward", "rec"]:
-    """The training stage (budget section) of a benchmarked model."""
-    return {"qriql": "reward", "sasrec": "rec"}[model]
+def stage_of(model: str) -> Literal["reward", "rec"]:
+    """The training stage (budget section) of a benchmarked model: QR-IQL's, or a recommender's for any other."""
+    return "reward" if model == "qriql" else "rec"

@@ -126,6 +126,19 @@ def _recommender_factory(summary: Dict[str, Any]):
     return recommender_factory(spec, for_inference=True), spec
 
 
+def ranked_users(cfg: PipelineConfig, prepared_dir: str, heldout_rows: int) -> Tuple[float, int]:
+    """(share, rows) of the held-out users whose rows offline ranking measures: all of them, or under
+    ``eval.max_ranked_rows`` a subset by the same hash (:func:`~mtrec_dist.data.heldout.ranked_share`)."""
+    from mtrec_dist.data.pipeline import count_transitions
+
+    share = cfg.eval.heldout_user_share
+    subset = ranked_share(share, heldout_rows, cfg.eval.max_ranked_rows)
+    rows = heldout_rows if subset == share else count_transitions(prepared_dir, where=heldout_expr(subset))
+    if rows == 0:  # the subset's users have no rows (a log of very few, very active users): rank them all
+        return share, heldout_rows
+    return subset, rows
+
+
 def offline_section(cfg: PipelineConfig, prepared_dir: str, summary: Dict[str, Any], eval_table: pa.Table,
                     num_items: int, ranked_rows: int, share: float) -> Tuple[Dict[str, Any], pa.Table]:
     """(ranking metrics, the ranked rows) of one recommender on the ``ranked_rows`` rows of the users held out
@@ -238,11 +251,7 @@ def evaluate_run(cfg: PipelineConfig, prepared_dir: str, scored_dir: str, reward
     if not measured:
         notes.append(f"No held-out users' rows (eval.heldout_user_share {share}): every user was trained on, so "
                      "reward validity and offline ranking are not measured.")
-    rank_share = ranked_share(share, heldout_rows, cfg.eval.max_ranked_rows)
-    ranked_rows = heldout_rows if rank_share == share else count_transitions(prepared_dir,
-                                                                             where=heldout_expr(rank_share))
-    if ranked_rows == 0:  # the subset's users have no rows (a log of very few, very active users): rank them all
-        rank_share, ranked_rows = share, heldout_rows
+    rank_share, ranked_rows = ranked_users(cfg, prepared_dir, heldout_rows)
     if rank_share != share:
         notes.append(f"Offline ranking measures {ranked_rows:,} of the {heldout_rows:,} held-out rows: those of the "
                      f"users held out at share {rank_share:g} under the same hash (eval.max_ranked_rows "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mtrec_dist.choices import CLICK_TRAINED
-from mtrec_dist.config import PipelineConfig, RecConfig
+from mtrec_dist.config import PipelineConfig, RecConfig, samples_by_popularity
 from mtrec_dist.data.heldout import column_expr, training_expr
 from mtrec_dist.training.launch import launch_fit, read_pointer
 from mtrec_dist.training.specs import configs_from_spec
@@ -142,7 +142,7 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
                          f"{cfg.eval.heldout_user_share})")
     counts = action_counts([scored_dir], manifest["num_items"], _training_filter(cfg.eval.heldout_user_share,
                                                                                  skip_last=skip_last)) \
-        if cfg.rec.num_negatives > 0 and cfg.rec.negative_sampler == "popularity" else None
+        if samples_by_popularity(cfg.rec) else None
     spec = rec_model_spec(cfg, manifest, backbone, guidance)
     in_memory = fits_driver(cfg.stage_train("rec"), train_rows, spec["state_len"])
     share = cfg.eval.heldout_user_share

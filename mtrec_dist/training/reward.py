@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from mtrec_dist.config import PipelineConfig, RewardConfig
+from mtrec_dist.config import PipelineConfig, RewardConfig, samples_by_popularity
 from mtrec_dist.data.heldout import training_expr
 from mtrec_dist.runtime import init_ray
 from mtrec_dist.training.launch import launch_fit, read_pointer
@@ -233,7 +233,7 @@ def train_reward_model(cfg: PipelineConfig, prepared_dir: str, output_dir: str,
         raise ValueError(f"{prepared_dir}: no transitions to train on")
     share = cfg.eval.heldout_user_share
     counts = action_counts([prepared_dir, *earlier_prepared], manifest["num_items"], training_expr(share)) \
-        if cfg.reward.negative_sampler == "popularity" and cfg.reward.num_negatives > 0 else None
+        if samples_by_popularity(cfg.reward) else None
     spec = model_spec(cfg, manifest)
     note = order_term_note(cfg, manifest)
     if note and progress:
