@@ -4,7 +4,8 @@
     <run_dir>/prepared/       transitions, eval/, rejects/, vocab/, manifest.json
     <run_dir>/reward/         reward model metrics, TensorBoard, reward_model.json (+ ray_results/)
     <run_dir>/rewards/        scored transitions (reward quantiles, mean, CVaR, baselines)
-    <run_dir>/rec/<backbone>-<guidance>/   each recommender's metrics and checkpoints
+    <run_dir>/rec/<backbone>-<guidance>/   each recommender's metrics (and checkpoints when trained alone)
+    <run_dir>/rec/ray_results/  the checkpoints of recommenders trained in one Ray Train run (the pipeline's)
     <run_dir>/report/         report.html, PNG figures, metrics.json, tensorboard/
     <run_dir>/ablation/       the ablation's results.json and table.md
     <run_dir>/stages/         one record per finished stage (what `mtrec pipeline --resume` reads)
@@ -27,6 +28,7 @@ from typing import Tuple
 SIM, SIM_LOGS, PREPARED, REWARD, REWARDS, REC, REPORT, ABLATION, STAGES = (
     "sim", "logs", "prepared", "reward", "rewards", "rec", "report", "ablation", "stages")
 PIPELINE_FILE, CONFIG_FILE = "pipeline.json", "config.yaml"
+RAY_RESULTS = "ray_results"  # Ray Train's storage folder (its runs and their checkpoints) inside a model's folder
 CARRY, CARRY_PREVIOUS, RETRAIN_FILE, RETRAIN_ROOT, VERSIONS_FILE = (
     "carry", "carry_previous", "retrain.json", "retrain", "versions.json")
 
@@ -77,6 +79,11 @@ class RunLayout:
 
     def rec(self, backbone: str, guidance: str) -> str:
         return join(self.root, REC, rec_name(backbone, guidance))
+
+    @property
+    def rec_runs(self) -> str:
+        """Ray Train's storage for the recommenders a run trains together (``train_recommenders``)."""
+        return join(self.root, REC, RAY_RESULTS)
 
     @property
     def report(self) -> str:

@@ -294,7 +294,8 @@ def model_stages(ctx: RunContext, prepared: str, *, after: Sequence[str] = ("pre
         from mtrec_dist.data.prepare import TRANSITIONS_DIR
 
         scored, rec_inputs = str(Path(prepared) / TRANSITIONS_DIR), [*after, "train-reward"]
-    stages += [_train_rec_stage(ctx, prepared, scored, b, g, rec_inputs, warm) for b, g in rec_variants(cfg)]
+    together = _RecRun(ctx, prepared, scored, warm)
+    stages += [_train_rec_stage(ctx, together, b, g, rec_inputs) for b, g in rec_variants(cfg)]
     return stages
 
 
@@ -335,22 +336,55 @@ def _score_stage(ctx: RunContext, prepared: str, after: Sequence[str]) -> Stage:
                  paths=lambda out: [layout.rewards])
 
 
-def _train_rec_stage(ctx: RunContext, prepared: str, scored: str, backbone: str, guidance: str,
-                     inputs: Sequence[str], warm: Optional[WarmRule]) -> Stage:
-    cfg, layout = ctx.cfg, ctx.layout
-    key = rec_name(backbone, guidance)
+class _RecRun:
+    """The train-rec stages of a run train in one Ray Train run (``train_recommenders``: one worker group's
+    start-up and one read of the rows for every recommender).  The first of them that runs trains itself and
+    every later one (the runner runs every stage after the first that runs); the later stages hand back what it
+    trained, so each keeps its own record, fingerprint and resume.  With ``train.checkpoints_to_keep`` set,
+    each trains alone: Ray Train would delete an earlier recommender's final checkpoint."""
 
-    def run(done: Dict[str, Outputs]) -> Outputs:
-        from mtrec_dist.training.recommender import rec_model_spec, train_recommender
+    def __init__(self, ctx: RunContext, prepared: str, scored: str, warm: Optional[WarmRule]) -> None:
+        self.ctx, self.prepared, self.scored, self.warm = ctx, prepared, scored, warm
+        self.trained: Dict[Tuple[str, str], Outputs] = {}
+
+    def output(self, backbone: str, guidance: str) -> Outputs:
+        """The recommender's outputs, training it and the variants after it first if they are not trained."""
+        if (backbone, guidance) not in self.trained:
+            variants = rec_variants(self.ctx.cfg)
+            rest = variants[variants.index((backbone, guidance)):]
+            together = not self.ctx.cfg.stage_train("rec").checkpoints_to_keep
+            for group in ([rest] if together else [[v] for v in rest]):
+                self._train(group)
+        return self.trained.pop((backbone, guidance))
+
+    def _train(self, variants: List[Tuple[str, str]]) -> None:
+        from mtrec_dist.training.recommender import RecJob, rec_model_spec, train_recommenders
         from mtrec_dist.training.reward import load_training_manifest
 
-        ws = why = None
-        if warm is not None:
-            ws, why = warm(key, rec_model_spec(cfg, load_training_manifest(prepared), backbone, guidance))
-            ctx.line(f"recommender {key}: {why}")
-        out = train_recommender(cfg, scored, prepared, layout.rec(backbone, guidance), backbone=backbone,
-                                guidance=guidance, progress=ctx.progress, warm_start=ws)
-        return out if warm is None else {**out, "warm_start": ws, "warm_start_reason": why}
+        cfg, layout = self.ctx.cfg, self.ctx.layout
+        jobs, reasons = [], []
+        for b, g in variants:
+            ws = why = None
+            if self.warm is not None:
+                ws, why = self.warm(rec_name(b, g), rec_model_spec(cfg, load_training_manifest(self.prepared), b, g))
+                self.ctx.line(f"recommender {rec_name(b, g)}: {why}")
+            jobs.append(RecJob(b, g, layout.rec(b, g), ws))
+            reasons.append(why)
+        if len(jobs) > 1:
+            self.ctx.line(f"train-rec: {len(jobs)} recommenders, one after another in one Ray Train run")
+        outs = train_recommenders(cfg, self.scored, self.prepared, jobs, progress=self.ctx.progress,
+                                  storage=layout.rec_runs)
+        for job, why, out in zip(jobs, reasons, outs):
+            out = out if self.warm is None else {**out, "warm_start": job.warm_start, "warm_start_reason": why}
+            self.trained[(job.backbone, job.guidance)] = out
+
+
+def _train_rec_stage(ctx: RunContext, together: _RecRun, backbone: str, guidance: str,
+                     inputs: Sequence[str]) -> Stage:
+    cfg = ctx.cfg
+
+    def run(done: Dict[str, Outputs]) -> Outputs:
+        return together.output(backbone, guidance)
 
     rec = dataclasses.replace(cfg.rec, backbone=backbone, guidance=guidance)
     sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec",

@@ -10,12 +10,30 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
+from mtrec_dist.layout import RAY_RESULTS
 from mtrec_dist.runtime import init_ray
 
-RAY_RESULTS_DIR = "ray_results"  # checkpoints under <output_dir>/ray_results unless train.storage_path is set
+RAY_RESULTS_DIR = RAY_RESULTS  # checkpoints under <output_dir>/ray_results unless train.storage_path is set
+
+
+@dataclass
+class LaunchJob:
+    """One model of :func:`launch_fits`: its factory, ``spec`` (the model_spec, stored in every checkpoint and,
+    with the stage's train section, the fingerprint ``--resume`` checks), output folder, run-name prefix,
+    progress label and what its pointer file adds (``extra``)."""
+
+    factory: Callable
+    spec: Dict[str, Any]
+    output_dir: str
+    run_prefix: str
+    label: str
+    resume: Optional[str] = None
+    warm_start: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def launch_fit(cfg, stage: Literal["reward", "rec"], factory: Callable, datasets: Callable[[], Dict[str, Any]], *,
@@ -29,28 +47,51 @@ def launch_fit(cfg, stage: Literal["reward", "rec"], factory: Callable, datasets
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", **extra}`` (+
     ``warm_start`` when given): the same dict the pointer file holds.
     """
-    from mtrec_dist.training.loop import fit_distributed
+    job = LaunchJob(factory, spec, output_dir, run_prefix, label, resume=resume, warm_start=warm_start,
+                    extra=dict(extra or {}))
+    return launch_fits(cfg, stage, [job], datasets, pointer=pointer, row_counts=row_counts, progress=progress)[0]
 
-    output_dir = os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    storage = cfg.train.storage_path or os.path.join(output_dir, RAY_RESULTS_DIR)
+
+def launch_fits(cfg, stage: Literal["reward", "rec"], jobs: List[LaunchJob], datasets: Callable[[], Dict[str, Any]],
+                *, pointer: str, row_counts: Dict[str, int], progress: bool = True,
+                run_prefix: Optional[str] = None, storage: Optional[str] = None) -> List[Dict[str, Any]]:
+    """:func:`launch_fit` for several models trained one after another in one Ray Train run on the same rows
+    (:func:`~mtrec_dist.training.loop.fit_distributed_jobs`).  The run is named ``run_prefix`` (default: the
+    only job's prefix) and keeps its checkpoints under ``train.storage_path``, else ``storage``, else the first
+    job's ``<output_dir>/ray_results``.  Returns each job's summary (its pointer file's content), in order."""
+    from mtrec_dist.training.loop import FitJob, fit_distributed_jobs
+
+    if len(jobs) > 1 and not run_prefix:
+        raise ValueError("a run of several jobs needs its own run_prefix")
+    for job in jobs:
+        job.output_dir = os.path.abspath(job.output_dir)
+        os.makedirs(job.output_dir, exist_ok=True)
+    storage = cfg.train.storage_path or storage or os.path.join(jobs[0].output_dir, RAY_RESULTS_DIR)
     init_ray(cfg.ray_address)
-    run_name = f"{run_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     train_cfg = cfg.stage_train(stage)  # train, with the stage's reward_train/rec_train budget
-    # the held-out share decides which rows are trained on: a resumed run must not change it
-    fingerprint = {"model_spec": spec, "train": dataclasses.asdict(train_cfg),
-                   "heldout_user_share": cfg.eval.heldout_user_share}
-    result = fit_distributed(
-        factory, train_cfg, datasets(), run_name, storage, resume, output_dir=output_dir,
-        state_len=spec["state_len"], fingerprint=fingerprint, row_counts=row_counts,
-        extra_meta={"model_spec": spec}, label=label, progress=progress, warm_start=warm_start,
-    )
-    summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": run_name,
-               "storage_path": result.storage_path, "output_dir": output_dir, **(extra or {})}
-    if warm_start:
-        summary["warm_start"] = warm_start
-    Path(output_dir, pointer).write_text(json.dumps(summary, indent=1, default=float))
-    return summary
+
+    def fit_job(job: LaunchJob) -> FitJob:
+        # the held-out share decides which rows are trained on: a resumed run must not change it
+        fingerprint = {"model_spec": job.spec, "train": dataclasses.asdict(train_cfg),
+                       "heldout_user_share": cfg.eval.heldout_user_share}
+        return FitJob(job.factory, job.output_dir, f"{job.run_prefix}-{stamp}", resume=job.resume,
+                      warm_start=job.warm_start, fingerprint=fingerprint, extra_meta={"model_spec": job.spec},
+                      label=job.label)
+
+    fit_jobs = [fit_job(job) for job in jobs]
+    run_name = f"{run_prefix}-{stamp}" if run_prefix else fit_jobs[0].run_name
+    results = fit_distributed_jobs(fit_jobs, train_cfg, datasets(), run_name, storage,
+                                   state_len=jobs[0].spec["state_len"], row_counts=row_counts, progress=progress)
+    summaries = []
+    for job, result in zip(jobs, results):
+        summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": result.run_name,
+                   "storage_path": result.storage_path, "output_dir": job.output_dir, **job.extra}
+        if job.warm_start:
+            summary["warm_start"] = job.warm_start
+        Path(job.output_dir, pointer).write_text(json.dumps(summary, indent=1, default=float))
+        summaries.append(summary)
+    return summaries
 
 
 def read_pointer(output_dir: str, pointer: str, command: str) -> str:

@@ -72,25 +72,30 @@ def eta_text(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _progress_callback(label: str, lines, total_steps: Optional[int] = None):
+def _progress_callback(labels: List[str], lines, total_steps: Optional[int] = None):
     """A callback that puts one line per report into ``lines`` (a ``ray.util.queue.Queue``) for the driver
     to print: it runs in the Ray Train controller, whose own output stays in Ray's logs (``init_ray``).
     With ``total_steps`` known, a line shows the share done and an ETA from the pace since the first report.
     Each item is ``(milestone, text)``: the first report and those that pass a quarter of the run are
     milestones, which are all a log file gets (:func:`_printing_progress`); a terminal sees every report
-    rewrite one line.  metrics.jsonl and TensorBoard keep every interval either way."""
+    rewrite one line.  metrics.jsonl and TensorBoard keep every interval either way.  ``labels``: one per job
+    of the run (a report names its job), each with its own share done and pace."""
     from ray.train.v2.api.callback import UserCallback
 
     class ProgressCallback(UserCallback):
         """Progress lines (step, epoch, share done, ETA, loss, throughput, checkpoint), sent to the driver."""
 
-        first: Optional[tuple] = None  # (wall time, step) of the first report: the pace excludes start-up
+        first: Optional[tuple] = None  # (wall time, step) of the job's first report: the pace excludes start-up
         next_share = 0  # the share done (%) that prints the next line
+        job = 0  # the job the last report came from
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
             if "step" not in m:
                 return
+            if int(m.get("job", 0)) != self.job:  # the next job: its own share and pace
+                self.job, self.first, self.next_share = int(m.get("job", 0)), None, 0
+            label = labels[min(self.job, len(labels) - 1)]
             parts = [f"[{label}] step {m['step']}", f"epoch {m.get('epoch', 0)}"]
             now, step = time.time(), int(m["step"])
             milestone = True
@@ -272,16 +277,48 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
     )
 
 
-def _final_checkpoint_path(result: Any, run_name: str, storage: str) -> str:
-    """The run's last checkpoint (with the storage's URI scheme put back), or a clear error."""
+def _checkpoint_uri(ckpt: Any, storage: str) -> str:
+    """A checkpoint's path with the storage's URI scheme put back."""
+    path = ckpt.path
+    if "://" in storage and "://" not in path:
+        path = storage.split("://", 1)[0] + "://" + path.lstrip("/")
+    return path
+
+
+def _final_checkpoints(result: Any, jobs: int, run_name: str, storage: str) -> List[tuple]:
+    """``(checkpoint path, its metrics)`` of each job's last checkpoint, or a clear error.  One job: the run's
+    last checkpoint; several: for each job, its highest-step checkpoint among those the run kept (all of them:
+    :func:`fit_distributed_jobs` refuses ``checkpoints_to_keep``)."""
     if result.error is not None:
         raise RuntimeError(f"training run {run_name!r} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
-    ckpt_path = result.checkpoint.path
-    if "://" in storage and "://" not in ckpt_path:
-        ckpt_path = storage.split("://", 1)[0] + "://" + ckpt_path.lstrip("/")
-    return ckpt_path
+    if jobs == 1:
+        return [(_checkpoint_uri(result.checkpoint, storage), dict(result.metrics or {}))]
+    finals: Dict[int, tuple] = {}
+    for ckpt, metrics in result.best_checkpoints or []:
+        job, step = int(metrics.get("job", 0)), int(metrics.get("step", 0))
+        if job not in finals or step >= finals[job][0]:
+            finals[job] = (step, _checkpoint_uri(ckpt, storage), dict(metrics))
+    missing = [j for j in range(jobs) if j not in finals]
+    if missing:
+        raise RuntimeError(f"training run {run_name!r} kept no checkpoint of job(s) {missing}")
+    return [finals[j][1:] for j in range(jobs)]
+
+
+@dataclass
+class FitJob:
+    """One model of a run (:func:`fit_distributed_jobs`); the arguments of :func:`fit_distributed` that differ
+    from model to model."""
+
+    model_factory: Callable[[torch.device], nn.Module]
+    output_dir: str                   # metrics.jsonl and TensorBoard files
+    run_name: str                     # names its metrics, TensorBoard run and checkpoints (meta ``run_name``)
+    resume: Optional[str] = None
+    warm_start: Optional[str] = None
+    fingerprint: Optional[Dict[str, Any]] = None
+    extra_meta: Optional[Dict[str, Any]] = None
+    label: str = "train"
 
 
 def fit_distributed(
@@ -320,44 +357,61 @@ def fit_distributed(
     failure restores this run's own checkpoint, never the warm-start weights again.
     The factory must be picklable (e.g. ``functools.partial`` of a class).
     """
+    job = FitJob(model_factory, output_dir, run_name, resume=resume, warm_start=warm_start,
+                 fingerprint=fingerprint, extra_meta=extra_meta, label=label)
+    return fit_distributed_jobs([job], train_cfg, datasets, run_name, storage_path, state_len=state_len,
+                                row_counts=row_counts, progress=progress)[0]
+
+
+def fit_distributed_jobs(jobs: List[FitJob], train_cfg: TrainConfig, datasets: Dict[str, Any], run_name: str,
+                         storage_path: str, *, state_len: Optional[int] = None,
+                         row_counts: Optional[Dict[str, int]] = None, progress: bool = True) -> List[FitResult]:
+    """Train several models one after another in one Ray Train run (:func:`fit_distributed`'s arguments, the
+    per-model ones in each :class:`FitJob`): the worker group starts, joins its process group and reads
+    ``datasets`` once for all of them, and each later job starts from the shard the ranks hold.  All jobs share
+    ``train_cfg`` and the rows; each has its own metrics, TensorBoard run and checkpoints (in the run's
+    storage).  After a failure the run restarts at the job that wrote the latest checkpoint (the ones before
+    it had finished).  Several jobs need every checkpoint kept (``train.checkpoints_to_keep`` 0): Ray Train
+    would otherwise delete an earlier job's final one.  Returns one :class:`FitResult` per job, in order."""
     import ray
 
     from mtrec_dist.training.checkpoint import config_hash
 
     if TRAIN_DATASET not in datasets:
         raise ValueError(f"datasets must contain {TRAIN_DATASET!r}; got {sorted(datasets)}")
+    if not jobs:
+        raise ValueError("fit_distributed_jobs needs at least one job")
+    if len(jobs) > 1 and train_cfg.checkpoints_to_keep:
+        raise ValueError(f"{len(jobs)} jobs in one run need every checkpoint kept (train.checkpoints_to_keep 0, "
+                         f"not {train_cfg.checkpoints_to_keep}): Ray Train would delete earlier jobs' final ones")
+    if len({j.run_name for j in jobs}) != len(jobs):
+        raise ValueError(f"the jobs of a run need distinct run names: {[j.run_name for j in jobs]}")
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised; call mtrec_dist.runtime.init_ray() first")
     storage = _storage_uri(storage_path)
-    output_dir = _resolve_output_dir(output_dir, storage, run_name)
-    resume_path = resolve_resume(resume, storage)
-    warm_path = _resolve_warm_start(warm_start)
     use_gpu = resolve_use_gpu(train_cfg.use_gpu)
-    fingerprint = fingerprint if fingerprint is not None else {"train": dataclasses.asdict(train_cfg)}
+    fingerprint_default = {"train": dataclasses.asdict(train_cfg)}
     train_cfg = dataclasses.replace(train_cfg, feed=resolve_feed(train_cfg, row_counts, state_len))  # stream|memory
-    worker_config = {
-        "model_factory": model_factory,
-        "train_cfg": train_cfg,
-        "use_gpu": use_gpu,
-        "resume_path": resume_path,
-        "warm_start": warm_path,
-        "output_dir": output_dir,
-        "run_name": run_name,
-        "state_len": state_len,
-        "config_hash": config_hash(fingerprint),
-        "extra_meta": dict(extra_meta or {}),
-    }
+    job_configs = [{
+        "model_factory": job.model_factory,
+        "resume_path": resolve_resume(job.resume, storage),
+        "warm_start": _resolve_warm_start(job.warm_start),
+        "output_dir": _resolve_output_dir(job.output_dir, storage, job.run_name),
+        "run_name": job.run_name,
+        "config_hash": config_hash(job.fingerprint if job.fingerprint is not None else fingerprint_default),
+        "extra_meta": dict(job.extra_meta or {}),
+    } for job in jobs]
+    worker_config = {"train_cfg": train_cfg, "use_gpu": use_gpu, "state_len": state_len, "jobs": job_configs}
     with _printing_progress(progress) as lines:  # the controller's report lines, printed here
         total = expected_steps(train_cfg, (row_counts or {}).get(TRAIN_DATASET))
-        callbacks = [_progress_callback(label, lines, total)] if progress else []
+        callbacks = [_progress_callback([j.label for j in jobs], lines, total)] if progress else []
         result = _make_trainer(worker_config, train_cfg, use_gpu, datasets, run_name, storage, row_counts,
                                callbacks).fit()
-    ckpt_path = _final_checkpoint_path(result, run_name, storage)
-    return FitResult(
-        metrics=dict(result.metrics or {}),
-        checkpoint_path=ckpt_path,
-        run_name=run_name,
-        storage_path=storage,
-        output_dir=output_dir,
-        history=read_history(output_dir, run_name),
-    )
+    results = []
+    for job, conf, (ckpt_path, metrics) in zip(jobs, job_configs, _final_checkpoints(result, len(jobs), run_name,
+                                                                                    storage)):
+        metrics.pop("job", None)
+        results.append(FitResult(metrics=metrics, checkpoint_path=ckpt_path, run_name=job.run_name,
+                                 storage_path=storage, output_dir=conf["output_dir"],
+                                 history=read_history(conf["output_dir"], job.run_name)))
+    return results

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 from mtrec_dist.choices import CLICK_TRAINED
 from mtrec_dist.config import PipelineConfig, RecConfig, samples_by_popularity
 from mtrec_dist.data.heldout import column_expr, training_expr
-from mtrec_dist.training.launch import launch_fit, read_pointer
+from mtrec_dist.training.launch import read_pointer
 from mtrec_dist.training.specs import configs_from_spec
 
 REC_RUN_PREFIX = "rec"
@@ -111,6 +111,17 @@ def read_training_rows(scored_dir: str, guidance: str, heldout_share: float, in_
         expr=_training_filter(heldout_share, "ray", skip_last))
 
 
+@dataclasses.dataclass
+class RecJob:
+    """One recommender of :func:`train_recommenders`: its backbone x guidance, its output folder and (daily
+    retraining) the checkpoint its weights start from."""
+
+    backbone: str
+    guidance: str
+    output_dir: str
+    warm_start: Optional[str] = None
+
+
 def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, output_dir: str, *,
                       backbone: Optional[str] = None, guidance: Optional[str] = None,
                       resume: Optional[str] = None, progress: bool = True,
@@ -125,12 +136,26 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     Returns ``{"metrics", "checkpoint_path", "run_name", "storage_path", "output_dir", "backbone",
     "guidance", "train_rows", "read_by_driver"}`` (``read_by_driver``: see ``train.driver_read_mb``).
     """
+    job = RecJob(backbone or cfg.rec.backbone, guidance or cfg.rec.guidance, output_dir, warm_start)
+    return train_recommenders(cfg, scored_dir, prepared_dir, [job], resume=resume, progress=progress,
+                              skip_last=skip_last)[0]
+
+
+def train_recommenders(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, jobs: List[RecJob], *,
+                       resume: Optional[str] = None, progress: bool = True, skip_last: bool = False,
+                       storage: Optional[str] = None) -> List[Dict[str, Any]]:
+    """:func:`train_recommender` for several recommenders trained one after another by one Ray Train worker
+    group on the same rows (:func:`~mtrec_dist.training.launch.launch_fits`: one start-up and one read of the
+    rows for all; a pipeline's backbone x guidance variants).  ``storage``: where the run of several keeps its
+    checkpoints (unless ``train.storage_path`` is set).  ``resume`` applies to a single job only.  Returns each
+    job's summary, in order."""
     from mtrec_dist.training.loop import fits_driver
     from mtrec_dist.data.pipeline import action_counts
+    from mtrec_dist.training.launch import LaunchJob, launch_fits
     from mtrec_dist.training.reward import load_training_manifest
 
-    backbone = backbone or cfg.rec.backbone
-    guidance = guidance or cfg.rec.guidance
+    if resume and len(jobs) > 1:
+        raise ValueError("resume names one run's checkpoint: train one recommender at a time to resume")
     cfg.validate()
     manifest = load_training_manifest(prepared_dir)
     train_rows, total = _count_training_rows(scored_dir, cfg.eval.heldout_user_share, skip_last)
@@ -140,21 +165,26 @@ def train_recommender(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, o
     if train_rows == 0:
         raise ValueError(f"{scored_dir}: no training rows (every user is held out; eval.heldout_user_share is "
                          f"{cfg.eval.heldout_user_share})")
-    counts = action_counts([scored_dir], manifest["num_items"], _training_filter(cfg.eval.heldout_user_share,
-                                                                                 skip_last=skip_last)) \
-        if samples_by_popularity(cfg.rec) else None
-    spec = rec_model_spec(cfg, manifest, backbone, guidance)
-    in_memory = fits_driver(cfg.stage_train("rec"), train_rows, spec["state_len"])
     share = cfg.eval.heldout_user_share
-    return launch_fit(cfg, "rec", recommender_factory(spec, counts),
-                      lambda: {"train": read_training_rows(scored_dir, guidance, share, in_memory, skip_last)},
-                      spec=spec,
-                      output_dir=output_dir,
-                      run_prefix=f"{REC_RUN_PREFIX}-{backbone}-{guidance}", pointer=POINTER_FILE,
-                      label=f"train-rec {backbone}/{guidance}", row_counts={"train": train_rows}, resume=resume,
-                      progress=progress, warm_start=warm_start,
-                      extra={"backbone": backbone, "guidance": guidance, "train_rows": train_rows,
-                             "heldout_user_share": share, "read_by_driver": in_memory})
+    counts = action_counts([scored_dir], manifest["num_items"], _training_filter(share, skip_last=skip_last)) \
+        if samples_by_popularity(cfg.rec) else None
+
+    def launch_job(job: RecJob) -> LaunchJob:
+        spec = rec_model_spec(cfg, manifest, job.backbone, job.guidance)
+        return LaunchJob(recommender_factory(spec, counts), spec, job.output_dir,
+                         f"{REC_RUN_PREFIX}-{job.backbone}-{job.guidance}", f"train-rec {job.backbone}/{job.guidance}",
+                         resume=resume, warm_start=job.warm_start,
+                         extra={"backbone": job.backbone, "guidance": job.guidance, "train_rows": train_rows,
+                                "heldout_user_share": share, "read_by_driver": in_memory})
+
+    in_memory = fits_driver(cfg.stage_train("rec"), train_rows, manifest["state_len"])
+    # the click-trained models read the rows without the reward columns; a run that also trains guided ones
+    # reads them with (its click-trained models ignore them)
+    reads = next((j.guidance for j in jobs if j.guidance != CLICK_TRAINED), CLICK_TRAINED)
+    return launch_fits(cfg, "rec", [launch_job(j) for j in jobs],
+                       lambda: {"train": read_training_rows(scored_dir, reads, share, in_memory, skip_last)},
+                       pointer=POINTER_FILE, row_counts={"train": train_rows}, progress=progress,
+                       run_prefix=f"{REC_RUN_PREFIX}-{len(jobs)}-models" if len(jobs) > 1 else None, storage=storage)
 
 
 def default_rec_checkpoint(output_dir: str) -> str:

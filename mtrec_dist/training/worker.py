@@ -6,12 +6,18 @@ training moves forward: step, epoch, rows seen, the row ids consumed in the epoc
 bookkeeping of checkpoints and Ray reports).
 
 1. :func:`_set_up` builds and shards the model and its combined optimizer;
-2. :func:`_restore` loads ``ray.train.get_checkpoint()`` (a restart) or the explicit ``resume`` checkpoint,
+2. :func:`_restore` loads ``ray.train.get_checkpoint()`` (a restart; :func:`_first_job` says whose) or the
+   explicit ``resume`` checkpoint,
    or else :func:`_warm_start` copies an earlier run's weights;
 3. :func:`_train_epoch` streams the rank's dataset shard: :func:`_train_step` per batch, then
    :func:`_report_if_due` (metrics every ``report_every`` steps, a checkpoint every ``checkpoint_every``);
    :func:`_end_epoch` logs the epoch's row-id checksum;
 4. :func:`_finish` checkpoints the final state unless it was just checkpointed.
+
+A run may hold several *jobs* (:func:`~mtrec_dist.training.loop.fit_distributed_jobs`: models trained one
+after another on the same rows, e.g. a pipeline's recommender variants): steps 1-4 run per job in the same
+worker group, which then starts, joins its process group and reads its data once; a job after the first
+starts from the shard the ranks already hold (``train.feed: memory``).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ def _empty_ids() -> np.ndarray:
 class _Worker:
     """What stays fixed for the life of one worker once it is set up."""
 
-    config: Dict[str, Any]            # fit_distributed's worker_config
+    config: Dict[str, Any]            # the run's worker_config with this job's entries (fit_distributed_jobs)
     cfg: TrainConfig
     rank: int
     world: int
@@ -158,14 +164,11 @@ def _set_up(config: Dict[str, Any]) -> _Worker:
     return _Worker(config=config, cfg=cfg, rank=rank, world=world, device=device, sharded=sharded, writer=writer)
 
 
-def _restore(w: _Worker, s: _RunState) -> Any:
-    """Load this run's own checkpoint (a restart) or else the ``resume`` one into ``s``; return where it came
-    from (``None`` when the run starts fresh)."""
-    import ray.train
-
+def _restore(w: _Worker, s: _RunState, ckpt: Any) -> Any:
+    """Load ``ckpt`` (this job's own checkpoint after a restart: :func:`_first_job`) or else the ``resume`` one
+    into ``s``; return where it came from (``None`` when the job starts fresh)."""
     from mtrec_dist.training.checkpoint import load_checkpoint, local_checkpoint_dir
 
-    ckpt = ray.train.get_checkpoint()
     source = ckpt if ckpt is not None else (w.config["resume_path"] or None)
     if source is None:
         return None
@@ -220,6 +223,12 @@ def _consumed_ids(s: _RunState) -> np.ndarray:
     return torch.cat(s.consumed).cpu().numpy() if s.consumed else _empty_ids()
 
 
+def _for_ray(w: _Worker, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """What Ray Train gets of an interval's metrics: they and the index of the run's job that reported them
+    (the driver's progress lines and its choice of each job's final checkpoint read it)."""
+    return {**metrics, "job": w.config["job"]}
+
+
 def _checkpoint_and_report(w: _Worker, s: _RunState, metrics: Dict[str, Any]) -> None:
     """Save a DCP checkpoint of the current state and hand it to Ray Train with ``metrics``."""
     import ray.train
@@ -236,7 +245,7 @@ def _checkpoint_and_report(w: _Worker, s: _RunState, metrics: Dict[str, Any]) ->
     tmp = tempfile.mkdtemp(prefix=f"mtrec-ckpt-r{w.rank}-")
     try:
         save_checkpoint(tmp, w.dmp, w.opt, rank=w.rank, meta=meta, consumed_row_ids=mine)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        ray.train.report(_for_ray(w, metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step{s.step:08d}_{int(time.time() * 1000)}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,7 +301,7 @@ def _report_if_due(w: _Worker, s: _RunState) -> None:
         # The first report after a checkpoint always goes out: it waits until the controller has taken the
         # checkpoint's result, so a failure from here on restores at least that checkpoint (steps redone
         # stay within one checkpoint interval).
-        ray.train.report(s.last_metrics)
+        ray.train.report(_for_ray(w, s.last_metrics))
         if s.confirm_checkpoint:
             # Each rank's report returns once the controller has taken *that rank's* checkpoint result, and
             # Ray registers the checkpoint only when it holds every rank's.  Until all ranks are past this
@@ -396,23 +405,36 @@ def _finish(w: _Worker, s: _RunState) -> None:
     w.writer.close()
 
 
-def train_worker(config: Dict[str, Any]) -> None:
-    """The Ray Train worker function: set up, restore or warm-start, train the epochs, checkpoint the end."""
-    import ray.train
-    import torch.distributed as dist
+def _checkpoint_run_name(ckpt: Any) -> Any:
+    """The job (its ``run_name``) that wrote a Ray Train checkpoint, from its meta file."""
+    import json
 
-    from mtrec_dist.runtime import retain_freed_memory
+    from mtrec_dist.training.checkpoint import META_FILE
 
-    t_enter = time.time()
-    _quiet_library_loggers()
-    retain_freed_memory(config["train_cfg"].malloc_trim_mb)
+    with ckpt.as_directory() as d:
+        return json.loads((Path(d) / META_FILE).read_text()).get("run_name")
+
+
+def _first_job(jobs: List[Dict[str, Any]], restart: Any) -> int:
+    """Where a (re)started worker group begins: the job that wrote the run's latest checkpoint (the jobs before
+    it had finished, final checkpoint included), or the first job."""
+    if restart is None or len(jobs) == 1:
+        return 0
+    name = _checkpoint_run_name(restart)
+    return next((i for i, job in enumerate(jobs) if job["run_name"] == name), 0)
+
+
+def _train_job(config: Dict[str, Any], shard: Any, restart: Any, held: Any, t_enter: float) -> Any:
+    """One model from setup to its final checkpoint; returns the shard this rank holds (``train.feed: memory``)
+    for the next job of the run."""
     w = _set_up(config)
     s = _RunState()
-    restored_from = _restore(w, s)
+    restored_from = _restore(w, s, restart)
     warm_report = _warm_start(w) if restored_from is None else None
+    # a held shard is a whole epoch: a job resumed mid-epoch streams the rest of that epoch first
+    s.held = held if restored_from is None else None
     _log_start(w, s, restored_from, warm_report, t_enter)
 
-    shard = ray.train.get_dataset_shard(TRAIN_DATASET)
     s.stats = IntervalStats()  # the first interval starts here, not at setup
     s.last_ray_report = time.monotonic()
     stop = _reached_max_steps(w.cfg, s)
@@ -421,5 +443,29 @@ def train_worker(config: Dict[str, Any]) -> None:
         if not stop:
             _end_epoch(w, s)
     _finish(w, s)
-    if dist.is_initialized():
-        dist.barrier()
+    return s.held
+
+
+def train_worker(config: Dict[str, Any]) -> None:
+    """The Ray Train worker function: for each of the run's jobs (models trained one after another on the same
+    rows by the same worker group: :func:`~mtrec_dist.training.loop.fit_distributed_jobs`) set up, restore or
+    warm-start, train the epochs, checkpoint the end.  After a restart the jobs that had finished are skipped."""
+    import ray.train
+    import torch.distributed as dist
+
+    from mtrec_dist.runtime import retain_freed_memory
+
+    t_enter = time.time()
+    _quiet_library_loggers()
+    retain_freed_memory(config["train_cfg"].malloc_trim_mb)
+    shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+    jobs = config["jobs"]
+    restart = ray.train.get_checkpoint()
+    first = _first_job(jobs, restart)
+    held = None
+    for i in range(first, len(jobs)):
+        shared = {k: v for k, v in config.items() if k != "jobs"}
+        held = _train_job({**shared, **jobs[i], "job": i}, shard, restart if i == first else None, held, t_enter)
+        t_enter = time.time()
+        if dist.is_initialized():
+            dist.barrier()

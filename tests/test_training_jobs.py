@@ -1,0 +1,88 @@
+"""Several models trained one after another in one Ray Train run (``fit_distributed_jobs``): each trains on every
+row of every epoch, keeps its own metrics and final checkpoint, and a failure in either restarts the run at the
+job that failed, not before it."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_training import tiny_factory, write_prepared
+from mtrec_dist.config import TrainConfig
+from mtrec_dist.data.pipeline import read_transitions
+from mtrec_dist.training.checkpoint import read_checkpoint_meta
+from mtrec_dist.training.loop import FAULT_MARKER, FitJob, _final_checkpoints, fit_distributed_jobs
+
+torch.set_num_threads(1)
+
+
+def _ckpt(path: str) -> SimpleNamespace:
+    return SimpleNamespace(path=path)
+
+
+def test_each_job_gets_its_highest_step_checkpoint():
+    """The table of kept checkpoints, as Ray Train's result lists them, read per job."""
+    kept = [(_ckpt("/s/a10"), {"job": 0, "step": 10}), (_ckpt("/s/a20"), {"job": 0, "step": 20}),
+            (_ckpt("/s/b10"), {"job": 1, "step": 10}), (_ckpt("/s/b30"), {"job": 1, "step": 30}),
+            (_ckpt("/s/b20"), {"job": 1, "step": 20})]
+    result = SimpleNamespace(error=None, checkpoint=_ckpt("/s/b30"), metrics={"job": 1, "step": 30},
+                             best_checkpoints=kept)
+    finals = _final_checkpoints(result, 2, "run", "/s")
+    assert [p for p, _ in finals] == ["/s/a20", "/s/b30"]
+    assert finals[0][1]["step"] == 20
+    # a cloud storage's scheme is put back on each path
+    assert _final_checkpoints(result, 2, "run", "s3://s")[1][0] == "s3://s/b30"
+    with pytest.raises(RuntimeError, match=r"kept no checkpoint of job\(s\) \[2\]"):
+        _final_checkpoints(result, 3, "run", "/s")
+
+
+def test_jobs_refuse_what_would_lose_a_checkpoint(tmp_path):
+    job = functools.partial(FitJob, functools.partial(tiny_factory, 4, 4), str(tmp_path))
+    with pytest.raises(ValueError, match="checkpoints_to_keep 0, not 2"):
+        fit_distributed_jobs([job("a"), job("b")], TrainConfig(checkpoints_to_keep=2), {"train": None}, "r",
+                             str(tmp_path))
+    with pytest.raises(ValueError, match="distinct run names"):
+        fit_distributed_jobs([job("a"), job("a")], TrainConfig(), {"train": None}, "r", str(tmp_path))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_jobs_train_whole_and_each_recovers_where_it_failed(ray_cluster, tmp_path):
+    """Two models, two epochs each (a held shard), the last rank killed once in each job at step 30 (inside the
+    first epoch).  The first job restarts from its own checkpoint; the second from its own, without training the
+    first again; every epoch of each trains on every row exactly once."""
+    rows = 2400  # 1200 rows per rank = 50 steps of 24
+    root = write_prepared(tmp_path / "prep", num_items=40, rows=rows, files=4)
+    cfg = TrainConfig(num_workers=2, batch_size=24, epochs=2, report_every=10, checkpoint_every=10,
+                      fail_at_step=30, max_failures=2, sharding="row_wise", lr=0.01, sparse_lr=0.1,
+                      collective_timeout_s=60)
+    jobs = [FitJob(functools.partial(tiny_factory, 40, 8), str(tmp_path / name), name, label=name)
+            for name in ("first", "second")]
+    results = fit_distributed_jobs(jobs, cfg, {"train": read_transitions(str(root))}, "both",
+                                   str(tmp_path / "storage"), state_len=4, row_counts={"train": rows},
+                                   progress=False)
+    assert [r.run_name for r in results] == ["first", "second"]
+    ids = np.arange(1000, 1000 + rows, dtype=np.float64)
+    for result in results:
+        assert (Path(result.output_dir) / f"{FAULT_MARKER}_{result.run_name}").exists()
+        starts = [e for e in result.history if e["event"] == "start"]
+        # one start, one restart from this job's own checkpoint: the second job's failure did not rerun the first
+        assert len(starts) == 2 and starts[0]["restored_from"] is None
+        assert starts[1]["restored_from"] is not None and starts[1]["step"] in (20, 30)
+        assert read_checkpoint_meta(starts[1]["restored_from"])["run_name"] == result.run_name
+        ends = [e for e in result.history if e["event"] == "epoch_end"]
+        assert [e["epoch"] for e in ends] == [0, 1]
+        for epoch_end in ends:
+            assert (epoch_end["rows"], epoch_end["row_id_sum"], epoch_end["row_id_sqsum"]) == \
+                (rows, ids.sum(), (ids ** 2).sum())
+        meta = read_checkpoint_meta(result.checkpoint_path)
+        # the rest of an epoch resumed mid-way may take a step more than a whole epoch's share (as in the
+        # fault-tolerance test)
+        assert meta["run_name"] == result.run_name and meta["step"] == result.metrics["step"] >= 100
+        assert "job" not in result.metrics
+    assert results[0].checkpoint_path != results[1].checkpoint_path
+    assert Path(results[0].checkpoint_path).parent == Path(results[1].checkpoint_path).parent  # one run's storage
