@@ -86,3 +86,23 @@ def test_two_jobs_train_whole_and_each_recovers_where_it_failed(ray_cluster, tmp
         assert "job" not in result.metrics
     assert results[0].checkpoint_path != results[1].checkpoint_path
     assert Path(results[0].checkpoint_path).parent == Path(results[1].checkpoint_path).parent  # one run's storage
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_jobs_of_a_run_train_on_the_same_batches(ray_cluster, tmp_path):
+    """Two identical jobs (same model, same seed) over a held shard: the second starts from the shard the first
+    collected, in the same order every epoch, so both report the same losses at every interval."""
+    rows = 1200
+    root = write_prepared(tmp_path / "prep", num_items=40, rows=rows, files=2)
+    cfg = TrainConfig(num_workers=2, batch_size=24, epochs=3, report_every=5, checkpoint_every=1000,
+                      sharding="row_wise", lr=0.01, sparse_lr=0.1, collective_timeout_s=60)
+    jobs = [FitJob(functools.partial(tiny_factory, 40, 8), str(tmp_path / name), name) for name in ("a", "b")]
+    a, b = fit_distributed_jobs(jobs, cfg, {"train": read_transitions(str(root))}, "ab", str(tmp_path / "storage"),
+                                state_len=4, row_counts={"train": rows}, progress=False)
+    losses = [[e["loss"] for e in r.history if e["event"] == "metrics"] for r in (a, b)]
+    assert len(losses[0]) == 3 * 25 // 5 and losses[0] == losses[1]
+    # only the first job collected the shard; the second read nothing
+    assert [e["epoch"] for e in a.history if e["event"] == "held_shard"] == [0]
+    assert not [e for e in b.history if e["event"] == "held_shard"]
+    assert [s["feed"] for s in a.history + b.history if s["event"] == "start"] == ["memory", "memory"]

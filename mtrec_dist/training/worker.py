@@ -77,6 +77,7 @@ class _RunState:
     last_metrics: Dict[str, Any] = field(default_factory=dict)
     stats: IntervalStats = field(default_factory=IntervalStats)
     held: Any = None                  # train.feed=memory: this rank's collated shard of a whole epoch (HeldShard)
+    held_epoch: int = -1              # the epoch it was collected in (trained in its stored order)
     last_ray_report: float = 0.0      # time.monotonic() of the last ray.train.report
     confirm_checkpoint: bool = False  # identical on every rank: set at the same checkpoint steps
 
@@ -348,7 +349,10 @@ def _epoch_batches(w: _Worker, s: _RunState, shard: Any) -> Iterator[Dict[str, t
     cfg, rank = w.cfg, w.rank
     seed = cfg.seed * 1009 + s.epoch * 17 + rank
     if cfg.feed == "memory" and s.held is not None:  # shuffle_buffer_rows 0 keeps the stored order
-        return s.held.epoch(w.device, seed=seed if cfg.shuffle_buffer_rows else None)
+        # the epoch the shard was collected in keeps its stored order in a later job of the run too, so every
+        # job trains on the same batches in the same order
+        reshuffle = cfg.shuffle_buffer_rows and s.epoch != s.held_epoch
+        return s.held.epoch(w.device, seed=seed if reshuffle else None)
     batches = iter_train_batches(
         shard, cfg.batch_size, w.device, state_len=w.config["state_len"], skip_row_ids=s.carried,
         prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
@@ -358,7 +362,7 @@ def _epoch_batches(w: _Worker, s: _RunState, shard: Any) -> Iterator[Dict[str, t
     # checkpoint resumed is streamed: it is not whole, so it is not held (the next whole epoch is)
     if cfg.feed != "memory" or s.carried.size:
         return batches
-    s.held = HeldShard([{k: v.cpu() for k, v in b.items()} for b in batches])
+    s.held, s.held_epoch = HeldShard([{k: v.cpu() for k, v in b.items()} for b in batches]), s.epoch
     w.writer.event("held_shard", epoch=s.epoch, batches=s.held.num_batches, mb=round(s.held.nbytes / 2**20, 1))
     return s.held.epoch(w.device)
 
@@ -424,15 +428,17 @@ def _first_job(jobs: List[Dict[str, Any]], restart: Any) -> int:
     return next((i for i, job in enumerate(jobs) if job["run_name"] == name), 0)
 
 
-def _train_job(config: Dict[str, Any], shard: Any, restart: Any, held: Any, t_enter: float) -> Any:
+def _train_job(config: Dict[str, Any], shard: Any, restart: Any, held: Tuple[Any, int],
+               t_enter: float) -> Tuple[Any, int]:
     """One model from setup to its final checkpoint; returns the shard this rank holds (``train.feed: memory``)
-    for the next job of the run."""
+    and the epoch it was collected in, for the next job of the run."""
     w = _set_up(config)
     s = _RunState()
     restored_from = _restore(w, s, restart)
     warm_report = _warm_start(w) if restored_from is None else None
     # a held shard is a whole epoch: a job resumed mid-epoch streams the rest of that epoch first
-    s.held = held if restored_from is None else None
+    if restored_from is None:
+        s.held, s.held_epoch = held
     _log_start(w, s, restored_from, warm_report, t_enter)
 
     s.stats = IntervalStats()  # the first interval starts here, not at setup
@@ -443,7 +449,7 @@ def _train_job(config: Dict[str, Any], shard: Any, restart: Any, held: Any, t_en
         if not stop:
             _end_epoch(w, s)
     _finish(w, s)
-    return s.held
+    return s.held, s.held_epoch
 
 
 def train_worker(config: Dict[str, Any]) -> None:
@@ -462,7 +468,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     jobs = config["jobs"]
     restart = ray.train.get_checkpoint()
     first = _first_job(jobs, restart)
-    held = None
+    held: Tuple[Any, int] = (None, -1)
     for i in range(first, len(jobs)):
         shared = {k: v for k, v in config.items() if k != "jobs"}
         held = _train_job({**shared, **jobs[i], "job": i}, shard, restart if i == first else None, held, t_enter)
