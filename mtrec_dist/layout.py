@@ -4,8 +4,9 @@
     <run_dir>/prepared/       transitions, eval/, rejects/, vocab/, manifest.json
     <run_dir>/reward/         reward model metrics, TensorBoard, reward_model.json (+ ray_results/)
     <run_dir>/rewards/        scored transitions (reward quantiles, mean, CVaR, baselines)
-    <run_dir>/rec/<backbone>-<guidance>/   each recommender's metrics (and checkpoints when trained alone)
-    <run_dir>/rec/ray_results/  the checkpoints of recommenders trained in one Ray Train run (the pipeline's)
+    <run_dir>/rec/<backbone>-<guidance>/   each recommender's metrics and recommender.json (`mtrec train-rec`
+                              alone: also its checkpoints, under ray_results/)
+    <run_dir>/rec/ray_results/  the Ray Train run(s) of the pipeline's and retrain's recommenders, their checkpoints
     <run_dir>/report/         report.html, PNG figures, metrics.json, tensorboard/
     <run_dir>/ablation/       the ablation's results.json and table.md
     <run_dir>/stages/         one record per finished stage (what `mtrec pipeline --resume` reads)

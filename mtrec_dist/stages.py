@@ -341,21 +341,27 @@ class _RecRun:
     start-up and one read of the rows for every recommender).  The first of them that runs trains itself and
     every later one (the runner runs every stage after the first that runs); the later stages hand back what it
     trained, so each keeps its own record, fingerprint and resume.  With ``train.checkpoints_to_keep`` set,
-    each trains alone: Ray Train would delete an earlier recommender's final checkpoint."""
+    each trains alone: Ray Train would delete an earlier recommender's final checkpoint.  When the run fails, the
+    recommenders that had finished still hand back their outputs (their stages are recorded, so ``--resume`` does
+    not train them again) and the first that had not raises the failure."""
 
     def __init__(self, ctx: RunContext, prepared: str, scored: str, warm: Optional[WarmRule]) -> None:
         self.ctx, self.prepared, self.scored, self.warm = ctx, prepared, scored, warm
         self.trained: Dict[Tuple[str, str], Outputs] = {}
+        self.failed: Optional[Exception] = None
 
     def output(self, backbone: str, guidance: str) -> Outputs:
         """The recommender's outputs, training it and the variants after it first if they are not trained."""
-        if (backbone, guidance) not in self.trained:
+        key = (backbone, guidance)
+        if key not in self.trained and self.failed is None:
             variants = rec_variants(self.ctx.cfg)
-            rest = variants[variants.index((backbone, guidance)):]
+            rest = variants[variants.index(key):]
             together = not self.ctx.cfg.stage_train("rec").checkpoints_to_keep
             for group in ([rest] if together else [[v] for v in rest]):
                 self._train(group)
-        return self.trained.pop((backbone, guidance))
+        if key not in self.trained:
+            raise self.failed
+        return self.trained.pop(key)
 
     def _train(self, variants: List[Tuple[str, str]]) -> None:
         from mtrec_dist.training.recommender import RecJob, rec_model_spec, train_recommenders
@@ -372,8 +378,13 @@ class _RecRun:
             reasons.append(why)
         if len(jobs) > 1:
             self.ctx.line(f"train-rec: {len(jobs)} recommenders, one after another in one Ray Train run")
-        outs = train_recommenders(cfg, self.scored, self.prepared, jobs, progress=self.ctx.progress,
-                                  storage=layout.rec_runs)
+        from mtrec_dist.training.loop import JobsFailed
+
+        try:
+            outs = train_recommenders(cfg, self.scored, self.prepared, jobs, progress=self.ctx.progress,
+                                      storage=layout.rec_runs)
+        except JobsFailed as failed:
+            outs, self.failed = failed.finished, failed
         for job, why, out in zip(jobs, reasons, outs):
             out = out if self.warm is None else {**out, "warm_start": job.warm_start, "warm_start_reason": why}
             self.trained[(job.backbone, job.guidance)] = out

@@ -154,3 +154,41 @@ def test_the_popularity_sampler_enters_the_training_stages_fingerprints_and_the_
                       "rec.num_negatives=8", "rec.negative_sampler=popularity")
     assert all("popularity_counts" not in c for c in uniform.values() if isinstance(c, dict))
     assert popular["train-reward"]["popularity_counts"] == popular["train-rec sasrec/none"]["popularity_counts"]
+
+
+def test_the_recommenders_train_in_one_run_and_a_failure_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """The train-rec stages call one ``train_recommenders`` for every variant from the first that runs; when that
+    run fails after the first variant finished, the first stage is recorded, the second raises the failure, and
+    a resume trains only the second and third (again in one run)."""
+    from mtrec_dist.config import load_config
+    from mtrec_dist.stages import model_stages
+    from mtrec_dist.training import recommender
+    from mtrec_dist.training.loop import JobsFailed
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "rec.backbones=[sasrec]",
+                             "rec.guidances=[none,reweight,risk_averse]"])
+    runs = []
+
+    def fake_train(cfg, scored, prepared, jobs, **kwargs):
+        runs.append([j.guidance for j in jobs])
+        outs = [{"checkpoint_path": str(tmp_path), "guidance": j.guidance} for j in jobs]
+        if len(runs) == 1:
+            raise JobsFailed("the second job failed", outs[:1])
+        return outs
+
+    monkeypatch.setattr(recommender, "train_recommenders", fake_train)
+
+    def stages():  # each command builds its stages anew
+        recs = [s for s in model_stages(RunContext(cfg, progress=False), str(tmp_path / "prep"))
+                if s.name.startswith("train-rec")]
+        for s in recs:
+            s.inputs = ["score-rewards"]
+        return [Stage("train-reward", lambda done: {}), Stage("score-rewards", lambda done: {})] + recs
+
+    with pytest.raises(JobsFailed):
+        StageRunner(RunContext(cfg, progress=False)).run(stages())
+    assert runs == [["none", "reweight", "risk_averse"]]
+    done = StageRunner(RunContext(cfg, progress=False), resume=True).run(stages())
+    assert runs[1] == ["reweight", "risk_averse"]
+    assert [done[f"train-rec sasrec/{g}"]["guidance"] for g in ("none", "reweight", "risk_averse")] == \
+        ["none", "reweight", "risk_averse"]

@@ -199,6 +199,7 @@ def test_training_caches_its_data_only_where_it_reads_them_twice():
     assert not _reads_twice(three, {"train": 20_000})  # stops within the first epoch
     assert _reads_twice(three, None)  # rows unknown: more than one epoch is the best guess
     assert not _reads_twice(TrainConfig(epochs=1), {"train": 10})
+    assert _reads_twice(TrainConfig(epochs=1), {"train": 10}, jobs=2)  # several models of one run read it again
 
 
 def test_auto_feed_holds_in_memory_only_what_is_read_twice_and_fits():

@@ -15,7 +15,7 @@ from helpers_training import tiny_factory, write_prepared
 from mtrec_dist.config import TrainConfig
 from mtrec_dist.data.pipeline import read_transitions
 from mtrec_dist.training.checkpoint import read_checkpoint_meta
-from mtrec_dist.training.loop import FAULT_MARKER, FitJob, _final_checkpoints, fit_distributed_jobs
+from mtrec_dist.training.loop import FAULT_MARKER, FitJob, JobsFailed, _final_checkpoints, fit_distributed_jobs
 
 torch.set_num_threads(1)
 
@@ -106,3 +106,26 @@ def test_jobs_of_a_run_train_on_the_same_batches(ray_cluster, tmp_path):
     assert [e["epoch"] for e in a.history if e["event"] == "held_shard"] == [0]
     assert not [e for e in b.history if e["event"] == "held_shard"]
     assert [s["feed"] for s in a.history + b.history if s["event"] == "start"] == ["memory", "memory"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_failed_run_hands_back_the_jobs_that_finished(ray_cluster, tmp_path):
+    """No restarts allowed and the second job's last rank killed: the run fails, and the first job's result (its
+    final checkpoint) comes back with the failure, so that it need not train again."""
+    rows = 1200
+    root = write_prepared(tmp_path / "prep", num_items=40, rows=rows, files=2)
+    cfg = TrainConfig(num_workers=2, batch_size=24, epochs=1, report_every=5, checkpoint_every=10,
+                      fail_at_step=10, max_failures=0, sharding="row_wise", lr=0.01, sparse_lr=0.1,
+                      collective_timeout_s=60)
+    jobs = [FitJob(functools.partial(tiny_factory, 40, 8), str(tmp_path / name), name) for name in ("a", "b")]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / f"{FAULT_MARKER}_a").write_text("the first job has had its failure: it does not fail")
+    with pytest.raises(JobsFailed, match="after 1 of its 2 jobs had finished") as failed:
+        fit_distributed_jobs(jobs, cfg, {"train": read_transitions(str(root))}, "ab", str(tmp_path / "storage"),
+                             state_len=4, row_counts={"train": rows}, progress=False)
+    (first,) = failed.value.finished
+    assert first.run_name == "a" and (tmp_path / "b" / f"{FAULT_MARKER}_b").exists()
+    meta = read_checkpoint_meta(first.checkpoint_path)
+    assert meta["run_name"] == "a" and meta["step"] == first.metrics["step"] == 25
+    assert [e["event"] for e in first.history][-1] == "end"

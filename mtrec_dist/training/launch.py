@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 from mtrec_dist.layout import RAY_RESULTS
 from mtrec_dist.runtime import init_ray
 
-RAY_RESULTS_DIR = RAY_RESULTS  # checkpoints under <output_dir>/ray_results unless train.storage_path is set
+# checkpoints under <output_dir>/ray_results unless train.storage_path (or launch_fits' storage) says otherwise
+RAY_RESULTS_DIR = RAY_RESULTS
 
 
 @dataclass
@@ -59,7 +60,7 @@ def launch_fits(cfg, stage: Literal["reward", "rec"], jobs: List[LaunchJob], dat
     (:func:`~mtrec_dist.training.loop.fit_distributed_jobs`).  The run is named ``run_prefix`` (default: the
     only job's prefix) and keeps its checkpoints under ``train.storage_path``, else ``storage``, else the first
     job's ``<output_dir>/ray_results``.  Returns each job's summary (its pointer file's content), in order."""
-    from mtrec_dist.training.loop import FitJob, fit_distributed_jobs
+    from mtrec_dist.training.loop import FitJob, JobsFailed, fit_distributed_jobs
 
     if len(jobs) > 1 and not run_prefix:
         raise ValueError("a run of several jobs needs its own run_prefix")
@@ -81,17 +82,22 @@ def launch_fits(cfg, stage: Literal["reward", "rec"], jobs: List[LaunchJob], dat
 
     fit_jobs = [fit_job(job) for job in jobs]
     run_name = f"{run_prefix}-{stamp}" if run_prefix else fit_jobs[0].run_name
-    results = fit_distributed_jobs(fit_jobs, train_cfg, datasets(), run_name, storage,
-                                   state_len=jobs[0].spec["state_len"], row_counts=row_counts, progress=progress)
-    summaries = []
-    for job, result in zip(jobs, results):
+
+    def summarise(job: LaunchJob, result) -> Dict[str, Any]:
+        """The job's summary, also written to its pointer file."""
         summary = {"metrics": result.metrics, "checkpoint_path": result.checkpoint_path, "run_name": result.run_name,
                    "storage_path": result.storage_path, "output_dir": job.output_dir, **job.extra}
         if job.warm_start:
             summary["warm_start"] = job.warm_start
         Path(job.output_dir, pointer).write_text(json.dumps(summary, indent=1, default=float))
-        summaries.append(summary)
-    return summaries
+        return summary
+
+    try:
+        results = fit_distributed_jobs(fit_jobs, train_cfg, datasets(), run_name, storage,
+                                       state_len=jobs[0].spec["state_len"], row_counts=row_counts, progress=progress)
+    except JobsFailed as failed:  # the jobs that finished keep their pointer files: summaries in ``finished``
+        raise JobsFailed(str(failed), [summarise(j, r) for j, r in zip(jobs, failed.finished)]) from failed
+    return [summarise(job, result) for job, result in zip(jobs, results)]
 
 
 def read_pointer(output_dir: str, pointer: str, command: str) -> str:

@@ -203,9 +203,12 @@ def _resolve_warm_start(warm_start: Optional[str]) -> Optional[str]:
     return warm_start if "://" in warm_start else os.path.abspath(warm_start)
 
 
-def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]]) -> bool:
-    """Whether training reads its data more than once (caching it then pays): more than one epoch, and no
-    ``max_steps`` that ends within the first (where the rows are known; :func:`expected_steps`)."""
+def _reads_twice(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], jobs: int = 1) -> bool:
+    """Whether training reads its data more than once (caching it then pays): several jobs in the run
+    (:func:`fit_distributed_jobs`), or more than one epoch and no ``max_steps`` that ends within the first (where
+    the rows are known; :func:`expected_steps`)."""
+    if jobs > 1:
+        return True
     if train_cfg.epochs <= 1:
         return False
     rows = (row_counts or {}).get(TRAIN_DATASET)
@@ -230,7 +233,8 @@ def fits_driver(train_cfg: TrainConfig, rows: int, state_len: int) -> bool:
     return train_cfg.driver_read_mb > 0 and held_shard_mb(rows, state_len, 1) <= train_cfg.driver_read_mb
 
 
-def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], state_len: Optional[int]) -> str:
+def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], state_len: Optional[int],
+                 jobs: int = 1) -> str:
     """``train.feed`` with ``auto`` resolved: ``memory`` where training reads its data more than once
     (:func:`_reads_twice`), has at most ``train.cache_rows`` rows and each worker's shard is estimated at most
     ``train.memory_feed_max_mb`` (each worker then holds its shard from the first whole epoch on: later epochs
@@ -242,12 +246,13 @@ def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], s
     if rows is None or state_len is None or rows > train_cfg.cache_rows:
         return "stream"
     fits = held_shard_mb(rows, state_len, train_cfg.num_workers) <= train_cfg.memory_feed_max_mb
-    return "memory" if fits and _reads_twice(train_cfg, row_counts) else "stream"
+    return "memory" if fits and _reads_twice(train_cfg, row_counts, jobs) else "stream"
 
 
 def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu: bool, datasets: Dict[str, Any],
                   run_name: str, storage: str, row_counts: Optional[Dict[str, int]], callbacks: List[Any]):
     """The ``TorchTrainer`` that runs :func:`~mtrec_dist.training.worker.train_worker` on every worker."""
+    jobs = len(worker_config["jobs"])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -273,7 +278,7 @@ def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu
         datasets=datasets,
         # the object-store cache serves streamed epochs; a memory feed reads each row once (twice after a resume)
         dataset_config=NoDropDataConfig(row_counts=row_counts, cache_rows=train_cfg.cache_rows if (
-            train_cfg.feed == "stream" and _reads_twice(train_cfg, row_counts)) else 0),
+            train_cfg.feed == "stream" and _reads_twice(train_cfg, row_counts, jobs)) else 0),
     )
 
 
@@ -304,6 +309,44 @@ def _final_checkpoints(result: Any, jobs: int, run_name: str, storage: str) -> L
     if missing:
         raise RuntimeError(f"training run {run_name!r} kept no checkpoint of job(s) {missing}")
     return [finals[j][1:] for j in range(jobs)]
+
+
+class JobsFailed(RuntimeError):
+    """A run of several jobs (:func:`fit_distributed_jobs`) failed; ``finished`` holds what the jobs that had
+    finished before the failure produced (their :class:`FitResult`, in order), so that they need not train again."""
+
+    def __init__(self, message: str, finished: List[Any]) -> None:
+        super().__init__(message)
+        self.finished = finished
+
+
+def _kept_result(storage: str, run_name: str, error: Exception) -> Any:
+    """What a failed run kept (its checkpoints and their metrics), as Ray Train's ``Result``, with ``error`` set;
+    no checkpoint at all if it registered none."""
+    from types import SimpleNamespace
+
+    from ray.train import Result
+
+    try:
+        kept = Result.from_path(f"{storage.rstrip('/')}/{run_name}")
+    except Exception:  # the run registered no checkpoint
+        return SimpleNamespace(error=error, checkpoint=None, metrics={}, best_checkpoints=[])
+    kept.error = error
+    return kept
+
+
+def _finished_before_failure(result: Any, histories: List[List[Dict[str, Any]]], storage: str) -> List[tuple]:
+    """``(checkpoint path, its metrics)`` of each job of a failed run that had finished: in order, each whose
+    ``end`` event is logged and whose checkpoint at that step the run kept (the first without both ends the list)."""
+    done: List[tuple] = []
+    for job, history in enumerate(histories):
+        ends = [e["step"] for e in history if e["event"] == "end"]
+        kept = [(_checkpoint_uri(c, storage), dict(m)) for c, m in result.best_checkpoints or []
+                if ends and int(m.get("job", 0)) == job and int(m.get("step", -1)) == ends[-1]]
+        if not kept:
+            break
+        done.append(kept[-1])
+    return done
 
 
 @dataclass
@@ -391,7 +434,7 @@ def fit_distributed_jobs(jobs: List[FitJob], train_cfg: TrainConfig, datasets: D
     storage = _storage_uri(storage_path)
     use_gpu = resolve_use_gpu(train_cfg.use_gpu)
     fingerprint_default = {"train": dataclasses.asdict(train_cfg)}
-    train_cfg = dataclasses.replace(train_cfg, feed=resolve_feed(train_cfg, row_counts, state_len))  # stream|memory
+    train_cfg = dataclasses.replace(train_cfg, feed=resolve_feed(train_cfg, row_counts, state_len, len(jobs)))
     job_configs = [{
         "model_factory": job.model_factory,
         "resume_path": resolve_resume(job.resume, storage),
@@ -405,13 +448,24 @@ def fit_distributed_jobs(jobs: List[FitJob], train_cfg: TrainConfig, datasets: D
     with _printing_progress(progress) as lines:  # the controller's report lines, printed here
         total = expected_steps(train_cfg, (row_counts or {}).get(TRAIN_DATASET))
         callbacks = [_progress_callback([j.label for j in jobs], lines, total)] if progress else []
-        result = _make_trainer(worker_config, train_cfg, use_gpu, datasets, run_name, storage, row_counts,
-                               callbacks).fit()
-    results = []
-    for job, conf, (ckpt_path, metrics) in zip(jobs, job_configs, _final_checkpoints(result, len(jobs), run_name,
-                                                                                    storage)):
-        metrics.pop("job", None)
-        results.append(FitResult(metrics=metrics, checkpoint_path=ckpt_path, run_name=job.run_name,
-                                 storage_path=storage, output_dir=conf["output_dir"],
-                                 history=read_history(conf["output_dir"], job.run_name)))
-    return results
+        try:
+            result = _make_trainer(worker_config, train_cfg, use_gpu, datasets, run_name, storage, row_counts,
+                                   callbacks).fit()
+        except Exception as error:  # Ray Train raises when the run failed for good
+            if len(jobs) == 1:
+                raise
+            result = _kept_result(storage, run_name, error)
+
+    def fit_results(finals: List[tuple]) -> List[FitResult]:
+        """A result for each ``(checkpoint path, metrics)`` of ``finals``, the first jobs' in order."""
+        return [FitResult(metrics={k: v for k, v in metrics.items() if k != "job"}, checkpoint_path=ckpt_path,
+                          run_name=job.run_name, storage_path=storage, output_dir=conf["output_dir"],
+                          history=read_history(conf["output_dir"], job.run_name))
+                for job, conf, (ckpt_path, metrics) in zip(jobs, job_configs, finals)]
+
+    if result.error is not None and len(jobs) > 1:
+        histories = [read_history(c["output_dir"], c["run_name"]) for c in job_configs]
+        finished = fit_results(_finished_before_failure(result, histories, storage))
+        raise JobsFailed(f"training run {run_name!r} failed after {len(finished)} of its {len(jobs)} jobs had "
+                         f"finished: {result.error}", finished) from result.error
+    return fit_results(_final_checkpoints(result, len(jobs), run_name, storage))

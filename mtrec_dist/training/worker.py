@@ -21,6 +21,7 @@ starts from the shard the ranks already hold (``train.feed: memory``).
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -410,13 +411,14 @@ def _finish(w: _Worker, s: _RunState) -> None:
 
 
 def _checkpoint_run_name(ckpt: Any) -> Any:
-    """The job (its ``run_name``) that wrote a Ray Train checkpoint, from its meta file."""
+    """The job (its ``run_name``) that wrote a Ray Train checkpoint, from its meta file alone (nothing else of a
+    checkpoint on cloud storage is downloaded for it)."""
     import json
 
     from mtrec_dist.training.checkpoint import META_FILE
 
-    with ckpt.as_directory() as d:
-        return json.loads((Path(d) / META_FILE).read_text()).get("run_name")
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{META_FILE}") as f:
+        return json.loads(f.read()).get("run_name")
 
 
 def _first_job(jobs: List[Dict[str, Any]], restart: Any) -> int:
@@ -425,7 +427,11 @@ def _first_job(jobs: List[Dict[str, Any]], restart: Any) -> int:
     if restart is None or len(jobs) == 1:
         return 0
     name = _checkpoint_run_name(restart)
-    return next((i for i, job in enumerate(jobs) if job["run_name"] == name), 0)
+    for i, job in enumerate(jobs):
+        if job["run_name"] == name:
+            return i
+    raise RuntimeError(f"the run's latest checkpoint {restart.path} was written by {name!r}, none of its jobs "
+                       f"{[job['run_name'] for job in jobs]}")
 
 
 def _train_job(config: Dict[str, Any], shard: Any, restart: Any, held: Tuple[Any, int],
@@ -435,6 +441,10 @@ def _train_job(config: Dict[str, Any], shard: Any, restart: Any, held: Tuple[Any
     w = _set_up(config)
     s = _RunState()
     restored_from = _restore(w, s, restart)
+    if restart is not None:
+        # the state is the run's own registered checkpoint: a job restarted after its final one (a failure in the
+        # next job before that one checkpointed) finishes without saving it again
+        s.last_ckpt = (s.step, s.epoch)
     warm_report = _warm_start(w) if restored_from is None else None
     # a held shard is a whole epoch: a job resumed mid-epoch streams the rest of that epoch first
     if restored_from is None:
@@ -472,6 +482,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     for i in range(first, len(jobs)):
         shared = {k: v for k, v in config.items() if k != "jobs"}
         held = _train_job({**shared, **jobs[i], "job": i}, shard, restart if i == first else None, held, t_enter)
+        gc.collect()  # the job's model and optimizer go before the next job builds its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         t_enter = time.time()
         if dist.is_initialized():
             dist.barrier()
