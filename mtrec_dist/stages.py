@@ -75,6 +75,7 @@ class Stage:
     inputs: Sequence[str] = ()  # earlier stages it reads: their fingerprints enter its own
     files: Optional[Callable[[], list]] = None  # its input files as [path, size, mtime_ns] (prepare)
     paths: Callable[[Outputs], List[str]] = field(default=lambda out: [])  # must still exist to skip it
+    note: Callable[[], str] = field(default=lambda: "")  # said after "done in ...s" (e.g. where it trained)
 
 
 def _jsonable(o: Any) -> Any:
@@ -167,7 +168,7 @@ class StageRunner:
         self.outputs[stage.name] = out
         self.timings[stage.name] = seconds
         self._write_record(stage, fingerprint, inputs, out, started, seconds)
-        self.ctx.line(f"{stage.name} done in {seconds}s")
+        self.ctx.line(f"{stage.name} done in {seconds}s{stage.note()}")
 
     def _write_record(self, stage: Stage, fingerprint: str, inputs: Dict[str, Any], out: Outputs, started: str,
                       seconds: float) -> None:
@@ -349,6 +350,7 @@ class _RecRun:
         self.ctx, self.prepared, self.scored, self.warm = ctx, prepared, scored, warm
         self.trained: Dict[Tuple[str, str], Outputs] = {}
         self.failed: Optional[Exception] = None
+        self.trained_in: Dict[Tuple[str, str], Tuple[str, int]] = {}  # variant -> (stage that trained it, run size)
 
     def output(self, backbone: str, guidance: str) -> Outputs:
         """The recommender's outputs, training it and the variants after it first if they are not trained."""
@@ -362,6 +364,13 @@ class _RecRun:
         if key not in self.trained:
             raise self.failed
         return self.trained.pop(key)
+
+    def note(self, backbone: str, guidance: str) -> str:
+        """What the variant's "done" line adds: the run it trained in, when that run trained several."""
+        first, size = self.trained_in.get((backbone, guidance), ("", 1))
+        if size == 1:
+            return ""
+        return f" (all {size} in one run)" if first == rec_stage_name(backbone, guidance) else f" (trained in {first}'s run)"
 
     def _train(self, variants: List[Tuple[str, str]]) -> None:
         from mtrec_dist.training.recommender import RecJob, rec_model_spec, train_recommenders
@@ -385,6 +394,7 @@ class _RecRun:
                                       storage=layout.rec_runs)
         except JobsFailed as failed:
             outs, self.failed = failed.finished, failed
+        self.trained_in.update({v: (rec_stage_name(*variants[0]), len(variants)) for v in variants})
         for job, why, out in zip(jobs, reasons, outs):
             out = out if self.warm is None else {**out, "warm_start": job.warm_start, "warm_start_reason": why}
             self.trained[(job.backbone, job.guidance)] = out
@@ -401,4 +411,4 @@ def _train_rec_stage(ctx: RunContext, together: _RecRun, backbone: str, guidance
     sections = config_sections(dataclasses.replace(cfg, rec=rec), "model", "rec", "train:rec",
                                "eval.heldout_user_share")  # which users' rows the stage trains on
     return Stage(rec_stage_name(backbone, guidance), run, config={**sections, **_sampler_counts(rec)}, inputs=inputs,
-                 paths=lambda out: [out["checkpoint_path"]])
+                 paths=lambda out: [out["checkpoint_path"]], note=lambda: together.note(backbone, guidance))

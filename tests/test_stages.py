@@ -188,7 +188,10 @@ def test_the_recommenders_train_in_one_run_and_a_failure_keeps_the_finished_ones
     with pytest.raises(JobsFailed):
         StageRunner(RunContext(cfg, progress=False)).run(stages())
     assert runs == [["none", "reweight", "risk_averse"]]
-    done = StageRunner(RunContext(cfg, progress=False), resume=True).run(stages())
+    lines = []
+    done = StageRunner(RunContext(cfg, progress=False, say=lines.append), resume=True).run(stages())
+    assert [x.split(" done in ")[1].split("s", 1)[1] for x in lines if "train-rec" in x and " done in " in x] == \
+        [" (all 2 in one run)", " (trained in train-rec sasrec/reweight's run)"]
     assert runs[1] == ["reweight", "risk_averse"]
     assert [done[f"train-rec sasrec/{g}"]["guidance"] for g in ("none", "reweight", "risk_averse")] == \
         ["none", "reweight", "risk_averse"]
