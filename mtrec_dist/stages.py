@@ -370,25 +370,27 @@ class _RecRun:
         first, size = self.trained_in.get((backbone, guidance), ("", 1))
         if size == 1:
             return ""
-        return f" (all {size} in one run)" if first == rec_stage_name(backbone, guidance) else f" (trained in {first}'s run)"
+        if first == rec_stage_name(backbone, guidance):
+            return f" (all {size} in one run)"
+        return f" (trained in {first}'s run)"
 
     def _train(self, variants: List[Tuple[str, str]]) -> None:
+        from mtrec_dist.training.loop import JobsFailed
         from mtrec_dist.training.recommender import RecJob, rec_model_spec, train_recommenders
         from mtrec_dist.training.reward import load_training_manifest
 
         cfg, layout = self.ctx.cfg, self.ctx.layout
+        manifest = load_training_manifest(self.prepared) if self.warm is not None else None
         jobs, reasons = [], []
         for b, g in variants:
             ws = why = None
             if self.warm is not None:
-                ws, why = self.warm(rec_name(b, g), rec_model_spec(cfg, load_training_manifest(self.prepared), b, g))
+                ws, why = self.warm(rec_name(b, g), rec_model_spec(cfg, manifest, b, g))
                 self.ctx.line(f"recommender {rec_name(b, g)}: {why}")
             jobs.append(RecJob(b, g, layout.rec(b, g), ws))
             reasons.append(why)
         if len(jobs) > 1:
             self.ctx.line(f"train-rec: {len(jobs)} recommenders, one after another in one Ray Train run")
-        from mtrec_dist.training.loop import JobsFailed
-
         try:
             outs = train_recommenders(cfg, self.scored, self.prepared, jobs, progress=self.ctx.progress,
                                       storage=layout.rec_runs)

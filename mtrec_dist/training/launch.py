@@ -64,8 +64,8 @@ def launch_fits(cfg, stage: Literal["reward", "rec"], jobs: List[LaunchJob], dat
 
     if len(jobs) > 1 and not run_prefix:
         raise ValueError("a run of several jobs needs its own run_prefix")
+    jobs = [dataclasses.replace(job, output_dir=os.path.abspath(job.output_dir)) for job in jobs]
     for job in jobs:
-        job.output_dir = os.path.abspath(job.output_dir)
         os.makedirs(job.output_dir, exist_ok=True)
     storage = cfg.train.storage_path or storage or os.path.join(jobs[0].output_dir, RAY_RESULTS_DIR)
     init_ray(cfg.ray_address)

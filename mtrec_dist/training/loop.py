@@ -252,11 +252,12 @@ def resolve_feed(train_cfg: TrainConfig, row_counts: Optional[Dict[str, int]], s
 def _make_trainer(worker_config: Dict[str, Any], train_cfg: TrainConfig, use_gpu: bool, datasets: Dict[str, Any],
                   run_name: str, storage: str, row_counts: Optional[Dict[str, int]], callbacks: List[Any]):
     """The ``TorchTrainer`` that runs :func:`~mtrec_dist.training.worker.train_worker` on every worker."""
-    jobs = len(worker_config["jobs"])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtrec_dist.data.train_split import NoDropDataConfig
+
+    jobs = len(worker_config["jobs"])
 
     resources = {"CPU": train_cfg.cpus_per_worker}
     if use_gpu:
@@ -456,15 +457,16 @@ def fit_distributed_jobs(jobs: List[FitJob], train_cfg: TrainConfig, datasets: D
                 raise
             result = _kept_result(storage, run_name, error)
 
+    histories = [read_history(c["output_dir"], c["run_name"]) for c in job_configs]
+
     def fit_results(finals: List[tuple]) -> List[FitResult]:
         """A result for each ``(checkpoint path, metrics)`` of ``finals``, the first jobs' in order."""
         return [FitResult(metrics={k: v for k, v in metrics.items() if k != "job"}, checkpoint_path=ckpt_path,
                           run_name=job.run_name, storage_path=storage, output_dir=conf["output_dir"],
-                          history=read_history(conf["output_dir"], job.run_name))
-                for job, conf, (ckpt_path, metrics) in zip(jobs, job_configs, finals)]
+                          history=history)
+                for job, conf, history, (ckpt_path, metrics) in zip(jobs, job_configs, histories, finals)]
 
     if result.error is not None and len(jobs) > 1:
-        histories = [read_history(c["output_dir"], c["run_name"]) for c in job_configs]
         finished = fit_results(_finished_before_failure(result, histories, storage))
         raise JobsFailed(f"training run {run_name!r} failed after {len(finished)} of its {len(jobs)} jobs had "
                          f"finished: {result.error}", finished) from result.error

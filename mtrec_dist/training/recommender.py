@@ -168,6 +168,7 @@ def train_recommenders(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, 
     share = cfg.eval.heldout_user_share
     counts = action_counts([scored_dir], manifest["num_items"], _training_filter(share, skip_last=skip_last)) \
         if samples_by_popularity(cfg.rec) else None
+    in_memory = fits_driver(cfg.stage_train("rec"), train_rows, manifest["state_len"])
 
     def launch_job(job: RecJob) -> LaunchJob:
         spec = rec_model_spec(cfg, manifest, job.backbone, job.guidance)
@@ -177,7 +178,6 @@ def train_recommenders(cfg: PipelineConfig, scored_dir: str, prepared_dir: str, 
                          extra={"backbone": job.backbone, "guidance": job.guidance, "train_rows": train_rows,
                                 "heldout_user_share": share, "read_by_driver": in_memory})
 
-    in_memory = fits_driver(cfg.stage_train("rec"), train_rows, manifest["state_len"])
     # the click-trained models read the rows without the reward columns; a run that also trains guided ones
     # reads them with (its click-trained models ignore them)
     reads = next((j.guidance for j in jobs if j.guidance != CLICK_TRAINED), CLICK_TRAINED)

@@ -478,9 +478,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     jobs = config["jobs"]
     restart = ray.train.get_checkpoint()
     first = _first_job(jobs, restart)
+    shared = {k: v for k, v in config.items() if k != "jobs"}
     held: Tuple[Any, int] = (None, -1)
     for i in range(first, len(jobs)):
-        shared = {k: v for k, v in config.items() if k != "jobs"}
         held = _train_job({**shared, **jobs[i], "job": i}, shard, restart if i == first else None, held, t_enter)
         gc.collect()  # the job's model and optimizer go before the next job builds its own
         if torch.cuda.is_available():
