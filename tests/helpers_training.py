@@ -132,3 +132,21 @@ class TinyNextItemModel(nn.Module):
 
 def tiny_factory(num_items: int, dim: int, device: torch.device) -> TinyNextItemModel:
     return TinyNextItemModel(num_items, dim, device)
+
+
+def exits_once_factory(marker: str, wait_s: float, num_items: int, dim: int, device: torch.device) -> TinyNextItemModel:
+    """``tiny_factory``, except that the first process to build it exits there, ``wait_s`` seconds in (a worker
+    lost while a job sets up, before that job has any checkpoint); ``marker`` is created then, so every later
+    build succeeds.  The wait lets Ray Train's controller poll in the checkpoints already reported: a worker that
+    exits at once can beat the poll that registers the previous job's final checkpoint."""
+    import os
+    import time
+
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return TinyNextItemModel(num_items, dim, device)
+    os.write(fd, f"pid {os.getpid()} exits while building the model\n".encode())
+    os.close(fd)
+    time.sleep(wait_s)
+    os._exit(1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_training import tiny_factory, write_prepared
+from helpers_training import exits_once_factory, tiny_factory, write_prepared
 from mtrec_dist.config import TrainConfig
 from mtrec_dist.data.pipeline import read_transitions
 from mtrec_dist.training.checkpoint import read_checkpoint_meta
@@ -86,6 +86,48 @@ def test_two_jobs_train_whole_and_each_recovers_where_it_failed(ray_cluster, tmp
         assert "job" not in result.metrics
     assert results[0].checkpoint_path != results[1].checkpoint_path
     assert Path(results[0].checkpoint_path).parent == Path(results[1].checkpoint_path).parent  # one run's storage
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("final_registered", [True, False], ids=["final-registered", "worker-dies-at-once"])
+def test_a_job_lost_before_its_first_checkpoint_restarts_after_the_job_before(ray_cluster, tmp_path, final_registered):
+    """A worker dies while the second job builds its model, before that job has any checkpoint.  The restart begins
+    at the job that wrote the run's latest registered checkpoint, the first one:
+    * its final checkpoint registered (the worker died after the controller's poll): the first job is passed
+      without training or saving again;
+    * the worker died at once, before the poll that would have registered that final report: the first job
+      resumes from its last registered checkpoint, which may leave nothing, or a few steps, to train again.
+    Either way each job trains every row of every epoch exactly once and ends at its full step count, and the
+    second job trains from scratch."""
+    rows = 1200  # 600 rows per rank = 25 steps of 24
+    root = write_prepared(tmp_path / "prep", num_items=40, rows=rows, files=2)
+    cfg = TrainConfig(num_workers=2, batch_size=24, epochs=2, report_every=10, checkpoint_every=10,
+                      max_failures=1, sharding="row_wise", lr=0.01, sparse_lr=0.1, collective_timeout_s=60)
+    marker = tmp_path / "lost-while-building"
+    wait_s = 3 * cfg.controller_poll_s if final_registered else 0.0
+    jobs = [FitJob(functools.partial(tiny_factory, 40, 8), str(tmp_path / "a"), "a"),
+            FitJob(functools.partial(exits_once_factory, str(marker), wait_s, 40, 8), str(tmp_path / "b"), "b")]
+    a, b = fit_distributed_jobs(jobs, cfg, {"train": read_transitions(str(root))}, "ab", str(tmp_path / "storage"),
+                                state_len=4, row_counts={"train": rows}, progress=False)
+    assert marker.exists()
+    ids = np.arange(1000, 1000 + rows, dtype=np.float64)
+    whole = (rows, ids.sum(), (ids ** 2).sum())
+    for result in (a, b):
+        ends = [e for e in result.history if e["event"] == "epoch_end"]
+        assert all((e["rows"], e["row_id_sum"], e["row_id_sqsum"]) == whole for e in ends)
+        assert sorted({e["epoch"] for e in ends}) == [0, 1]
+        meta = read_checkpoint_meta(result.checkpoint_path)
+        assert (meta["run_name"], meta["step"], meta["epoch"]) == (result.run_name, 50, 2) == \
+            (result.run_name, result.metrics["step"], result.metrics["epoch"])
+    a_starts = [e for e in a.history if e["event"] == "start"]
+    assert [s["restored_from"] is None for s in a_starts] == [True, False]
+    assert read_checkpoint_meta(a_starts[1]["restored_from"])["run_name"] == "a"
+    if final_registered:
+        assert (a_starts[1]["step"], a_starts[1]["epoch"]) == (50, 2)  # its final checkpoint: two whole epochs
+        assert a.checkpoint_path == a_starts[1]["restored_from"]  # not saved a second time
+        assert [e["epoch"] for e in a.history if e["event"] == "epoch_end"] == [0, 1]
+    assert [s["restored_from"] for s in b.history if s["event"] == "start"] == [None]
 
 
 @pytest.mark.integration
