@@ -222,6 +222,34 @@ def test_streamed_over_memory_pairs_whichever_run_was_streamed():
     assert "| QR-IQL | 1 worker, train.feed memory | 24.0 |" in text and "| QR-IQL | 1 worker, streamed | 24.0 |" in text
 
 
+def test_rounds_are_judged_on_their_median():
+    from mtrec_dist.bench.rounds import median_ratios, median_round
+
+    assert median_round([0.9, 1.2, 1.0]) == 2 and median_round([1.0]) == 0
+    assert median_round([1.1, 0.9, 1.3, 1.0]) == 3  # an even count: the lower of the two middle rounds
+    ratios = median_ratios([{"a": 0.9, "b": 2.0}, {"a": 1.2, "b": 1.0}, {"a": 1.0}])
+    assert ratios == {"a": 1.0}  # a ratio that a round did not measure has no median
+
+
+def test_report_shows_every_round_and_judges_the_median():
+    """Three rounds of the QR-IQL runs: each training row is its median round's, every round's value listed."""
+    from mtrec_dist.bench.train_bench import training_ratios
+
+    result = _fake_result()
+    model = result["stages"]["qriql"]
+    rounds = []
+    for speed in (1100.0, 900.0, 1000.0):  # 1 worker / plain: 1.10, 0.90, 1.00
+        runs = dict(model["runs"], ray_1=dict(model["runs"]["ray_1"], samples_per_s=speed))
+        rounds.append({"runs": runs, "ratios": training_ratios(runs)})
+    model.update(runs=rounds[-1]["runs"], rounds=rounds)
+    result["sizes"]["rounds"] = 3
+    result["ratios"] = collect_ratios(result)
+    row = {r["key"]: r for r in result["ratios"]}["qriql_one_worker_vs_plain"]
+    assert row["value"] == pytest.approx(1.0) and row["met"] is True
+    assert row["detail"].startswith("median of 3 rounds (1.10, 0.90, 1.00); its round: 1,000 vs 1,000 samples/s")
+    assert "3 rounds of each model's runs, each ratio their median" in markdown(result)
+
+
 def test_bench_is_a_registered_command():
     from mtrec_dist import cli
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .rounds import median_round
 from .steady import fed_runs, same_feed_one_worker
 
 MODEL_NAMES = {"qriql": "QR-IQL", "sasrec": "SASRec"}
@@ -57,7 +58,25 @@ def _feeds(*runs: Dict[str, Any]) -> str:
 
 
 def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """1 worker / plain and 2 workers / 1 worker, steady state; 1 worker / plain end to end."""
+    """1 worker / plain and 2 workers / 1 worker, steady state; 1 worker / plain end to end.  With several rounds
+    (``--rounds``) each row is its median round's, with every round's value in front of its figures."""
+    if len(t.get("rounds") or ()) < 2:
+        return _round_rows(model, t)
+    per_round = [{r["key"]: r for r in _round_rows(model, {**t, **one})} for one in t["rounds"]]
+    rows = []
+    for key in per_round[0]:
+        values = [rows_of[key]["value"] for rows_of in per_round if key in rows_of]
+        if len(values) < len(per_round) or None in values:
+            rows.append(per_round[-1][key])
+            continue
+        median = per_round[median_round(values)][key]
+        listed = ", ".join(f"{v:.2f}" for v in values)
+        rows.append(dict(median, detail=f"median of {len(values)} rounds ({listed}); its round: {median['detail']}"))
+    return rows
+
+
+def _round_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """:func:`training_rows` of one round's runs and ratios."""
     name = MODEL_NAMES[model]
     if "error" in t:
         return [_failed(f"{model}_one_worker_vs_plain", f"{name}: 1 Ray Train worker / plain PyTorch", t)]
@@ -364,7 +383,9 @@ def _world_text(result: Dict[str, Any]) -> str:
     s = result["sizes"]
     return (f"{result['world']['events']:,} simulated events ({s['users']:,} users, {s['items']:,} items, "
             f"{s['days']} day(s)); {s['steps']} training steps per run, the first {s['warmup_steps']} left out of "
-            f"steady state; plain runs on {s['threads']} torch thread(s). ")
+            f"steady state; plain runs on {s['threads']} torch thread(s)"
+            + (f"; {s['rounds']} rounds of each model's runs, each ratio their median" if s.get("rounds", 1) > 1 else "")
+            + ". ")
 
 
 RESULTS_HEADING = "## `mtrec bench` runs"

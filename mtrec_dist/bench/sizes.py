@@ -29,6 +29,7 @@ class BenchSizes:
     warmup_intervals: int  # leading intervals left out of steady-state figures (start-up, first batches)
     threads: int = 1  # torch threads of the plain runs: one, like each Ray Train worker (OMP_NUM_THREADS=1)
     seed: int = 0
+    rounds: int = 1  # alternating rounds of each model's training runs; its ratios are the rounds' medians
 
     @property
     def warmup_steps(self) -> int:
@@ -45,7 +46,7 @@ def choose_sizes(quick: bool, **overrides) -> BenchSizes:
     base = QUICK if quick else DEFAULT
     given = {k: v for k, v in overrides.items() if v is not None}
     sizes = dataclasses.replace(base, **given)
-    for name in ("users", "items", "days", "steps", "report_every", "threads"):
+    for name in ("users", "items", "days", "steps", "report_every", "threads", "rounds"):
         if getattr(sizes, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(sizes, name)}")
     if sizes.warmup_steps >= sizes.steps:

@@ -20,6 +20,7 @@ from mtrec_dist.config import PipelineConfig
 from .plain_models import check_same_loss, plain_copy
 from .plain_train import iter_batches, load_transitions, train_plain
 from .ray_train import Model, run_library_training
+from .rounds import median_ratios
 from .sizes import BenchSizes, bench_config, stage_of
 from .steady import fed_runs, same_feed_one_worker
 
@@ -76,27 +77,42 @@ def plain_run(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: P
 def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
                 workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None,
                 memory_feed: bool = True) -> Dict[str, Any]:
-    """Check, then time: plain, 1 worker, the same worker fed the other way (streamed when ``train.feed``
-    resolved to memory, from memory when it resolved to streaming), 2 workers, plain again; the runs and the
-    ratios."""
+    """Check, then time ``sizes.rounds`` rounds of the runs (:func:`_timed_round`); the last round's runs, every
+    round's ratios and their medians (:func:`median_ratios`)."""
     check = check_model(model, base, sizes, prepared, manifest)
     say(f"[bench] {model}: plain model's loss = library's ({check['plain_loss']:.6g}; max |diff| "
         f"{check['max_abs_diff']:.2g} over {check['terms_compared']} terms)")
+    rounds = []
+    for r in range(sizes.rounds):
+        runs = _timed_round(model, base, sizes, prepared, manifest, work / f"round{r}" if r else work, workers, say,
+                            device, memory_feed, f" (round {r + 1} of {sizes.rounds})" if sizes.rounds > 1 else "")
+        rounds.append({"runs": runs, "ratios": training_ratios(runs)})
+    out = {"check": check, "runs": rounds[-1]["runs"], "ratios": median_ratios([r["ratios"] for r in rounds])}
+    if len(rounds) > 1:
+        out["rounds"] = rounds
+    return out
+
+
+def _timed_round(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
+                 workers: Sequence[int], say, device: Optional[torch.device], memory_feed: bool,
+                 which: str) -> Dict[str, Any]:
+    """Plain, 1 worker, the same worker fed the other way (streamed when ``train.feed`` resolved to memory,
+    from memory when it resolved to streaming), 2 workers, plain again."""
     runs: Dict[str, Any] = {"plain_before": plain_run(model, base, sizes, prepared, manifest, device)}
-    say(f"[bench] {model}: plain {runs['plain_before']['samples_per_s']:,.0f} samples/s")
+    say(f"[bench] {model}{which}: plain {runs['plain_before']['samples_per_s']:,.0f} samples/s")
     for w in workers:
         runs[f"ray_{w}"] = run_library_training(model, base, sizes, prepared, work / f"train_{model}_w{w}", w)
-        say(f"[bench] {model}: Ray Train {w} worker(s) {runs[f'ray_{w}']['samples_per_s']:,.0f} samples/s "
+        say(f"[bench] {model}{which}: Ray Train {w} worker(s) {runs[f'ray_{w}']['samples_per_s']:,.0f} samples/s "
             f"(train.feed {runs[f'ray_{w}']['feed']}; wall {runs[f'ray_{w}']['breakdown']['wall_s']:.1f}s)")
         if memory_feed and w == 1:  # right after: the same worker fed the other way, for streamed / from memory
             other = "stream" if runs["ray_1"]["feed"] == "memory" else "memory"
             runs[f"ray_1_{other}"] = run_library_training(model, base, sizes, prepared,
                                                           work / f"train_{model}_w1_{other}", 1, feed=other)
-            say(f"[bench] {model}: Ray Train 1 worker, train.feed {other}, "
+            say(f"[bench] {model}{which}: Ray Train 1 worker, train.feed {other}, "
                 f"{runs[f'ray_1_{other}']['samples_per_s']:,.0f} samples/s")
     runs["plain_after"] = plain_run(model, base, sizes, prepared, manifest, device)
-    say(f"[bench] {model}: plain again {runs['plain_after']['samples_per_s']:,.0f} samples/s")
-    return {"check": check, "runs": runs, "ratios": training_ratios(runs)}
+    say(f"[bench] {model}{which}: plain again {runs['plain_after']['samples_per_s']:,.0f} samples/s")
+    return runs
 
 
 def _mean(runs: Dict[str, Any], key: str) -> float:

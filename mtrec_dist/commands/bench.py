@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mtrec_dist.bench.peer import DEFAULT_RATINGS, PEER_MODELS
 
-SIZE_FLAGS = ("users", "items", "days", "steps", "report_every", "warmup_intervals", "threads")
+SIZE_FLAGS = ("users", "items", "days", "steps", "report_every", "warmup_intervals", "threads", "rounds")
 
 
 def _preset(name: str) -> str:
@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size_help = {"users": "simulated users", "items": "simulated catalog", "days": "simulated days",
                  "steps": "training steps of every run", "report_every": "steps per metrics interval",
                  "warmup_intervals": "leading intervals left out of steady-state figures",
-                 "threads": "torch threads of the plain runs and of each Ray worker"}
+                 "threads": "torch threads of the plain runs and of each Ray worker",
+                 "rounds": "rounds of each model's training runs (plain, 1 worker, 2 workers, plain), one after "
+                           "another; each ratio is the median of its rounds, every round's value shown beside it"}
     for name in SIZE_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"{size_help[name]} ({_preset(name)})")
