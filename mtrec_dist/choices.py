@@ -17,6 +17,8 @@ GuidanceMode = Literal["none", "reweight", "actor_critic", "risk_averse"]
 ScoreRunner = Literal["auto", "actors", "sharded", "local"]
 # Rows of `mtrec ablate` (docs/method.md, "The ablation").
 AblationRow = Literal["A", "B", "C", "D", "E", "F", "G", "H", "I"]
+# Stages of `mtrec bench` (bench/runner.py), in the order they run.
+BenchStage = Literal["prepare", "qriql", "sasrec", "scoring"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
@@ -24,3 +26,4 @@ GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
 CLICK_TRAINED: str = "none"
 assert CLICK_TRAINED in GUIDANCE_MODES
 ABLATION_ROWS: tuple[str, ...] = get_args(AblationRow)
+BENCH_STAGES: tuple[str, ...] = get_args(BenchStage)

@@ -255,6 +255,12 @@ def test_bench_is_a_registered_command():
 
     args = cli.build_parser().parse_args(["bench", "--quick", "--steps", "80", "--stages", "prepare"])
     assert args.command == "bench" and args.quick and args.steps == 80
+    from mtrec_dist.commands.bench import _command_line
+
+    # the command as recorded with the results: a user retyping it runs the same stages
+    assert _command_line(args) == "mtrec bench --quick --steps 80 --stages prepare"
+    args = cli.build_parser().parse_args(["bench", "--rounds", "3"])
+    assert _command_line(args) == "mtrec bench --rounds 3"
 
 
 # ---- with Ray ---------------------------------------------------------------------------------------------

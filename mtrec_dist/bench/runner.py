@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
+from mtrec_dist.choices import BENCH_STAGES
 from mtrec_dist.config import PipelineConfig
 
 from .machine import load_average, machine_info
@@ -29,7 +30,7 @@ from .sizes import BenchSizes
 from .train_bench import bench_model
 from .world import ensure_prepared, simulate_world
 
-STAGES = ("prepare", "qriql", "sasrec", "scoring")
+STAGES = BENCH_STAGES
 
 
 def _attempt(name: str, fn: Callable[[], Dict[str, Any]], say) -> Dict[str, Any]:

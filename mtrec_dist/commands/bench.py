@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 from mtrec_dist.bench.peer import DEFAULT_RATINGS, PEER_MODELS
+from mtrec_dist.choices import BENCH_STAGES
 
 SIZE_FLAGS = ("users", "items", "days", "steps", "report_every", "warmup_intervals", "threads", "rounds")
 
@@ -20,6 +21,9 @@ def _preset(name: str) -> str:
 
     d, q = getattr(DEFAULT, name), getattr(QUICK, name)
     return f"default {d:,}" + (f"; --quick {q:,}" if q != d else "")
+
+
+ALL_STAGES = ",".join(BENCH_STAGES)  # --stages' default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in SIZE_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"{size_help[name]} ({_preset(name)})")
-    p.add_argument("--stages", default="prepare,qriql,sasrec,scoring",
+    p.add_argument("--stages", default=ALL_STAGES,
                    help="comma-separated stages to run (scoring needs qriql; default: all; 'none' with --peer runs "
                         "only the peer comparison)")
     p.add_argument("--catalog-sizes", default="", metavar="N,N,...",
@@ -79,9 +83,9 @@ def _command_line(args) -> str:
     parts += [f"--catalog-sizes {args.catalog_sizes}"] if args.catalog_sizes else []
     parts += [f"--prepare-scale {args.prepare_scale}"] if args.prepare_scale else []
     parts += [f"--sharded-items {args.sharded_items} --sharded-rows {args.sharded_rows}"] if args.sharded_items else []
+    parts += [f"--stages {args.stages}"] if args.stages != ALL_STAGES else []
     if args.peer:
-        parts += [f"--stages {args.stages}", f"--peer {args.peer} --peer-epochs {args.peer_epochs} "
-                  f"--peer-models {args.peer_models}"]
+        parts += [f"--peer {args.peer} --peer-epochs {args.peer_epochs} --peer-models {args.peer_models}"]
         parts += [f"--peer-users {args.peer_users}"] if args.peer_users else []
         parts += [f"--peer-recbole-threads {args.peer_recbole_threads}"] if args.peer_recbole_threads else []
     return " ".join(parts)
