@@ -8,7 +8,9 @@ log(num_items).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +141,6 @@ def exits_once_factory(marker: str, wait_s: float, num_items: int, dim: int, dev
     lost while a job sets up, before that job has any checkpoint); ``marker`` is created then, so every later
     build succeeds.  The wait lets Ray Train's controller poll in the checkpoints already reported: a worker that
     exits at once can beat the poll that registers the previous job's final checkpoint."""
-    import os
-    import time
-
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

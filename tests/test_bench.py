@@ -247,7 +247,13 @@ def test_report_shows_every_round_and_judges_the_median():
     row = {r["key"]: r for r in result["ratios"]}["qriql_one_worker_vs_plain"]
     assert row["value"] == pytest.approx(1.0) and row["met"] is True
     assert row["detail"].startswith("median of 3 rounds (1.10, 0.90, 1.00); its round: 1,000 vs 1,000 samples/s")
-    assert "3 rounds of each model's runs, each ratio their median" in markdown(result)
+    text = markdown(result)
+    assert "3 rounds of each model's runs, each training ratio their median" in text
+    assert "Where the time goes (the last round)" in text
+    # scoring against training: the 1-worker run of the median round (1,000 samples/s), not the last (also 1,000)
+    rounds[1]["runs"]["ray_1"]["samples_per_s"] = 1050.0  # now the median of 1,100 / 1,050 / 1,000
+    by_key = {r["key"]: r for r in collect_ratios(result)}
+    assert by_key["scoring_vs_training"]["value"] == pytest.approx(2000 / 1050)
 
 
 def test_bench_is_a_registered_command():

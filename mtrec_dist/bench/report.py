@@ -64,14 +64,12 @@ def training_rows(model: str, t: Dict[str, Any]) -> List[Dict[str, Any]]:
         return _round_rows(model, t)
     per_round = [{r["key"]: r for r in _round_rows(model, {**t, **one})} for one in t["rounds"]]
     rows = []
-    for key in per_round[0]:
-        values = [rows_of[key]["value"] for rows_of in per_round if key in rows_of]
-        if len(values) < len(per_round) or None in values:
-            rows.append(per_round[-1][key])
-            continue
+    for key in per_round[0]:  # every round measures the same ratios (the same runs)
+        values = [rows_of[key]["value"] for rows_of in per_round]
         median = per_round[median_round(values)][key]
         listed = ", ".join(f"{v:.2f}" for v in values)
-        rows.append(dict(median, detail=f"median of {len(values)} rounds ({listed}); its round: {median['detail']}"))
+        which = "median" if len(values) % 2 else "lower middle"
+        rows.append(dict(median, detail=f"{which} of {len(values)} rounds ({listed}); its round: {median['detail']}"))
     return rows
 
 
@@ -120,7 +118,7 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
         return [_failed("scoring_vs_training", "score-rewards / QR-IQL training (1 worker), steady", s)]
     lib, plain = s["library"], s["plain"]
     rows = []
-    train = (qriql or {}).get("runs", {}).get("ray_1")
+    train = one_worker_run(qriql)
     where = "in the driver" if lib.get("runner") == "local" else f"{lib['actors']} actor"
     how = f"{where}, {lib['rows']:,} rows, baseline {lib['baseline']}, CVaR baseline {lib.get('cvar_baseline', 'exact')}"
     if train:
@@ -138,6 +136,15 @@ def scoring_rows(s: Dict[str, Any], qriql: Optional[Dict[str, Any]]) -> List[Dic
                      f"{lib['wall_s']:.1f} s vs {plain['seconds']:.1f} s{_fastest_of(lib)}; same scores (max |diff| "
                      f"{max(s['check']['max_abs_diff'].values()):.2g})"))
     return rows
+
+
+def one_worker_run(t: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A model stage's 1-worker run: with several rounds, the one at the median of their steady samples/s (as
+    every training ratio is judged on its median round), else the only one."""
+    rounds = [r["runs"]["ray_1"] for r in (t or {}).get("rounds") or () if "ray_1" in r["runs"]]
+    if len(rounds) > 1:
+        return rounds[median_round([run["samples_per_s"] for run in rounds])]
+    return (t or {}).get("runs", {}).get("ray_1")
 
 
 def _fastest_of(lib: Dict[str, Any]) -> str:
@@ -370,7 +377,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | {_fmt(r['value'])} | {r['goal_text']}{met} | {r['detail']} |")
     breakdown = breakdown_lines(result)
     if breakdown:
-        lines += ["", "Where the time goes (plain run before the Ray runs; Ray Train with 1 worker):", ""] + breakdown
+        last = " (the last round)" if result["sizes"].get("rounds", 1) > 1 else ""
+        lines += ["", f"Where the time goes{last} (plain run before the Ray runs; Ray Train with 1 worker):", ""] + breakdown
     lines += scale_lines(result)
     lines += peer_lines(result)
     return "\n".join(lines) + "\n"
@@ -384,7 +392,8 @@ def _world_text(result: Dict[str, Any]) -> str:
     return (f"{result['world']['events']:,} simulated events ({s['users']:,} users, {s['items']:,} items, "
             f"{s['days']} day(s)); {s['steps']} training steps per run, the first {s['warmup_steps']} left out of "
             f"steady state; plain runs on {s['threads']} torch thread(s)"
-            + (f"; {s['rounds']} rounds of each model's runs, each ratio their median" if s.get("rounds", 1) > 1 else "")
+            + (f"; {s['rounds']} rounds of each model's runs, each training ratio their median"
+               if s.get("rounds", 1) > 1 else "")
             + ". ")
 
 

@@ -30,8 +30,6 @@ from .sizes import BenchSizes
 from .train_bench import bench_model
 from .world import ensure_prepared, simulate_world
 
-STAGES = BENCH_STAGES
-
 
 def _attempt(name: str, fn: Callable[[], Dict[str, Any]], say) -> Dict[str, Any]:
     """``fn()``, or ``{"error": ...}`` when it raises (the traceback goes to the console)."""
@@ -58,7 +56,7 @@ def start_ray(base: PipelineConfig, threads: int) -> None:
     init_ray(base.ray_address, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
 
 
-def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = STAGES,
+def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Sequence[str] = BENCH_STAGES,
               workers: Sequence[int] = (1, 2), memory_feed: bool = True, catalog_sizes: Sequence[int] = (),
               prepare_scale: Sequence[int] = (),
               sharded_items: int = 0, sharded_rows: int = 20_000, peer: Optional[PeerSettings] = None,
@@ -71,9 +69,9 @@ def run_bench(base: PipelineConfig, sizes: BenchSizes, work: Path, *, stages: Se
     The whole result (see :mod:`.report` for its ratios)."""
     from mtrec_dist.runtime import resolve_use_gpu
 
-    unknown = sorted(set(stages) - set(STAGES))
+    unknown = sorted(set(stages) - set(BENCH_STAGES))
     if unknown:
-        raise ValueError(f"unknown bench stage(s) {unknown}; choose from {list(STAGES)}")
+        raise ValueError(f"unknown bench stage(s) {unknown}; choose from {list(BENCH_STAGES)}")
     t0 = time.time()
     work = work.resolve()  # Ray Train storage paths must be absolute (the default --work is relative)
     result: Dict[str, Any] = {"command": command, "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -29,7 +29,7 @@ class BenchSizes:
     warmup_intervals: int  # leading intervals left out of steady-state figures (start-up, first batches)
     threads: int = 1  # torch threads of the plain runs: one, like each Ray Train worker (OMP_NUM_THREADS=1)
     seed: int = 0
-    rounds: int = 1  # alternating rounds of each model's training runs; its ratios are the rounds' medians
+    rounds: int = 1  # rounds of each model's training runs, one after another; training ratios are their medians
 
     @property
     def warmup_steps(self) -> int:

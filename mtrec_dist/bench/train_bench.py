@@ -77,8 +77,10 @@ def plain_run(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: P
 def bench_model(model: Model, base: PipelineConfig, sizes: BenchSizes, prepared: Path, manifest: dict, work: Path,
                 workers: Sequence[int] = (1, 2), say=print, device: Optional[torch.device] = None,
                 memory_feed: bool = True) -> Dict[str, Any]:
-    """Check, then time ``sizes.rounds`` rounds of the runs (:func:`_timed_round`); the last round's runs, every
-    round's ratios and their medians (:func:`median_ratios`)."""
+    """Check, then time ``sizes.rounds`` rounds of the runs (:func:`_timed_round`), one after another.  Returns the
+    last round's runs (the scoring stage scores with its 1-worker checkpoint), every round's runs and ratios
+    (``rounds``, when there are several) and each ratio's median over them (:func:`median_ratios`, key by key: the
+    medians may come from different rounds)."""
     check = check_model(model, base, sizes, prepared, manifest)
     say(f"[bench] {model}: plain model's loss = library's ({check['plain_loss']:.6g}; max |diff| "
         f"{check['max_abs_diff']:.2g} over {check['terms_compared']} terms)")

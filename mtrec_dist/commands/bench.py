@@ -33,8 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "steps": "training steps of every run", "report_every": "steps per metrics interval",
                  "warmup_intervals": "leading intervals left out of steady-state figures",
                  "threads": "torch threads of the plain runs and of each Ray worker",
-                 "rounds": "rounds of each model's training runs (plain, 1 worker, 2 workers, plain), one after "
-                           "another; each ratio is the median of its rounds, every round's value shown beside it"}
+                 "rounds": "rounds of each model's training runs (plain, 1 worker, the same worker fed the other "
+                           "way, 2 workers, plain), one after another; each training ratio is judged on its median "
+                           "round (the lower middle of an even count), every round's value shown beside it. Other "
+                           "stages run once (scoring keeps the fastest of its own 2 rounds)"}
     for name in SIZE_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"{size_help[name]} ({_preset(name)})")
