@@ -250,7 +250,7 @@ def test_report_shows_every_round_and_judges_the_median():
     text = markdown(result)
     assert "3 rounds of each model's runs, each training ratio their median" in text
     assert "Where the time goes (the last round)" in text
-    # scoring against training: the 1-worker run of the median round (1,000 samples/s), not the last (also 1,000)
+    # scoring against training divides by the 1-worker run of the median round: make it a round other than the last
     rounds[1]["runs"]["ray_1"]["samples_per_s"] = 1050.0  # now the median of 1,100 / 1,050 / 1,000
     by_key = {r["key"]: r for r in collect_ratios(result)}
     assert by_key["scoring_vs_training"]["value"] == pytest.approx(2000 / 1050)
