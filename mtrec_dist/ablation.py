@@ -255,11 +255,20 @@ def offline_ranking(rec: SequentialRecommender, data, rows, num_items, k: int = 
     for start in range(0, len(rows), 1024):
         idx = rows[start:start + 1024]
         sc = rec.score_catalog(torch.from_numpy(data["state_items"][idx]), torch.from_numpy(data["state_feedback"][idx]), catalog)
-        pos = sc.gather(1, torch.from_numpy(data["action"][idx] - 1).view(-1, 1))
-        ranks[start:start + len(idx)] = (sc > pos).sum(1).numpy()
-    sat = data["satisfied"][rows]
+        ranks[start:start + len(idx)] = target_ranks(sc, data["action"][idx])
+    return ranking_metrics(ranks, data["satisfied"][rows], k)
+
+
+def target_ranks(scores: torch.Tensor, action: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's logged item (ids from 1) among its catalog scores [B, C] (ties count for it)."""
+    pos = scores.gather(1, torch.from_numpy(action - 1).view(-1, 1))
+    return (scores > pos).sum(1).numpy()
+
+
+def ranking_metrics(ranks: np.ndarray, satisfied: np.ndarray, k: int = 10) -> dict:
+    """HR/NDCG@k of 0-based target ranks, over all rows and over those with a satisfied target."""
     return {f"hr@{k}": hit_rate_at_k(ranks, k), f"ndcg@{k}": ndcg_at_k(ranks, k),
-            f"hr@{k}_satisfied": hit_rate_at_k(ranks[sat], k), f"ndcg@{k}_satisfied": ndcg_at_k(ranks[sat], k)}
+            f"hr@{k}_satisfied": hit_rate_at_k(ranks[satisfied], k), f"ndcg@{k}_satisfied": ndcg_at_k(ranks[satisfied], k)}
 
 
 # ---- one world ----------------------------------------------------------------------------------------------

@@ -415,6 +415,12 @@ class AblationConfig:
     # each (world, training seed) as a Ray task of one CPU, as many at once as the cluster holds (false: one after
     # another in this process); the records are the same either way
     parallel: bool = True
+    # real logs only: also rank with A's SASRec tilted by F's reward at serving, s + beta z(R) (row "F tilt",
+    # mtrec_dist/serving_tilt.py), beta chosen from 0 and these on validation users ([] = no such row)
+    tilt_strengths: list[float] = field(default_factory=list)
+    # share of all users, taken from those not held out, on which the tilt's strength is chosen (never trained on
+    # by the models that choose it; the reported models train on them as on every training user)
+    validation_user_share: float = 0.15
 
     def validate(self, key: str = "ablation") -> None:
         for name in ("rows", "sweep_rows", "pipeline_rows"):
@@ -426,6 +432,9 @@ class AblationConfig:
         _check(self.lr > 0, f"{key}.lr", "must be > 0")
         _check(all(isinstance(b, (int, float)) and b >= 0 for b in self.beta_sweep), f"{key}.beta_sweep",
                "must be a list of numbers >= 0")
+        _check(all(isinstance(b, (int, float)) and b > 0 for b in self.tilt_strengths), f"{key}.tilt_strengths",
+               "must be a list of numbers > 0 (0, no tilt, is always a candidate)")
+        _check(0 < self.validation_user_share < 1, f"{key}.validation_user_share", "must be in (0, 1)")
 
 
 @dataclass
@@ -482,6 +491,10 @@ class PipelineConfig:
         _check(bool(self.run_dir), "run_dir", "must not be empty")
         _check(not self.ablation.pipeline_rows or self.eval.heldout_user_share > 0, "eval.heldout_user_share",
                "must be > 0 when ablation.pipeline_rows is set: the ablation measures on held-out users")
+        _check(not self.ablation.tilt_strengths
+               or self.eval.heldout_user_share + self.ablation.validation_user_share < 1,
+               "ablation.validation_user_share", f"with eval.heldout_user_share {self.eval.heldout_user_share:g}, must "
+               "leave some users to fit on (their sum must be < 1)")
 
     def stage_train(self, stage: Literal["reward", "rec"]) -> TrainConfig:
         """The effective training settings of ``stage``: ``train`` with the stage's budget fields that are set."""

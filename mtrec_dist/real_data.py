@@ -12,7 +12,8 @@ and whether guidance by F (and B; G guides by F's lower tail, I by F's advantage
 satisfied targets offline (HR/NDCG@10 on the
 held-out users' rows, all and satisfied).  Row H guides by the withheld signal itself (the training users'
 ratings of their logged items, which no other row reads): the ceiling of what reweighting by a reward can do
-on these logs.  The logs go through ``mtrec prepare`` first (the same readers,
+on these logs.  With ``ablation.tilt_strengths``, row "F tilt" ranks with A's SASRec tilted by F's reward at serving
+(:mod:`mtrec_dist.serving_tilt`).  The logs go through ``mtrec prepare`` first (the same readers,
 validation and windowing as the pipeline), so any format prepare reads runs here, e.g. a generic CSV
 with ``user,item,rating,ts`` columns.
 """
@@ -41,10 +42,14 @@ from mtrec_dist.data.sessionize import with_later_items
 from mtrec_dist.evaluation.metrics import roc_auc, spearman
 from mtrec_dist.evaluation.offline import eval_rows, read_eval_table, satisfied_labels
 from mtrec_dist.models.recommender import SequentialRecommender
+from mtrec_dist.serving_tilt import tilt_ranking
 
 
-# rows whose meaning on real logs differs from the simulator's (ROW_NAMES)
-LOG_ROW_NAMES = {"H": "oracle: the withheld signal of the logged item"}
+# the row of ablation.tilt_strengths (real logs only): A's SASRec, F's reward, no training of its own
+TILT_ROW = "F tilt"
+# rows whose meaning on real logs differs from the simulator's (ROW_NAMES), and the rows only logs have
+LOG_ROW_NAMES = {"H": "oracle: the withheld signal of the logged item",
+                 TILT_ROW: "(A's SASRec, its scores tilted by F's reward at serving; strength chosen on validation users)"}
 
 
 def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarray]:
@@ -76,7 +81,7 @@ def _validity(scores: np.ndarray, data, rows) -> dict:
 
 
 def _row_label(row: str) -> str:
-    return f"{row} {LOG_ROW_NAMES.get(row, ROW_NAMES[row])}"
+    return f"{row} {LOG_ROW_NAMES[row] if row in LOG_ROW_NAMES else ROW_NAMES[row]}"
 
 
 def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], None] | None = None) -> dict:
@@ -134,6 +139,12 @@ def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[s
             offline[row] = {"train_seed": seed, **ranking}
         say(f"[ablate] seed {seed} row {_row_label(row)}: "
             + json.dumps({"validity": scores, "offline": ranking}) + f" ({time.time() - t:.0f}s)")
+    if cfg.ablation.tilt_strengths:
+        t = time.time()
+        reward = row_scorer("F", cfg, None, None, data, train, num_items, seed, cache)
+        ranking = tilt_ranking(cfg, data, train, test, num_items, seed, cache[("rec", "A")], reward)
+        offline[TILT_ROW] = {"train_seed": seed, **ranking}
+        say(f"[ablate] seed {seed} row {_row_label(TILT_ROW)}: {json.dumps(ranking)} ({time.time() - t:.0f}s)")
     return validity, offline
 
 
@@ -165,6 +176,7 @@ def _ablation_row_at_seed(row: str, cfg: PipelineConfig, data, train, test, num_
               data, train, cfg.ablation, seed, cfg.ablation.rec_epochs, extra)
     if row == "A":
         scores["click model"] = _validity(_logged_scores(rec, data, test), data, test)
+        cache[("rec", "A")] = rec  # the tilt row (ablation.tilt_strengths) ranks with it
     return scores, offline_ranking(rec, data, test, num_items)
 
 
@@ -192,7 +204,7 @@ def real_data_table(validity: Dict[str, dict], offline: Dict[str, dict]) -> str:
     """Markdown: the rewards' validity, then the guided SASRecs with their gains over A (95% CIs over seeds)."""
     lines = ["| reward | AUC (satisfied) | Spearman (signal) |", "|---|---|---|"]
     for name, v in validity.items():
-        label = _row_label(name) if name in ROW_NAMES else name
+        label = _row_label(name) if name in ROW_NAMES or name in LOG_ROW_NAMES else name
         lines.append(f"| {label} | {format_ci(v['auc_satisfied'], 4)} | {format_ci(v['spearman_vs_signal'], 4)} |")
     lines += ["", "| SASRec guided by | HR@10 | NDCG@10 | HR@10 satisfied | NDCG@10 satisfied | "
                   "ΔNDCG@10 satisfied vs A | ΔHR@10 vs A |", "|---|---|---|---|---|---|---|"]

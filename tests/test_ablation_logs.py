@@ -47,7 +47,7 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
     # the order of choices tells which items satisfy, at each of the two training seeds
     assert res["seeds"] == [0, 1] and min(r["auc_satisfied"] for r in res["records"]["validity"]["F"]) > 0.65
     # H reads the signal: no validity; G guides by F's reward (its lower tail): F's validity, its own SASRec
-    assert set(res["offline"]) == {"A", "F", "G", "H"} and "H" not in validity and "G" not in validity
+    assert set(res["offline"]) == {"A", "F", "G", "H", "F tilt"} and "H" not in validity and "G" not in validity
     offline = {row: {r["train_seed"]: r for r in recs} for row, recs in res["records"]["offline"].items()}
     assert sorted(offline["G"]) == [0, 1]  # G ranks at every seed (it was left out on logs before session 25)
     for row in ("F", "H"):  # gains over A paired by seed: the interval is that of the per-seed differences
@@ -56,6 +56,17 @@ def test_ablate_on_a_rating_csv_reads_satisfaction_from_the_order_of_choices(tmp
         assert np.allclose([gain["mean"], gain["half"]], mean_ci95(diffs))
         assert offline[row][0] != offline["A"][0]  # the row's weights changed the SASRec it guides
     assert "| H oracle: the withheld signal of the logged item |" in res["table"]
+    # the tilt row (configs/ml1m.yaml's tilt_strengths): A's own SASRec tilted at the strength validation chose;
+    # here the reward knows what popularity does not, so validation keeps a tilt at some seed
+    tilt = offline["F tilt"]
+    assert sorted(tilt) == [0, 1] and all(r["tilt_strength"] in (0, 0.025, 0.05, 0.1, 0.2, 0.3) for r in tilt.values())
+    assert max(r["tilt_strength"] for r in tilt.values()) > 0
+    for k, r in tilt.items():  # the chosen strength ranks validation's satisfied targets at least as well as none
+        on_validation = {key.rsplit(" ", 1)[1]: v for key, v in r.items() if key.startswith("validation ")}
+        assert on_validation[f"{r['tilt_strength']:g}"] >= on_validation["0"]
+        if r["tilt_strength"] == 0:  # no tilt: A's ranking itself
+            assert r["ndcg@10_satisfied"] == offline["A"][k]["ndcg@10_satisfied"]
+    assert "| F tilt (A's SASRec, its scores tilted by F's reward" in res["table"]
     manifest = json.loads((tmp_path / "run" / "prepared" / "manifest.json").read_text())
     assert manifest["rows_in"] == rows == manifest["rows_ok"] + manifest["rows_rejected"]
 

@@ -9,7 +9,7 @@ import torch
 
 from mtrec_dist.config import ModelConfig, RecConfig
 from mtrec_dist.models.recommender import SequentialRecommender
-from mtrec_dist.objectives.guidance import advantage_weights, guidance_weights, td_loss
+from mtrec_dist.objectives.guidance import advantage_weights, guidance_weights, reward_tilt, td_loss
 
 torch.set_num_threads(1)
 T = torch.tensor
@@ -24,6 +24,20 @@ def test_advantage_weights_hand_values():
     mean = sum(raw) / 3
     assert torch.allclose(w, T([raw[0] / mean, raw[1] / mean, raw[2] / mean, 0.0]), atol=1e-5)
     assert torch.isclose(w[:3].mean(), T(1.0))
+
+
+def test_reward_tilt_hand_values():
+    scores = T([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    reward = T([[0.0, 1.0, 2.0], [4.0, 4.0, 4.0]])  # the second row's reward is constant: nothing to tilt by
+    z = 1.0 / math.sqrt(2.0 / 3.0)  # (r - 1) / population std of (0, 1, 2)
+    got = reward_tilt(scores, reward, 0.5)
+    assert torch.allclose(got, T([[1.0 - 0.5 * z, 2.0, 3.0 + 0.5 * z], [0.5, 0.5, 0.5]]), atol=1e-5)
+    assert torch.equal(reward_tilt(scores, reward, 0.0), scores)
+    # a tilt moves the order only where the reward disagrees with the scores: a reward rising against them swaps
+    # the top item once beta reaches the score gap over the z gap
+    flipped = reward_tilt(T([[1.0, 1.2]]), T([[1.0, 0.0]]), 0.1)  # z = (1, -1): 1.1 vs 1.1 - tie at beta 0.1
+    assert torch.allclose(flipped, T([[1.1, 1.1]]))
+    assert reward_tilt(T([[1.0, 1.2]]), T([[1.0, 0.0]]), 0.2).argmax().item() == 0
 
 
 def test_advantage_weights_bounded_finite_mean_one():

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from mtrec_dist.data.heldout import heldout_expr, heldout_mask, split_rows, training_expr
+from mtrec_dist.data.heldout import heldout_expr, heldout_mask, split_rows, split_validation, training_expr
 
 
 @pytest.mark.parametrize("share", [0.0, 0.2, 0.3, 0.55])
@@ -98,3 +98,18 @@ def test_a_ranked_share_holds_out_a_subset_of_the_held_out_users():
     ranked = heldout_mask(users, sub)
     assert not (ranked & ~held).any() and abs(ranked.sum() / held.sum() - 0.25) < 0.02
     assert ranked_share(0.2, 10 ** 9, 1) == 0.001  # at least one bucket of users
+
+
+def test_validation_users_are_training_users_the_same_at_every_share_split():
+    users = np.repeat(np.arange(3000), 2)
+    train, held = split_rows(users, 0.2)
+    fit, validation = split_validation(users[train], 0.2, 0.15)
+    fit, validation = train[fit], train[validation]
+    assert sorted(np.concatenate([fit, validation]).tolist()) == sorted(train.tolist())  # a partition of train
+    assert not set(users[validation]) & set(users[held]) and not set(users[validation]) & set(users[fit])
+    assert abs(len(set(users[validation])) / 3000 - 0.15) < 0.03
+    # the same hash: validation users at 0.15 are among those at 0.25 (and never held out at 0.2)
+    _, wider = split_validation(users, 0.2, 0.25)
+    assert set(users[validation]) <= set(users[wider])
+    with pytest.raises(ValueError, match="validation share"):
+        split_validation(users, 0.2, 0.8)

@@ -18,7 +18,7 @@ import operator
 from typing import Any, Callable
 
 __all__ = ["USER_HASH", "BUCKETS", "is_heldout", "heldout_mask", "column_expr", "heldout_expr", "training_expr",
-           "require_heldout", "ranked_share", "split_rows"]
+           "require_heldout", "ranked_share", "split_rows", "split_validation"]
 
 USER_HASH = 2654435761  # Knuth's multiplicative hash constant
 BUCKETS = 1000
@@ -89,3 +89,20 @@ def split_rows(user, share: float):
     require_heldout(share)
     mask = heldout_mask(user, share)
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def split_validation(user, heldout_share: float, validation_share: float):
+    """``(fit rows, validation rows)``: the training users' rows split again by the same hash, for choosing a
+    setting on users that neither the fitted models nor the held-out measurement see.  Validation users are those
+    whose hash lies in ``[heldout_share, heldout_share + validation_share) * 1000``: never a held-out user, and
+    the same users at every seed."""
+    import numpy as np
+
+    require_heldout(heldout_share)
+    if not 0 < validation_share < 1 - heldout_share:
+        raise ValueError(f"validation share {validation_share} must be in (0, {1 - heldout_share:g}): the users "
+                         f"not held out (eval.heldout_user_share {heldout_share:g}) must keep some to fit on")
+    below = lambda share: heldout_mask(user, share)  # noqa: E731
+    validation = below(heldout_share + validation_share) & ~below(heldout_share)
+    fit = ~below(heldout_share + validation_share)
+    return np.flatnonzero(fit), np.flatnonzero(validation)

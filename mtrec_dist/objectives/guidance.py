@@ -14,7 +14,7 @@ import torch
 from ..choices import CLICK_TRAINED, GUIDANCE_MODES  # GUIDANCE_MODES re-exported here: the one list
 from .ranking import masked_mean
 
-__all__ = ["GUIDANCE_MODES", "advantage_weights", "guidance_weights", "td_loss"]
+__all__ = ["GUIDANCE_MODES", "advantage_weights", "guidance_weights", "reward_tilt", "td_loss"]
 
 
 def advantage_weights(
@@ -82,6 +82,22 @@ def guidance_weights(
     else:
         raise ValueError(f"unknown guidance mode {mode!r}; choose from {list(GUIDANCE_MODES)}")
     return advantage_weights(adv, temperature, w_min, w_max, mask)
+
+
+def reward_tilt(scores: torch.Tensor, reward: torch.Tensor, strength: float, eps: float = 1e-6) -> torch.Tensor:
+    """Guidance at serving time: a recommender's candidate scores tilted by the mental reward.
+
+    ``s'_bc = s_bc + beta * (R_bc - mean_c R_bc) / (std_c R_bc + eps)``, moments over each row's candidates
+    (population std).  As in :func:`advantage_weights`, beta acts on standardised rewards: the reward's scale is
+    only identified up to shaping.  Ranking by ``s'`` is ranking by ``log pi(a|s) + beta z(a)``: with ``beta z``
+    the log-odds of satisfaction, the items most likely to be chosen *and* satisfying.  A constant reward, or
+    ``beta = 0``, leaves the scores as they are.  scores/reward [B, C] -> [B, C].
+    """
+    if strength == 0:
+        return scores
+    r = reward.float()
+    z = (r - r.mean(-1, keepdim=True)) / (r.std(-1, unbiased=False, keepdim=True) + eps)
+    return scores + strength * z.to(scores.dtype)
 
 
 def _need(mode: str, **tensors) -> None:
