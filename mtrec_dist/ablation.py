@@ -36,7 +36,9 @@ from mtrec_dist.data.simulator import (
 from mtrec_dist.data.heldout import require_heldout, split_rows
 from mtrec_dist.data.schema import NO_SLATE
 from mtrec_dist.data.sessionize import item_log_duration, session_returns
-from mtrec_dist.evaluation.metrics import mean_ci95, ndcg_at_k, hit_rate_at_k, roc_auc, spearman
+from mtrec_dist.evaluation.metrics import (
+    hr_ndcg_all_and_satisfied, mean_ci95, optimistic_rank_of_target, roc_auc, spearman,
+)
 from mtrec_dist.evaluation.online import catalog_score_fn, recommender_policy, run_days
 from mtrec_dist.layout import RunLayout
 from mtrec_dist.models.feedback_regressor import FeedbackRegressor
@@ -255,20 +257,14 @@ def offline_ranking(rec: SequentialRecommender, data, rows, num_items, k: int = 
     for start in range(0, len(rows), 1024):
         idx = rows[start:start + 1024]
         sc = rec.score_catalog(torch.from_numpy(data["state_items"][idx]), torch.from_numpy(data["state_feedback"][idx]), catalog)
-        ranks[start:start + len(idx)] = target_ranks(sc, data["action"][idx])
-    return ranking_metrics(ranks, data["satisfied"][rows], k)
+        ranks[start:start + len(idx)] = optimistic_rank_of_target(sc, data["action"][idx] - 1)
+    return hr_ndcg_all_and_satisfied(ranks, data["satisfied"][rows], k)
 
 
-def target_ranks(scores: torch.Tensor, action: np.ndarray) -> np.ndarray:
-    """0-based rank of each row's logged item (ids from 1) among its catalog scores [B, C] (ties count for it)."""
-    pos = scores.gather(1, torch.from_numpy(action - 1).view(-1, 1))
-    return (scores > pos).sum(1).numpy()
-
-
-def ranking_metrics(ranks: np.ndarray, satisfied: np.ndarray, k: int = 10) -> dict:
-    """HR/NDCG@k of 0-based target ranks, over all rows and over those with a satisfied target."""
-    return {f"hr@{k}": hit_rate_at_k(ranks, k), f"ndcg@{k}": ndcg_at_k(ranks, k),
-            f"hr@{k}_satisfied": hit_rate_at_k(ranks[satisfied], k), f"ndcg@{k}_satisfied": ndcg_at_k(ranks[satisfied], k)}
+def click_sasrec(cfg, num_items: int, state_len: int) -> Callable[[], SequentialRecommender]:
+    """Row A's model: a SASRec trained on clicks alone (whatever ``rec.guidance`` says)."""
+    rec_cfg = dataclasses.replace(cfg.rec, guidance=row_guidance("A"))
+    return lambda: SequentialRecommender(num_items, "sasrec", cfg.model, rec_cfg, state_len)
 
 
 # ---- one world ----------------------------------------------------------------------------------------------

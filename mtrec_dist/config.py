@@ -491,10 +491,14 @@ class PipelineConfig:
         _check(bool(self.run_dir), "run_dir", "must not be empty")
         _check(not self.ablation.pipeline_rows or self.eval.heldout_user_share > 0, "eval.heldout_user_share",
                "must be > 0 when ablation.pipeline_rows is set: the ablation measures on held-out users")
-        _check(not self.ablation.tilt_strengths
-               or self.eval.heldout_user_share + self.ablation.validation_user_share < 1,
-               "ablation.validation_user_share", f"with eval.heldout_user_share {self.eval.heldout_user_share:g}, must "
-               "leave some users to fit on (their sum must be < 1)")
+        if self.ablation.tilt_strengths:
+            _check(self.source == "logs", "ablation.tilt_strengths", "the tilt row runs on real logs only (source: logs)")
+            from mtrec_dist.data.heldout import validation_buckets  # the split's one definition (a pure hash)
+
+            try:
+                validation_buckets(self.eval.heldout_user_share, self.ablation.validation_user_share)
+            except ValueError as e:
+                _check(False, "ablation.validation_user_share", str(e))
 
     def stage_train(self, stage: Literal["reward", "rec"]) -> TrainConfig:
         """The effective training settings of ``stage``: ``train`` with the stage's budget fields that are set."""

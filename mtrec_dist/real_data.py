@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -42,7 +42,7 @@ from mtrec_dist.data.sessionize import with_later_items
 from mtrec_dist.evaluation.metrics import roc_auc, spearman
 from mtrec_dist.evaluation.offline import eval_rows, read_eval_table, satisfied_labels
 from mtrec_dist.models.recommender import SequentialRecommender
-from mtrec_dist.serving_tilt import tilt_ranking
+from mtrec_dist.serving_tilt import TILTED_REWARD, tilt_ranking
 
 
 # the row of ablation.tilt_strengths (real logs only): A's SASRec, F's reward, no training of its own
@@ -121,7 +121,7 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
             offline.setdefault(row, []).append(r)
     summary = {"validity": summarise(validity), "offline": summarise(offline)}
     return {**summary, "records": {"validity": validity, "offline": offline}, "seeds": seeds,
-            "seconds": round(time.time() - t0, 1), "table": real_data_table(**summary), "has_watch": has_watch}
+            "seconds": round(time.time() - t0, 1), "table": real_data_table(**summary, tilt_strengths=[r["tilt_strength"] for r in offline.get(TILT_ROW, [])]), "has_watch": has_watch}
 
 
 def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[str], None]):
@@ -141,7 +141,7 @@ def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[s
             + json.dumps({"validity": scores, "offline": ranking}) + f" ({time.time() - t:.0f}s)")
     if cfg.ablation.tilt_strengths:
         t = time.time()
-        reward = row_scorer("F", cfg, None, None, data, train, num_items, seed, cache)
+        reward = row_scorer(TILTED_REWARD, cfg, None, None, data, train, num_items, seed, cache)
         ranking = tilt_ranking(cfg, data, train, test, num_items, seed, cache[("rec", "A")], reward)
         offline[TILT_ROW] = {"train_seed": seed, **ranking}
         say(f"[ablate] seed {seed} row {_row_label(TILT_ROW)}: {json.dumps(ranking)} ({time.time() - t:.0f}s)")
@@ -200,8 +200,9 @@ def _logged_scores(rec: SequentialRecommender, data, rows) -> np.ndarray:
     return np.concatenate(out)
 
 
-def real_data_table(validity: Dict[str, dict], offline: Dict[str, dict]) -> str:
-    """Markdown: the rewards' validity, then the guided SASRecs with their gains over A (95% CIs over seeds)."""
+def real_data_table(validity: Dict[str, dict], offline: Dict[str, dict], tilt_strengths: Sequence[float] = ()) -> str:
+    """Markdown: the rewards' validity, then the guided SASRecs with their gains over A (95% CIs over seeds), and
+    the tilt row's strength at each seed."""
     lines = ["| reward | AUC (satisfied) | Spearman (signal) |", "|---|---|---|"]
     for name, v in validity.items():
         label = _row_label(name) if name in ROW_NAMES or name in LOG_ROW_NAMES else name
@@ -212,4 +213,7 @@ def real_data_table(validity: Dict[str, dict], offline: Dict[str, dict]) -> str:
         cells = [r.get(k) for k in ("hr@10", "ndcg@10", "hr@10_satisfied", "ndcg@10_satisfied",
                                     "gain_vs_A:ndcg@10_satisfied", "gain_vs_A:hr@10")]
         lines.append(f"| {_row_label(name)} | " + " | ".join(format_ci(c, 4) for c in cells) + " |")
+    if tilt_strengths:
+        lines += ["", f"{TILT_ROW}: strength chosen on validation users, seed by seed: "
+                      + ", ".join(f"{b:g}" for b in tilt_strengths)]
     return "\n".join(lines)

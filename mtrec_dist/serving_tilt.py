@@ -19,10 +19,13 @@ from typing import Callable, Dict, Sequence, Tuple
 import numpy as np
 import torch
 
-from mtrec_dist.ablation import fit, ranking_metrics, reward_model, target_ranks
+from mtrec_dist.ablation import click_sasrec, fit, offline_ranking, reward_model
 from mtrec_dist.data.heldout import split_validation
+from mtrec_dist.evaluation.metrics import hr_ndcg_all_and_satisfied, optimistic_rank_of_target
 from mtrec_dist.models.recommender import SequentialRecommender
 from mtrec_dist.objectives.guidance import reward_tilt
+
+TILTED_REWARD = "F"  # the ablation row whose reward tilts row A's model
 
 ROWS_PER_CHUNK = 256  # the reward's quantiles over the catalog: [rows, catalog, quantiles] floats at once
 
@@ -40,7 +43,8 @@ def tilted_ranks(rec: SequentialRecommender, reward: Callable, data, rows: np.nd
         scores = rec.score_catalog(s, fb, catalog)
         mean_reward = reward(s, fb, catalog.expand(len(idx), -1), idx).mean(-1)
         for b in strengths:
-            ranks[b][start:start + len(idx)] = target_ranks(reward_tilt(scores, mean_reward, b), data["action"][idx])
+            tilted = reward_tilt(scores, mean_reward, b)
+            ranks[b][start:start + len(idx)] = optimistic_rank_of_target(tilted, data["action"][idx] - 1)
     return ranks
 
 
@@ -54,13 +58,12 @@ def choose_strength(cfg, data, train: np.ndarray, num_items: int, seed: int) -> 
     if not len(validation) or not data["satisfied"][validation].any():
         raise ValueError(f"no validation rows with a satisfied target (ablation.validation_user_share "
                          f"{ab.validation_user_share}): too few users to choose the tilt's strength")
-    rec = fit(lambda: SequentialRecommender(num_items, "sasrec", cfg.model, cfg.rec, data["state_items"].shape[1]),
-              data, fit_rows, ab, seed, ab.rec_epochs)
-    reward = reward_model("F", cfg, num_items, data, fit_rows, seed)
+    rec = fit(click_sasrec(cfg, num_items, data["state_items"].shape[1]), data, fit_rows, ab, seed, ab.rec_epochs)
+    reward = reward_model(TILTED_REWARD, cfg, num_items, data, fit_rows, seed)
     strengths = sorted({0.0, *map(float, ab.tilt_strengths)})
     ranks = tilted_ranks(rec, reward, data, validation, num_items, strengths)
     sat = data["satisfied"][validation]
-    ndcg = {b: ranking_metrics(r, sat)["ndcg@10_satisfied"] for b, r in ranks.items()}
+    ndcg = {b: hr_ndcg_all_and_satisfied(r, sat)["ndcg@10_satisfied"] for b, r in ranks.items()}
     best = max(strengths, key=lambda b: (ndcg[b], -b))
     return best, {f"{b:g}": v for b, v in ndcg.items()}
 
@@ -71,6 +74,10 @@ def tilt_ranking(cfg, data, train: np.ndarray, test: np.ndarray, num_items: int,
     tilted by ``reward`` (row F's) at the strength chosen on validation users, with that strength and the
     validation NDCG@10 (satisfied) of each candidate strength (flat keys: the summary averages them over seeds)."""
     beta, on_validation = choose_strength(cfg, data, train, num_items, seed)
-    ranks = tilted_ranks(click_model, reward, data, test, num_items, [beta])[beta]
-    return {**ranking_metrics(ranks, data["satisfied"][test]), "tilt_strength": beta,
+    if beta == 0:  # no tilt: the click model's own ranking (and no catalog-wide reward to score)
+        ranking = offline_ranking(click_model, data, test, num_items)
+    else:
+        ranking = hr_ndcg_all_and_satisfied(tilted_ranks(click_model, reward, data, test, num_items, [beta])[beta],
+                                            data["satisfied"][test])
+    return {**ranking, "tilt_strength": beta,
             **{f"validation ndcg@10_satisfied, beta {b}": v for b, v in on_validation.items()}}

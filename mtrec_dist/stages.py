@@ -197,7 +197,7 @@ def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings;
     ``section.key`` = one value of a section.
     Console switches (``prepare.progress``, ``prepare.overwrite``), how the ablation's units are run
-    (``ablation.parallel``: the same records either way) and ``train.driver_read_mb`` outside the training stages
+    (``ablation.parallel``: the same records either way), the real-logs tilt row's settings and ``train.driver_read_mb`` outside the training stages
     (there it changes how rows reach the workers; in score-rewards only which process scores) do not change a
     stage's result."""
     out: Dict[str, Any] = {}
@@ -213,8 +213,9 @@ def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     if "prepare" in out:
         for k in ("progress", "overwrite"):
             out["prepare"].pop(k, None)
-    if "ablation" in out:
-        out["ablation"].pop("parallel", None)
+    if "ablation" in out:  # the tilt row's settings: real logs only (`mtrec ablate`), never a pipeline stage
+        for k in ("parallel", "tilt_strengths", "validation_user_share"):
+            out["ablation"].pop(k, None)
     if "train" in out:  # train.driver_read_mb: see the docstring
         out["train"].pop("driver_read_mb", None)
     return out

@@ -4,7 +4,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from mtrec_dist.data.heldout import heldout_expr, heldout_mask, split_rows, split_validation, training_expr
+from mtrec_dist.data.heldout import (
+    heldout_expr, heldout_mask, split_rows, split_validation, training_expr, user_bucket, validation_buckets,
+)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.2, 0.3, 0.55])
@@ -113,3 +115,33 @@ def test_validation_users_are_training_users_the_same_at_every_share_split():
     assert set(users[validation]) <= set(users[wider])
     with pytest.raises(ValueError, match="validation share"):
         split_validation(users, 0.2, 0.8)
+
+
+@pytest.mark.parametrize("heldout,validation", [(0.2, 0.15), (0.01, 0.05), (0.07, 0.29), (0.3, 0.1), (0.001, 0.001)])
+def test_validation_buckets_are_whole_and_follow_the_held_out_ones(heldout, validation):
+    users = np.arange(20_000)
+    lo, hi = validation_buckets(heldout, validation)
+    assert hi - lo == round(validation * 1000)  # float shares (0.01 + 0.05 = 0.060000000000000005) lose no bucket
+    held = heldout_mask(users, heldout)
+    assert user_bucket(users[held]).max() == lo - 1 and user_bucket(users[~held]).min() == lo
+    _, val = split_validation(users, heldout, validation)
+    assert sorted(set(user_bucket(users[val]).tolist())) == list(range(lo, hi))
+
+
+@pytest.mark.parametrize("validation", [0.0004, 0.8])
+def test_a_validation_share_without_a_bucket_or_leaving_none_to_fit_is_refused(validation):
+    with pytest.raises(ValueError, match="validation share"):
+        validation_buckets(0.2, validation)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["ablation.tilt_strengths=[0.1]"], "ablation.tilt_strengths"),  # the simulator has no tilt row
+    (["source=logs", "ablation.tilt_strengths=[0.1]", "ablation.validation_user_share=0.8"],
+     "ablation.validation_user_share"),  # with 20% held out, no user would be left to fit on
+    (["source=logs", "ablation.tilt_strengths=[0]"], "ablation.tilt_strengths"),  # 0 is always a candidate
+])
+def test_the_tilt_rows_settings_are_checked_when_loaded(overrides, key):
+    from mtrec_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=overrides)

@@ -11,8 +11,10 @@ from mtrec_dist.evaluation.metrics import (
     average_ranks,
     bootstrap_ci95,
     hit_rate_at_k,
+    hr_ndcg_all_and_satisfied,
     mean_ci95,
     ndcg_at_k,
+    optimistic_rank_of_target,
     rank_of_target,
     ranking_report,
     roc_auc,
@@ -21,6 +23,23 @@ from mtrec_dist.evaluation.metrics import (
     spearman,
     t_critical_95,
 )
+
+
+def test_optimistic_rank_counts_ties_for_the_target_and_reads_torch():
+    scores = np.array([[0.1, 0.9, 0.5, 0.3],
+                       [0.2, 0.2, 0.2, 0.1],   # tie: the two equal others do not count above the target
+                       [0.9, 0.1, 0.8, 0.7]])
+    assert optimistic_rank_of_target(scores, [1, 0, 0]).tolist() == [0, 0, 0]
+    assert optimistic_rank_of_target(torch.tensor(scores), torch.tensor([3, 3, 1])).tolist() == [2, 3, 3]
+
+
+def test_hr_ndcg_all_and_satisfied_hand_values():
+    ranks, satisfied = np.array([0, 3, 12, 1]), np.array([True, False, True, True])
+    got = hr_ndcg_all_and_satisfied(ranks, satisfied, k=10)
+    gains = [1.0, 1 / math.log2(5), 0.0, 1 / math.log2(3)]
+    assert got["hr@10"] == 0.75 and got["hr@10_satisfied"] == pytest.approx(2 / 3)
+    assert got["ndcg@10"] == pytest.approx(sum(gains) / 4)
+    assert got["ndcg@10_satisfied"] == pytest.approx((gains[0] + gains[3]) / 3)
 
 
 def test_rank_of_target_zero_based_and_pessimistic_ties():

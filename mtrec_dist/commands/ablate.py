@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # settings that may differ between pooled runs (which rows and worlds ran, and where); all others must match
-POOL_MAY_DIFFER = ("rows", "worlds", "train_seeds", "beta_sweep", "sweep_rows", "pipeline_rows", "out", "parallel")
+POOL_MAY_DIFFER = ("rows", "worlds", "train_seeds", "beta_sweep", "sweep_rows", "pipeline_rows", "out", "parallel",
+                   "tilt_strengths", "validation_user_share")  # the last two: real logs only
 
 
 def _ablation_results(path: str) -> dict:

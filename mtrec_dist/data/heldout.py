@@ -18,7 +18,8 @@ import operator
 from typing import Any, Callable
 
 __all__ = ["USER_HASH", "BUCKETS", "is_heldout", "heldout_mask", "column_expr", "heldout_expr", "training_expr",
-           "require_heldout", "ranked_share", "split_rows", "split_validation"]
+           "require_heldout", "ranked_share", "split_rows", "split_validation",
+           "user_bucket", "validation_buckets"]
 
 USER_HASH = 2654435761  # Knuth's multiplicative hash constant
 BUCKETS = 1000
@@ -27,7 +28,7 @@ BUCKETS = 1000
 def is_heldout(user: Any, share: float, mod: Callable[[Any, int], Any] = operator.mod) -> Any:
     """The held-out test of ``user`` (a numpy array or a column expression); ``mod`` is the modulo of that
     kind of value (``operator.mod`` for numpy and Ray Data, ``pyarrow.compute.modulo`` for pyarrow)."""
-    return mod(mod(user, BUCKETS) * USER_HASH, BUCKETS) < share * BUCKETS
+    return user_bucket(user, mod) < share * BUCKETS
 
 
 def heldout_mask(user, share: float):
@@ -94,15 +95,30 @@ def split_rows(user, share: float):
 def split_validation(user, heldout_share: float, validation_share: float):
     """``(fit rows, validation rows)``: the training users' rows split again by the same hash, for choosing a
     setting on users that neither the fitted models nor the held-out measurement see.  Validation users are those
-    whose hash lies in ``[heldout_share, heldout_share + validation_share) * 1000``: never a held-out user, and
-    the same users at every seed."""
+    of the :func:`validation_buckets` right after the held-out ones (``validation_share * 1000`` of them): never a
+    held-out user, and the same users at every seed."""
     import numpy as np
 
     require_heldout(heldout_share)
-    if not 0 < validation_share < 1 - heldout_share:
-        raise ValueError(f"validation share {validation_share} must be in (0, {1 - heldout_share:g}): the users "
-                         f"not held out (eval.heldout_user_share {heldout_share:g}) must keep some to fit on")
-    below = lambda share: heldout_mask(user, share)  # noqa: E731
-    validation = below(heldout_share + validation_share) & ~below(heldout_share)
-    fit = ~below(heldout_share + validation_share)
-    return np.flatnonzero(fit), np.flatnonzero(validation)
+    lo, hi = validation_buckets(heldout_share, validation_share)
+    bucket = user_bucket(np.asarray(user, dtype=np.int64))
+    return np.flatnonzero(bucket >= hi), np.flatnonzero((bucket >= lo) & (bucket < hi))
+
+
+def user_bucket(user: Any, mod: Callable[[Any, int], Any] = operator.mod) -> Any:
+    """The hash bucket in ``[0, 1000)`` of each user: held out where it is below ``share * 1000``."""
+    return mod(mod(user, BUCKETS) * USER_HASH, BUCKETS)
+
+
+def validation_buckets(heldout_share: float, validation_share: float) -> tuple[int, int]:
+    """``[lo, hi)``: the hash buckets of the validation users (:func:`split_validation`).  ``lo`` is the first
+    bucket not held out; the count is the validation share in whole buckets, at least one, leaving at least one
+    bucket to fit on, else ValueError."""
+    import math
+
+    lo = math.ceil(heldout_share * BUCKETS)  # the first bucket that is_heldout's float comparison keeps in
+    hi = lo + round(validation_share * BUCKETS)
+    if not lo < hi < BUCKETS:
+        raise ValueError(f"validation share {validation_share:g} must hold at least one of the {BUCKETS} hash buckets "
+                         f"and leave at least one to fit on (eval.heldout_user_share {heldout_share:g} holds {lo})")
+    return lo, hi

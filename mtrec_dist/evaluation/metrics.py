@@ -60,6 +60,24 @@ def rank_of_target(scores, target, exclude=None) -> np.ndarray:
     return above.sum(axis=1)
 
 
+def optimistic_rank_of_target(scores, target) -> np.ndarray:
+    """0-based rank of each row's target column, ties counted for the target (the ablation's full ranking).
+
+    ``rank_b = #{c: s_bc > s_{b,t_b}}``; scores [B, C] (numpy or torch), target [B] column indices.
+    """
+    s = _np(scores)
+    t = _np(target).astype(np.int64).reshape(-1)
+    return (s > s[np.arange(len(t)), t][:, None]).sum(axis=1)
+
+
+def hr_ndcg_all_and_satisfied(ranks, satisfied, k: int = 10) -> dict:
+    """``hr@k``/``ndcg@k`` of 0-based target ranks over all rows, and ``..._satisfied`` over the rows whose target
+    satisfied (``satisfied`` [B] bool)."""
+    r, sat = _np(ranks), _np(satisfied).astype(bool)
+    return {f"hr@{k}": hit_rate_at_k(r, k), f"ndcg@{k}": ndcg_at_k(r, k),
+            f"hr@{k}_satisfied": hit_rate_at_k(r[sat], k), f"ndcg@{k}_satisfied": ndcg_at_k(r[sat], k)}
+
+
 def hits_at_k(ranks, k: int) -> np.ndarray:
     """Per row ``1{rank_b < k}`` (0-based ranks): what :func:`hit_rate_at_k` averages."""
     return (_np(ranks) < k).astype(np.float64)
