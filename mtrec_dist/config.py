@@ -492,7 +492,8 @@ class PipelineConfig:
         _check(not self.ablation.pipeline_rows or self.eval.heldout_user_share > 0, "eval.heldout_user_share",
                "must be > 0 when ablation.pipeline_rows is set: the ablation measures on held-out users")
         if self.ablation.tilt_strengths:
-            _check(self.source == "logs", "ablation.tilt_strengths", "the tilt row runs on real logs only (source: logs)")
+            _check(self.source == "logs", "ablation.tilt_strengths",
+                   "the tilt row runs on real logs only (source: logs)")
             from mtrec_dist.data.heldout import validation_buckets  # the split's one definition (a pure hash)
 
             try:

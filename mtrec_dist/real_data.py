@@ -49,7 +49,8 @@ from mtrec_dist.serving_tilt import TILTED_REWARD, tilt_ranking
 TILT_ROW = "F tilt"
 # rows whose meaning on real logs differs from the simulator's (ROW_NAMES), and the rows only logs have
 LOG_ROW_NAMES = {"H": "oracle: the withheld signal of the logged item",
-                 TILT_ROW: "(A's SASRec, its scores tilted by F's reward at serving; strength chosen on validation users)"}
+                 TILT_ROW: "(A's SASRec, its scores tilted by F's reward at serving; "
+                           "strength chosen on validation users)"}
 
 
 def prepared_data(prepared_dir: str, order_items: int = 0) -> Dict[str, np.ndarray]:
@@ -120,8 +121,9 @@ def run_real_data(cfg: PipelineConfig, prepared_dir: str, say: Callable[[str], N
         for row, r in rankings.items():
             offline.setdefault(row, []).append(r)
     summary = {"validity": summarise(validity), "offline": summarise(offline)}
+    table = real_data_table(**summary, tilt_strengths=[r["tilt_strength"] for r in offline.get(TILT_ROW, [])])
     return {**summary, "records": {"validity": validity, "offline": offline}, "seeds": seeds,
-            "seconds": round(time.time() - t0, 1), "table": real_data_table(**summary, tilt_strengths=[r["tilt_strength"] for r in offline.get(TILT_ROW, [])]), "has_watch": has_watch}
+            "seconds": round(time.time() - t0, 1), "table": table, "has_watch": has_watch}
 
 
 def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[str], None]):
@@ -142,7 +144,8 @@ def _rows_at_seed(cfg: PipelineConfig, shared: dict, seed: int, say: Callable[[s
     if cfg.ablation.tilt_strengths:
         t = time.time()
         reward = row_scorer(TILTED_REWARD, cfg, None, None, data, train, num_items, seed, cache)
-        ranking = tilt_ranking(cfg, data, train, test, num_items, seed, cache[("rec", "A")], reward)
+        click_ranking = {k: v for k, v in offline["A"].items() if k != "train_seed"}
+        ranking = tilt_ranking(cfg, data, train, test, num_items, seed, cache[("rec", "A")], click_ranking, reward)
         offline[TILT_ROW] = {"train_seed": seed, **ranking}
         say(f"[ablate] seed {seed} row {_row_label(TILT_ROW)}: {json.dumps(ranking)} ({time.time() - t:.0f}s)")
     return validity, offline

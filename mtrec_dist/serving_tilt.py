@@ -1,6 +1,6 @@
 """Guidance at serving time on real logs (`mtrec ablate`, ``ablation.tilt_strengths``): the click-trained
-SASRec's catalog scores tilted by the mental reward, ``s + beta z(R)`` (:func:`~mtrec_dist.objectives.guidance.reward_tilt`),
-with the strength ``beta`` chosen on validation users.
+SASRec's catalog scores tilted by the mental reward, ``s + beta z(R)``
+(:func:`~mtrec_dist.objectives.guidance.reward_tilt`), with the strength ``beta`` chosen on validation users.
 
 Why a tilt, and why validated: on a rating log the mental reward is an item level read from the order of choices
 (docs/method.md).  Reweighting the training loss by it moves the next-item model toward liked items in general and,
@@ -19,7 +19,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import numpy as np
 import torch
 
-from mtrec_dist.ablation import click_sasrec, fit, offline_ranking, reward_model
+from mtrec_dist.ablation import click_sasrec, fit, reward_model
 from mtrec_dist.data.heldout import split_validation
 from mtrec_dist.evaluation.metrics import hr_ndcg_all_and_satisfied, optimistic_rank_of_target
 from mtrec_dist.models.recommender import SequentialRecommender
@@ -69,13 +69,14 @@ def choose_strength(cfg, data, train: np.ndarray, num_items: int, seed: int) -> 
 
 
 def tilt_ranking(cfg, data, train: np.ndarray, test: np.ndarray, num_items: int, seed: int,
-                 click_model: SequentialRecommender, reward: Callable) -> dict:
-    """The tilt row's offline record at ``seed``: the held-out rows ranked by ``click_model`` (row A's SASRec)
-    tilted by ``reward`` (row F's) at the strength chosen on validation users, with that strength and the
-    validation NDCG@10 (satisfied) of each candidate strength (flat keys: the summary averages them over seeds)."""
+                 click_model: SequentialRecommender, click_ranking: dict, reward: Callable) -> dict:
+    """The tilt row's offline record at ``seed``: the held-out rows ranked by ``click_model`` (row A's SASRec, whose
+    own ranking is ``click_ranking``) tilted by ``reward`` (row F's) at the strength chosen on validation users, with
+    that strength and the validation NDCG@10 (satisfied) of each candidate strength (flat keys: the summary averages
+    them over seeds)."""
     beta, on_validation = choose_strength(cfg, data, train, num_items, seed)
-    if beta == 0:  # no tilt: the click model's own ranking (and no catalog-wide reward to score)
-        ranking = offline_ranking(click_model, data, test, num_items)
+    if beta == 0:  # no tilt: the click model's own ranking, already measured (no catalog-wide reward to score)
+        ranking = click_ranking
     else:
         ranking = hr_ndcg_all_and_satisfied(tilted_ranks(click_model, reward, data, test, num_items, [beta])[beta],
                                             data["satisfied"][test])

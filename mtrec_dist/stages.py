@@ -197,9 +197,9 @@ def config_sections(cfg: PipelineConfig, *names: str) -> Dict[str, Any]:
     """``{name: section as a dict}``; ``train:reward``/``train:rec`` = the stage's effective train settings;
     ``section.key`` = one value of a section.
     Console switches (``prepare.progress``, ``prepare.overwrite``), how the ablation's units are run
-    (``ablation.parallel``: the same records either way), the real-logs tilt row's settings and ``train.driver_read_mb`` outside the training stages
-    (there it changes how rows reach the workers; in score-rewards only which process scores) do not change a
-    stage's result."""
+    (``ablation.parallel``: the same records either way), the real-logs tilt row's settings and
+    ``train.driver_read_mb`` outside the training stages (there it changes how rows reach the workers; in
+    score-rewards only which process scores) do not change a stage's result."""
     out: Dict[str, Any] = {}
     for name in names:
         if name.startswith("train:"):
