@@ -1,6 +1,7 @@
 """Controls for the tilt row ("F tilt", mtrec_dist/serving_tilt.py) on the held-out users of a real log: at a
-given strength, the click SASRec (row A) tilted by F's reward, by F's reward shuffled over items, and by the true
-item like-rate (the training users' withheld labels, smoothed): how much of what a tilt can gain the reward has.
+given strength, the click SASRec (row A) tilted by F's reward, by F's reward shuffled over items, by row C's
+supervised leave/return classifier (the regressor of the same observable feedback), and by the true item like-rate
+(the training users' withheld labels, smoothed): how much of what a tilt can gain the reward has.
 
 It rebuilds row A's model and F's reward exactly as `mtrec ablate` does at ``--seed`` (the same figures to the last
 digit), so run it with the strength the ablation chose at that seed (its table lists them).  The data is read by
@@ -57,6 +58,7 @@ def main() -> None:
     rate = like_rate(data, train, n)
     tilts = {"F": reward,
              "F shuffled over items": lambda s, fb, c, idx: reward(s, fb, c, idx)[:, perm],  # item c gets perm[c]'s
+             "C leave/return classifier": row_scorer("C", cfg, None, None, data, train, n, args.seed, {}),
              "true item like-rate": lambda s, fb, c, idx: rate[c - 1].unsqueeze(-1)}
     res = {"seed": args.seed, "strength": args.strength}
     for name, by in tilts.items():
